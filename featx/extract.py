@@ -1,0 +1,673 @@
+"""Run a frozen backbone once over an image folder and write layer features to a store.
+
+Work is cut into chunks of whole batches. Each finished chunk is saved atomically into
+`STORE.partial/` by a writer thread; a killed run resumes from the first missing chunk. When
+every chunk is there, the store is assembled into a temporary file and renamed over STORE, so
+the store on disk is always either the previous complete one or the new complete one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import math
+import os
+import platform
+import queue
+import re
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from featx import __version__
+from featx.backbones import Backbone, LoadedBackbone, Preprocessing, get_backbone
+from featx.data import UNSPLIT, BadImage, ImageFolder, load_image, scan_image_folder
+from featx.errors import EXIT_INTERRUPTED, FeatxError, StoreLocked, UsageError
+from featx.layers import POOLS, LayerTap, resolve_layers, trace_layers
+from featx.store import FeatureStore, add_layer, layer_key, write_store
+
+DTYPES = ("float32", "float16")
+COMPRESSIONS = ("none", "lzf", "gzip")
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+CHUNK_BYTES = 64 << 20  # features held in memory per chunk before it is written
+AUGMENTED_SPLITS = ("train", UNSPLIT)
+
+
+class Interrupted(FeatxError):
+    exit_code = EXIT_INTERRUPTED
+
+
+@dataclass
+class ExtractResult:
+    """What an extraction did: the store, which layers it computed and which it reused."""
+
+    store: Path
+    computed: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    n_rows: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    resumed_from: int = 0
+
+
+# ---- options -----------------------------------------------------------------------------
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise UsageError(f"--{name} must be one of {', '.join(choices)}, not {value!r}.")
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` picks CUDA, then MPS, then CPU."""
+    _check_choice("device", device, DEVICES)
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA device is available.")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps was asked for but MPS is not available.")
+    return torch.device(device)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast context for a precision: fp32 (none), bf16, or fp16 (CUDA/MPS only)."""
+    _check_choice("precision", precision, PRECISIONS)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device.type == "cpu":
+        raise UsageError("--precision fp16 needs a CUDA or MPS device; use bf16 on a CPU.")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def default_workers() -> int:
+    """Decoding processes: leave most cores to the network."""
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "data"
+
+
+def default_store_path(
+    data_dir: str | os.PathLike, backbone: str, weights: str = "default", image_size: int | None = None
+) -> Path:
+    """stores/<dataset>-<backbone>-<weights>-<input size>.h5, one per preprocessing."""
+    weights_tag = weights if weights in ("default", "none") else _slug(Path(weights).stem)
+    size = f"s{image_size}" if image_size else "std"
+    name = f"{_slug(Path(data_dir).resolve().name)}-{_slug(backbone)}-{weights_tag}-{size}.h5"
+    return Path("stores") / name
+
+
+# ---- locking -----------------------------------------------------------------------------
+@contextlib.contextmanager
+def write_lock(store: Path) -> Iterator[None]:
+    """Hold an exclusive lock on STORE.lock; StoreLocked if another process holds it."""
+    lock_path = store.with_name(store.name + ".lock")
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StoreLocked(
+                f"store {store} is being written by another featx process (pid {holder}); "
+                "wait for it to finish, or stop it and run this command again."
+            ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder removed the file after we opened it; retry
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    try:
+        yield
+    finally:
+        os.unlink(lock_path)
+        os.close(fd)
+
+
+# ---- work items and decoding -------------------------------------------------------------
+@dataclass(frozen=True)
+class _Work:
+    """The rows to compute: (file index, view) pairs in store order."""
+
+    items: list[tuple[int, int]]
+
+    @classmethod
+    def plan(cls, folder: ImageFolder, views: int) -> _Work:
+        items = []
+        for index, f in enumerate(folder.files):
+            n = 1 + (views if f.split in AUGMENTED_SPLITS else 0)
+            items.extend((index, view) for view in range(n))
+        return cls(items)
+
+
+class _Images(Dataset):
+    """Decodes and preprocesses work items; a bad file yields its reason instead of a tensor."""
+
+    def __init__(self, folder: ImageFolder, items, preprocessing: Preprocessing, augment=None):
+        self.root, self.files, self.items = folder.root, folder.files, items
+        self.preprocessing, self.augment = preprocessing, augment
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        file_index, view = self.items[i]
+        try:
+            image = load_image(self.root / self.files[file_index].path)
+        except BadImage as bad:
+            return i, None, str(bad)
+        if view:
+            image = self.augment(image, file_index, view)
+        return i, self.preprocessing(image), None
+
+
+def _collate(samples):
+    good = [(i, x) for i, x, _ in samples if x is not None]
+    bad = [(i, reason) for i, x, reason in samples if x is None]
+    index = [i for i, _ in good]
+    batch = torch.stack([x for _, x in good]) if good else None
+    return index, batch, bad
+
+
+class _Batches:
+    """Consecutive batches of work indices from `start`, never crossing a chunk boundary."""
+
+    def __init__(self, start: int, stop: int, batch_size: int, chunk_items: int):
+        self.start, self.stop, self.batch_size, self.chunk_items = start, stop, batch_size, chunk_items
+
+    def __iter__(self):
+        i = self.start
+        while i < self.stop:
+            end = min(i + self.batch_size, self.stop, (i // self.chunk_items + 1) * self.chunk_items)
+            yield list(range(i, end))
+            i = end
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+# ---- partial results ---------------------------------------------------------------------
+class _Partial:
+    """`STORE.partial/`: the run description and one .npz file per finished chunk."""
+
+    def __init__(self, store: Path, run: dict[str, Any]):
+        self.dir = store.with_name(store.name + ".partial")
+        self.run = run
+        description = self.dir / "run.json"
+        if self.dir.exists():
+            try:
+                same = json.loads(description.read_text()) == run
+            except (OSError, ValueError):
+                same = False
+            if not same:
+                shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not description.exists():
+            _atomic_write(description, json.dumps(run, indent=1).encode())
+
+    def chunk_path(self, k: int) -> Path:
+        return self.dir / f"chunk-{k:06d}.npz"
+
+    def done(self) -> int:
+        """How many leading chunks are complete."""
+        k = 0
+        while self.chunk_path(k).exists():
+            k += 1
+        return k
+
+    def save(self, k: int, index: np.ndarray, bad: list[tuple[int, str]], layers: list[np.ndarray]):
+        tmp = self.dir / f".chunk-{k:06d}.tmp"
+        with open(tmp, "wb") as fh:
+            arrays = {f"layer{i}": a for i, a in enumerate(layers)}
+            np.savez(fh, index=index, bad_index=np.array([i for i, _ in bad], dtype=np.int64),
+                     bad_reason=np.array([r for _, r in bad], dtype=str), **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.chunk_path(k))
+
+    def load(self, k: int) -> dict[str, np.ndarray]:
+        with np.load(self.chunk_path(k)) as data:
+            return {name: data[name] for name in data.files}
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name("." + path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class _ChunkWriter(threading.Thread):
+    """Saves finished chunks off the inference thread; a bounded queue keeps memory flat."""
+
+    def __init__(self, partial: _Partial):
+        super().__init__(daemon=True)
+        self.partial, self.jobs, self.error = partial, queue.Queue(maxsize=2), None
+
+    def run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            if self.error is None:
+                try:
+                    self.partial.save(*job)
+                except BaseException as error:  # reported by the main thread
+                    self.error = error
+
+    def put(self, *job) -> None:
+        if self.error is not None:
+            raise self.error
+        self.jobs.put(job)
+
+    def finish(self) -> None:
+        self.jobs.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+# ---- provenance --------------------------------------------------------------------------
+def library_versions() -> dict[str, str]:
+    import sklearn
+    import timm
+    import torchvision
+
+    return {
+        "featx": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "h5py": h5py.__version__,
+        "numpy": np.__version__,
+        "scikit-learn": sklearn.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _identity(backbone: Backbone, weights: str, preprocessing: Preprocessing,
+              folder: ImageFolder, augment: dict | None) -> dict[str, Any]:
+    """What makes a store the store it is; a store that differs in any of these is refused."""
+    identity = {
+        "backbone": backbone.name,
+        "weights": backbone.weights_identity(weights),
+        "preprocessing": preprocessing.to_dict(),
+        "dataset_fingerprint": folder.fingerprint,
+        "augment": augment,
+    }
+    return json.loads(json.dumps(identity))  # as it reads back from a store: lists, not tuples
+
+
+def _differences(stored: dict[str, Any], wanted: dict[str, Any], folder: ImageFolder,
+                 store: FeatureStore) -> list[str]:
+    out = []
+    for name in ("backbone", "weights", "preprocessing", "augment"):
+        if stored.get(name) != wanted[name]:
+            old, new = stored.get(name), wanted[name]
+            if name == "preprocessing":
+                old, new = (Preprocessing.from_dict(p).describe() for p in (old, new))
+            out.append(f"{name} is {old} in the store, {new} now")
+    if stored["dataset"]["fingerprint"] != wanted["dataset_fingerprint"]:
+        out.append(_dataset_change(store, folder))
+    return out
+
+
+def _dataset_change(store: FeatureStore, folder: ImageFolder) -> str:
+    g = store._file["files"]
+    old = {
+        p: (int(s), int(t))
+        for p, s, t in zip(g["path"].asstr()[()], g["size"][()], g["mtime_ns"][()], strict=True)
+    }
+    new = {f.path: (f.size, f.mtime_ns) for f in folder.files}
+    added = sorted(new.keys() - old.keys())
+    removed = sorted(old.keys() - new.keys())
+    changed = sorted(p for p in new.keys() & old.keys() if new[p] != old[p])
+    parts = [f"{len(v)} {what} (e.g. {v[0]})" for what, v in
+             (("added", added), ("removed", removed), ("modified", changed)) if v]
+    return "the dataset's files changed since extraction: " + (", ".join(parts) or "renamed classes")
+
+
+# ---- the extraction ----------------------------------------------------------------------
+def extract(
+    data_dir: str | os.PathLike,
+    backbone: str,
+    layers: Sequence[str],
+    *,
+    store: str | os.PathLike | None = None,
+    weights: str = "default",
+    image_size: int | None = None,
+    pool: str = "none",
+    dtype: str = "float32",
+    compression: str = "none",
+    precision: str = "fp32",
+    batch_size: int = 32,
+    workers: int | None = None,
+    device: str = "auto",
+    overwrite: bool = False,
+    quiet: bool = False,
+    augment: int = 0,
+    augment_config: Any = None,
+    seed: int = 0,
+    command: str | None = None,
+) -> ExtractResult:
+    """Extract `layers` of `backbone` for every image under `data_dir` into a feature store.
+
+    Layers already in the store are reused; new ones are added in one pass. An interrupted run
+    resumes where it stopped. `augment` > 0 adds that many augmented views of each training
+    image (`augment_config`: an `featx.augment.AugmentConfig`, classic Keras ranges by default).
+    """
+    for name, value, choices in (("pool", pool, POOLS), ("dtype", dtype, DTYPES),
+                                 ("compression", compression, COMPRESSIONS),
+                                 ("precision", precision, PRECISIONS)):
+        _check_choice(name, value, choices)
+    if not layers:
+        raise UsageError("give at least one --layer; `featx layers BACKBONE` lists them.")
+    if batch_size < 1:
+        raise UsageError("--batch-size must be at least 1.")
+    if image_size is not None and image_size < 16:
+        raise UsageError("--image-size must be at least 16 pixels.")
+    if augment < 0:
+        raise UsageError("--augment must be 0 or more views.")
+    record = get_backbone(backbone)
+    folder = scan_image_folder(data_dir)
+    preprocessing = record.default_preprocessing(weights)
+    if image_size:
+        preprocessing = preprocessing.with_image_size(image_size)
+    augmenter, augment_meta = _augmentation(augment, augment_config, seed)
+    wanted = _identity(record, weights, preprocessing, folder, augment_meta)
+    store = Path(store) if store else default_store_path(data_dir, backbone, weights, image_size)
+    store.parent.mkdir(parents=True, exist_ok=True)
+    log = (lambda *_: None) if quiet else (lambda text: print(text, file=sys.stderr))
+    command = command or " ".join(sys.argv)
+
+    with write_lock(store):
+        existing = None
+        if store.exists() and overwrite:
+            log(f"--overwrite: {store} will be replaced when this run finishes.")
+        elif store.exists():
+            existing = FeatureStore(store)
+            differences = _differences(existing.meta, wanted, folder, existing)
+            if differences:
+                existing.close()
+                raise UsageError(
+                    f"store {store} was made differently: {'; '.join(differences)}. "
+                    "Use --overwrite to replace it, or --store to write another file."
+                )
+        try:
+            names = [record.layer_name(record.module_path(n)) for n in layers]
+            keys = [layer_key(n, pool) for n in names]
+            present = set(existing.layers) if existing else set()
+            if existing and all(k in present for k in keys):
+                log(f"All requested layers are already in {store}; nothing to compute.")
+                return ExtractResult(store, reused=keys, n_rows=existing.n_rows,
+                                     skipped=existing.skipped)
+            return _compute(
+                record, folder, store, existing, layers, pool, weights, preprocessing, wanted,
+                augmenter, augment_meta, dtype, compression, precision, batch_size,
+                default_workers() if workers is None else workers, resolve_device(device),
+                log, quiet, command,
+            )
+        finally:
+            if existing is not None:
+                existing.close()
+
+
+def _augmentation(views: int, config: Any, seed: int):
+    if not views:
+        return None, None
+    from featx.augment import AugmentConfig, Augmenter
+
+    config = config or AugmentConfig()
+    return _ViewAugmenter(Augmenter(config), seed), {
+        "views": views, "seed": seed, "config": config.to_dict()
+    }
+
+
+@dataclass(frozen=True)
+class _ViewAugmenter:
+    """Augments view `view` of file `file_index` the same way in every run and worker."""
+
+    augmenter: Any
+    seed: int
+
+    def __call__(self, image, file_index: int, view: int):
+        from featx.augment import view_seed
+
+        return self.augmenter(image, view_seed(self.seed, file_index, view))
+
+
+def _compute(record, folder, store, existing, layers, pool, weights, preprocessing, wanted,
+             augmenter, augment_meta, dtype, compression, precision, batch_size, workers,
+             device, log, quiet, command) -> ExtractResult:
+    loaded = record.load(weights)
+    if existing is not None and existing.meta["weights_sha256"] != loaded.weights_sha256:
+        raise UsageError(
+            f"the {loaded.weights} weights now hash to {loaded.weights_sha256[:16]}, but store "
+            f"{store} was made with {existing.meta['weights_sha256'][:16]}; use --overwrite."
+        )
+    infos = resolve_layers(record, trace_layers(record, loaded.model, preprocessing.input_size),
+                           list(layers))
+    present = set(existing.layers) if existing else set()
+    todo = [i for i in infos if layer_key(i.name, pool) not in present]
+    keys = [layer_key(i.name, pool) for i in todo]
+    work = _Work.plan(folder, augment_meta["views"] if augment_meta else 0)
+
+    row_bytes = sum(_pooled_size(i.shape, pool) for i in todo) * np.dtype(dtype).itemsize
+    per_chunk = max(1, CHUNK_BYTES // max(1, row_bytes * batch_size))
+    run = {
+        "identity": wanted,
+        "weights_sha256": loaded.weights_sha256,
+        "modules": [i.module for i in todo],
+        "keys": keys,
+        "pool": pool,
+        "dtype": dtype,
+        "precision": precision,
+        "n_items": len(work.items),
+        "batch_size": batch_size,
+        "chunk_items": batch_size * per_chunk,
+    }
+    partial = _Partial(store, run)
+    chunk_items = partial.run["chunk_items"]
+    n_chunks = math.ceil(len(work.items) / chunk_items)
+    first = partial.done()
+    start = min(first * chunk_items, len(work.items))
+    if first:
+        log(f"Resuming {store}: {start} of {len(work.items)} images already done.")
+    if first < n_chunks:
+        _run_network(loaded, todo, pool, folder, work, preprocessing, augmenter, partial,
+                     start, chunk_items, batch_size, workers, device, dtype, precision, quiet)
+    result = _assemble(store, existing, folder, work, partial, n_chunks, todo, keys, loaded,
+                       pool, dtype, compression, precision, preprocessing, augment_meta, command)
+    result.resumed_from = start
+    partial.remove()
+    log(f"Wrote {len(keys)} layer(s) for {result.n_rows} rows to {store}.")
+    return result
+
+
+def _pooled_size(shape: tuple[int, ...], pool: str) -> int:
+    if pool != "none" and len(shape) == 3:
+        return shape[0] * (2 if pool == "avgmax" else 1)
+    return int(np.prod(shape))
+
+
+def _run_network(loaded: LoadedBackbone, todo, pool, folder, work, preprocessing, augmenter,
+                 partial, start, chunk_items, batch_size, workers, device, dtype, precision,
+                 quiet) -> None:
+    model = loaded.model.to(device)
+    if device.type != "mps":
+        model = model.to(memory_format=torch.channels_last)
+    tap = LayerTap(model, [i.module for i in todo], pool=pool)
+    images = _Images(folder, work.items, preprocessing, augmenter)
+    loader = DataLoader(
+        images,
+        batch_sampler=_Batches(start, len(work.items), batch_size, chunk_items),
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )
+    writer = _ChunkWriter(partial)
+    writer.start()
+    buffers: list[list[np.ndarray]] = [[] for _ in todo]
+    index: list[int] = []
+    bad: list[tuple[int, str]] = []
+    chunk = start // chunk_items
+    bar = tqdm(total=len(work.items), initial=start, unit="img", disable=quiet, smoothing=0.1,
+               desc="extract", file=sys.stderr)
+    done = start
+    try:
+        with torch.inference_mode(), autocast(device, precision):
+            for batch_index, batch, batch_bad in loader:
+                bad.extend(batch_bad)
+                if batch is not None:
+                    x = batch.to(device, non_blocking=True)
+                    if device.type != "mps":
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    outputs = tap(x)
+                    for buf, info in zip(buffers, todo, strict=True):
+                        buf.append(outputs[info.module].float().cpu().numpy().astype(dtype))
+                    index.extend(batch_index)
+                done += len(batch_index) + len(batch_bad)
+                bar.update(len(batch_index) + len(batch_bad))
+                if done % chunk_items == 0 or done == len(work.items):
+                    layers = [
+                        np.concatenate(b) if b else np.zeros((0, *_row_shape(i, pool)), dtype)
+                        for b, i in zip(buffers, todo, strict=True)
+                    ]
+                    writer.put(chunk, np.array(index, dtype=np.int64), bad, layers)
+                    buffers, index, bad = [[] for _ in todo], [], []
+                    chunk += 1
+    except KeyboardInterrupt:
+        bar.close()
+        with contextlib.suppress(BaseException):
+            writer.finish()
+        raise Interrupted(
+            f"interrupted after {partial.done() * chunk_items} of {len(work.items)} images were "
+            "saved; run the same command again to resume."
+        ) from None
+    bar.close()
+    writer.finish()
+
+
+def _row_shape(info, pool: str) -> tuple[int, ...]:
+    if pool != "none" and len(info.shape) == 3:
+        return (_pooled_size(info.shape, pool),)
+    return info.shape
+
+
+def _assemble(store, existing, folder, work, partial, n_chunks, todo, keys, loaded, pool, dtype,
+              compression, precision, preprocessing, augment_meta, command) -> ExtractResult:
+    """Write the complete store to a temporary file and rename it over STORE."""
+    index_parts, bad = [], []
+    for k in range(n_chunks):
+        with np.load(partial.chunk_path(k)) as data:
+            index_parts.append(data["index"])
+            bad.extend(zip(data["bad_index"].tolist(), data["bad_reason"].tolist(), strict=True))
+    index = np.concatenate(index_parts) if index_parts else np.zeros(0, np.int64)
+    items = np.array(work.items, dtype=np.int64).reshape(-1, 2)[index]
+    sources, views = items[:, 0], items[:, 1]
+    if existing is not None and not (
+        np.array_equal(existing.sources(), sources) and np.array_equal(existing.views(), views)
+    ):
+        raise UsageError(
+            f"this pass decoded a different set of images than store {store} holds; "
+            "use --overwrite to rebuild it."
+        )
+    skipped, seen = [], set()
+    for i, reason in bad:
+        file_index = work.items[i][0]
+        if file_index not in seen:
+            seen.add(file_index)
+            skipped.append((folder.files[file_index].path, reason))
+    files = folder.files
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    meta = existing.meta if existing is not None else {
+        "backbone": loaded.name,
+        "weights": loaded.weights,
+        "weights_sha256": loaded.weights_sha256,
+        "preprocessing": preprocessing.to_dict(),
+        "preprocessing_text": preprocessing.describe(),
+        "dataset": {"root": str(folder.root.resolve()), "fingerprint": folder.fingerprint,
+                    "n_files": len(files)},
+        "augment": augment_meta,
+        "created": now,
+        "history": [],
+    }
+    meta["versions"] = library_versions()
+    meta["history"] = [*meta.get("history", []),
+                       {"time": now, "command": command, "layers": keys}]
+    tmp = store.with_name(f".{store.name}.{os.getpid()}.tmp")
+    out = write_store(
+        tmp,
+        meta,
+        list(folder.class_names),
+        files={
+            "path": np.array([f.path for f in files], dtype=object),
+            "label": np.array([f.label for f in files], dtype=np.int32),
+            "split": np.array([f.split for f in files], dtype=object),
+            "size": np.array([f.size for f in files], dtype=np.int64),
+            "mtime_ns": np.array([f.mtime_ns for f in files], dtype=np.int64),
+        },
+        rows={
+            "path": np.array([files[s].path for s in sources], dtype=object),
+            "label": np.array([files[s].label for s in sources], dtype=np.int32),
+            "split": np.array([files[s].split for s in sources], dtype=object),
+            "source": sources,
+            "view": views.astype(np.int32),
+        },
+        skipped=existing.skipped if existing is not None else skipped,
+    )
+    try:
+        with out:
+            if existing is not None:
+                for key in existing.layers:
+                    existing._file.copy(existing._file["features"][key], out["features"], name=key)
+            for i, (info, key) in enumerate(zip(todo, keys, strict=True)):
+                blocks = (partial.load(k)[f"layer{i}"] for k in range(n_chunks))
+                attrs = {"layer": info.name, "module": info.module, "pool": pool,
+                         "precision": precision}
+                add_layer(out, key, len(sources), _row_shape(info, pool), dtype, compression,
+                          attrs, blocks)
+            out.flush()
+            os.fsync(out.id.get_vfd_handle())
+        os.replace(tmp, store)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    reused = [k for k in (existing.layers if existing is not None else []) if k not in keys]
+    return ExtractResult(store, computed=keys, reused=reused, n_rows=len(sources),
+                         skipped=skipped)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

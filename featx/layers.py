@@ -1,0 +1,201 @@
+"""Intermediate layers of a backbone: which can be selected, their shapes, and one forward pass
+that returns several of them and stops after the deepest.
+
+A layer is a module path (`features.23`, `layer3`, `blocks.4`) whose module runs exactly once
+per forward pass; timm models also offer `forward_features`, the final feature map.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from featx.backbones import FORWARD_FEATURES, Backbone
+from featx.errors import UsageError
+
+POOLS = ("none", "avg", "max", "avgmax")
+LISTED_DEPTH = 2  # `featx layers` lists module paths with at most this many parts
+
+
+class _StopForward(Exception):
+    """Raised from a hook once every requested layer has its output."""
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A selectable layer: its name, module path and output shape for one image."""
+
+    name: str
+    module: str
+    shape: tuple[int, ...]
+
+    def bytes_per_image(self, itemsize: int) -> int:
+        n = itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def disable_inplace(model: nn.Module) -> nn.Module:
+    """Turn off in-place activations so a captured output is not overwritten by a later op."""
+    for module in model.modules():
+        if getattr(module, "inplace", False) is True:
+            module.inplace = False
+    return model
+
+
+def pool_features(x: torch.Tensor, pool: str) -> torch.Tensor:
+    """Reduce the spatial dimensions of an NCHW map; other shapes pass through."""
+    if pool == "none" or x.ndim != 4:
+        return x
+    if pool == "avg":
+        return x.mean(dim=(2, 3))
+    if pool == "max":
+        return x.amax(dim=(2, 3))
+    return torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)
+
+
+def _run(model: nn.Module, x: torch.Tensor, on_forward_features) -> None:
+    if on_forward_features is None or not hasattr(model, "forward_features"):
+        model(x)
+        return
+    features = model.forward_features(x)
+    on_forward_features(features)
+    model.forward_head(features)
+
+
+class LayerTap(nn.Module):
+    """Runs `model` on a batch and returns {module path: output} for the requested layers.
+
+    All layers come from one forward pass, which stops as soon as the deepest requested layer
+    has run. `pool` reduces spatial maps before they leave the tap.
+    """
+
+    def __init__(self, model: nn.Module, modules: list[str], pool: str = "none"):
+        super().__init__()
+        self.model = disable_inplace(model)
+        self.modules_wanted = list(dict.fromkeys(modules))
+        self.pool = pool
+        named = dict(model.named_modules())
+        for path in self.modules_wanted:
+            if path != FORWARD_FEATURES and path not in named:
+                raise UsageError(f"the model has no module {path!r}.")
+        self._targets = {path: named[path] for path in self.modules_wanted if path in named}
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        outputs: dict[str, torch.Tensor] = {}
+
+        def keep(path: str, value) -> None:
+            if path in outputs:
+                raise UsageError(f"layer {path!r} runs more than once per forward pass.")
+            if not isinstance(value, torch.Tensor):
+                raise UsageError(f"layer {path!r} does not output a single tensor.")
+            outputs[path] = pool_features(value, self.pool)
+            if len(outputs) == len(self.modules_wanted):
+                raise _StopForward
+
+        handles = [
+            module.register_forward_hook(lambda _m, _i, out, path=path: keep(path, out))
+            for path, module in self._targets.items()
+        ]
+        want_ff = FORWARD_FEATURES in self.modules_wanted
+        try:
+            _run(self.model, x, (lambda out: keep(FORWARD_FEATURES, out)) if want_ff else None)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        return {path: outputs[path] for path in self.modules_wanted}
+
+
+def trace_layers(backbone: Backbone, model: nn.Module, input_size: int) -> list[LayerInfo]:
+    """Every module that runs exactly once and outputs one tensor, in execution order, with its
+    output shape for one image of `input_size` pixels square."""
+    model = disable_inplace(model)
+    calls: dict[str, int] = {}
+    shapes: dict[str, tuple[int, ...] | None] = {}
+    order: list[str] = []
+
+    def record(path: str, out) -> None:
+        calls[path] = calls.get(path, 0) + 1
+        if path not in shapes:
+            order.append(path)
+        shapes[path] = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else None
+
+    handles = [
+        module.register_forward_hook(lambda _m, _i, out, path=path: record(path, out))
+        for path, module in model.named_modules()
+        if path
+    ]
+    try:
+        with torch.inference_mode():
+            x = torch.zeros(1, 3, input_size, input_size)
+            _run(model, x, (lambda out: record(FORWARD_FEATURES, out))
+                 if backbone.source == "timm" else None)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [
+        LayerInfo(backbone.layer_name(path), path, shapes[path])
+        for path in order
+        if calls[path] == 1 and shapes[path] is not None
+    ]
+
+
+def listed_layers(layers: list[LayerInfo]) -> list[LayerInfo]:
+    """The layers worth listing: aliased ones, `forward_features` and shallow module paths."""
+    return [
+        info
+        for info in layers
+        if info.name != info.module
+        or info.module == FORWARD_FEATURES
+        or info.module.count(".") < LISTED_DEPTH
+    ]
+
+
+def resolve_layers(backbone: Backbone, layers: list[LayerInfo], requested: list[str]) -> list[LayerInfo]:
+    """The LayerInfo for each requested name; UsageError listing the closest valid names."""
+    by_name = {info.name: info for info in layers} | {info.module: info for info in layers}
+    chosen = []
+    for name in requested:
+        info = by_name.get(backbone.module_path(name)) or by_name.get(name)
+        if info is None:
+            candidates = [i.name for i in listed_layers(layers)] + list(by_name)
+            close = difflib.get_close_matches(name, list(dict.fromkeys(candidates)), n=6, cutoff=0.4)
+            hint = ", ".join(close) if close else ", ".join(i.name for i in listed_layers(layers)[-6:])
+            raise UsageError(
+                f"{backbone.name} has no layer {name!r}; closest: {hint}. "
+                f"Run `featx layers {backbone.name}` to see them all."
+            )
+        chosen.append(info)
+    return list(dict.fromkeys(chosen))
+
+
+def layer_table(backbone: str, image_size: int | None, n_images: int, all_layers: bool) -> str:
+    """The `featx layers` table: name, module, shape, bytes per image and projected store size."""
+    from featx.backbones import get_backbone
+    from featx.store import human_size
+
+    record = get_backbone(backbone)
+    size = image_size or record.default_preprocessing().input_size
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = record.build().eval()
+    infos = trace_layers(record, model, size)
+    if not all_layers:
+        infos = listed_layers(infos)
+    header = (f"{'layer':<22} {'module':<20} {'shape':<14} {'f32/image':>10} {'f16/image':>10} "
+              f"{f'f32 x{n_images}':>11} {f'f16 x{n_images}':>11}")
+    lines = [f"{record.name} at {size}x{size}", header]
+    for info in infos:
+        f32, f16 = info.bytes_per_image(4), info.bytes_per_image(2)
+        lines.append(
+            f"{info.name:<22} {info.module if info.module != info.name else '':<20} "
+            f"{'x'.join(map(str, info.shape)):<14} {human_size(f32):>10} {human_size(f16):>10} "
+            f"{human_size(f32 * n_images):>11} {human_size(f16 * n_images):>11}"
+        )
+    return "\n".join(lines)
