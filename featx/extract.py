@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -106,7 +105,10 @@ def _slug(text: str) -> str:
 
 
 def default_store_path(
-    data_dir: str | os.PathLike, backbone: str, weights: str = "default", image_size: int | None = None
+    data_dir: str | os.PathLike,
+    backbone: str,
+    weights: str = "default",
+    image_size: int | None = None,
 ) -> Path:
     """stores/<dataset>-<backbone>-<weights>-<input size>.h5, one per preprocessing."""
     weights_tag = weights if weights in ("default", "none") else _slug(Path(weights).stem)
@@ -196,12 +198,19 @@ class _Batches:
     """Consecutive batches of work indices from `start`, never crossing a chunk boundary."""
 
     def __init__(self, start: int, stop: int, batch_size: int, chunk_items: int):
-        self.start, self.stop, self.batch_size, self.chunk_items = start, stop, batch_size, chunk_items
+        self.start, self.stop, self.batch_size, self.chunk_items = (
+            start,
+            stop,
+            batch_size,
+            chunk_items,
+        )
 
     def __iter__(self):
         i = self.start
         while i < self.stop:
-            end = min(i + self.batch_size, self.stop, (i // self.chunk_items + 1) * self.chunk_items)
+            end = min(
+                i + self.batch_size, self.stop, (i // self.chunk_items + 1) * self.chunk_items
+            )
             yield list(range(i, end))
             i = end
 
@@ -242,8 +251,13 @@ class _Partial:
         tmp = self.dir / f".chunk-{k:06d}.tmp"
         with open(tmp, "wb") as fh:
             arrays = {f"layer{i}": a for i, a in enumerate(layers)}
-            np.savez(fh, index=index, bad_index=np.array([i for i, _ in bad], dtype=np.int64),
-                     bad_reason=np.array([r for _, r in bad], dtype=str), **arrays)
+            np.savez(
+                fh,
+                index=index,
+                bad_index=np.array([i for i, _ in bad], dtype=np.int64),
+                bad_reason=np.array([r for _, r in bad], dtype=str),
+                **arrays,
+            )
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.chunk_path(k))
@@ -310,8 +324,13 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def _identity(backbone: Backbone, weights: str, preprocessing: Preprocessing,
-              folder: ImageFolder, augment: dict | None) -> dict[str, Any]:
+def _identity(
+    backbone: Backbone,
+    weights: str,
+    preprocessing: Preprocessing,
+    folder: ImageFolder,
+    augment: dict | None,
+) -> dict[str, Any]:
     """What makes a store the store it is; a store that differs in any of these is refused."""
     identity = {
         "backbone": backbone.name,
@@ -323,8 +342,9 @@ def _identity(backbone: Backbone, weights: str, preprocessing: Preprocessing,
     return json.loads(json.dumps(identity))  # as it reads back from a store: lists, not tuples
 
 
-def _differences(stored: dict[str, Any], wanted: dict[str, Any], folder: ImageFolder,
-                 store: FeatureStore) -> list[str]:
+def _differences(
+    stored: dict[str, Any], wanted: dict[str, Any], folder: ImageFolder, store: FeatureStore
+) -> list[str]:
     out = []
     for name in ("backbone", "weights", "preprocessing", "augment"):
         if stored.get(name) != wanted[name]:
@@ -347,9 +367,14 @@ def _dataset_change(store: FeatureStore, folder: ImageFolder) -> str:
     added = sorted(new.keys() - old.keys())
     removed = sorted(old.keys() - new.keys())
     changed = sorted(p for p in new.keys() & old.keys() if new[p] != old[p])
-    parts = [f"{len(v)} {what} (e.g. {v[0]})" for what, v in
-             (("added", added), ("removed", removed), ("modified", changed)) if v]
-    return "the dataset's files changed since extraction: " + (", ".join(parts) or "renamed classes")
+    parts = [
+        f"{len(v)} {what} (e.g. {v[0]})"
+        for what, v in (("added", added), ("removed", removed), ("modified", changed))
+        if v
+    ]
+    return "the dataset's files changed since extraction: " + (
+        ", ".join(parts) or "renamed classes"
+    )
 
 
 # ---- the extraction ----------------------------------------------------------------------
@@ -381,9 +406,12 @@ def extract(
     resumes where it stopped. `augment` > 0 adds that many augmented views of each training
     image (`augment_config`: an `featx.augment.AugmentConfig`, classic Keras ranges by default).
     """
-    for name, value, choices in (("pool", pool, POOLS), ("dtype", dtype, DTYPES),
-                                 ("compression", compression, COMPRESSIONS),
-                                 ("precision", precision, PRECISIONS)):
+    for name, value, choices in (
+        ("pool", pool, POOLS),
+        ("dtype", dtype, DTYPES),
+        ("compression", compression, COMPRESSIONS),
+        ("precision", precision, PRECISIONS),
+    ):
         _check_choice(name, value, choices)
     if not layers:
         raise UsageError("give at least one --layer; `featx layers BACKBONE` lists them.")
@@ -424,13 +452,30 @@ def extract(
             present = set(existing.layers) if existing else set()
             if existing and all(k in present for k in keys):
                 log(f"All requested layers are already in {store}; nothing to compute.")
-                return ExtractResult(store, reused=keys, n_rows=existing.n_rows,
-                                     skipped=existing.skipped)
+                return ExtractResult(
+                    store, reused=keys, n_rows=existing.n_rows, skipped=existing.skipped
+                )
             return _compute(
-                record, folder, store, existing, layers, pool, weights, preprocessing, wanted,
-                augmenter, augment_meta, dtype, compression, precision, batch_size,
-                default_workers() if workers is None else workers, resolve_device(device),
-                log, quiet, command,
+                record,
+                folder,
+                store,
+                existing,
+                layers,
+                pool,
+                weights,
+                preprocessing,
+                wanted,
+                augmenter,
+                augment_meta,
+                dtype,
+                compression,
+                precision,
+                batch_size,
+                default_workers() if workers is None else workers,
+                resolve_device(device),
+                log,
+                quiet,
+                command,
             )
         finally:
             if existing is not None:
@@ -444,7 +489,9 @@ def _augmentation(views: int, config: Any, seed: int):
 
     config = config or AugmentConfig()
     return _ViewAugmenter(Augmenter(config), seed), {
-        "views": views, "seed": seed, "config": config.to_dict()
+        "views": views,
+        "seed": seed,
+        "config": config.to_dict(),
     }
 
 
@@ -461,17 +508,37 @@ class _ViewAugmenter:
         return self.augmenter(image, view_seed(self.seed, file_index, view))
 
 
-def _compute(record, folder, store, existing, layers, pool, weights, preprocessing, wanted,
-             augmenter, augment_meta, dtype, compression, precision, batch_size, workers,
-             device, log, quiet, command) -> ExtractResult:
+def _compute(
+    record,
+    folder,
+    store,
+    existing,
+    layers,
+    pool,
+    weights,
+    preprocessing,
+    wanted,
+    augmenter,
+    augment_meta,
+    dtype,
+    compression,
+    precision,
+    batch_size,
+    workers,
+    device,
+    log,
+    quiet,
+    command,
+) -> ExtractResult:
     loaded = record.load(weights)
     if existing is not None and existing.meta["weights_sha256"] != loaded.weights_sha256:
         raise UsageError(
             f"the {loaded.weights} weights now hash to {loaded.weights_sha256[:16]}, but store "
             f"{store} was made with {existing.meta['weights_sha256'][:16]}; use --overwrite."
         )
-    infos = resolve_layers(record, trace_layers(record, loaded.model, preprocessing.input_size),
-                           list(layers))
+    infos = resolve_layers(
+        record, trace_layers(record, loaded.model, preprocessing.input_size), list(layers)
+    )
     present = set(existing.layers) if existing else set()
     todo = [i for i in infos if layer_key(i.name, pool) not in present]
     keys = [layer_key(i.name, pool) for i in todo]
@@ -499,10 +566,42 @@ def _compute(record, folder, store, existing, layers, pool, weights, preprocessi
     if first:
         log(f"Resuming {store}: {start} of {len(work.items)} images already done.")
     if first < n_chunks:
-        _run_network(loaded, todo, pool, folder, work, preprocessing, augmenter, partial,
-                     start, chunk_items, batch_size, workers, device, dtype, precision, quiet)
-    result = _assemble(store, existing, folder, work, partial, n_chunks, todo, keys, loaded,
-                       pool, dtype, compression, precision, preprocessing, augment_meta, command)
+        _run_network(
+            loaded,
+            todo,
+            pool,
+            folder,
+            work,
+            preprocessing,
+            augmenter,
+            partial,
+            start,
+            chunk_items,
+            batch_size,
+            workers,
+            device,
+            dtype,
+            precision,
+            quiet,
+        )
+    result = _assemble(
+        store,
+        existing,
+        folder,
+        work,
+        partial,
+        n_chunks,
+        todo,
+        keys,
+        loaded,
+        pool,
+        dtype,
+        compression,
+        precision,
+        preprocessing,
+        augment_meta,
+        command,
+    )
     result.resumed_from = start
     partial.remove()
     log(f"Wrote {len(keys)} layer(s) for {result.n_rows} rows to {store}.")
@@ -515,9 +614,24 @@ def _pooled_size(shape: tuple[int, ...], pool: str) -> int:
     return int(np.prod(shape))
 
 
-def _run_network(loaded: LoadedBackbone, todo, pool, folder, work, preprocessing, augmenter,
-                 partial, start, chunk_items, batch_size, workers, device, dtype, precision,
-                 quiet) -> None:
+def _run_network(
+    loaded: LoadedBackbone,
+    todo,
+    pool,
+    folder,
+    work,
+    preprocessing,
+    augmenter,
+    partial,
+    start,
+    chunk_items,
+    batch_size,
+    workers,
+    device,
+    dtype,
+    precision,
+    quiet,
+) -> None:
     model = loaded.model.to(device)
     if device.type != "mps":
         model = model.to(memory_format=torch.channels_last)
@@ -538,8 +652,15 @@ def _run_network(loaded: LoadedBackbone, todo, pool, folder, work, preprocessing
     index: list[int] = []
     bad: list[tuple[int, str]] = []
     chunk = start // chunk_items
-    bar = tqdm(total=len(work.items), initial=start, unit="img", disable=quiet, smoothing=0.1,
-               desc="extract", file=sys.stderr)
+    bar = tqdm(
+        total=len(work.items),
+        initial=start,
+        unit="img",
+        disable=quiet,
+        smoothing=0.1,
+        desc="extract",
+        file=sys.stderr,
+    )
     done = start
     try:
         with torch.inference_mode(), autocast(device, precision):
@@ -581,8 +702,24 @@ def _row_shape(info, pool: str) -> tuple[int, ...]:
     return info.shape
 
 
-def _assemble(store, existing, folder, work, partial, n_chunks, todo, keys, loaded, pool, dtype,
-              compression, precision, preprocessing, augment_meta, command) -> ExtractResult:
+def _assemble(
+    store,
+    existing,
+    folder,
+    work,
+    partial,
+    n_chunks,
+    todo,
+    keys,
+    loaded,
+    pool,
+    dtype,
+    compression,
+    precision,
+    preprocessing,
+    augment_meta,
+    command,
+) -> ExtractResult:
     """Write the complete store to a temporary file and rename it over STORE."""
     index_parts, bad = [], []
     for k in range(n_chunks):
@@ -607,21 +744,28 @@ def _assemble(store, existing, folder, work, partial, n_chunks, todo, keys, load
             skipped.append((folder.files[file_index].path, reason))
     files = folder.files
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    meta = existing.meta if existing is not None else {
-        "backbone": loaded.name,
-        "weights": loaded.weights,
-        "weights_sha256": loaded.weights_sha256,
-        "preprocessing": preprocessing.to_dict(),
-        "preprocessing_text": preprocessing.describe(),
-        "dataset": {"root": str(folder.root.resolve()), "fingerprint": folder.fingerprint,
-                    "n_files": len(files)},
-        "augment": augment_meta,
-        "created": now,
-        "history": [],
-    }
+    meta = (
+        existing.meta
+        if existing is not None
+        else {
+            "backbone": loaded.name,
+            "weights": loaded.weights,
+            "weights_spec": loaded.weights_spec,
+            "weights_sha256": loaded.weights_sha256,
+            "preprocessing": preprocessing.to_dict(),
+            "preprocessing_text": preprocessing.describe(),
+            "dataset": {
+                "root": str(folder.root.resolve()),
+                "fingerprint": folder.fingerprint,
+                "n_files": len(files),
+            },
+            "augment": augment_meta,
+            "created": now,
+            "history": [],
+        }
+    )
     meta["versions"] = library_versions()
-    meta["history"] = [*meta.get("history", []),
-                       {"time": now, "command": command, "layers": keys}]
+    meta["history"] = [*meta.get("history", []), {"time": now, "command": command, "layers": keys}]
     tmp = store.with_name(f".{store.name}.{os.getpid()}.tmp")
     out = write_store(
         tmp,
@@ -650,10 +794,22 @@ def _assemble(store, existing, folder, work, partial, n_chunks, todo, keys, load
                     existing._file.copy(existing._file["features"][key], out["features"], name=key)
             for i, (info, key) in enumerate(zip(todo, keys, strict=True)):
                 blocks = (partial.load(k)[f"layer{i}"] for k in range(n_chunks))
-                attrs = {"layer": info.name, "module": info.module, "pool": pool,
-                         "precision": precision}
-                add_layer(out, key, len(sources), _row_shape(info, pool), dtype, compression,
-                          attrs, blocks)
+                attrs = {
+                    "layer": info.name,
+                    "module": info.module,
+                    "pool": pool,
+                    "precision": precision,
+                }
+                add_layer(
+                    out,
+                    key,
+                    len(sources),
+                    _row_shape(info, pool),
+                    dtype,
+                    compression,
+                    attrs,
+                    blocks,
+                )
             out.flush()
             os.fsync(out.id.get_vfd_handle())
         os.replace(tmp, store)
@@ -661,13 +817,4 @@ def _assemble(store, existing, folder, work, partial, n_chunks, todo, keys, load
         tmp.unlink(missing_ok=True)
         raise
     reused = [k for k in (existing.layers if existing is not None else []) if k not in keys]
-    return ExtractResult(store, computed=keys, reused=reused, n_rows=len(sources),
-                         skipped=skipped)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return ExtractResult(store, computed=keys, reused=reused, n_rows=len(sources), skipped=skipped)

@@ -134,8 +134,11 @@ def trace_layers(backbone: Backbone, model: nn.Module, input_size: int) -> list[
     try:
         with torch.inference_mode():
             x = torch.zeros(1, 3, input_size, input_size)
-            _run(model, x, (lambda out: record(FORWARD_FEATURES, out))
-                 if backbone.source == "timm" else None)
+            _run(
+                model,
+                x,
+                (lambda out: record(FORWARD_FEATURES, out)) if backbone.source == "timm" else None,
+            )
     finally:
         for handle in handles:
             handle.remove()
@@ -157,7 +160,9 @@ def listed_layers(layers: list[LayerInfo]) -> list[LayerInfo]:
     ]
 
 
-def resolve_layers(backbone: Backbone, layers: list[LayerInfo], requested: list[str]) -> list[LayerInfo]:
+def resolve_layers(
+    backbone: Backbone, layers: list[LayerInfo], requested: list[str]
+) -> list[LayerInfo]:
     """The LayerInfo for each requested name; UsageError listing the closest valid names."""
     by_name = {info.name: info for info in layers} | {info.module: info for info in layers}
     chosen = []
@@ -165,8 +170,12 @@ def resolve_layers(backbone: Backbone, layers: list[LayerInfo], requested: list[
         info = by_name.get(backbone.module_path(name)) or by_name.get(name)
         if info is None:
             candidates = [i.name for i in listed_layers(layers)] + list(by_name)
-            close = difflib.get_close_matches(name, list(dict.fromkeys(candidates)), n=6, cutoff=0.4)
-            hint = ", ".join(close) if close else ", ".join(i.name for i in listed_layers(layers)[-6:])
+            close = difflib.get_close_matches(
+                name, list(dict.fromkeys(candidates)), n=6, cutoff=0.4
+            )
+            hint = (
+                ", ".join(close) if close else ", ".join(i.name for i in listed_layers(layers)[-6:])
+            )
             raise UsageError(
                 f"{backbone.name} has no layer {name!r}; closest: {hint}. "
                 f"Run `featx layers {backbone.name}` to see them all."
@@ -188,8 +197,10 @@ def layer_table(backbone: str, image_size: int | None, n_images: int, all_layers
     infos = trace_layers(record, model, size)
     if not all_layers:
         infos = listed_layers(infos)
-    header = (f"{'layer':<22} {'module':<20} {'shape':<14} {'f32/image':>10} {'f16/image':>10} "
-              f"{f'f32 x{n_images}':>11} {f'f16 x{n_images}':>11}")
+    header = (
+        f"{'layer':<22} {'module':<20} {'shape':<14} {'f32/image':>10} {'f16/image':>10} "
+        f"{f'f32 x{n_images}':>11} {f'f16 x{n_images}':>11}"
+    )
     lines = [f"{record.name} at {size}x{size}", header]
     for info in infos:
         f32, f16 = info.bytes_per_image(4), info.bytes_per_image(2)

@@ -181,7 +181,11 @@ class FeatureStore:
         labels = self._file["rows"]["label"]
         for start in range(0, len(index), chunk_rows):
             part = index[start : start + chunk_rows]
-            sel = slice(int(part[0]), int(part[-1]) + 1) if part[-1] - part[0] + 1 == len(part) else part
+            sel = (
+                slice(int(part[0]), int(part[-1]) + 1)
+                if part[-1] - part[0] + 1 == len(part)
+                else part
+            )
             yield ds[sel], labels[sel]
 
     # ---- summary ------------------------------------------------------------------------
@@ -197,10 +201,14 @@ class FeatureStore:
             f"fingerprint {m['dataset']['fingerprint'][:16]})",
         ]
         if m.get("augment"):
-            lines.append(f"augment     {m['augment']['views']} views per training image, "
-                         f"seed {m['augment']['seed']}")
-        lines.append(f"created     {m['created']}  featx {m['versions'].get('featx')}, "
-                     f"torch {m['versions'].get('torch')}")
+            lines.append(
+                f"augment     {m['augment']['views']} views per training image, "
+                f"seed {m['augment']['seed']}"
+            )
+        lines.append(
+            f"created     {m['created']}  featx {m['versions'].get('featx')}, "
+            f"torch {m['versions'].get('torch')}"
+        )
         lines.append("")
         lines.append(f"layers ({len(self.layers)}):")
         for key in self.layers:
@@ -257,7 +265,11 @@ def write_store(
     for group, columns in (("files", files), ("rows", rows)):
         for name, values in columns.items():
             dtype = STR if values.dtype.kind in "OU" else values.dtype
-            out.create_dataset(f"{group}/{name}", data=values.astype(object) if dtype is STR else values, dtype=dtype)
+            out.create_dataset(
+                f"{group}/{name}",
+                data=values.astype(object) if dtype is STR else values,
+                dtype=dtype,
+            )
     paths = np.array([p for p, _ in skipped], dtype=object)
     reasons = np.array([r for _, r in skipped], dtype=object)
     out.create_dataset("skipped/path", data=paths, dtype=STR, shape=(len(paths),))
