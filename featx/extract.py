@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib.metadata
 import json
 import math
 import os
@@ -35,7 +36,7 @@ from featx import __version__
 from featx.backbones import Backbone, LoadedBackbone, Preprocessing, get_backbone
 from featx.data import UNSPLIT, BadImage, ImageFolder, load_image, scan_image_folder
 from featx.errors import EXIT_INTERRUPTED, FeatxError, StoreLocked, UsageError
-from featx.layers import POOLS, LayerTap, resolve_layers, trace_layers
+from featx.layers import POOLS, LayerTap, fold_batchnorm, resolve_layers, trace_layers
 from featx.store import FeatureStore, add_layer, layer_key, write_store
 
 DTYPES = ("float32", "float16")
@@ -308,20 +309,14 @@ class _ChunkWriter(threading.Thread):
 
 # ---- provenance --------------------------------------------------------------------------
 def library_versions() -> dict[str, str]:
-    import sklearn
-    import timm
-    import torchvision
-
-    return {
-        "featx": __version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "timm": timm.__version__,
-        "h5py": h5py.__version__,
-        "numpy": np.__version__,
-        "scikit-learn": sklearn.__version__,
-        "python": platform.python_version(),
-    }
+    """Versions of featx, Python and the libraries that shape the features."""
+    versions = {"featx": __version__, "python": platform.python_version()}
+    for name in ("torch", "torchvision", "timm", "h5py", "numpy", "scikit-learn", "pillow"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
 
 
 def _identity(
@@ -632,7 +627,9 @@ def _run_network(
     precision,
     quiet,
 ) -> None:
-    model = loaded.model.to(device)
+    model = loaded.model
+    fold_batchnorm(model, keep=[i.module for i in todo])
+    model = model.to(device)
     if device.type != "mps":
         model = model.to(memory_format=torch.channels_last)
     tap = LayerTap(model, [i.module for i in todo], pool=pool)

@@ -8,10 +8,14 @@ per forward pass; timm models also offer `forward_features`, the final feature m
 from __future__ import annotations
 
 import difflib
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+import torch.fx
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from featx.backbones import FORWARD_FEATURES, Backbone
 from featx.errors import UsageError
@@ -39,12 +43,46 @@ class LayerInfo:
         return n
 
 
-def disable_inplace(model: nn.Module) -> nn.Module:
-    """Turn off in-place activations so a captured output is not overwritten by a later op."""
-    for module in model.modules():
-        if getattr(module, "inplace", False) is True:
-            module.inplace = False
-    return model
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, module)
+
+
+def fold_batchnorm(model: nn.Module, keep: Iterable[str] = ()) -> list[str]:
+    """Fold every eval-mode BatchNorm2d that only follows a Conv2d into that conv's weights.
+
+    The BatchNorm module becomes an Identity, so hooks on it, and on every container, still
+    see the same outputs. Convs in `keep` (layers whose own output is wanted) are left alone.
+    Returns the folded BatchNorm paths; models that torch.fx cannot trace are left unchanged.
+    """
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:
+        return []
+    named = dict(model.named_modules())
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    keep = set(keep)
+    folded = []
+    for node in graph.nodes:
+        if node.op != "call_module" or type(named.get(node.target)) is not nn.BatchNorm2d:
+            continue
+        source = node.args[0]
+        if not (
+            isinstance(source, torch.fx.Node)
+            and source.op == "call_module"
+            and type(named.get(source.target)) is nn.Conv2d
+            and len(source.users) == 1
+            and calls[source.target] == calls[node.target] == 1
+            and source.target not in keep
+        ):
+            continue
+        bn = named[node.target]
+        if bn.training or bn.running_mean is None:
+            continue
+        _set_module(model, source.target, fuse_conv_bn_eval(named[source.target], bn))
+        _set_module(model, node.target, nn.Identity())
+        folded.append(node.target)
+    return folded
 
 
 def pool_features(x: torch.Tensor, pool: str) -> torch.Tensor:
@@ -76,7 +114,7 @@ class LayerTap(nn.Module):
 
     def __init__(self, model: nn.Module, modules: list[str], pool: str = "none"):
         super().__init__()
-        self.model = disable_inplace(model)
+        self.model = model
         self.modules_wanted = list(dict.fromkeys(modules))
         self.pool = pool
         named = dict(model.named_modules())
@@ -93,7 +131,9 @@ class LayerTap(nn.Module):
                 raise UsageError(f"layer {path!r} runs more than once per forward pass.")
             if not isinstance(value, torch.Tensor):
                 raise UsageError(f"layer {path!r} does not output a single tensor.")
-            outputs[path] = pool_features(value, self.pool)
+            # A copy: later in-place ops (ReLU(inplace=True), `out += identity`) would change it.
+            pooled = pool_features(value, self.pool)
+            outputs[path] = pooled.clone() if pooled is value else pooled
             if len(outputs) == len(self.modules_wanted):
                 raise _StopForward
 
@@ -115,7 +155,6 @@ class LayerTap(nn.Module):
 def trace_layers(backbone: Backbone, model: nn.Module, input_size: int) -> list[LayerInfo]:
     """Every module that runs exactly once and outputs one tensor, in execution order, with its
     output shape for one image of `input_size` pixels square."""
-    model = disable_inplace(model)
     calls: dict[str, int] = {}
     shapes: dict[str, tuple[int, ...] | None] = {}
     order: list[str] = []

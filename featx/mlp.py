@@ -183,13 +183,15 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
         best_loss, best_state, self.best_epoch_ = np.inf, None, 0
         for epoch in range(1, self.epochs + 1):
             self.loss_curve_.append(self._train_epoch(X, y, train, optimizer, rng, gen))
-            if val is not None:
-                self.validation_loss_curve_.append(self._mean_loss(X, y, val))
-                if self.validation_loss_curve_[-1] < best_loss:
-                    best_loss, self.best_epoch_ = self.validation_loss_curve_[-1], epoch
-                    best_state = copy.deepcopy(self.module_.state_dict())
-            self._report(epoch, self.validation_loss_curve_[-1] if val is not None else None)
-            if epoch - self.best_epoch_ >= self.patience and val is not None:
+            if val is None:
+                self._report(epoch)
+                continue
+            val_loss = self._mean_loss(X, y, val)
+            self.validation_loss_curve_.append(val_loss)
+            self._report(epoch, val_loss)
+            if val_loss < best_loss:
+                best_loss, best_state, self.best_epoch_ = val_loss, self._state_copy(), epoch
+            elif epoch - self.best_epoch_ >= self.patience:
                 break
         self.n_iter_ = epoch
         if best_state is None:
@@ -212,16 +214,17 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError("classes must be passed on the first call to partial_fit.")
         X, y = validate_data(self, X, y, dtype=_DTYPES, reset=first_call)
         check_classification_targets(y)
+        known = np.unique(classes) if first_call else self.classes_
+        if classes is not None and not np.array_equal(np.unique(classes), known):
+            raise ValueError(f"classes={classes!r} differs from classes_={known!r}.")
+        unknown = ~np.isin(y, known)
+        if unknown.any():
+            raise ValueError(f"y contains labels not in classes: {np.unique(y[unknown])!r}.")
+        y = np.searchsorted(known, y)
         rng, gen = self._rngs(offset=getattr(self, "n_iter_", 0))
         if first_call:
-            self._init_module(np.unique(classes), X.shape[1], gen)
+            self._init_module(known, X.shape[1], gen)
             self.loss_curve_, self.validation_loss_curve_, self.n_iter_ = [], [], 0
-        elif classes is not None and not np.array_equal(np.unique(classes), self.classes_):
-            raise ValueError(f"classes={classes!r} differs from classes_={self.classes_!r}.")
-        unknown = ~np.isin(y, self.classes_)
-        if unknown.any():
-            raise ValueError(f"y contains labels not in classes_: {np.unique(y[unknown])!r}.")
-        y = np.searchsorted(self.classes_, y)
         optimizer = self._make_optimizer()
         name, state = self._optimizer_state
         if name == self.optimizer:  # continue with the optimizer's running statistics
@@ -265,9 +268,7 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
             "n_outputs": linears[-1].out_features,
             "binary": linears[-1].out_features == 1,
             "classes": self.classes_.tolist(),
-            "state_dict": {
-                k: v.detach().cpu().clone() for k, v in self.module_.state_dict().items()
-            },
+            "state_dict": _to_cpu(self._state_copy()),
         }
 
     def save_head(self, path: str | os.PathLike) -> None:
@@ -330,7 +331,9 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
         self.module_ = head.eval()
         self._optimizer_state = (None, None)
 
-    def _split(self, y: np.ndarray, rng: np.random.RandomState):
+    def _split(
+        self, y: np.ndarray, rng: np.random.RandomState
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """Training and validation row indices (validation is None without early stopping)."""
         rows = np.arange(len(y))
         if not self.early_stopping:
@@ -341,8 +344,11 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
         except ValueError:  # a class too small to be split
             return train_test_split(rows, **kwargs)
 
+    def _state_copy(self) -> dict[str, torch.Tensor]:
+        return {name: t.detach().clone() for name, t in self.module_.state_dict().items()}
+
     def _make_optimizer(self) -> torch.optim.Optimizer:
-        params = self.module_.to(self.device).parameters()
+        params = self.module_.to(self.device).parameters()  # moves module_ in place
         kwargs = {"lr": self.learning_rate, "weight_decay": self.weight_decay}
         if self.optimizer == "sgd":
             return torch.optim.SGD(params, momentum=self.momentum, **kwargs)

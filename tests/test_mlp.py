@@ -171,7 +171,7 @@ def test_partial_fit_over_chunks(digits):
             clf.partial_fit(X_train[chunk], y_train[chunk], classes=np.arange(10))
     assert clf.n_iter_ == len(clf.loss_curve_) == 5 * 7
     assert clf.score(X_test, y_test) > 0.9
-    with pytest.raises(ValueError, match="not in classes_"):
+    with pytest.raises(ValueError, match="not in classes"):
         clf.partial_fit(X_train[:5], np.full(5, 11))
     with pytest.raises(ValueError, match="differs"):
         clf.partial_fit(X_train[:5], y_train[:5], classes=np.arange(11))
