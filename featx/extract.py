@@ -632,6 +632,8 @@ def _run_network(
     if device.type != "mps":
         model = model.to(memory_format=torch.channels_last)
     tap = LayerTap(model, [i.module for i in todo], pool=pool)
+    size = preprocessing.input_size
+    tap.drop_unreached(torch.zeros(1, 3, size, size, device=device))
     images = _Images(folder, work.items, preprocessing, augmenter)
     loader = DataLoader(
         images,

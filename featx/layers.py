@@ -123,6 +123,32 @@ class LayerTap(nn.Module):
                 raise UsageError(f"the model has no module {path!r}.")
         self._targets = {path: named[path] for path in self.modules_wanted if path in named}
 
+    def drop_unreached(self, example: torch.Tensor) -> list[str]:
+        """Replace the weighted leaf modules that the early-stopping pass never runs with
+        Identity, freeing their memory (VGG16's classifier is 400 MB). Returns their paths."""
+        ran: set[str] = set()
+        leaves = {
+            path: module
+            for path, module in self.model.named_modules()
+            if path
+            and not any(module.children())
+            and any(True for _ in module.parameters(recurse=False))
+        }
+        handles = [
+            module.register_forward_pre_hook(lambda _m, _i, path=path: ran.add(path))
+            for path, module in leaves.items()
+        ]
+        try:
+            with torch.inference_mode():
+                self(example)
+        finally:
+            for handle in handles:
+                handle.remove()
+        unreached = [path for path in leaves if path not in ran]
+        for path in unreached:
+            _set_module(self.model, path, nn.Identity())
+        return unreached
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         outputs: dict[str, torch.Tensor] = {}
 
