@@ -42,7 +42,7 @@ DTYPES = ("float32", "float16")
 COMPRESSIONS = ("none", "lzf", "gzip")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-CHUNK_BYTES = 64 << 20  # features held in memory per chunk before it is written
+CHUNK_BYTES = 32 << 20  # features held in memory per chunk before it is written
 AUGMENTED_SPLITS = ("train", UNSPLIT)
 
 
@@ -284,7 +284,7 @@ class _ChunkWriter(threading.Thread):
 
     def __init__(self, partial: _Partial):
         super().__init__(daemon=True)
-        self.partial, self.jobs, self.error = partial, queue.Queue(maxsize=2), None
+        self.partial, self.jobs, self.error = partial, queue.Queue(maxsize=1), None
 
     def run(self) -> None:
         while (job := self.jobs.get()) is not None:
@@ -646,7 +646,10 @@ def _run_network(
     )
     writer = _ChunkWriter(partial)
     writer.start()
-    buffers: list[list[np.ndarray]] = [[] for _ in todo]
+    def new_chunk() -> list[np.ndarray]:
+        return [np.empty((chunk_items, *_row_shape(i, pool)), dtype) for i in todo]
+
+    arrays, filled = new_chunk(), 0
     index: list[int] = []
     bad: list[tuple[int, str]] = []
     chunk = start // chunk_items
@@ -669,18 +672,16 @@ def _run_network(
                     if device.type != "mps":
                         x = x.contiguous(memory_format=torch.channels_last)
                     outputs = tap(x)
-                    for buf, info in zip(buffers, todo, strict=True):
-                        buf.append(outputs[info.module].float().cpu().numpy().astype(dtype))
+                    for array, info in zip(arrays, todo, strict=True):
+                        array[filled : filled + len(batch)] = outputs[info.module].float().cpu()
+                    filled += len(batch)
                     index.extend(batch_index)
                 done += len(batch_index) + len(batch_bad)
                 bar.update(len(batch_index) + len(batch_bad))
                 if done % chunk_items == 0 or done == len(work.items):
-                    layers = [
-                        np.concatenate(b) if b else np.zeros((0, *_row_shape(i, pool)), dtype)
-                        for b, i in zip(buffers, todo, strict=True)
-                    ]
+                    layers = [array[:filled] for array in arrays]
                     writer.put(chunk, np.array(index, dtype=np.int64), bad, layers)
-                    buffers, index, bad = [[] for _ in todo], [], []
+                    arrays, filled, index, bad = new_chunk(), 0, [], []
                     chunk += 1
     except KeyboardInterrupt:
         bar.close()
