@@ -58,9 +58,24 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="featx-mem-"))
     try:
         make_images(work / "data", args.images)
-        command = [sys.executable, "-m", "featx.cli", "extract", str(work / "data"),
-                   "--backbone", args.backbone, "--layer", args.layer, "--weights", "none",
-                   "--precision", args.precision, "--store", str(work / "s.h5"), "--quiet"]
+        command = [
+            sys.executable,
+            "-m",
+            "featx.cli",
+            "extract",
+            str(work / "data"),
+            "--backbone",
+            args.backbone,
+            "--layer",
+            args.layer,
+            "--weights",
+            "none",
+            "--precision",
+            args.precision,
+            "--store",
+            str(work / "s.h5"),
+            "--quiet",
+        ]
         start = time.perf_counter()
         process = subprocess.Popen(command)
         watched = psutil.Process(process.pid)
@@ -73,10 +88,14 @@ def main() -> None:
         if process.returncode:
             raise SystemExit(f"featx extract failed with exit code {process.returncode}")
         store_bytes = (work / "s.h5").stat().st_size
-        print(f"{args.backbone} {args.layer} at 224, {args.images} images, {args.precision}: "
-              f"{seconds:.0f} s ({args.images / seconds:.1f} images/s)")
-        print(f"store: {store_bytes / 1e9:.2f} GB; peak resident: main process "
-              f"{peak_main / 1e9:.2f} GB, main + workers (PSS) {peak_tree / 1e9:.2f} GB")
+        print(
+            f"{args.backbone} {args.layer} at 224, {args.images} images, {args.precision}: "
+            f"{seconds:.0f} s ({args.images / seconds:.1f} images/s)"
+        )
+        print(
+            f"store: {store_bytes / 1e9:.2f} GB; peak resident: main process "
+            f"{peak_main / 1e9:.2f} GB, main + workers (PSS) {peak_tree / 1e9:.2f} GB"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

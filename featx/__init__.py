@@ -4,7 +4,21 @@ fine-tune on small image datasets."""
 __version__ = "0.1.0"
 
 from featx.backbones import available_backbones, get_backbone  # noqa: E402
+from featx.evaluation import evaluate  # noqa: E402
 from featx.extract import extract  # noqa: E402
+from featx.model import load_model  # noqa: E402
+from featx.prediction import predict  # noqa: E402
 from featx.store import FeatureStore  # noqa: E402
+from featx.training import fit  # noqa: E402
 
-__all__ = ["FeatureStore", "__version__", "available_backbones", "extract", "get_backbone"]
+__all__ = [
+    "FeatureStore",
+    "__version__",
+    "available_backbones",
+    "evaluate",
+    "extract",
+    "fit",
+    "get_backbone",
+    "load_model",
+    "predict",
+]

@@ -156,7 +156,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise BadImage("not an image") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         text = str(error) or type(error).__name__
-        if "truncated" in text:
+        if "truncated" in text.lower():
             text = "truncated image"
         elif isinstance(error, PermissionError):
             text = "unreadable (permission denied)"

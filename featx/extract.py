@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import importlib.metadata
 import json
 import math
@@ -646,6 +647,7 @@ def _run_network(
     )
     writer = _ChunkWriter(partial)
     writer.start()
+
     def new_chunk() -> list[np.ndarray]:
         return [np.empty((chunk_items, *_row_shape(i, pool)), dtype) for i in todo]
 
@@ -766,6 +768,8 @@ def _assemble(
     meta["versions"] = library_versions()
     meta["history"] = [*meta.get("history", []), {"time": now, "command": command, "layers": keys}]
     tmp = store.with_name(f".{store.name}.{os.getpid()}.tmp")
+    for stale in store.parent.glob(f".{glob.escape(store.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)  # left by a run killed while assembling; we hold the lock
     out = write_store(
         tmp,
         meta,

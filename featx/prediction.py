@@ -1,0 +1,215 @@
+"""`featx predict`: classify image files with a model file, no store needed.
+
+The model records how its features were made; predict repeats exactly that: the backbone with
+the same weights (checked by sha256), the same preprocessing, the same module tapped with the
+same pooling, and the same cast to the stored dtype, then the fitted pipeline. So an image gets
+the class that `featx evaluate` gives its row in a store.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from featx.data import IMAGE_EXTENSIONS, BadImage, load_image
+from featx.errors import UsageError
+from featx.model import FeatxModel, load_model
+
+
+def collect_images(
+    paths: list[str | os.PathLike],
+) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Image files named in `paths` or found below folders in it (sorted, hidden ones left
+    out); paths that do not exist are returned as skipped."""
+    files: list[Path] = []
+    skipped: list[tuple[str, str]] = []
+    for given in paths:
+        path = Path(given)
+        if path.is_dir():
+            found = []
+            for root, dirs, names in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                found.extend(
+                    Path(root) / n
+                    for n in names
+                    if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_EXTENSIONS
+                )
+            files.extend(sorted(found))
+        elif path.exists():
+            files.append(path)
+        else:
+            skipped.append((str(path), "no such file or directory"))
+    return list(dict.fromkeys(files)), skipped
+
+
+@dataclass
+class Predictions:
+    """One row per image that could be read: the predicted class and every class's score."""
+
+    paths: list[str]
+    predicted: list[str]
+    scores: np.ndarray  # (n_images, n_classes), columns in `class_names` order
+    class_names: list[str]
+    probabilities: bool  # scores are probabilities (else the classifier's decision values)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def top(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(class indices, scores) of the k best classes of each image, best first."""
+        k = min(k, len(self.class_names))
+        order = np.argsort(-self.scores, axis=1, kind="stable")[:, :k]
+        return order, np.take_along_axis(self.scores, order, axis=1)
+
+    def to_csv(self, top_k: int = 3) -> str:
+        """path, predicted, then top{i} and top{i}_probability (or _score) for i = 1..k."""
+        kind = "probability" if self.probabilities else "score"
+        k = min(top_k, len(self.class_names))
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        header = ["path", "predicted"]
+        for i in range(1, k + 1):
+            header += [f"top{i}", f"top{i}_{kind}"]
+        writer.writerow(header)
+        order, values = self.top(k)
+        for path, predicted, classes, scores in zip(
+            self.paths, self.predicted, order, values, strict=True
+        ):
+            row = [path, predicted]
+            for c, v in zip(classes, scores, strict=True):
+                row += [self.class_names[c], f"{v:.6f}" if np.isfinite(v) else ""]
+            writer.writerow(row)
+        return buffer.getvalue()
+
+    def write_csv(self, path: str | os.PathLike, top_k: int = 3) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_csv(top_k))
+        return path
+
+
+class _Images:
+    """A map-style dataset: (index, preprocessed tensor or None, reason it could not be read)."""
+
+    def __init__(self, files: list[Path], preprocessing):
+        self.files, self.preprocessing = files, preprocessing
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, self.preprocessing(load_image(self.files[i])), None
+        except BadImage as bad:
+            return i, None, str(bad)
+
+
+def _collate(samples):
+    import torch
+
+    good = [(i, x) for i, x, _ in samples if x is not None]
+    bad = [(i, reason) for i, x, reason in samples if x is None]
+    return [i for i, _ in good], torch.stack([x for _, x in good]) if good else None, bad
+
+
+def predict(
+    model: FeatxModel | str | os.PathLike,
+    paths: list[str | os.PathLike],
+    *,
+    out: str | os.PathLike | None = None,
+    top_k: int = 3,
+    batch_size: int = 32,
+    device: str = "auto",
+    workers: int = 0,
+    quiet: bool = True,
+) -> Predictions:
+    """Classify the images in `paths` (files or folders) with `model`.
+
+    Files that cannot be decoded are skipped and listed in `Predictions.skipped`. `out` writes
+    the CSV (see `Predictions.to_csv`).
+    """
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from featx.backbones import Preprocessing, get_backbone
+    from featx.extract import autocast, resolve_device
+    from featx.layers import LayerTap, fold_batchnorm
+
+    if top_k < 1:
+        raise UsageError(f"--top-k must be at least 1, not {top_k}.")
+    if batch_size < 1:
+        raise UsageError("--batch-size must be at least 1.")
+    if not isinstance(model, FeatxModel):
+        model = load_model(model)
+    if not paths:
+        raise UsageError("give at least one image file or folder to predict.")
+    files, skipped = collect_images(paths)
+    if not files:
+        raise UsageError(f"no image files found in {', '.join(map(str, paths))}.")
+
+    p, layer = model.provenance, model.layer
+    if not p.get("weights_spec"):
+        raise UsageError(
+            "the model does not record how to load its backbone weights (its store predates "
+            "weights_spec); predict needs them."
+        )
+    loaded = get_backbone(p["backbone"]).load(p["weights_spec"])
+    if loaded.weights_sha256 != p["weights_sha256"]:
+        raise UsageError(
+            f"the {loaded.weights} weights now hash to {loaded.weights_sha256[:16]}, but the "
+            f"model was trained on features of {p['weights_sha256'][:16]}; predict cannot "
+            "reproduce its features."
+        )
+    # the same steps, in the same order and precision, as featx.extract._run_network
+    dev = resolve_device(device)
+    preprocessing = Preprocessing.from_dict(p["preprocessing"])
+    net = loaded.model
+    fold_batchnorm(net, keep=[layer["module"]])
+    net = net.to(dev)
+    if dev.type != "mps":
+        net = net.to(memory_format=torch.channels_last)
+    tap = LayerTap(net, [layer["module"]], pool=layer["pool"])
+    size = preprocessing.input_size
+    tap.drop_unreached(torch.zeros(1, 3, size, size, device=dev))
+    loader = DataLoader(
+        _Images(files, preprocessing),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+    )
+    good: list[int] = []
+    predicted: list[np.ndarray] = []
+    scores: list[np.ndarray] = []
+    bar = tqdm(total=len(files), unit="img", disable=quiet, desc="predict", file=sys.stderr)
+    for index, batch, bad in loader:
+        skipped.extend((str(files[i]), reason) for i, reason in bad)
+        if batch is not None:
+            x = batch.to(dev)
+            if dev.type != "mps":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode(), autocast(dev, layer["precision"]):
+                output = tap(x)[layer["module"]]
+            features = output.float().cpu().numpy().astype(layer["dtype"])
+            labels, batch_scores = model.scores(features)
+            good.extend(index)
+            predicted.append(labels)
+            scores.append(batch_scores)
+        bar.update(len(index) + len(bad))
+    bar.close()
+    names = model.class_names
+    result = Predictions(
+        [str(files[i]) for i in good],
+        [names[i] for i in np.concatenate(predicted)] if predicted else [],
+        np.concatenate(scores) if scores else np.zeros((0, len(names))),
+        names,
+        model.has_proba,
+        skipped,
+    )
+    if out is not None:
+        result.write_csv(out, top_k)
+    return result

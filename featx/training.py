@@ -1,0 +1,880 @@
+"""`featx fit`: classifiers trained on stored layers, every layer x classifier combination,
+ranked by a validation score.
+
+Rows. The training rows are the store's `train` split (or, for a dataset without split
+folders, the `unsplit` rows). Validation rows are the store's `validation` split when it has
+one; otherwise a hold-out of `val_fraction` of the training images, stratified by class and
+drawn by source image, so that augmented views of a held-out image are not trained on. With
+`cv=K`, training and validation rows together are cut into K stratified folds grouped by source
+image. Only original images (view 0) are ever scored; augmented views are only trained on. The
+test split is never touched: `featx evaluate` reports it.
+
+Grids. Several values of a hyper-parameter are searched with GridSearchCV: on the validation
+rows (a PredefinedSplit; the best setting is then refit on the training rows alone so that its
+validation metrics stay honest) or by cross-validation (refit on all rows).
+
+Memory. A layer is read into memory once and shared by every classifier. When its rows would
+need more than the memory budget (about `IN_MEMORY_COPIES` float32 copies; by default half of
+the memory available when fit starts), or when `stream=True`, it is trained out-of-core instead:
+StandardScaler and IncrementalPCA learn with partial_fit over row chunks, then `sgd` or `mlp`
+take partial_fit passes over block-shuffled chunks, with early stopping on the validation rows
+(loss for mlp, accuracy for sgd, as their scikit-learn counterparts do).
+Peak memory then depends on the chunk size (`chunk_bytes`), not on the store.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.metrics import log_loss
+from sklearn.model_selection import (
+    GridSearchCV,
+    ParameterGrid,
+    PredefinedSplit,
+    StratifiedGroupKFold,
+    train_test_split,
+)
+from sklearn.pipeline import Pipeline
+
+from featx.chunks import DEFAULT_CHUNK_BYTES, LayerRows
+from featx.classifiers import (
+    FIT_POOLS,
+    PipelineConfig,
+    as_param_specs,
+    build_pipeline,
+    check_params,
+    classifier_spec,
+    param_grids,
+)
+from featx.errors import UsageError
+from featx.evaluation import predict_in_chunks
+from featx.metrics import (
+    SUMMARY,
+    classification_metrics,
+    format_number,
+    metrics_table,
+    plot_confusion_matrix,
+)
+from featx.model import FeatxModel, layer_provenance, now, store_provenance
+from featx.store import FeatureStore, human_size
+
+# --metric -> (scikit-learn scorer, key in the metrics dict)
+METRICS = {
+    "accuracy": ("accuracy", "accuracy"),
+    "balanced_accuracy": ("balanced_accuracy", "balanced_accuracy"),
+    "f1_macro": ("f1_macro", "macro_f1"),
+}
+IN_MEMORY_COPIES = 3  # the rows as stored, their float32 features, the scaled features
+MEMORY_FRACTION = 0.5  # default budget: this share of the memory available at start
+
+
+# ---- rows ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Selection:
+    """Which store rows train and which validate."""
+
+    train: np.ndarray  # sorted row indices the final model is fitted on
+    validation: np.ndarray | None  # sorted row indices scored (view 0); None with CV
+    folds: list[tuple[np.ndarray, np.ndarray]] | None  # CV: positions into `train`
+    description: str
+
+
+def select_rows(
+    store: FeatureStore, *, cv: int | None = None, val_fraction: float = 0.2, seed: int = 0
+) -> Selection:
+    """Training and validation rows (or CV folds) of `store`; see the module docstring."""
+    splits = store.splits
+    pool = "train" if "train" in splits else "unsplit" if "unsplit" in splits else None
+    if pool is None:
+        raise UsageError(
+            f"store {store.path} has no training rows (its splits: {', '.join(splits)}); "
+            "fit needs a train split or a dataset without split folders."
+        )
+    split_of, views = store.split_of_rows(), store.views()
+    sources, labels = store.sources(), store.labels()
+    _check_labels(store, labels[split_of == pool])
+    if cv is not None:
+        if cv < 2:
+            raise UsageError(f"--cv must be at least 2 folds, not {cv}.")
+        dev = np.flatnonzero((split_of == pool) | (split_of == "validation"))
+        splitter = StratifiedGroupKFold(n_splits=cv, shuffle=True, random_state=seed)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # a class smaller than cv
+                folds = [
+                    (train, test[views[dev[test]] == 0])
+                    for train, test in splitter.split(dev, labels[dev], groups=sources[dev])
+                ]
+        except ValueError as error:
+            raise UsageError(f"cannot make {cv} cross-validation folds: {error}") from None
+        what = "train and validation" if "validation" in splits else pool
+        return Selection(
+            dev,
+            None,
+            folds,
+            f"{cv}-fold cross-validation over the {what} rows, stratified by class and "
+            f"grouped by source image (seed {seed})",
+        )
+    train_rows = np.flatnonzero(split_of == pool)
+    if "validation" in splits:
+        validation = np.flatnonzero((split_of == "validation") & (views == 0))
+        return Selection(train_rows, validation, None, "the store's validation split")
+    if not 0 < val_fraction < 1:
+        raise UsageError(f"--val-fraction must be between 0 and 1, not {val_fraction}.")
+    images, first = np.unique(sources[train_rows], return_index=True)
+    image_labels = labels[train_rows][first]
+    try:
+        _, held = train_test_split(
+            images, test_size=val_fraction, stratify=image_labels, random_state=seed
+        )
+    except ValueError:
+        raise UsageError(
+            f"cannot hold out {val_fraction:.0%} of the {len(images)} {pool} images with every "
+            f"class on both sides ({len(np.unique(image_labels))} classes, smallest has "
+            f"{np.bincount(image_labels).min(initial=len(images))} images); change "
+            "--val-fraction or use --cv."
+        ) from None
+    is_held = np.isin(sources[train_rows], held)
+    validation = train_rows[is_held & (views[train_rows] == 0)]
+    return Selection(
+        train_rows[~is_held],
+        validation,
+        None,
+        f"a {val_fraction:.0%} hold-out of the {pool} images, stratified by class and drawn "
+        f"by source image (seed {seed})",
+    )
+
+
+def _check_labels(store: FeatureStore, labels: np.ndarray) -> None:
+    if not store.class_names or len(labels) == 0 or labels.min() < 0:
+        raise UsageError(
+            f"store {store.path} has no class labels; fit needs images in class folders."
+        )
+    present = np.unique(labels)
+    if len(present) < 2:
+        raise UsageError(
+            f"store {store.path} has a single class ({store.class_names[present[0]]}) in its "
+            "training rows; a classifier needs at least two."
+        )
+
+
+# ---- results ------------------------------------------------------------------------------
+@dataclass
+class FitResult:
+    """One layer x classifier experiment: the chosen hyper-parameters, scores and model."""
+
+    layer: str
+    classifier: str
+    params: dict[str, Any]  # the grid values chosen (empty: featx's defaults)
+    score: float  # the selection metric on the validation rows, or its CV mean
+    metrics: dict[str, Any]  # {"validation": {...}} or {"cv": {...}}
+    model: FeatxModel
+    seconds: float
+    streamed: bool = False
+    search: list[dict[str, Any]] = field(default_factory=list)  # every grid point's score
+    warnings: list[str] = field(default_factory=list)
+    # streamed: the stopping criterion after each pass (validation loss for mlp, error for sgd)
+    epochs: list[float] = field(default_factory=list)
+    rank: int = 0
+
+    def summary_metrics(self) -> dict[str, float | None]:
+        """accuracy, balanced_accuracy, macro_f1, log_loss on validation (or CV means)."""
+        if "cv" in self.metrics:
+            cv = self.metrics["cv"]
+            return {k: (cv[k]["mean"] if cv.get(k) else None) for k in SUMMARY}
+        return {k: self.metrics["validation"][k] for k in SUMMARY}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "layer": self.layer,
+            "classifier": self.classifier,
+            "params": self.params,
+            "estimator": self.model.provenance["estimator"],
+            "score": self.score,
+            "metrics": self.metrics,
+            "seconds": round(self.seconds, 3),
+            "streamed": self.streamed,
+            "epochs": self.epochs,
+            "search": self.search,
+            "warnings": self.warnings,
+        }
+
+
+@dataclass
+class Sweep:
+    """Every experiment of one `fit` call, best first."""
+
+    results: list[FitResult]
+    metric: str
+    store: Path
+    selection: str
+    config: dict[str, Any]
+    command: str | None = None
+    created: str = field(default_factory=now)
+
+    @property
+    def best(self) -> FitResult:
+        return self.results[0]
+
+    def leaderboard(self) -> str:
+        """A table of every experiment, best first; `*` marks the column it is sorted by."""
+        cv = "cv" in self.best.metrics
+        _, sort_key = METRICS[self.metric]
+        header = ["rank", "layer", "classifier", "params"]
+        header += [f"{label}*" if key == sort_key else label for key, label in SUMMARY.items()]
+        header += ["fit s", "notes"]
+        rows = []
+        for r in self.results:
+            m = r.summary_metrics()
+            values = []
+            for key in SUMMARY:
+                text = format_number(m[key])
+                if cv and m[key] is not None:
+                    text += f" ± {format_number(r.metrics['cv'][key]['std'])}"
+                values.append(text)
+            notes = []
+            if r.streamed:
+                notes.append(f"streamed, {len(r.epochs)} passes")
+            if r.warnings:
+                notes.append(f"{len(r.warnings)} warning(s)")
+            params = ", ".join(f"{k}={_short(v)}" for k, v in r.params.items()) or "-"
+            rows.append(
+                [str(r.rank), r.layer, r.classifier, params, *values, f"{r.seconds:.1f}"]
+                + ["; ".join(notes)]
+            )
+        widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+        numeric = {0, 4, 5, 6, 7, 8}
+        lines = [
+            f"sorted by {self.metric} on "
+            + ("the cross-validation folds (mean ± std)" if cv else "the validation rows")
+        ]
+        for row in [header, *rows]:
+            cells = [
+                c.rjust(w) if i in numeric else c.ljust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            ]
+            lines.append("  ".join(cells).rstrip())
+        lines.insert(2, "  ".join("-" * w for w in widths).rstrip())
+        return "\n".join(lines)
+
+    def details(self) -> str:
+        """The best experiment's full validation metrics (or CV summary)."""
+        best = self.best
+        title = f"best: {best.classifier} on {best.layer}"
+        if "validation" in best.metrics:
+            return metrics_table(best.metrics["validation"], f"{title}, validation")
+        cv = best.metrics["cv"]
+        lines = [f"{title}, {cv['folds']}-fold cross-validation"]
+        for key, label in SUMMARY.items():
+            if cv.get(key):
+                lines.append(
+                    f"  {label:<18} {cv[key]['mean']:.4f} ± {cv[key]['std']:.4f}  "
+                    f"(folds: {', '.join(f'{v:.3f}' for v in cv[key]['folds'])})"
+                )
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        from featx import __version__
+
+        return {
+            "featx": __version__,
+            "created": self.created,
+            "command": self.command,
+            "store": str(self.store),
+            "metric": self.metric,
+            "selection": self.selection,
+            "config": self.config,
+            "results": [r.to_dict() for r in self.results],
+        }
+
+    def write_report(self, path: str | os.PathLike) -> list[Path]:
+        """The JSON report, and the best experiment's validation confusion matrix as PNG."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1, default=_json_default) + "\n")
+        written = [path]
+        if "validation" in self.best.metrics:
+            written.append(
+                plot_confusion_matrix(
+                    self.best.metrics["validation"],
+                    path.with_name(f"{path.stem}-confusion.png"),
+                    f"{self.best.classifier} on {self.best.layer}: validation",
+                )
+            )
+        return written
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 24 else text[:21] + "..."
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return repr(value)
+
+
+# ---- memory -------------------------------------------------------------------------------
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKMGT]?i?B?)\s*$")
+_UNITS = {"": 1, "B": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+
+
+def parse_size(text: str) -> int:
+    """'500MB' -> 500_000_000, '2GiB' -> 2 * 2**30, '1e9' -> 10**9 bytes."""
+    match = _SIZE.match(text)
+    if not match:
+        try:
+            return int(float(text))
+        except ValueError:
+            raise UsageError(f"{text!r} is not a size such as 500MB or 4GB.") from None
+    number, unit = float(match[1]), match[2].upper()
+    if "I" in unit:
+        return int(number * 1024 ** " KMGT".index(unit[0]))
+    return int(number * _UNITS[unit.rstrip("B")[:1] or ""])
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (MemAvailable on Linux)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+def default_memory_budget() -> int:
+    """Half the memory available now."""
+    return int(available_memory() * MEMORY_FRACTION)
+
+
+# ---- fit ----------------------------------------------------------------------------------
+def fit(
+    store: FeatureStore | str | os.PathLike,
+    layers: str | Sequence[str],
+    classifiers: str | Sequence[str] = "logreg",
+    *,
+    params: Mapping[str, Any] | Sequence[str] | None = None,
+    scale: bool = True,
+    pca: int | None = None,
+    l2: bool = False,
+    pool: str | None = None,
+    cv: int | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    metric: str = "accuracy",
+    n_jobs: int = 1,
+    stream: bool | None = None,
+    memory_budget: int | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    model: str | os.PathLike | None = None,
+    report: str | os.PathLike | None = None,
+    progress: Callable[[str], None] | None = None,
+    command: str | None = None,
+) -> Sweep:
+    """Fit every classifier on every layer of `store`, select hyper-parameters, rank them.
+
+    `params`: `--param` texts (`"C=0.01,0.1"`, `"svm.gamma=scale"`) or a mapping
+    {"[clf.]name": value, or [values] for a grid}. `pool`: avg/max/avgmax over the spatial
+    maps of a layer stored unpooled (default: flatten). `stream`: True trains out-of-core,
+    False never does, None decides by `memory_budget` (bytes; default half the available
+    memory). `model` saves the best experiment's model file, `report` the JSON report (and a
+    confusion-matrix PNG beside it). `progress` receives one line per finished experiment.
+    """
+    layers = [layers] if isinstance(layers, str) else list(dict.fromkeys(layers))
+    classifiers = (
+        [classifiers] if isinstance(classifiers, str) else list(dict.fromkeys(classifiers))
+    )
+    if not layers:
+        raise UsageError("give at least one --layer; `featx info STORE` lists them.")
+    if not classifiers:
+        raise UsageError("give at least one --clf.")
+    if metric not in METRICS:
+        raise UsageError(f"--metric must be one of {', '.join(METRICS)}, not {metric!r}.")
+    if pool is not None and pool not in FIT_POOLS:
+        raise UsageError(f"--pool must be one of {', '.join(FIT_POOLS)}, not {pool!r}.")
+    if pca is not None and pca < 1:
+        raise UsageError(f"--pca must be a positive number of components, not {pca}.")
+    if n_jobs == 0 or n_jobs < -1:
+        raise UsageError(f"--n-jobs must be a positive number or -1 (all cores), not {n_jobs}.")
+    if chunk_bytes < 1:
+        raise UsageError("--chunk-mb must be positive.")
+    for name in classifiers:
+        classifier_spec(name)
+    grids = param_grids(classifiers, as_param_specs(params))
+    for name, grid in grids.items():
+        estimator = classifier_spec(name).estimator(seed)
+        for point in ParameterGrid(grid):
+            check_params(estimator, point, name)
+    config = PipelineConfig(pool or "none", scale, pca, l2)
+    budget = default_memory_budget() if memory_budget is None else memory_budget
+    say = progress or (lambda _text: None)
+
+    owned = not isinstance(store, FeatureStore)
+    store = FeatureStore(store) if owned else store
+    try:
+        keys = list(dict.fromkeys(store.resolve(layer) for layer in layers))
+        for key in keys:
+            _check_pool(store, key, config.pool)
+        selection = select_rows(store, cv=cv, val_fraction=val_fraction, seed=seed)
+        plans = [
+            _plan(store, key, selection, classifiers, stream, cv, budget, chunk_bytes, config)
+            for key in keys
+        ]
+        labels = store.labels()
+        results = []
+        for key, streamed in plans:
+            with LayerRows(store, key, chunk_bytes) as rows:
+                if streamed:
+                    say(
+                        f"{key}: training out-of-core in chunks of {rows.chunk_rows} rows "
+                        f"({human_size(rows.nbytes(rows.chunk_rows))})"
+                    )
+                    X = None
+                else:
+                    X, y = _read(rows, selection, labels)
+                for name in classifiers:
+                    experiment = _Experiment(
+                        store, key, name, grids[name], config, selection, seed, metric, n_jobs
+                    )
+                    if streamed:
+                        result = experiment.run_streamed(rows, labels)
+                    else:
+                        result = experiment.run_in_memory(X, y)
+                    result.model.provenance["command"] = command
+                    results.append(result)
+                    say(
+                        f"{key:<24} {name:<10} {metric} {format_number(result.score)}  "
+                        f"({result.seconds:.1f} s)"
+                    )
+                del X
+    finally:
+        if owned:
+            store.close()
+    order = sorted(
+        range(len(results)),
+        key=lambda i: -results[i].score if results[i].score == results[i].score else np.inf,
+    )
+    results = [results[i] for i in order]
+    for rank, result in enumerate(results, start=1):
+        result.rank = rank
+    sweep = Sweep(
+        results,
+        metric,
+        store.path,
+        selection.description,
+        {
+            "layers": keys,
+            "classifiers": classifiers,
+            "params": {name: grid for name, grid in grids.items() if grid},
+            "pool": config.pool,
+            "scale": scale,
+            "pca": pca,
+            "l2": l2,
+            "cv": cv,
+            "val_fraction": val_fraction if selection.validation is not None else None,
+            "seed": seed,
+            "stream": stream,
+            "memory_budget": budget,
+            "chunk_bytes": chunk_bytes,
+        },
+        command,
+    )
+    if model is not None:
+        sweep.best.model.save(model)
+    if report is not None:
+        sweep.write_report(report)
+    return sweep
+
+
+def _check_pool(store: FeatureStore, key: str, pool: str) -> None:
+    if pool == "none":
+        return
+    info = store.layer(key)
+    if len(info.shape) != 3:
+        stored = info.attrs.get("pool", "none")
+        shape = "x".join(map(str, info.shape))
+        why = (
+            f"was pooled ({stored}) at extraction" if stored != "none" else "is not a C x H x W map"
+        )
+        raise UsageError(
+            f"--pool {pool} needs a spatial map, but layer {key} has rows of shape {shape} "
+            f"(it {why}); drop --pool."
+        )
+
+
+def _plan(
+    store: FeatureStore,
+    key: str,
+    selection: Selection,
+    classifiers: list[str],
+    stream: bool | None,
+    cv: int | None,
+    budget: int,
+    chunk_bytes: int,
+    config: PipelineConfig,
+) -> tuple[str, bool]:
+    """(key, streamed) for a layer; UsageError when it must stream but cannot."""
+    info = store.layer(key)
+    n_rows = len(selection.train) + (
+        len(selection.validation) if selection.validation is not None else 0
+    )
+    n_values = int(np.prod(info.shape))
+    need = n_rows * n_values * 4 * IN_MEMORY_COPIES
+    streamed = stream if stream is not None else need > budget
+    n_features = (
+        n_values if config.pool == "none" else info.shape[0] * (2 if config.pool == "avgmax" else 1)
+    )
+    if streamed:  # IncrementalPCA learns from one chunk at a time
+        smallest, what = max(1, chunk_bytes // max(1, n_values * 4)), "rows in a chunk"
+    elif selection.folds:
+        smallest, what = min(len(t) for t, _ in selection.folds), "training rows in a fold"
+    else:
+        smallest, what = len(selection.train), "training rows"
+    if config.pca and config.pca > min(smallest, n_features, len(selection.train)):
+        raise UsageError(
+            f"--pca {config.pca} is more than layer {key} allows: it has {n_features} features "
+            f"and {min(smallest, len(selection.train))} {what}"
+            + ("; raise --chunk-mb or lower --pca." if streamed else ".")
+        )
+    if not streamed:
+        return key, False
+    why = (
+        "--stream was given"
+        if stream
+        else (
+            f"layer {key} needs about {human_size(need)} in memory, more than the memory budget of "
+            f"{human_size(budget)}"
+        )
+    )
+    if cv is not None:
+        raise UsageError(
+            f"{why}, and a streamed fit cannot cross-validate; drop --cv to score on the "
+            "validation rows" + ("." if stream else ", or raise --memory-budget.")
+        )
+    cannot = [name for name in classifiers if not classifier_spec(name).streams]
+    if cannot:
+        raise UsageError(
+            f"{why}, but only sgd and mlp can train out-of-core, not {', '.join(cannot)}"
+            + ("." if stream else "; raise --memory-budget, or pool or select a smaller layer.")
+        )
+    return key, True
+
+
+def _read(
+    rows: LayerRows, selection: Selection, labels: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Training rows, then validation rows (if any), as one array with their labels."""
+    index = selection.train
+    if selection.validation is not None:
+        index = np.concatenate([selection.train, selection.validation])
+    order = np.argsort(index, kind="stable")
+    X = np.empty((len(index), *rows.row_shape), dtype=rows.dtype)
+    for positions, chunk in rows.iter(index[order]):
+        X[order[positions]] = chunk
+    return X, labels[index]
+
+
+# ---- one experiment -----------------------------------------------------------------------
+@dataclass
+class _Experiment:
+    store: FeatureStore
+    key: str
+    name: str
+    grid: dict[str, list[Any]]
+    config: PipelineConfig
+    selection: Selection
+    seed: int
+    metric: str
+    n_jobs: int
+
+    @property
+    def points(self) -> list[dict[str, Any]]:
+        return list(ParameterGrid(self.grid))
+
+    def _pipeline(self, n_jobs: int, streamed: bool = False) -> Pipeline:
+        estimator = classifier_spec(self.name).estimator(self.seed, n_jobs)
+        return build_pipeline(estimator, self.config, self.seed, streamed)
+
+    # ---- in memory ----------------------------------------------------------------------
+    def run_in_memory(self, X: np.ndarray, y: np.ndarray) -> FitResult:
+        start = time.perf_counter()
+        scorer, key = METRICS[self.metric]
+        grid = {f"clf__{k}": v for k, v in self.grid.items()}
+        search_log: list[dict[str, Any]] = []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if self.selection.folds is not None:
+                pipeline, metrics, best, search_log = self._cross_validate(X, y, grid)
+                score = metrics["cv"][key]["mean"]
+            else:
+                n_train = len(self.selection.train)
+                best = self.points[0]
+                if len(self.points) > 1:
+                    test_fold = np.r_[np.full(n_train, -1), np.zeros(len(y) - n_train)]
+                    search = GridSearchCV(
+                        self._pipeline(1),
+                        grid,
+                        scoring=scorer,
+                        cv=PredefinedSplit(test_fold),
+                        refit=False,
+                        n_jobs=self.n_jobs,
+                        error_score="raise",
+                    ).fit(X, y)
+                    results = search.cv_results_
+                    best = self.points[int(np.argmin(results["rank_test_score"]))]
+                    search_log = [
+                        {"params": p, "score": float(s)}
+                        for p, s in zip(self.points, results["mean_test_score"], strict=True)
+                    ]
+                pipeline = self._pipeline(self.n_jobs).set_params(
+                    **{f"clf__{k}": v for k, v in best.items()}
+                )
+                pipeline.fit(X[:n_train], y[:n_train])
+                X_val, y_val = X[n_train:], y[n_train:]
+                proba = (
+                    pipeline.predict_proba(X_val) if hasattr(pipeline, "predict_proba") else None
+                )
+                metrics = {
+                    "validation": classification_metrics(
+                        y_val,
+                        pipeline.predict(X_val),
+                        self.store.class_names,
+                        proba,
+                        pipeline.classes_,
+                    )
+                }
+                score = metrics["validation"][key]
+        return self._result(
+            pipeline, best, score, metrics, start, search_log, caught, streamed=False
+        )
+
+    def _cross_validate(self, X, y, grid):
+        scoring = {name: scorer for name, (scorer, _) in METRICS.items()}
+        probabilistic = all(
+            hasattr(
+                self._pipeline(1).set_params(**{f"clf__{k}": v for k, v in p.items()}),
+                "predict_proba",
+            )
+            for p in self.points
+        )
+        if probabilistic:
+            scoring["neg_log_loss"] = "neg_log_loss"
+        search = GridSearchCV(
+            self._pipeline(1),
+            grid,
+            scoring=scoring,
+            cv=self.selection.folds,
+            refit=self.metric,
+            n_jobs=self.n_jobs,
+            error_score="raise",
+        ).fit(X, y)
+        results, i = search.cv_results_, search.best_index_
+        folds = len(self.selection.folds)
+        cv: dict[str, Any] = {"folds": folds}
+        for name, (_, key) in {**METRICS, "neg_log_loss": (None, "log_loss")}.items():
+            if name not in scoring:
+                cv[key] = None
+                continue
+            sign = -1.0 if name == "neg_log_loss" else 1.0
+            values = [sign * float(results[f"split{f}_test_{name}"][i]) for f in range(folds)]
+            cv[key] = {
+                "mean": float(np.mean(values)),
+                "std": float(np.std(values)),
+                "folds": values,
+            }
+        search_log = [
+            {"params": p, "score": float(s)}
+            for p, s in zip(self.points, results[f"mean_test_{self.metric}"], strict=True)
+        ]
+        return search.best_estimator_, {"cv": cv}, self.points[i], search_log
+
+    # ---- out of core --------------------------------------------------------------------
+    def run_streamed(self, rows: LayerRows, labels: np.ndarray) -> FitResult:
+        """Fit each grid point out-of-core; keep the one with the best validation metric."""
+        start = time.perf_counter()
+        _, key = METRICS[self.metric]
+        best = None
+        search_log = []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for point in self.points:
+                pipeline, metrics, epochs = self._fit_streamed(rows, labels, point)
+                score = metrics["validation"][key]
+                search_log.append({"params": point, "score": score})
+                if best is None or score > best[2]:
+                    best = (pipeline, metrics, score, point, epochs)
+        pipeline, metrics, score, point, epochs = best
+        result = self._result(
+            pipeline, point, score, metrics, start, search_log if len(self.points) > 1 else [],
+            caught, streamed=True,
+        )  # fmt: skip
+        result.epochs = epochs
+        return result
+
+    def _fit_streamed(self, rows: LayerRows, labels: np.ndarray, point: dict[str, Any]):
+        train, validation = self.selection.train, self.selection.validation
+        pipeline = self._pipeline(self.n_jobs, streamed=True).set_params(
+            **{f"clf__{k}": v for k, v in point.items()}
+        )
+        steps = dict(pipeline.steps)
+        first = rows.dataset[int(train[0]) : int(train[0]) + 1]
+        steps["features"].fit(first)
+        prepare = pipeline[:1]
+        if "scale" in steps:
+            for _, X in rows.iter(train):
+                steps["scale"].partial_fit(prepare.transform(X))
+            prepare = pipeline[:2]
+        if "pca" in steps:
+            for X in _at_least(rows.iter(train), self.config.pca):
+                steps["pca"].partial_fit(prepare.transform(X))
+            prepare = pipeline[: len(prepare) + 1]
+        if "l2" in steps:
+            steps["l2"].fit(prepare.transform(first))
+            prepare = pipeline[: len(prepare) + 1]
+
+        clf = steps["clf"]
+        classes = np.unique(labels[train])
+        schedule = _schedule(clf)
+        rng = np.random.RandomState(self.seed)
+        best_value, best_clf, best_epoch, history = np.inf, None, 0, []
+        y_val = labels[validation]
+        for epoch in range(1, schedule.max_epochs + 1):
+            for positions, X in rows.iter(train, rng=rng):
+                clf.partial_fit(prepare.transform(X), labels[train[positions]], classes=classes)
+            pipeline.steps[-1] = ("clf", clf)
+            y_pred, proba = predict_in_chunks(pipeline, rows, validation)
+            if schedule.criterion == "loss" and proba is not None:
+                full = np.zeros((len(y_val), len(self.store.class_names)))
+                full[:, clf.classes_] = proba
+                value = float(log_loss(y_val, full, labels=np.arange(full.shape[1])))
+            else:
+                value = float(np.mean(y_pred != y_val))
+            history.append(value)
+            if best_clf is None or value < best_value - schedule.tol:
+                best_value, best_clf, best_epoch = value, copy.deepcopy(clf), epoch
+                best_pred = (y_pred, proba)
+            elif schedule.patience is not None and epoch - best_epoch >= schedule.patience:
+                break
+        if schedule.patience is None:  # no early stopping: keep the last pass
+            best_clf, best_pred = clf, (y_pred, proba)
+        pipeline.steps[-1] = ("clf", best_clf)
+        metrics = {
+            "validation": classification_metrics(
+                y_val, best_pred[0], self.store.class_names, best_pred[1], best_clf.classes_
+            )
+        }
+        return pipeline, metrics, history
+
+    # ---- the result ---------------------------------------------------------------------
+    def _result(
+        self, pipeline, params, score, metrics, start, search_log, caught, streamed
+    ) -> FitResult:
+        seconds = time.perf_counter() - start
+        messages = list(
+            dict.fromkeys(
+                f"{w.category.__name__}: {str(w.message).strip().splitlines()[0]}" for w in caught
+            )
+        )
+        estimator = pipeline.steps[-1][1]
+        from featx.extract import library_versions
+
+        provenance = {
+            **store_provenance(self.store),
+            "layer": layer_provenance(self.store, self.key),
+            "class_names": list(self.store.class_names),
+            "classifier": self.name,
+            "params": dict(params),
+            "estimator": " ".join(repr(estimator).split()),
+            "estimator_params": {
+                k: v
+                for k, v in estimator.get_params(deep=False).items()
+                if v is None or isinstance(v, bool | int | float | str | tuple | list)
+            },
+            "pipeline": self.config.describe(),
+            "pipeline_config": {
+                "pool": self.config.pool,
+                "scale": self.config.scale,
+                "pca": self.config.pca,
+                "l2": self.config.l2,
+            },
+            "selection": self.selection.description,
+            "metric": self.metric,
+            "seed": self.seed,
+            "n_train": len(self.selection.train),
+            "streamed": streamed,
+            "metrics": metrics,
+            "versions": library_versions(),
+            "created": now(),
+        }
+        return FitResult(
+            self.key,
+            self.name,
+            dict(params),
+            float(score),
+            metrics,
+            FeatxModel(pipeline, provenance),
+            seconds,
+            streamed,
+            search_log,
+            messages,
+        )
+
+
+@dataclass(frozen=True)
+class _Schedule:
+    """How many passes a streamed fit takes over the training rows, and when it stops."""
+
+    max_epochs: int
+    patience: int | None  # passes without improvement before stopping; None: keep the last
+    criterion: str  # "loss": validation log loss; "error": validation error rate
+    tol: float  # a smaller improvement does not count
+
+
+def _schedule(clf: BaseEstimator) -> _Schedule:
+    """The MLP's own rule: at most `epochs` passes, stop after `patience` passes without a
+    lower validation loss (if `early_stopping`). SGD follows scikit-learn's early stopping: at
+    most `max_iter` passes, stop after `n_iter_no_change` passes in which the validation
+    accuracy did not improve by `tol` (SGD's probabilities are too poorly calibrated for its
+    log loss to be a good stopping signal)."""
+    params = clf.get_params()
+    if "epochs" in params:
+        patience = params["patience"] if params["early_stopping"] else None
+        return _Schedule(params["epochs"], patience, "loss", 0.0)
+    return _Schedule(params["max_iter"], params["n_iter_no_change"], "error", params["tol"] or 0.0)
+
+
+def _at_least(chunks, n: int):
+    """Row chunks of at least `n` rows (IncrementalPCA needs as many rows as components): a
+    short last chunk is merged into the one before it."""
+    held = None
+    for _, X in chunks:
+        if held is not None and len(X) < n:
+            yield np.concatenate([held, X])
+            held = None
+            continue
+        if held is not None:
+            yield held
+        held = X
+    if held is not None:
+        yield held

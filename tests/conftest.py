@@ -1,0 +1,117 @@
+"""Shared helpers for the extraction, store and resume tests: photo-like images cut from
+scikit-image's sample photos, image-folder builders and a runner for the real `featx` CLI."""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+FEATX = [sys.executable, "-m", "featx.cli"]
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
+
+
+@functools.cache
+def _photo(name: str) -> np.ndarray:
+    import skimage.data
+
+    return getattr(skimage.data, name)()
+
+
+def photo(index: int, size: tuple[int, int] = (80, 60)) -> Image.Image:
+    """A deterministic natural-looking RGB image of `size` (width, height): a crop of one of
+    scikit-image's sample photos, chosen and placed by `index`."""
+    source = _photo(PHOTOS[index % len(PHOTOS)])
+    rng = np.random.default_rng(1000 + index)
+    h, w = source.shape[:2]
+    ch, cw = int(h * rng.uniform(0.4, 0.8)), int(w * rng.uniform(0.4, 0.8))
+    top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    crop = Image.fromarray(source[top : top + ch, left : left + cw])
+    return crop.resize(size, Image.Resampling.BILINEAR)
+
+
+def make_folder(
+    root: Path,
+    classes: dict[str, int],
+    *,
+    split: str | None = None,
+    ext: str = "jpg",
+    size: tuple[int, int] = (80, 60),
+    start: int = 0,
+) -> list[Path]:
+    """Write `n` photos per class under root[/split]/CLASS/ as img-###.ext; return the paths."""
+    base = root / split if split else root
+    written, index = [], start
+    for name, n in classes.items():
+        folder = base / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for _ in range(n):
+            path = folder / f"img-{index:03d}.{ext}"
+            photo(index, size).save(path)
+            written.append(path)
+            index += 1
+    return written
+
+
+def run_featx(
+    *args: object,
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess:
+    """Run `featx ARGS...` in a fresh interpreter, capturing text output."""
+    return subprocess.run(
+        [*FEATX, *map(str, args)],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def invoke_featx(*args: object) -> subprocess.CompletedProcess:
+    """Run the `featx` command line in this process (typer's runner), for quick error checks
+    that need no fresh interpreter; same result shape as `run_featx`."""
+    from typer.testing import CliRunner
+
+    from featx.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+
+def assert_one_sentence_error(result: subprocess.CompletedProcess, code: int = 2) -> str:
+    """The CLI failed with `code` and said why in one `featx: ...` line, with no traceback."""
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("featx: ")]
+    assert len(lines) == 1, result.stderr
+    message = lines[0]
+    assert message.endswith("."), message
+    return message
+
+
+def rows_as_images(root: Path, paths: Iterable[str]) -> list[Image.Image]:
+    """Decode dataset files the plain way (PIL, RGB), in the given order."""
+    images = []
+    for path in paths:
+        with Image.open(root / path) as image:
+            images.append(image.convert("RGB"))
+    return images
+
+
+@pytest.fixture(scope="session")
+def small_photos(tmp_path_factory) -> Path:
+    """A flat dataset: 2 classes x 4 photos of 80x60 (and one portrait 60x80 per class)."""
+    root = tmp_path_factory.mktemp("small") / "pets"
+    make_folder(root, {"cat": 4, "dog": 4})
+    make_folder(root, {"cat": 1, "dog": 1}, size=(60, 80), start=50)
+    return root
