@@ -13,11 +13,13 @@ import hashlib
 import importlib.util
 import math
 import os
+import socket
 import urllib.error
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 import torchvision
@@ -62,9 +64,13 @@ class Preprocessing:
     def input_size(self) -> int:
         return self.crop or self.resize
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def resize_image(self, image: Image.Image) -> Image.Image:
+        """The resize step alone."""
         size = [self.resize, self.resize] if self.square else [self.resize]
-        image = TF.resize(image, size, interpolation=InterpolationMode(self.interpolation))
+        return TF.resize(image, size, interpolation=InterpolationMode(self.interpolation))
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = self.resize_image(image)
         if self.crop:
             image = TF.center_crop(image, [self.crop])
         tensor = TF.convert_image_dtype(TF.pil_to_tensor(image), torch.float)
@@ -218,25 +224,35 @@ class Backbone:
         if self.source == "torchvision":
             enum = self._weights_enum(weights)
             cache = Path(torch.hub.get_dir()) / "checkpoints"
+            unavailable = WeightsUnavailable(
+                f"the {type(enum).__name__}.{enum.name} weights for {self.name} are not in the "
+                f"torch cache {cache} and cannot be downloaded; copy {Path(enum.url).name} there, "
+                "or pass --weights FILE with a local state dict."
+            )
+            if not (cache / Path(enum.url).name).exists() and not _reachable(enum.url):
+                raise unavailable
             try:
                 return torchvision.models.get_model(self.architecture, weights=enum)
-            except (urllib.error.URLError, OSError, RuntimeError) as error:
-                raise WeightsUnavailable(
-                    f"the {type(enum).__name__}.{enum.name} weights for {self.name} are not in "
-                    f"the torch cache {cache} and cannot be downloaded ({_short(error)}); copy "
-                    f"{Path(enum.url).name} there, or pass --weights FILE with a local state dict."
-                ) from None
-        tag = None if weights == "default" else weights
+            except (urllib.error.URLError, OSError, RuntimeError):
+                raise unavailable from None
+        import timm
+
+        tag = _timm_default_tag(self.architecture) if weights == "default" else weights
+        name = f"{self.architecture}.{tag}" if tag else self.architecture
+        cfg = timm.models.get_pretrained_cfg(name) if tag else None
+        if cfg is None:
+            raise UsageError(f"timm has no weights {weights!r} for {self.architecture}.")
+        cached = _timm_cached_file(cfg)
+        if cached is not None:
+            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": cached})
+        from huggingface_hub.constants import ENDPOINT
+
+        if not _reachable(cfg.url or ENDPOINT):
+            raise _timm_unavailable(self, weights)
         try:
-            return self.build(pretrained=tag or _timm_default_tag(self.architecture))
-        except RuntimeError as error:
-            if "Unknown model" in str(error) or "Invalid pretrained tag" in str(error):
-                raise UsageError(
-                    f"timm has no weights {weights!r} for {self.architecture}."
-                ) from None
-            raise _timm_unavailable(self, weights, error) from None
-        except Exception as error:  # huggingface_hub and urllib raise many types when offline
-            raise _timm_unavailable(self, weights, error) from None
+            return timm.create_model(name, pretrained=True)
+        except Exception:  # huggingface_hub and urllib raise many types when offline
+            raise _timm_unavailable(self, weights) from None
 
     # ---- layers -------------------------------------------------------------------------
     def module_path(self, layer: str) -> str:
@@ -269,14 +285,40 @@ def _timm_default_tag(architecture: str) -> str | None:
     return cfg.tag if cfg is not None else None
 
 
-def _timm_unavailable(backbone: Backbone, weights: str, error: BaseException) -> WeightsUnavailable:
+def _timm_unavailable(backbone: Backbone, weights: str) -> WeightsUnavailable:
     from huggingface_hub.constants import HF_HUB_CACHE
 
     return WeightsUnavailable(
         f"the {weights} weights for {backbone.name} are not in the Hugging Face cache "
         f"{HF_HUB_CACHE} or the torch cache {Path(torch.hub.get_dir()) / 'checkpoints'} and "
-        f"cannot be downloaded ({_short(error)}); pass --weights FILE with a local state dict."
+        "cannot be downloaded; pass --weights FILE with a local state dict."
     )
+
+
+def _timm_cached_file(cfg) -> str | None:
+    """The locally cached weights file of a timm pretrained config, if any."""
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        for filename in ("model.safetensors", "pytorch_model.bin"):
+            path = try_to_load_from_cache(cfg.hf_hub_id, filename)
+            if isinstance(path, str):
+                return path
+    if cfg.url:
+        path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg.url).path).name
+        if path.exists():
+            return str(path)
+    return None
+
+
+def _reachable(url: str) -> bool:
+    """Whether the host of `url` resolves: a quick check before a download that would fail
+    only after retries on a machine without a network."""
+    try:
+        socket.getaddrinfo(urlparse(url).hostname, 443)
+    except (OSError, UnicodeError):
+        return False
+    return True
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -113,7 +113,7 @@ def extract(
 
     Example: featx extract data/flowers --backbone vgg16 --layer block4_pool --layer block5_pool
     """
-    from featx.extract import extract as run
+    from featx.extraction import extract as run
 
     with reported():
         config = augmentation.config()
@@ -377,6 +377,10 @@ def predict(
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
     workers: Annotated[int, typer.Option(help="Decoding processes (0: in-process).")] = 0,
+    tta: Annotated[
+        int,
+        typer.Option(help="Test-time augmentation: also score N augmented views and average."),
+    ] = 0,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Classify images with a model: runs the backbone, layer and preprocessing the model
@@ -399,6 +403,7 @@ def predict(
             batch_size=batch_size,
             device=device,
             workers=workers,
+            tta=tta,
             quiet=quiet,
         )
     if out is None:

@@ -39,7 +39,7 @@ from featx.augment import AugmentConfig, Augmenter, view_seed
 from featx.backbones import Backbone, LoadedBackbone, Preprocessing, get_backbone
 from featx.data import UNSPLIT, BadImage, ImageFile, ImageFolder, load_image, scan_image_folder
 from featx.errors import UsageError
-from featx.extract import (
+from featx.extraction import (
     Interrupted,
     autocast,
     default_workers,

@@ -249,7 +249,7 @@ def export_model(
 
     from featx.backbones import state_dict_sha256
     from featx.classifiers import LayerFeatures
-    from featx.extract import library_versions
+    from featx.extraction import library_versions
     from featx.model import FeatxModel, now
     from featx.network import pooled_size
     from featx.store import layer_key

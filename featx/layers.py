@@ -48,15 +48,34 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, name, module)
 
 
+class _BatchNormLeafTracer(torch.fx.Tracer):
+    """Keeps convs and BatchNorms, with their subclasses (timm's Conv2dSame, BatchNormAct2d),
+    as single calls in the graph."""
+
+    def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
+        leaf = isinstance(m, (nn.Conv2d, nn.BatchNorm2d))
+        return leaf or super().is_leaf_module(m, qualified_name)
+
+
+def _without_batchnorm(bn: nn.BatchNorm2d) -> nn.Module | None:
+    """What is left of a BatchNorm module once its affine map is folded into a conv."""
+    if type(bn) is nn.BatchNorm2d:
+        return nn.Identity()
+    if hasattr(bn, "act") and hasattr(bn, "drop"):  # timm's BatchNormAct2d
+        return nn.Sequential(bn.drop, bn.act)
+    return None
+
+
 def fold_batchnorm(model: nn.Module, keep: Iterable[str] = ()) -> list[str]:
     """Fold every eval-mode BatchNorm2d that only follows a Conv2d into that conv's weights.
 
-    The BatchNorm module becomes an Identity, so hooks on it, and on every container, still
-    see the same outputs. Convs in `keep` (layers whose own output is wanted) are left alone.
-    Returns the folded BatchNorm paths; models that torch.fx cannot trace are left unchanged.
+    The BatchNorm module is replaced by what remains of it (Identity, or timm's activation),
+    so hooks on it, and on every container, still see the same outputs. Convs in `keep`
+    (layers whose own output is wanted) are left alone. Returns the folded BatchNorm paths;
+    models that torch.fx cannot trace are left unchanged.
     """
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        graph = _BatchNormLeafTracer().trace(model)
     except Exception:
         return []
     named = dict(model.named_modules())
@@ -64,23 +83,24 @@ def fold_batchnorm(model: nn.Module, keep: Iterable[str] = ()) -> list[str]:
     keep = set(keep)
     folded = []
     for node in graph.nodes:
-        if node.op != "call_module" or type(named.get(node.target)) is not nn.BatchNorm2d:
+        bn = named.get(node.target) if node.op == "call_module" else None
+        if not isinstance(bn, nn.BatchNorm2d) or bn.training or bn.running_mean is None:
             continue
         source = node.args[0]
         if not (
             isinstance(source, torch.fx.Node)
             and source.op == "call_module"
-            and type(named.get(source.target)) is nn.Conv2d
+            and isinstance(named.get(source.target), nn.Conv2d)
             and len(source.users) == 1
             and calls[source.target] == calls[node.target] == 1
             and source.target not in keep
         ):
             continue
-        bn = named[node.target]
-        if bn.training or bn.running_mean is None:
+        rest = _without_batchnorm(bn)
+        if rest is None:
             continue
         _set_module(model, source.target, fuse_conv_bn_eval(named[source.target], bn))
-        _set_module(model, node.target, nn.Identity())
+        _set_module(model, node.target, rest)
         folded.append(node.target)
     return folded
 
@@ -176,6 +196,26 @@ class LayerTap(nn.Module):
             for handle in handles:
                 handle.remove()
         return {path: outputs[path] for path in self.modules_wanted}
+
+
+def prepare_tap(
+    model: nn.Module, modules: list[str], pool: str, device: torch.device, input_size: int
+) -> LayerTap:
+    """The tap that extraction and prediction both run: BatchNorm folded into convs, the model
+    on `device` (channels_last except on MPS), and weights above the deepest layer freed."""
+    fold_batchnorm(model, keep=modules)
+    model = model.to(device)
+    if device.type != "mps":
+        model = model.to(memory_format=torch.channels_last)
+    tap = LayerTap(model, modules, pool=pool)
+    tap.drop_unreached(torch.zeros(1, 3, input_size, input_size, device=device))
+    return tap
+
+
+def as_input(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch on `device` in the memory format `prepare_tap` put the model in."""
+    x = batch.to(device, non_blocking=True)
+    return x if device.type == "mps" else x.contiguous(memory_format=torch.channels_last)
 
 
 def trace_layers(backbone: Backbone, model: nn.Module, input_size: int) -> list[LayerInfo]:

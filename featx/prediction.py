@@ -93,19 +93,40 @@ class Predictions:
 
 
 class _Images:
-    """A map-style dataset: (index, preprocessed tensor or None, reason it could not be read)."""
+    """A map-style dataset: (index, views or None, reason it could not be read). The views are
+    the preprocessed image, then `tta` augmented versions of it, stacked."""
 
-    def __init__(self, files: list[Path], preprocessing):
-        self.files, self.preprocessing = files, preprocessing
+    def __init__(self, files: list[Path], preprocessing, tta: int = 0, augment=None):
+        self.files, self.preprocessing, self.tta, self.augment = files, preprocessing, tta, augment
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int):
+        import torch
+
         try:
-            return i, self.preprocessing(load_image(self.files[i])), None
+            image = load_image(self.files[i])
         except BadImage as bad:
             return i, None, str(bad)
+        views = self.preprocessing(image).unsqueeze(0)
+        if self.tta:
+            from featx.finetune import tta_inputs
+
+            extra = tta_inputs(image, self.preprocessing, self.augment, self.tta, key=i)
+            views = torch.cat([views, extra])
+        return i, views, None
+
+
+def _tta_augmentation(provenance: dict):
+    """The augmentation a model was trained with (fine-tuning, or an augmented store), else the
+    default settings."""
+    from featx.augment import AugmentConfig
+
+    if provenance.get("augment"):
+        return AugmentConfig.from_dict(provenance["augment"])
+    stored = (provenance.get("store") or {}).get("augment")
+    return AugmentConfig.from_dict(stored["config"]) if stored else AugmentConfig()
 
 
 def _collate(samples):
@@ -125,25 +146,29 @@ def predict(
     batch_size: int = 32,
     device: str = "auto",
     workers: int = 0,
+    tta: int = 0,
     quiet: bool = True,
 ) -> Predictions:
     """Classify the images in `paths` (files or folders) with `model`.
 
     Files that cannot be decoded are skipped and listed in `Predictions.skipped`. `out` writes
-    the CSV (see `Predictions.to_csv`).
+    the CSV (see `Predictions.to_csv`). `tta` > 0 averages the scores of the image and that many
+    augmented views of it (test-time augmentation, with the model's training augmentation).
     """
     import torch
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
     from featx.backbones import Preprocessing, get_backbone
-    from featx.extract import autocast, resolve_device
-    from featx.layers import LayerTap, fold_batchnorm
+    from featx.extraction import autocast, resolve_device
+    from featx.layers import as_input, prepare_tap
 
     if top_k < 1:
         raise UsageError(f"--top-k must be at least 1, not {top_k}.")
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1.")
+    if tta < 0:
+        raise UsageError(f"--tta must be 0 or more views, not {tta}.")
     if not isinstance(model, FeatxModel):
         model = load_model(model)
     if not paths:
@@ -165,19 +190,12 @@ def predict(
             f"model was trained on features of {p['weights_sha256'][:16]}; predict cannot "
             "reproduce its features."
         )
-    # the same steps, in the same order and precision, as featx.extract._run_network
+    # the same network set-up, precision and dtype cast as extraction
     dev = resolve_device(device)
     preprocessing = Preprocessing.from_dict(p["preprocessing"])
-    net = loaded.model
-    fold_batchnorm(net, keep=[layer["module"]])
-    net = net.to(dev)
-    if dev.type != "mps":
-        net = net.to(memory_format=torch.channels_last)
-    tap = LayerTap(net, [layer["module"]], pool=layer["pool"])
-    size = preprocessing.input_size
-    tap.drop_unreached(torch.zeros(1, 3, size, size, device=dev))
+    tap = prepare_tap(loaded.model, [layer["module"]], layer["pool"], dev, preprocessing.input_size)
     loader = DataLoader(
-        _Images(files, preprocessing),
+        _Images(files, preprocessing, tta, _tta_augmentation(p) if tta else None),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=_collate,
@@ -189,13 +207,14 @@ def predict(
     for index, batch, bad in loader:
         skipped.extend((str(files[i]), reason) for i, reason in bad)
         if batch is not None:
-            x = batch.to(dev)
-            if dev.type != "mps":
-                x = x.contiguous(memory_format=torch.channels_last)
+            n, views = batch.shape[:2]
             with torch.inference_mode(), autocast(dev, layer["precision"]):
-                output = tap(x)[layer["module"]]
+                output = tap(as_input(batch.flatten(0, 1), dev))[layer["module"]]
             features = output.float().cpu().numpy().astype(layer["dtype"])
             labels, batch_scores = model.scores(features)
+            if views > 1:
+                batch_scores = batch_scores.reshape(n, views, -1).mean(axis=1)
+                labels = batch_scores.argmax(axis=1)
             good.extend(index)
             predicted.append(labels)
             scores.append(batch_scores)

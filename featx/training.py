@@ -797,7 +797,7 @@ class _Experiment:
             )
         )
         estimator = pipeline.steps[-1][1]
-        from featx.extract import library_versions
+        from featx.extraction import library_versions
 
         provenance = {
             **store_provenance(self.store),

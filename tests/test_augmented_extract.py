@@ -20,7 +20,7 @@ from featx.augment import AugmentConfig, Augmenter, view_seed
 from featx.backbones import get_backbone
 from featx.cli import app
 from featx.data import load_image
-from featx.extract import extract
+from featx.extraction import extract
 from featx.layers import LayerTap
 from featx.store import FeatureStore
 
@@ -84,7 +84,8 @@ def test_an_augmented_row_is_the_backbone_on_its_seeded_view(augmented, photos):
         features, paths = store.read("layer3@avg"), store.paths()
     for row in (1, 6):  # view 1 of the first image, view 2 of the second
         image = load_image(photos / paths[row])
-        view = Augmenter(SETTINGS)(image, view_seed(7, int(sources[row]), int(views[row])))
+        seed = view_seed(7, int(sources[row]), int(views[row]))
+        view = Augmenter(SETTINGS)(preprocessing.resize_image(image), seed)
         with torch.inference_mode():
             expected = tap(preprocessing(view)[None])["layer3"][0].numpy()
         assert views[row] > 0
@@ -135,7 +136,7 @@ def test_augmentation_flags_without_views_are_refused(photos, tmp_path):
 
 # Extraction in a fresh interpreter with chunks of one batch, so that a kill lands mid-run.
 SMALL_CHUNKS = (
-    "import sys, featx.extract as e; e.CHUNK_BYTES = int(sys.argv.pop(1)); "
+    "import sys, featx.extraction as e; e.CHUNK_BYTES = int(sys.argv.pop(1)); "
     "from featx.cli import app; app()"
 )
 

@@ -409,7 +409,7 @@ def test_the_model_file_works_with_predict(finished, shapes_split):
 
 def test_the_model_file_evaluates_a_store_of_the_fine_tuned_weights(finished, shapes_split):
     from featx.evaluation import evaluate
-    from featx.extract import extract
+    from featx.extraction import extract
 
     c, result = finished
     store = extract(
@@ -423,7 +423,7 @@ def test_the_model_file_evaluates_a_store_of_the_fine_tuned_weights(finished, sh
 
 
 def test_a_fitted_mlp_starts_the_head_with_its_pipeline_folded_in(shapes, tmp_path):
-    from featx.extract import extract
+    from featx.extraction import extract
     from featx.model import load_model
     from featx.store import FeatureStore
     from featx.training import fit

@@ -18,7 +18,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from featx.augment import AugmentConfig
-from featx.extract import extract
+from featx.extraction import extract
 from featx.finetune import FinetuneConfig, finetune
 from featx.store import FeatureStore
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torchvision
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -36,7 +37,7 @@ from featx import __version__
 from featx.backbones import Backbone, LoadedBackbone, Preprocessing, get_backbone
 from featx.data import UNSPLIT, BadImage, ImageFolder, load_image, scan_image_folder
 from featx.errors import EXIT_INTERRUPTED, FeatxError, StoreLocked, UsageError
-from featx.layers import POOLS, LayerTap, fold_batchnorm, resolve_layers, trace_layers
+from featx.layers import POOLS, as_input, prepare_tap, resolve_layers, trace_layers
 from featx.store import FeatureStore, add_layer, layer_key, write_store
 
 DTYPES = ("float32", "float16")
@@ -182,8 +183,8 @@ class _Images(Dataset):
             image = load_image(self.root / self.files[file_index].path)
         except BadImage as bad:
             return i, None, str(bad)
-        if view:
-            image = self.augment(image, file_index, view)
+        if view:  # augmented at the network's resize size: far cheaper than on a full photo
+            image = self.augment(self.preprocessing.resize_image(image), file_index, view)
         return i, self.preprocessing(image), None
 
 
@@ -223,16 +224,20 @@ class _Batches:
 class _Partial:
     """`STORE.partial/`: the run description and one .npz file per finished chunk."""
 
+    BATCHING = ("batch_size", "chunk_items")  # a resumed run keeps the interrupted run's
+
     def __init__(self, store: Path, run: dict[str, Any]):
         self.dir = store.with_name(store.name + ".partial")
         self.run = run
         description = self.dir / "run.json"
         if self.dir.exists():
             try:
-                same = json.loads(description.read_text()) == run
+                before = json.loads(description.read_text())
             except (OSError, ValueError):
-                same = False
-            if not same:
+                before = {}
+            if all(before.get(k) == v for k, v in run.items() if k not in self.BATCHING):
+                self.run = before
+            else:
                 shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         if not description.exists():
@@ -311,11 +316,12 @@ class _ChunkWriter(threading.Thread):
 def library_versions() -> dict[str, str]:
     """Versions of featx, Python and the libraries that shape the features."""
     versions = {"featx": __version__, "python": platform.python_version()}
-    for name in ("torch", "torchvision", "timm", "h5py", "numpy", "scikit-learn", "pillow"):
+    for name in ("timm", "h5py", "numpy", "scikit-learn", "pillow"):
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = "not installed"
+    versions["torch"], versions["torchvision"] = torch.__version__, torchvision.__version__
     return versions
 
 
@@ -445,6 +451,13 @@ def extract(
             names = [record.layer_name(record.module_path(n)) for n in layers]
             keys = [layer_key(n, pool) for n in names]
             present = set(existing.layers) if existing else set()
+            for key in keys:
+                stored = existing.layer(key).dtype if key in present else dtype
+                if stored != dtype:
+                    raise UsageError(
+                        f"layer {key} is stored as {stored} in {store}, not {dtype}; ask for "
+                        f"--dtype {stored}, or use --overwrite to rebuild the store."
+                    )
             if existing and all(k in present for k in keys):
                 log(f"All requested layers are already in {store}; nothing to compute.")
                 return ExtractResult(
@@ -555,6 +568,9 @@ def _compute(
     }
     partial = _Partial(store, run)
     chunk_items = partial.run["chunk_items"]
+    if partial.run["batch_size"] != batch_size:
+        batch_size = partial.run["batch_size"]
+        log(f"Resuming with the interrupted run's batch size, {batch_size}, for identical values.")
     n_chunks = math.ceil(len(work.items) / chunk_items)
     first = partial.done()
     start = min(first * chunk_items, len(work.items))
@@ -627,14 +643,8 @@ def _run_network(
     precision,
     quiet,
 ) -> None:
-    model = loaded.model
-    fold_batchnorm(model, keep=[i.module for i in todo])
-    model = model.to(device)
-    if device.type != "mps":
-        model = model.to(memory_format=torch.channels_last)
-    tap = LayerTap(model, [i.module for i in todo], pool=pool)
-    size = preprocessing.input_size
-    tap.drop_unreached(torch.zeros(1, 3, size, size, device=device))
+    modules = [i.module for i in todo]
+    tap = prepare_tap(loaded.model, modules, pool, device, preprocessing.input_size)
     images = _Images(folder, work.items, preprocessing, augmenter)
     loader = DataLoader(
         images,
@@ -670,10 +680,7 @@ def _run_network(
             for batch_index, batch, batch_bad in loader:
                 bad.extend(batch_bad)
                 if batch is not None:
-                    x = batch.to(device, non_blocking=True)
-                    if device.type != "mps":
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    outputs = tap(x)
+                    outputs = tap(as_input(batch, device))
                     for array, info in zip(arrays, todo, strict=True):
                         array[filled : filled + len(batch)] = outputs[info.module].float().cpu()
                     filled += len(batch)
