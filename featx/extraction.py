@@ -516,6 +516,33 @@ class _ViewAugmenter:
         return self.augmenter(image, view_seed(self.seed, file_index, view))
 
 
+@dataclass
+class _Job:
+    """One extraction pass once the network is loaded: what to compute and how to save it."""
+
+    store: Path
+    existing: FeatureStore | None
+    folder: ImageFolder
+    work: _Work
+    partial: _Partial
+    todo: list  # LayerInfo of the layers to compute
+    keys: list[str]
+    loaded: LoadedBackbone
+    pool: str
+    dtype: str
+    compression: str
+    precision: str
+    preprocessing: Preprocessing
+    augmenter: Any
+    augment_meta: dict | None
+    batch_size: int
+    chunk_items: int
+    workers: int
+    device: torch.device
+    quiet: bool
+    command: str
+
+
 def _compute(
     record,
     folder,
@@ -576,32 +603,12 @@ def _compute(
     start = min(first * chunk_items, len(work.items))
     if first:
         log(f"Resuming {store}: {start} of {len(work.items)} images already done.")
-    if first < n_chunks:
-        _run_network(
-            loaded,
-            todo,
-            pool,
-            folder,
-            work,
-            preprocessing,
-            augmenter,
-            partial,
-            start,
-            chunk_items,
-            batch_size,
-            workers,
-            device,
-            dtype,
-            precision,
-            quiet,
-        )
-    result = _assemble(
+    job = _Job(
         store,
         existing,
         folder,
         work,
         partial,
-        n_chunks,
         todo,
         keys,
         loaded,
@@ -610,9 +617,18 @@ def _compute(
         compression,
         precision,
         preprocessing,
+        augmenter,
         augment_meta,
+        batch_size,
+        chunk_items,
+        workers,
+        device,
+        quiet,
         command,
     )
+    if first < n_chunks:
+        _run_network(job, start)
+    result = _assemble(job, n_chunks)
     result.resumed_from = start
     partial.remove()
     log(f"Wrote {len(keys)} layer(s) for {result.n_rows} rows to {store}.")
@@ -625,69 +641,53 @@ def _pooled_size(shape: tuple[int, ...], pool: str) -> int:
     return int(np.prod(shape))
 
 
-def _run_network(
-    loaded: LoadedBackbone,
-    todo,
-    pool,
-    folder,
-    work,
-    preprocessing,
-    augmenter,
-    partial,
-    start,
-    chunk_items,
-    batch_size,
-    workers,
-    device,
-    dtype,
-    precision,
-    quiet,
-) -> None:
-    modules = [i.module for i in todo]
-    tap = prepare_tap(loaded.model, modules, pool, device, preprocessing.input_size)
-    images = _Images(folder, work.items, preprocessing, augmenter)
+def _run_network(job: _Job, start: int) -> None:
+    """Compute the chunks from work item `start` on, saving each as it completes."""
+    modules = [i.module for i in job.todo]
+    tap = prepare_tap(job.loaded.model, modules, job.pool, job.device, job.preprocessing.input_size)
+    images = _Images(job.folder, job.work.items, job.preprocessing, job.augmenter)
     loader = DataLoader(
         images,
-        batch_sampler=_Batches(start, len(work.items), batch_size, chunk_items),
-        num_workers=workers,
+        batch_sampler=_Batches(start, len(job.work.items), job.batch_size, job.chunk_items),
+        num_workers=job.workers,
         collate_fn=_collate,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=4 if workers else None,
+        pin_memory=job.device.type == "cuda",
+        prefetch_factor=4 if job.workers else None,
         persistent_workers=False,
     )
-    writer = _ChunkWriter(partial)
+    writer = _ChunkWriter(job.partial)
     writer.start()
 
     def new_chunk() -> list[np.ndarray]:
-        return [np.empty((chunk_items, *_row_shape(i, pool)), dtype) for i in todo]
+        return [np.empty((job.chunk_items, *_row_shape(i, job.pool)), job.dtype) for i in job.todo]
 
     arrays, filled = new_chunk(), 0
     index: list[int] = []
     bad: list[tuple[int, str]] = []
-    chunk = start // chunk_items
+    chunk = start // job.chunk_items
     bar = tqdm(
-        total=len(work.items),
+        total=len(job.work.items),
         initial=start,
         unit="img",
-        disable=quiet,
+        disable=job.quiet,
         smoothing=0.1,
         desc="extract",
         file=sys.stderr,
     )
     done = start
     try:
-        with torch.inference_mode(), autocast(device, precision):
+        with torch.inference_mode(), autocast(job.device, job.precision):
             for batch_index, batch, batch_bad in loader:
                 bad.extend(batch_bad)
                 if batch is not None:
-                    outputs = tap(as_input(batch, device))
-                    for array, info in zip(arrays, todo, strict=True):
+                    outputs = tap(as_input(batch, job.device))
+                    for array, info in zip(arrays, job.todo, strict=True):
                         array[filled : filled + len(batch)] = outputs[info.module].float().cpu()
                     filled += len(batch)
                     index.extend(batch_index)
                 done += len(batch_index) + len(batch_bad)
                 bar.update(len(batch_index) + len(batch_bad))
-                if done % chunk_items == 0 or done == len(work.items):
+                if done % job.chunk_items == 0 or done == len(job.work.items):
                     layers = [array[:filled] for array in arrays]
                     writer.put(chunk, np.array(index, dtype=np.int64), bad, layers)
                     arrays, filled, index, bad = new_chunk(), 0, [], []
@@ -697,8 +697,8 @@ def _run_network(
         with contextlib.suppress(BaseException):
             writer.finish()
         raise Interrupted(
-            f"interrupted after {partial.done() * chunk_items} of {len(work.items)} images were "
-            "saved; run the same command again to resume."
+            f"interrupted after {job.partial.done() * job.chunk_items} of {len(job.work.items)} "
+            "images were saved; run the same command again to resume."
         ) from None
     bar.close()
     writer.finish()
@@ -710,77 +710,64 @@ def _row_shape(info, pool: str) -> tuple[int, ...]:
     return info.shape
 
 
-def _assemble(
-    store,
-    existing,
-    folder,
-    work,
-    partial,
-    n_chunks,
-    todo,
-    keys,
-    loaded,
-    pool,
-    dtype,
-    compression,
-    precision,
-    preprocessing,
-    augment_meta,
-    command,
-) -> ExtractResult:
+def _assemble(job: _Job, n_chunks: int) -> ExtractResult:
     """Write the complete store to a temporary file and rename it over STORE."""
     index_parts, bad = [], []
     for k in range(n_chunks):
-        with np.load(partial.chunk_path(k)) as data:
+        with np.load(job.partial.chunk_path(k)) as data:
             index_parts.append(data["index"])
             bad.extend(zip(data["bad_index"].tolist(), data["bad_reason"].tolist(), strict=True))
     index = np.concatenate(index_parts) if index_parts else np.zeros(0, np.int64)
-    items = np.array(work.items, dtype=np.int64).reshape(-1, 2)[index]
+    items = np.array(job.work.items, dtype=np.int64).reshape(-1, 2)[index]
     sources, views = items[:, 0], items[:, 1]
-    if existing is not None and not (
-        np.array_equal(existing.sources(), sources) and np.array_equal(existing.views(), views)
+    if job.existing is not None and not (
+        np.array_equal(job.existing.sources(), sources)
+        and np.array_equal(job.existing.views(), views)
     ):
         raise UsageError(
-            f"this pass decoded a different set of images than store {store} holds; "
+            f"this pass decoded a different set of images than store {job.store} holds; "
             "use --overwrite to rebuild it."
         )
     skipped, seen = [], set()
     for i, reason in bad:
-        file_index = work.items[i][0]
+        file_index = job.work.items[i][0]
         if file_index not in seen:
             seen.add(file_index)
-            skipped.append((folder.files[file_index].path, reason))
-    files = folder.files
+            skipped.append((job.folder.files[file_index].path, reason))
+    files = job.folder.files
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     meta = (
-        existing.meta
-        if existing is not None
+        job.existing.meta
+        if job.existing is not None
         else {
-            "backbone": loaded.name,
-            "weights": loaded.weights,
-            "weights_spec": loaded.weights_spec,
-            "weights_sha256": loaded.weights_sha256,
-            "preprocessing": preprocessing.to_dict(),
-            "preprocessing_text": preprocessing.describe(),
+            "backbone": job.loaded.name,
+            "weights": job.loaded.weights,
+            "weights_spec": job.loaded.weights_spec,
+            "weights_sha256": job.loaded.weights_sha256,
+            "preprocessing": job.preprocessing.to_dict(),
+            "preprocessing_text": job.preprocessing.describe(),
             "dataset": {
-                "root": str(folder.root.resolve()),
-                "fingerprint": folder.fingerprint,
+                "root": str(job.folder.root.resolve()),
+                "fingerprint": job.folder.fingerprint,
                 "n_files": len(files),
             },
-            "augment": augment_meta,
+            "augment": job.augment_meta,
             "created": now,
             "history": [],
         }
     )
     meta["versions"] = library_versions()
-    meta["history"] = [*meta.get("history", []), {"time": now, "command": command, "layers": keys}]
-    tmp = store.with_name(f".{store.name}.{os.getpid()}.tmp")
-    for stale in store.parent.glob(f".{glob.escape(store.name)}.*.tmp"):
+    meta["history"] = [
+        *meta.get("history", []),
+        {"time": now, "command": job.command, "layers": job.keys},
+    ]
+    tmp = job.store.with_name(f".{job.store.name}.{os.getpid()}.tmp")
+    for stale in job.store.parent.glob(f".{glob.escape(job.store.name)}.*.tmp"):
         stale.unlink(missing_ok=True)  # left by a run killed while assembling; we hold the lock
     out = write_store(
         tmp,
         meta,
-        list(folder.class_names),
+        list(job.folder.class_names),
         files={
             "path": np.array([f.path for f in files], dtype=object),
             "label": np.array([f.label for f in files], dtype=np.int32),
@@ -795,36 +782,42 @@ def _assemble(
             "source": sources,
             "view": views.astype(np.int32),
         },
-        skipped=existing.skipped if existing is not None else skipped,
+        skipped=job.existing.skipped if job.existing is not None else skipped,
     )
     try:
         with out:
-            if existing is not None:
-                for key in existing.layers:
-                    existing._file.copy(existing._file["features"][key], out["features"], name=key)
-            for i, (info, key) in enumerate(zip(todo, keys, strict=True)):
-                blocks = (partial.load(k)[f"layer{i}"] for k in range(n_chunks))
+            if job.existing is not None:
+                for key in job.existing.layers:
+                    job.existing._file.copy(
+                        job.existing._file["features"][key], out["features"], name=key
+                    )
+            for i, (info, key) in enumerate(zip(job.todo, job.keys, strict=True)):
+                blocks = (job.partial.load(k)[f"layer{i}"] for k in range(n_chunks))
                 attrs = {
                     "layer": info.name,
                     "module": info.module,
-                    "pool": pool,
-                    "precision": precision,
+                    "pool": job.pool,
+                    "precision": job.precision,
                 }
                 add_layer(
                     out,
                     key,
                     len(sources),
-                    _row_shape(info, pool),
-                    dtype,
-                    compression,
+                    _row_shape(info, job.pool),
+                    job.dtype,
+                    job.compression,
                     attrs,
                     blocks,
                 )
             out.flush()
             os.fsync(out.id.get_vfd_handle())
-        os.replace(tmp, store)
+        os.replace(tmp, job.store)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    reused = [k for k in (existing.layers if existing is not None else []) if k not in keys]
-    return ExtractResult(store, computed=keys, reused=reused, n_rows=len(sources), skipped=skipped)
+    reused = [
+        k for k in (job.existing.layers if job.existing is not None else []) if k not in job.keys
+    ]
+    return ExtractResult(
+        job.store, computed=job.keys, reused=reused, n_rows=len(sources), skipped=skipped
+    )

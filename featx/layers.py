@@ -8,7 +8,7 @@ per forward pass; timm models also offer `forward_features`, the final feature m
 from __future__ import annotations
 
 import difflib
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -62,7 +62,7 @@ def _without_batchnorm(bn: nn.BatchNorm2d) -> nn.Module | None:
     if type(bn) is nn.BatchNorm2d:
         return nn.Identity()
     if hasattr(bn, "act") and hasattr(bn, "drop"):  # timm's BatchNormAct2d
-        return nn.Sequential(bn.drop, bn.act)
+        return nn.Sequential(OrderedDict(drop=bn.drop, act=bn.act))  # keeps `bn1.act` tappable
     return None
 
 

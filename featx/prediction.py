@@ -12,6 +12,7 @@ import csv
 import io
 import os
 import sys
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,7 +114,8 @@ class _Images:
         if self.tta:
             from featx.finetune import tta_inputs
 
-            extra = tta_inputs(image, self.preprocessing, self.augment, self.tta, key=i)
+            key = zlib.crc32(self.files[i].name.encode())  # the same views whatever else is passed
+            extra = tta_inputs(image, self.preprocessing, self.augment, self.tta, key=key)
             views = torch.cat([views, extra])
         return i, views, None
 
