@@ -6,7 +6,7 @@ with DataLoader workers, channels_last and a background writer; `--precision bf1
 bfloat16 autocast. The machine's matmul rate (best of a few torch.mm runs) is measured in the
 same run, so the fraction of it that extraction reaches is comparable across machines.
 
-    python benchmarks/bench_extract.py --backbone resnet50 --images 96 --repeats 3
+    python benchmarks/bench_extract.py --backbone resnet50 --images 320 --repeats 3
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", default="resnet50")
-    parser.add_argument("--images", type=int, default=96)
+    parser.add_argument("--images", type=int, default=320)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
