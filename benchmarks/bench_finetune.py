@@ -17,27 +17,10 @@ import statistics
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
+from bench_extract import make_photos  # the same photo-sized JPEGs
 
 from featx.finetune import FinetuneConfig, Session
-
-
-def make_photos(folder: Path, n: int) -> None:
-    """`n` 640x480 JPEGs cut from scikit-image's bundled photos, in two classes."""
-    from skimage import data
-
-    photos = [data.chelsea(), data.coffee(), data.astronaut(), data.rocket()]
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        photo = Image.fromarray(photos[i % len(photos)])
-        scale = 640 / min(photo.size) * rng.uniform(1.0, 1.3)
-        photo = photo.resize((int(photo.width * scale) + 1, int(photo.height * scale) + 1))
-        x, y = rng.integers(0, photo.width - 640 + 1), rng.integers(0, photo.height - 480 + 1)
-        target = folder / f"class{i % 2}"
-        target.mkdir(parents=True, exist_ok=True)
-        photo.crop((x, y, x + 640, y + 480)).save(target / f"{i:04d}.jpg", quality=90)
 
 
 def measure(data: Path, config: FinetuneConfig, stage: str, epochs: int, workers: int | None):

@@ -64,6 +64,8 @@ class FeatureStore:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise UsageError(f"{self.path} is a folder; give the path of a store file (.h5).")
         if not self.path.is_file():
             raise UsageError(f"store {self.path} does not exist.")
         try:
