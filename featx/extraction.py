@@ -485,6 +485,11 @@ def extract(
                 quiet,
                 command,
             )
+        except KeyboardInterrupt:  # outside the network loop: loading the model, or assembling
+            raise Interrupted(
+                f"interrupted before {store} was written; finished chunks are kept: run the "
+                "same command again to resume."
+            ) from None
         finally:
             if existing is not None:
                 existing.close()
