@@ -463,27 +463,13 @@ def extract(
                 return ExtractResult(
                     store, reused=keys, n_rows=existing.n_rows, skipped=existing.skipped
                 )
+            settings = _Settings(
+                weights, pool, dtype, compression, precision, batch_size,
+                default_workers() if workers is None else workers, resolve_device(device),
+                quiet, command, augmenter, augment_meta,
+            )  # fmt: skip
             return _compute(
-                record,
-                folder,
-                store,
-                existing,
-                layers,
-                pool,
-                weights,
-                preprocessing,
-                wanted,
-                augmenter,
-                augment_meta,
-                dtype,
-                compression,
-                precision,
-                batch_size,
-                default_workers() if workers is None else workers,
-                resolve_device(device),
-                log,
-                quiet,
-                command,
+                record, folder, store, existing, layers, preprocessing, wanted, settings, log
             )
         except KeyboardInterrupt:  # outside the network loop: loading the model, or assembling
             raise Interrupted(
@@ -521,6 +507,24 @@ class _ViewAugmenter:
         return self.augmenter(image, view_seed(self.seed, file_index, view))
 
 
+@dataclass(frozen=True)
+class _Settings:
+    """How one extraction computes and stores features, as the user asked."""
+
+    weights: str
+    pool: str
+    dtype: str
+    compression: str
+    precision: str
+    batch_size: int
+    workers: int
+    device: torch.device
+    quiet: bool
+    command: str
+    augmenter: Any
+    augment_meta: dict | None
+
+
 @dataclass
 class _Job:
     """One extraction pass once the network is loaded: what to compute and how to save it."""
@@ -533,44 +537,25 @@ class _Job:
     todo: list  # LayerInfo of the layers to compute
     keys: list[str]
     loaded: LoadedBackbone
-    pool: str
-    dtype: str
-    compression: str
-    precision: str
     preprocessing: Preprocessing
-    augmenter: Any
-    augment_meta: dict | None
-    batch_size: int
+    settings: _Settings
+    batch_size: int  # the interrupted run's, when resuming
     chunk_items: int
-    workers: int
-    device: torch.device
-    quiet: bool
-    command: str
 
 
 def _compute(
-    record,
-    folder,
-    store,
-    existing,
-    layers,
-    pool,
-    weights,
-    preprocessing,
-    wanted,
-    augmenter,
-    augment_meta,
-    dtype,
-    compression,
-    precision,
-    batch_size,
-    workers,
-    device,
+    record: Backbone,
+    folder: ImageFolder,
+    store: Path,
+    existing: FeatureStore | None,
+    layers: Sequence[str],
+    preprocessing: Preprocessing,
+    wanted: dict[str, Any],
+    settings: _Settings,
     log,
-    quiet,
-    command,
 ) -> ExtractResult:
-    loaded = record.load(weights)
+    loaded = record.load(settings.weights)
+    pool, dtype, batch_size = settings.pool, settings.dtype, settings.batch_size
     if existing is not None and existing.meta["weights_sha256"] != loaded.weights_sha256:
         raise UsageError(
             f"the {loaded.weights} weights now hash to {loaded.weights_sha256[:16]}, but store "
@@ -582,7 +567,7 @@ def _compute(
     present = set(existing.layers) if existing else set()
     todo = [i for i in infos if layer_key(i.name, pool) not in present]
     keys = [layer_key(i.name, pool) for i in todo]
-    work = _Work.plan(folder, augment_meta["views"] if augment_meta else 0)
+    work = _Work.plan(folder, settings.augment_meta["views"] if settings.augment_meta else 0)
 
     row_bytes = sum(_pooled_size(i.shape, pool) for i in todo) * np.dtype(dtype).itemsize
     per_chunk = max(1, CHUNK_BYTES // max(1, row_bytes * batch_size))
@@ -593,7 +578,7 @@ def _compute(
         "keys": keys,
         "pool": pool,
         "dtype": dtype,
-        "precision": precision,
+        "precision": settings.precision,
         "n_items": len(work.items),
         "batch_size": batch_size,
         "chunk_items": batch_size * per_chunk,
@@ -617,19 +602,10 @@ def _compute(
         todo,
         keys,
         loaded,
-        pool,
-        dtype,
-        compression,
-        precision,
         preprocessing,
-        augmenter,
-        augment_meta,
+        settings,
         batch_size,
         chunk_items,
-        workers,
-        device,
-        quiet,
-        command,
     )
     if first < n_chunks:
         _run_network(job, start)
@@ -649,22 +625,31 @@ def _pooled_size(shape: tuple[int, ...], pool: str) -> int:
 def _run_network(job: _Job, start: int) -> None:
     """Compute the chunks from work item `start` on, saving each as it completes."""
     modules = [i.module for i in job.todo]
-    tap = prepare_tap(job.loaded.model, modules, job.pool, job.device, job.preprocessing.input_size)
-    images = _Images(job.folder, job.work.items, job.preprocessing, job.augmenter)
+    tap = prepare_tap(
+        job.loaded.model,
+        modules,
+        job.settings.pool,
+        job.settings.device,
+        job.preprocessing.input_size,
+    )
+    images = _Images(job.folder, job.work.items, job.preprocessing, job.settings.augmenter)
     loader = DataLoader(
         images,
         batch_sampler=_Batches(start, len(job.work.items), job.batch_size, job.chunk_items),
-        num_workers=job.workers,
+        num_workers=job.settings.workers,
         collate_fn=_collate,
-        pin_memory=job.device.type == "cuda",
-        prefetch_factor=4 if job.workers else None,
+        pin_memory=job.settings.device.type == "cuda",
+        prefetch_factor=4 if job.settings.workers else None,
         persistent_workers=False,
     )
     writer = _ChunkWriter(job.partial)
     writer.start()
 
     def new_chunk() -> list[np.ndarray]:
-        return [np.empty((job.chunk_items, *_row_shape(i, job.pool)), job.dtype) for i in job.todo]
+        return [
+            np.empty((job.chunk_items, *_row_shape(i, job.settings.pool)), job.settings.dtype)
+            for i in job.todo
+        ]
 
     arrays, filled = new_chunk(), 0
     index: list[int] = []
@@ -674,18 +659,18 @@ def _run_network(job: _Job, start: int) -> None:
         total=len(job.work.items),
         initial=start,
         unit="img",
-        disable=job.quiet,
+        disable=job.settings.quiet,
         smoothing=0.1,
         desc="extract",
         file=sys.stderr,
     )
     done = start
     try:
-        with torch.inference_mode(), autocast(job.device, job.precision):
+        with torch.inference_mode(), autocast(job.settings.device, job.settings.precision):
             for batch_index, batch, batch_bad in loader:
                 bad.extend(batch_bad)
                 if batch is not None:
-                    outputs = tap(as_input(batch, job.device))
+                    outputs = tap(as_input(batch, job.settings.device))
                     for array, info in zip(arrays, job.todo, strict=True):
                         array[filled : filled + len(batch)] = outputs[info.module].float().cpu()
                     filled += len(batch)
@@ -756,7 +741,7 @@ def _assemble(job: _Job, n_chunks: int) -> ExtractResult:
                 "fingerprint": job.folder.fingerprint,
                 "n_files": len(files),
             },
-            "augment": job.augment_meta,
+            "augment": job.settings.augment_meta,
             "created": now,
             "history": [],
         }
@@ -764,7 +749,7 @@ def _assemble(job: _Job, n_chunks: int) -> ExtractResult:
     meta["versions"] = library_versions()
     meta["history"] = [
         *meta.get("history", []),
-        {"time": now, "command": job.command, "layers": job.keys},
+        {"time": now, "command": job.settings.command, "layers": job.keys},
     ]
     tmp = job.store.with_name(f".{job.store.name}.{os.getpid()}.tmp")
     for stale in job.store.parent.glob(f".{glob.escape(job.store.name)}.*.tmp"):
@@ -801,16 +786,16 @@ def _assemble(job: _Job, n_chunks: int) -> ExtractResult:
                 attrs = {
                     "layer": info.name,
                     "module": info.module,
-                    "pool": job.pool,
-                    "precision": job.precision,
+                    "pool": job.settings.pool,
+                    "precision": job.settings.precision,
                 }
                 add_layer(
                     out,
                     key,
                     len(sources),
-                    _row_shape(info, job.pool),
-                    job.dtype,
-                    job.compression,
+                    _row_shape(info, job.settings.pool),
+                    job.settings.dtype,
+                    job.settings.compression,
                     attrs,
                     blocks,
                 )
