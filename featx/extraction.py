@@ -37,7 +37,14 @@ from featx import __version__
 from featx.backbones import Backbone, LoadedBackbone, Preprocessing, get_backbone
 from featx.data import UNSPLIT, BadImage, ImageFolder, load_image, scan_image_folder
 from featx.errors import EXIT_INTERRUPTED, FeatxError, StoreLocked, UsageError
-from featx.layers import POOLS, as_input, prepare_tap, resolve_layers, trace_layers
+from featx.layers import (
+    POOLS,
+    as_input,
+    check_poolable,
+    prepare_tap,
+    resolve_layers,
+    trace_layers,
+)
 from featx.store import FeatureStore, add_layer, layer_key, write_store
 
 DTYPES = ("float32", "float16")
@@ -564,6 +571,7 @@ def _compute(
     infos = resolve_layers(
         record, trace_layers(record, loaded.model, preprocessing.input_size), list(layers)
     )
+    check_poolable(loaded.model, infos, pool)
     present = set(existing.layers) if existing else set()
     todo = [i for i in infos if layer_key(i.name, pool) not in present]
     keys = [layer_key(i.name, pool) for i in todo]

@@ -105,6 +105,21 @@ def fold_batchnorm(model: nn.Module, keep: Iterable[str] = ()) -> list[str]:
     return folded
 
 
+def check_poolable(model: nn.Module, layers: list[LayerInfo], pool: str) -> None:
+    """UsageError unless `pool` can reduce every layer: it needs channels-first maps (C, H, W);
+    vectors pass through unchanged, but token sequences and NHWC maps would be pooled wrongly."""
+    if pool in ("none", "flatten"):
+        return
+    nhwc = "NHWC" in str(getattr(model, "output_fmt", "NCHW"))
+    for info in layers:
+        if nhwc or len(info.shape) == 2:
+            layout = "an NHWC map" if nhwc else "a token sequence"
+            raise UsageError(
+                f"--pool {pool} needs channels-first spatial maps, but layer {info.name} is "
+                f"{layout} of shape {'x'.join(map(str, info.shape))}; use --pool none."
+            )
+
+
 def pool_features(x: torch.Tensor, pool: str) -> torch.Tensor:
     """Reduce the spatial dimensions of an NCHW map; other shapes pass through."""
     if pool == "none" or x.ndim != 4:
@@ -244,6 +259,11 @@ def trace_layers(backbone: Backbone, model: nn.Module, input_size: int) -> list[
                 x,
                 (lambda out: record(FORWARD_FEATURES, out)) if backbone.source == "timm" else None,
             )
+    except (AssertionError, RuntimeError, ValueError) as error:  # e.g. a fixed input size
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
+        raise UsageError(
+            f"{backbone.name} cannot run on {input_size}x{input_size} inputs ({first})."
+        ) from None
     finally:
         for handle in handles:
             handle.remove()

@@ -28,7 +28,13 @@ from torch.nn import functional as F
 
 from featx.backbones import FORWARD_FEATURES, Backbone
 from featx.errors import UsageError
-from featx.layers import LayerInfo, pool_features, resolve_layers, trace_layers
+from featx.layers import (
+    LayerInfo,
+    check_poolable,
+    pool_features,
+    resolve_layers,
+    trace_layers,
+)
 
 POOLS = ("avg", "max", "avgmax", "flatten")
 BN_MODES = ("frozen", "train")
@@ -186,6 +192,7 @@ class Network(nn.Module):
                 h.remove()
             self.base.train(was_training)
         self._dropped = _drop_unused(self.base, starts)  # kept off the module tree, on the CPU
+        starts.setdefault("", -1)  # the root can own parameters (a ViT's pos_embed) and not run
         self._start = starts
         self._owner = {}
         for path, module in self.base.named_modules():
@@ -383,6 +390,7 @@ def build_network(
         if layer is None
         else resolve_layers(backbone, infos, [layer])[0]
     )
+    check_poolable(model, [info], pool)
     if head is None:
         n_in = pooled_size(info.shape, pool)
         with torch.random.fork_rng(devices=[]):

@@ -72,13 +72,15 @@ class FeatureStore:
             self._file = h5py.File(self.path, "r")
         except OSError as error:
             raise UsageError(f"{self.path} is not a readable HDF5 file ({error}).") from None
-        if self._file.attrs.get("featx_format") != FORMAT:
+        try:
+            if self._file.attrs.get("featx_format") != FORMAT:
+                raise ValueError("no featx_format attribute")
+            self.meta: dict[str, Any] = json.loads(self._file.attrs["meta"])
+            self.class_names: list[str] = list(_strings(self._file["classes"]))
+            self.splits_: np.ndarray = _strings(self._file["rows"]["split"])
+        except (KeyError, ValueError) as error:
             self._file.close()
-            raise UsageError(f"{self.path} is not a featx feature store.")
-        self.meta: dict[str, Any] = json.loads(self._file.attrs["meta"])
-        self.class_names: list[str] = list(_strings(self._file["classes"]))
-        rows = self._file["rows"]
-        self.splits_: np.ndarray = _strings(rows["split"])
+            raise UsageError(f"{self.path} is not a featx feature store ({error}).") from None
 
     # ---- context management -------------------------------------------------------------
     def close(self) -> None:

@@ -679,7 +679,7 @@ class _Experiment:
             for p in self.points
         )
         if probabilistic:
-            scoring["neg_log_loss"] = "neg_log_loss"
+            scoring["neg_log_loss"] = _all_class_log_loss(len(self.store.class_names))
         search = GridSearchCV(
             self._pipeline(1),
             grid,
@@ -878,3 +878,16 @@ def _at_least(chunks, n: int):
         held = X
     if held is not None:
         yield held
+
+
+def _all_class_log_loss(n_classes: int):
+    """A negated log-loss scorer over every class of the store, so that a fold whose training
+    part lacks a small class still scores (that class gets probability 0)."""
+
+    def score(estimator, X, y) -> float:
+        proba = np.zeros((len(X), n_classes))
+        proba[:, estimator.classes_.astype(int)] = estimator.predict_proba(X)
+        proba /= proba.sum(axis=1, keepdims=True)
+        return -log_loss(y, proba, labels=np.arange(n_classes))
+
+    return score
