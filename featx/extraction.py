@@ -233,7 +233,7 @@ class _Partial:
 
     BATCHING = ("batch_size", "chunk_items")  # a resumed run keeps the interrupted run's
 
-    def __init__(self, store: Path, run: dict[str, Any]):
+    def __init__(self, store: Path, run: dict[str, Any], log=lambda _: None):
         self.dir = store.with_name(store.name + ".partial")
         self.run = run
         description = self.dir / "run.json"
@@ -245,6 +245,7 @@ class _Partial:
             if all(before.get(k) == v for k, v in run.items() if k not in self.BATCHING):
                 self.run = before
             else:
+                log(f"Discarding {self.dir}: it holds an interrupted run with other settings.")
                 shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         if not description.exists():
@@ -587,11 +588,12 @@ def _compute(
         "pool": pool,
         "dtype": dtype,
         "precision": settings.precision,
+        "device": settings.device.type,  # devices differ in the last bits: never mix them
         "n_items": len(work.items),
         "batch_size": batch_size,
         "chunk_items": batch_size * per_chunk,
     }
-    partial = _Partial(store, run)
+    partial = _Partial(store, run, log)
     chunk_items = partial.run["chunk_items"]
     if partial.run["batch_size"] != batch_size:
         batch_size = partial.run["batch_size"]

@@ -61,3 +61,20 @@ def test_cv_with_a_class_smaller_than_the_folds_scores_log_loss(photos, tmp_path
     sweep = featx.fit(store, ["avgpool"], ["logreg"], cv=2)
     log_loss = sweep.best.metrics["cv"]["log_loss"]["mean"]  # a fold lacks class c
     assert log_loss is not None and np.isfinite(log_loss)
+
+
+def test_partial_results_of_other_settings_are_discarded_with_a_message(photos, tmp_path):
+    store = tmp_path / "s.h5"
+    partial = tmp_path / "s.h5.partial"
+    partial.mkdir()
+    (partial / "run.json").write_text('{"pool": "max"}')  # an interrupted run of another kind
+    (partial / "chunk-000000.npz").write_bytes(b"not from this run")
+    result = invoke_featx(
+        "extract", photos, "--backbone", "resnet18", "--weights", "none", "--image-size", "48",
+        "--layer", "avgpool", "--workers", "0", "--store", store,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"Discarding {partial}" in result.stderr
+    assert not partial.exists()
+    with featx.FeatureStore(store) as s:
+        assert s.n_rows == 9
