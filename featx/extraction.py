@@ -41,6 +41,7 @@ from featx.layers import (
     POOLS,
     as_input,
     check_poolable,
+    pooled_shape,
     prepare_tap,
     resolve_layers,
     trace_layers,
@@ -578,7 +579,7 @@ def _compute(
     keys = [layer_key(i.name, pool) for i in todo]
     work = _Work.plan(folder, settings.augment_meta["views"] if settings.augment_meta else 0)
 
-    row_bytes = sum(_pooled_size(i.shape, pool) for i in todo) * np.dtype(dtype).itemsize
+    row_bytes = sum(math.prod(pooled_shape(i.shape, pool)) for i in todo) * np.dtype(dtype).itemsize
     per_chunk = max(1, CHUNK_BYTES // max(1, row_bytes * batch_size))
     run = {
         "identity": wanted,
@@ -626,12 +627,6 @@ def _compute(
     return result
 
 
-def _pooled_size(shape: tuple[int, ...], pool: str) -> int:
-    if pool != "none" and len(shape) == 3:
-        return shape[0] * (2 if pool == "avgmax" else 1)
-    return int(np.prod(shape))
-
-
 def _run_network(job: _Job, start: int) -> None:
     """Compute the chunks from work item `start` on, saving each as it completes."""
     modules = [i.module for i in job.todo]
@@ -657,7 +652,9 @@ def _run_network(job: _Job, start: int) -> None:
 
     def new_chunk() -> list[np.ndarray]:
         return [
-            np.empty((job.chunk_items, *_row_shape(i, job.settings.pool)), job.settings.dtype)
+            np.empty(
+                (job.chunk_items, *pooled_shape(i.shape, job.settings.pool)), job.settings.dtype
+            )
             for i in job.todo
         ]
 
@@ -702,12 +699,6 @@ def _run_network(job: _Job, start: int) -> None:
         ) from None
     bar.close()
     writer.finish()
-
-
-def _row_shape(info, pool: str) -> tuple[int, ...]:
-    if pool != "none" and len(info.shape) == 3:
-        return (_pooled_size(info.shape, pool),)
-    return info.shape
 
 
 def _assemble(job: _Job, n_chunks: int) -> ExtractResult:
@@ -803,7 +794,7 @@ def _assemble(job: _Job, n_chunks: int) -> ExtractResult:
                     out,
                     key,
                     len(sources),
-                    _row_shape(info, job.settings.pool),
+                    pooled_shape(info.shape, job.settings.pool),
                     job.settings.dtype,
                     job.settings.compression,
                     attrs,

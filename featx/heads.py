@@ -250,8 +250,8 @@ def export_model(
     from featx.backbones import state_dict_sha256
     from featx.classifiers import LayerFeatures
     from featx.extraction import library_versions
+    from featx.layers import pooled_shape
     from featx.model import FeatxModel, now
-    from featx.network import pooled_size
     from featx.store import layer_key
 
     config, net, record = session.config, session.net, session.record
@@ -270,7 +270,7 @@ def export_model(
 
     info = session.layer_info
     store_pool = "none" if net.pool == "flatten" else net.pool
-    row_shape = list(info.shape) if net.pool == "flatten" else [pooled_size(info.shape, net.pool)]
+    row_shape = list(pooled_shape(info.shape, net.pool))
     classes = list(range(len(session.class_names)))
     pipeline = Pipeline(
         [

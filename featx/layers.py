@@ -120,6 +120,14 @@ def check_poolable(model: nn.Module, layers: list[LayerInfo], pool: str) -> None
             )
 
 
+def pooled_shape(shape: tuple[int, ...], pool: str) -> tuple[int, ...]:
+    """The per-image shape that `pool` makes of a layer output of `shape` (C, H, W maps become
+    vectors; `flatten` and other shapes keep theirs)."""
+    if pool in ("none", "flatten") or len(shape) != 3:
+        return tuple(shape)
+    return (shape[0] * (2 if pool == "avgmax" else 1),)
+
+
 def pool_features(x: torch.Tensor, pool: str) -> torch.Tensor:
     """Reduce the spatial dimensions of an NCHW map; other shapes pass through."""
     if pool == "none" or x.ndim != 4:

@@ -18,6 +18,7 @@ whose forward starts at or after LAYER's, where a Keras name covers its whole Ke
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,7 @@ from featx.layers import (
     LayerInfo,
     check_poolable,
     pool_features,
+    pooled_shape,
     resolve_layers,
     trace_layers,
 )
@@ -75,16 +77,6 @@ def make_head(in_features: int, hidden_sizes: Sequence[int], dropout: float, n_o
         layers.append(nn.Dropout(dropout))
     layers.append(nn.Linear(in_features, n_outputs))
     return nn.Sequential(*layers)
-
-
-def pooled_size(shape: tuple[int, ...], pool: str) -> int:
-    """Length of the feature vector that `pool` makes from one layer output of `shape`."""
-    if len(shape) == 3 and pool != "flatten":
-        return shape[0] * (2 if pool == "avgmax" else 1)
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def default_layer(backbone: Backbone, infos: list[LayerInfo], model: nn.Module) -> LayerInfo:
@@ -392,7 +384,7 @@ def build_network(
     )
     check_poolable(model, [info], pool)
     if head is None:
-        n_in = pooled_size(info.shape, pool)
+        n_in = math.prod(pooled_shape(info.shape, pool))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             head = make_head(n_in, list(hidden_sizes), dropout, n_classes)
