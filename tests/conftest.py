@@ -115,3 +115,15 @@ def small_photos(tmp_path_factory) -> Path:
     make_folder(root, {"cat": 4, "dog": 4})
     make_folder(root, {"cat": 1, "dog": 1}, size=(60, 80), start=50)
     return root
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small networks gain nothing from intra-op threads, which stall when the 2 cores are
+    busy; modules opt in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

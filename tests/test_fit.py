@@ -10,7 +10,6 @@ import sys
 import numpy as np
 import pytest
 import sklearn
-import torch
 from clfdata import (
     FASHION_MNIST,
     colour_folder,
@@ -30,13 +29,7 @@ from featx.training import parse_size, select_rows
 CLASSES = ["blue", "green", "red"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Small networks gain nothing from intra-op threads, which stall when cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _extract(root, store, **kwargs):

@@ -21,12 +21,7 @@ SIZE = 64
 LITE0_LAYERS = ["blocks.4", FORWARD_FEATURES]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def seeded(build, seed: int = 7) -> nn.Module:

@@ -24,13 +24,7 @@ from featx.layers import LayerTap
 from featx.model import FeatxModel, load_model
 from featx.prediction import collect_images
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
