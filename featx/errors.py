@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -17,6 +19,13 @@ class FeatxError(Exception):
 
 class UsageError(FeatxError):
     """Bad input: a wrong option, a missing file, a store that does not match."""
+
+
+def check_choice(flag: str, value: object, choices: Iterable[str]) -> None:
+    """UsageError naming `--flag` and its choices unless `value` is one of them."""
+    choices = list(choices)
+    if value not in choices:
+        raise UsageError(f"--{flag} must be one of {', '.join(choices)}, not {value!r}.")
 
 
 class WeightsUnavailable(FeatxError):

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from featx import __version__
 from featx.backbones import Backbone, LoadedBackbone, Preprocessing, get_backbone
 from featx.data import UNSPLIT, BadImage, ImageFolder, load_image, scan_image_folder
-from featx.errors import EXIT_INTERRUPTED, FeatxError, StoreLocked, UsageError
+from featx.errors import EXIT_INTERRUPTED, FeatxError, StoreLocked, UsageError, check_choice
 from featx.layers import (
     POOLS,
     as_input,
@@ -73,14 +73,9 @@ class ExtractResult:
 
 
 # ---- options -----------------------------------------------------------------------------
-def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise UsageError(f"--{name} must be one of {', '.join(choices)}, not {value!r}.")
-
-
 def resolve_device(device: str) -> torch.device:
     """`auto` picks CUDA, then MPS, then CPU."""
-    _check_choice("device", device, DEVICES)
+    check_choice("device", device, DEVICES)
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -96,7 +91,7 @@ def resolve_device(device: str) -> torch.device:
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """The autocast context for a precision: fp32 (none), bf16, or fp16 (CUDA/MPS only)."""
-    _check_choice("precision", precision, PRECISIONS)
+    check_choice("precision", precision, PRECISIONS)
     if precision == "fp32":
         return contextlib.nullcontext()
     if precision == "fp16" and device.type == "cpu":
@@ -422,7 +417,7 @@ def extract(
         ("compression", compression, COMPRESSIONS),
         ("precision", precision, PRECISIONS),
     ):
-        _check_choice(name, value, choices)
+        check_choice(name, value, choices)
     if not layers:
         raise UsageError("give at least one --layer; `featx layers BACKBONE` lists them.")
     if batch_size < 1:

@@ -38,8 +38,9 @@ from tqdm import tqdm
 from featx.augment import AugmentConfig, Augmenter, view_seed
 from featx.backbones import Backbone, LoadedBackbone, Preprocessing, get_backbone
 from featx.data import UNSPLIT, BadImage, ImageFile, ImageFolder, load_image, scan_image_folder
-from featx.errors import UsageError
+from featx.errors import UsageError, check_choice
 from featx.extraction import (
+    PRECISIONS,
     Interrupted,
     autocast,
     default_workers,
@@ -117,15 +118,11 @@ class FinetuneConfig:
             ("optimizer", OPTIMIZERS),
             ("bn", BN_MODES),
             ("class_weights", CLASS_WEIGHTS),
-            ("precision", ("fp32", "bf16", "fp16")),
+            ("precision", PRECISIONS),
         ):
-            if getattr(self, name) not in choices:
-                flag = name.replace("_", "-")
-                raise UsageError(
-                    f"--{flag} must be one of {', '.join(choices)}, not {getattr(self, name)!r}."
-                )
-        if self.pool is not None and self.pool not in POOLS:
-            raise UsageError(f"--pool must be one of {', '.join(POOLS)}, not {self.pool!r}.")
+            check_choice(name.replace("_", "-"), getattr(self, name), choices)
+        if self.pool is not None:
+            check_choice("pool", self.pool, POOLS)
         checks = (
             ("epochs", self.epochs >= 0, "0 or more"),
             ("epochs-head", self.epochs_head is None or self.epochs_head >= 0, "0 or more"),

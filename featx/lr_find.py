@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from featx.errors import UsageError
+from featx.errors import UsageError, check_choice
 
 SKIP_START = 0.1  # share of the first points left out of the steepest-slope search
 
@@ -161,8 +161,7 @@ def find_lr(
     best.pt or last.pt) starts from trained weights. `plot` writes the curve as PNG."""
     from featx.finetune import STAGES, Session, load_checkpoint
 
-    if stage not in STAGES:
-        raise UsageError(f"--stage must be one of {', '.join(STAGES)}, not {stage!r}.")
+    check_choice("stage", stage, STAGES)
     session = Session(data_dir, config, workers=workers, device=device, quiet=quiet)
     try:
         if checkpoint is not None:

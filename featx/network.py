@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from featx.backbones import FORWARD_FEATURES, Backbone
-from featx.errors import UsageError
+from featx.errors import UsageError, check_choice
 from featx.layers import (
     LayerInfo,
     check_poolable,
@@ -104,8 +104,7 @@ class Network(nn.Module):
 
     def __init__(self, base: nn.Module, layer: str, pool: str, head: nn.Sequential):
         super().__init__()
-        if pool not in POOLS:
-            raise UsageError(f"--pool must be one of {', '.join(POOLS)}, not {pool!r}.")
+        check_choice("pool", pool, POOLS)
         self.base, self.head = base, head
         self.layer, self.pool = layer, pool
         self.blocks: list[Block] = []
@@ -253,8 +252,7 @@ class Network(nn.Module):
         """Training mode: the head trains; base modules from `start` on train, except that
         BatchNorm keeps its running statistics (eval) unless `bn` is "train"; the rest of the
         base, and all of it when `start` is None, runs in eval mode."""
-        if bn not in BN_MODES:
-            raise UsageError(f"--bn must be one of {', '.join(BN_MODES)}, not {bn!r}.")
+        check_choice("bn", bn, BN_MODES)
         self.train()
         for path, module in self.base.named_modules():
             on = start is not None and self._start.get(path, -1) >= start

@@ -57,7 +57,7 @@ from featx.classifiers import (
     classifier_spec,
     param_grids,
 )
-from featx.errors import UsageError
+from featx.errors import UsageError, check_choice
 from featx.evaluation import predict_in_chunks
 from featx.metrics import (
     SUMMARY,
@@ -409,10 +409,9 @@ def fit(
         raise UsageError("give at least one --layer; `featx info STORE` lists them.")
     if not classifiers:
         raise UsageError("give at least one --clf.")
-    if metric not in METRICS:
-        raise UsageError(f"--metric must be one of {', '.join(METRICS)}, not {metric!r}.")
-    if pool is not None and pool not in FIT_POOLS:
-        raise UsageError(f"--pool must be one of {', '.join(FIT_POOLS)}, not {pool!r}.")
+    check_choice("metric", metric, METRICS)
+    if pool is not None:
+        check_choice("pool", pool, FIT_POOLS)
     if pca is not None and pca < 1:
         raise UsageError(f"--pca must be a positive number of components, not {pca}.")
     if n_jobs == 0 or n_jobs < -1:

@@ -40,7 +40,8 @@ def colour_folder(
     return root
 
 
-def _idx(path: Path) -> np.ndarray:
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (the MNIST format): magic, dimension sizes, then unsigned bytes."""
     with gzip.open(path) as fh:
         data = fh.read()
     ndim = data[3]
@@ -51,8 +52,8 @@ def _idx(path: Path) -> np.ndarray:
 def fashion_mnist_folder(root: Path, per_split: dict[str, int]) -> Path:
     """ROOT/SPLIT/CLASS/*.png from the first Fashion-MNIST training images of each class,
     upscaled from 28 to 64 pixels."""
-    images = _idx(FASHION_MNIST / "train-images-idx3-ubyte.gz")
-    labels = _idx(FASHION_MNIST / "train-labels-idx1-ubyte.gz")
+    images = read_idx(FASHION_MNIST / "train-images-idx3-ubyte.gz")
+    labels = read_idx(FASHION_MNIST / "train-labels-idx1-ubyte.gz")
     start = 0
     for split, n in per_split.items():
         for c in range(10):

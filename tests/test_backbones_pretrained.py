@@ -5,13 +5,13 @@ scikit-image's cat and coffee photos correctly."""
 
 from __future__ import annotations
 
-import gzip
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import skimage.data
+from clfdata import read_idx
 from PIL import Image
 from sklearn.neighbors import NearestCentroid
 from sklearn.pipeline import make_pipeline
@@ -25,15 +25,6 @@ FASHION = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fa
 TRAIN_PER_CLASS, VALIDATION_PER_CLASS = 30, 10
 IMAGENET_CATS = {281: "tabby", 282: "tiger cat", 285: "Egyptian cat"}
 ESPRESSO = 967
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (the MNIST format): magic, dimension sizes, then unsigned bytes."""
-    with gzip.open(path) as fh:
-        data = fh.read()
-    ndim = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
 def real_dataset() -> tuple[str, np.ndarray, np.ndarray, list[str]]:
