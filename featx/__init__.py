@@ -5,36 +5,29 @@ The public names load their modules on first use, so `import featx` (and `featx 
 not import torch.
 """
 
-from __future__ import annotations
-
-import importlib
+from featx._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "FeatureStore": "featx.store",
-    "available_backbones": "featx.backbones",
-    "get_backbone": "featx.backbones",
-    "extract": "featx.extraction",
-    "fit": "featx.training",
-    "evaluate": "featx.evaluation",
-    "predict": "featx.prediction",
-    "load_model": "featx.model",
-    "finetune": "featx.finetune",
-    "FinetuneConfig": "featx.finetune",
-    "MLPClassifier": "featx.mlp",
-    "AugmentConfig": "featx.augment",
+    "FeatureStore": "store.feature_store",
+    "available_backbones": "backbones.registry",
+    "get_backbone": "backbones.registry",
+    "extract": "extraction.run",
+    "ExtractResult": "extraction.run",
+    "fit": "classify.fit",
+    "Sweep": "classify.fit",
+    "evaluate": "classify.evaluate",
+    "Evaluation": "classify.evaluate",
+    "predict": "classify.predict",
+    "Predictions": "classify.predict",
+    "load_model": "models.file",
+    "FeatxModel": "models.file",
+    "MLPClassifier": "classify.mlp",
+    "finetune": "finetuning.session",
+    "FinetuneConfig": "finetuning.session",
+    "FinetuneResult": "finetuning.session",
+    "AugmentConfig": "data.augment",
 }
 __all__ = ["__version__", *_EXPORTS]
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'featx' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -34,3 +34,9 @@ class WeightsUnavailable(FeatxError):
 
 class StoreLocked(FeatxError):
     """Another featx process is writing the same store."""
+
+
+class Interrupted(FeatxError):
+    """Ctrl-C or SIGTERM stopped the run; finished work is kept and the same command resumes."""
+
+    exit_code = EXIT_INTERRUPTED

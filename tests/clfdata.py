@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from featx.store import add_layer, write_store
+from featx.store.feature_store import add_layer, write_store
 
 COLOURS = {"red": (200, 40, 40), "green": (40, 170, 60), "blue": (40, 60, 200)}
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")

@@ -1,4 +1,4 @@
-"""Tests for featx.augment on drawn RGB images."""
+"""Tests for featx.data.augment on drawn RGB images."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw, ImageOps
 
-from featx.augment import AugmentConfig, Augmenter, preview_grid, view_seed
+from featx.data.augment import AugmentConfig, Augmenter, preview_grid, view_seed
 from featx.errors import UsageError
 
 W, H = 128, 96  # non-square to catch mixed-up axes

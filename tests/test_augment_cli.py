@@ -9,11 +9,11 @@ from ftdata import shapes_folder
 from PIL import Image
 from typer.testing import CliRunner
 
-from featx.augment import AugmentConfig
 from featx.cli import app
-from featx.cli_options import AUGMENT_DEFAULTS, AugmentFlags
+from featx.cli.options import AUGMENT_DEFAULTS, AugmentFlags
+from featx.data.augment import AugmentConfig
+from featx.data.preview import read_preview_settings
 from featx.errors import UsageError
-from featx.preview import read_preview_settings
 
 
 @pytest.fixture(scope="module")

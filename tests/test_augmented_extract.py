@@ -16,13 +16,13 @@ import torch
 from conftest import make_folder
 from typer.testing import CliRunner
 
-from featx.augment import AugmentConfig, Augmenter, view_seed
-from featx.backbones import get_backbone
+from featx.backbones.layers import LayerTap
+from featx.backbones.registry import get_backbone
 from featx.cli import app
-from featx.data import load_image
-from featx.extraction import extract
-from featx.layers import LayerTap
-from featx.store import FeatureStore
+from featx.data.augment import AugmentConfig, Augmenter, view_seed
+from featx.data.folders import load_image
+from featx.extraction.run import extract
+from featx.store.feature_store import FeatureStore
 
 SETTINGS = AugmentConfig(rotation=25, shift=0.1, zoom=0.15, brightness=0.2)
 LAYER = dict(backbone="resnet18", layers=["layer3"], weights="none", image_size=48, pool="avg")
@@ -85,9 +85,9 @@ def test_an_augmented_row_is_the_backbone_on_its_seeded_view(augmented, photos):
     for row in (1, 6):  # view 1 of the first image, view 2 of the second
         image = load_image(photos / paths[row])
         seed = view_seed(7, int(sources[row]), int(views[row]))
-        view = Augmenter(SETTINGS)(preprocessing.resize_image(image), seed)
+        view = preprocessing(image, lambda im, seed=seed: Augmenter(SETTINGS)(im, seed))
         with torch.inference_mode():
-            expected = tap(preprocessing(view)[None])["layer3"][0].numpy()
+            expected = tap(view[None])["layer3"][0].numpy()
         assert views[row] > 0
         np.testing.assert_allclose(features[row], expected, rtol=1e-4, atol=1e-4)
 
@@ -136,7 +136,7 @@ def test_augmentation_flags_without_views_are_refused(photos, tmp_path):
 
 # Extraction in a fresh interpreter with chunks of one batch, so that a kill lands mid-run.
 SMALL_CHUNKS = (
-    "import sys, featx.extraction as e; e.CHUNK_BYTES = int(sys.argv.pop(1)); "
+    "import sys, featx.extraction.run as e; e.CHUNK_BYTES = int(sys.argv.pop(1)); "
     "from featx.cli import app; app()"
 )
 

@@ -13,9 +13,9 @@ import torchvision
 from conftest import assert_one_sentence_error, invoke_featx, run_featx
 from torch import nn
 
-from featx.backbones import get_backbone, state_dict_sha256
+from featx.backbones.layers import LayerTap, trace_layers
+from featx.backbones.registry import get_backbone, state_dict_sha256
 from featx.errors import UsageError
-from featx.layers import LayerTap, trace_layers
 
 KERAS_VGG16 = [
     *(f"block1_conv{i}" for i in (1, 2)), "block1_pool",

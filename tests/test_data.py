@@ -12,7 +12,7 @@ from conftest import assert_one_sentence_error, invoke_featx, make_folder, photo
 from PIL import Image
 
 from featx import FeatureStore, extract
-from featx.data import BadImage, load_image, scan_image_folder
+from featx.data.folders import BadImage, load_image, scan_image_folder
 from featx.errors import UsageError
 
 EXTENSIONS = ("jpg", "jpeg", "png", "bmp", "gif", "webp", "tif")

@@ -18,7 +18,7 @@ from torchvision import transforms as T
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from featx import FeatureStore, extract
-from featx.backbones import RANDOM_INIT_SEED
+from featx.backbones.registry import RANDOM_INIT_SEED
 from featx.errors import UsageError
 
 
@@ -123,7 +123,7 @@ def mobilenet(small_photos, tmp_path_factory):
     """mobilenet_v3_small features.6 reference outputs, with seeded weights from a file."""
     tmp = tmp_path_factory.mktemp("mnv3")
     model, path = weights_file(tmp, torchvision.models.mobilenet_v3_small, "mnv3-seeded")
-    from featx.data import scan_image_folder
+    from featx.data.folders import scan_image_folder
 
     paths = [f.path for f in scan_image_folder(small_photos).files]
     images = rows_as_images(small_photos, paths)

@@ -19,9 +19,9 @@ from conftest import FEATX, assert_one_sentence_error, invoke_featx, make_folder
 from test_resume import datasets, partial_of, wait_for
 
 from featx import FeatureStore, extract
-from featx.backbones import state_dict_sha256
+from featx.backbones.registry import state_dict_sha256
 from featx.errors import UsageError
-from featx.extraction import CHUNK_BYTES
+from featx.extraction.run import CHUNK_BYTES
 
 
 def fingerprint(path: Path) -> tuple[str, int]:
@@ -155,7 +155,7 @@ def test_resume_keeps_the_interrupted_runs_batch_size(tmp_path):
 
 # ---- timm weights offline ------------------------------------------------------------------
 def _online() -> bool:
-    from featx.backbones import _reachable
+    from featx.backbones.registry import _reachable
 
     return _reachable("https://huggingface.co")
 

@@ -22,20 +22,19 @@ import torch
 from ftdata import base_state, changed, head_state, shapes_folder
 from typer.testing import CliRunner
 
-from featx.backbones import get_backbone
+from featx.backbones.registry import get_backbone
+from featx.classify.predict import tta_inputs
 from featx.cli import app
 from featx.errors import UsageError
-from featx.finetune import (
+from featx.finetuning.lr_find import lr_range_test
+from featx.finetuning.network import build_network
+from featx.finetuning.session import (
     FinetuneConfig,
-    ImageTransform,
     Session,
     finetune,
     load_checkpoint,
     training_split,
-    tta_inputs,
 )
-from featx.lr_find import lr_range_test
-from featx.network import build_network
 
 
 @pytest.fixture(scope="module")
@@ -317,7 +316,7 @@ def test_resume_refuses_other_options_and_a_missing_checkpoint(shapes, tmp_path)
 
 # ---- data --------------------------------------------------------------------------------------
 def test_without_a_validation_folder_the_split_is_seeded_and_stratified(shapes, shapes_split):
-    from featx.data import scan_image_folder
+    from featx.data.folders import scan_image_folder
 
     folder = scan_image_folder(shapes)
     split = training_split(folder, 0.2, seed=0)
@@ -339,17 +338,6 @@ def test_bf16_autocast_trains_on_the_cpu(tiny, tmp_path):
     c = config(precision="bf16", epochs_head=1, epochs=1)
     result = finetune(tiny, c, out=tmp_path / "run", device="cpu", workers=0, quiet=True)
     assert all(np.isfinite(h["train_loss"]) and np.isfinite(h["val_loss"]) for h in result.history)
-
-
-@pytest.mark.parametrize("image_size", [None, 40])
-def test_the_plain_transform_is_the_backbone_preprocessing(image_size):
-    from ftdata import shape_image
-
-    preprocessing = get_backbone("resnet18").default_preprocessing()
-    if image_size:
-        preprocessing = preprocessing.with_image_size(image_size)
-    image = shape_image("circle", np.random.default_rng(0), size=300).resize((300, 200))
-    assert torch.equal(ImageTransform(preprocessing)(image), preprocessing(image))
 
 
 def test_test_time_views_are_seeded_augmentations_at_input_size():
@@ -395,7 +383,7 @@ def test_a_run_writes_its_files(finished):
 
 
 def test_the_model_file_works_with_predict(finished, shapes_split):
-    from featx.prediction import predict
+    from featx.classify.predict import predict
 
     c, result = finished
     s = session(shapes_split, c)
@@ -408,8 +396,8 @@ def test_the_model_file_works_with_predict(finished, shapes_split):
 
 
 def test_the_model_file_evaluates_a_store_of_the_fine_tuned_weights(finished, shapes_split):
-    from featx.evaluation import evaluate
-    from featx.extraction import extract
+    from featx.classify.evaluate import evaluate
+    from featx.extraction.run import extract
 
     c, result = finished
     store = extract(
@@ -423,10 +411,10 @@ def test_the_model_file_evaluates_a_store_of_the_fine_tuned_weights(finished, sh
 
 
 def test_a_fitted_mlp_starts_the_head_with_its_pipeline_folded_in(shapes, tmp_path):
-    from featx.extraction import extract
-    from featx.model import load_model
-    from featx.store import FeatureStore
-    from featx.training import fit
+    from featx.classify.fit import fit
+    from featx.extraction.run import extract
+    from featx.models.file import load_model
+    from featx.store.feature_store import FeatureStore
 
     store = extract(
         shapes, "resnet18", ["layer4"], weights="none", image_size=32, pool="avg",

@@ -17,10 +17,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from featx.augment import AugmentConfig
-from featx.extraction import extract
-from featx.finetune import FinetuneConfig, finetune
-from featx.store import FeatureStore
+from featx.data.augment import AugmentConfig
+from featx.extraction.run import extract
+from featx.finetuning.session import FinetuneConfig, finetune
+from featx.store.feature_store import FeatureStore
 
 pytestmark = pytest.mark.slow
 

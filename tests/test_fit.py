@@ -20,11 +20,12 @@ from clfdata import (
 from typer.testing import CliRunner
 
 import featx
+from featx.classify.fit import select_rows
 from featx.cli import app
 from featx.errors import UsageError
-from featx.model import load_model
-from featx.store import FeatureStore
-from featx.training import parse_size, select_rows
+from featx.models.file import load_model
+from featx.runtime import parse_size
+from featx.store.feature_store import FeatureStore
 
 CLASSES = ["blue", "green", "red"]
 

@@ -1,4 +1,5 @@
-"""BatchNorm folding (`featx.layers.fold_batchnorm`, run by every extraction and prediction):
+"""BatchNorm folding (`featx.backbones.layers.fold_batchnorm`, run by every extraction and
+prediction):
 timm's BatchNormAct2d after Conv2d / Conv2dSame is folded, the tapped outputs do not change,
 and a conv whose own output is wanted is left alone."""
 
@@ -14,8 +15,8 @@ from conftest import photo
 from timm.layers import BatchNormAct2d, Conv2dSame
 from torch import nn
 
-from featx.backbones import FORWARD_FEATURES, Preprocessing
-from featx.layers import LayerTap, fold_batchnorm, prepare_tap
+from featx.backbones.layers import LayerTap, fold_batchnorm, prepare_tap
+from featx.backbones.registry import FORWARD_FEATURES, Preprocessing
 
 SIZE = 64
 LITE0_LAYERS = ["blocks.4", FORWARD_FEATURES]

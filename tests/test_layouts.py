@@ -8,9 +8,9 @@ import pytest
 from conftest import assert_one_sentence_error, invoke_featx, make_folder
 
 import featx
-from featx.backbones import get_backbone
+from featx.backbones.registry import get_backbone
 from featx.errors import UsageError
-from featx.network import build_network
+from featx.finetuning.network import build_network
 
 VIT = "timm:vit_tiny_patch16_224"
 

@@ -1,4 +1,4 @@
-"""Tests for featx.mlp: real (small) fits, no mocks."""
+"""Tests for featx.classify.mlp: real (small) fits, no mocks."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
 from torch import nn
 
-from featx.mlp import MLPClassifier, build_head
+from featx.classify.mlp import MLPClassifier
+from featx.models.heads import head_from_spec as build_head
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

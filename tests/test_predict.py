@@ -13,9 +13,9 @@ import pytest
 from clfdata import colour_folder
 
 import featx
+from featx.classify.predict import collect_images
 from featx.errors import UsageError
-from featx.model import FeatxModel, load_model
-from featx.prediction import collect_images
+from featx.models.file import FeatxModel, load_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

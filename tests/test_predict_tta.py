@@ -15,14 +15,13 @@ from clfdata import colour_folder
 from conftest import assert_one_sentence_error, invoke_featx, run_featx
 
 import featx
-from featx.augment import AugmentConfig
-from featx.backbones import Preprocessing, get_backbone
-from featx.data import load_image
+from featx.backbones.layers import LayerTap
+from featx.backbones.registry import Preprocessing, get_backbone
+from featx.classify.predict import collect_images, tta_inputs
+from featx.data.augment import AugmentConfig
+from featx.data.folders import load_image
 from featx.errors import UsageError
-from featx.finetune import tta_inputs
-from featx.layers import LayerTap
-from featx.model import FeatxModel, load_model
-from featx.prediction import collect_images
+from featx.models.file import FeatxModel, load_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -27,7 +27,7 @@ import pytest
 from conftest import FEATX, make_folder, run_featx
 
 from featx import FeatureStore, extract
-from featx.extraction import CHUNK_BYTES
+from featx.extraction.run import CHUNK_BYTES
 
 BATCH = 4
 ROW_BYTES = (64 * 96 * 96 + 512) * 4  # conv1 and avgpool at 192 x 192, float32

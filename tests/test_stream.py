@@ -16,7 +16,7 @@ from clfdata import synthetic_store
 # peak over the fork.
 CHILD = """
 import json, resource, sys
-from featx.training import fit
+from featx.classify.fit import fit
 
 def peak():
     try:
@@ -71,8 +71,8 @@ def test_streamed_fit_memory_is_bounded_by_the_chunk_not_the_store(tmp_path):
 
 
 def test_layer_rows_read_selected_rows_in_bounded_chunks(tmp_path):
-    from featx.chunks import LayerRows
-    from featx.store import FeatureStore
+    from featx.store.feature_store import FeatureStore
+    from featx.store.rows import LayerRows
 
     path = synthetic_store(tmp_path / "small.h5", 5000, 16, 4)
     with FeatureStore(path) as store:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import h5py
 import numpy as np
 
-from featx.store import FeatureStore
+from featx.store.feature_store import FeatureStore
 
 DEFAULT_CHUNK_BYTES = 64 << 20  # float32 bytes of one chunk
 BLOCK_BYTES = 1 << 20  # a shuffled block is at most about one HDF5 chunk of the store

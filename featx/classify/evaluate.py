@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 from sklearn.pipeline import Pipeline
 
-from featx.chunks import DEFAULT_CHUNK_BYTES, LayerRows
+from featx.classify.metrics import classification_metrics, metrics_table, plot_confusion_matrix
 from featx.errors import UsageError
-from featx.metrics import classification_metrics, metrics_table, plot_confusion_matrix
-from featx.model import FeatxModel, load_model
-from featx.store import FeatureStore
+from featx.models.file import FeatxModel, load_model
+from featx.store.feature_store import FeatureStore
+from featx.store.rows import DEFAULT_CHUNK_BYTES, LayerRows
 
 
 def predict_in_chunks(

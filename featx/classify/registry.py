@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import difflib
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,10 +29,8 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
+from featx.backbones.layers import POOLS
 from featx.errors import UsageError
-from featx.layers import POOLS
-
-FIT_POOLS = tuple(p for p in POOLS if p != "none")
 
 
 # ---- the registry ------------------------------------------------------------------------
@@ -49,7 +48,7 @@ class ClassifierSpec:
 
 
 def _mlp(seed: int, n_jobs: int) -> BaseEstimator:
-    from featx.mlp import MLPClassifier
+    from featx.classify.mlp import MLPClassifier
 
     return MLPClassifier(random_state=seed)
 
@@ -243,11 +242,12 @@ def check_params(estimator: BaseEstimator, params: Mapping[str, Any], classifier
     """Set `params` on a copy of `estimator` and validate them without fitting; UsageError with
     scikit-learn's sentence when a value is out of range or of the wrong type."""
     est = clone(estimator).set_params(**params)
+    # A fit on a few random rows runs the estimator's own parameter validation (public API).
+    rows = np.random.RandomState(0).rand(8, 3)
     try:
-        if hasattr(est, "_parameter_constraints"):  # scikit-learn's declarative constraints
-            est._validate_params()
-        if hasattr(est, "_check_params"):  # featx.mlp.MLPClassifier
-            est._check_params()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            est.fit(rows, np.arange(8) % 2)
     except (ValueError, TypeError) as error:
         text = str(error).strip().splitlines()[0].rstrip(".")
         raise UsageError(f"bad parameter for {classifier}: {text}.") from None

@@ -2,7 +2,7 @@
 
 Stage 1 (`head`) trains only the new head: the base is frozen (no gradients, eval mode, its
 weights bit-for-bit unchanged). Stage 2 (`full`) trains every layer from `--unfreeze-from` on
-together with the head, with one learning rate per block (see `featx.network`).
+together with the head, with one learning rate per block (see `featx.finetuning.network`).
 
 Every epoch ends with an atomic checkpoint (`last.pt`) holding the weights, optimiser,
 scheduler, history and early-stopping state, so `--resume` continues a killed run. Each epoch is
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -31,31 +30,34 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
-from featx.augment import AugmentConfig, Augmenter, view_seed
-from featx.backbones import Backbone, LoadedBackbone, Preprocessing, get_backbone
-from featx.data import UNSPLIT, BadImage, ImageFile, ImageFolder, load_image, scan_image_folder
-from featx.errors import UsageError, check_choice
-from featx.extraction import (
+from featx.backbones.layers import POOLS, LayerInfo, resolve_layers, trace_layers
+from featx.backbones.registry import Backbone, LoadedBackbone, Preprocessing, get_backbone
+from featx.data.augment import AugmentConfig, Augmenter, view_seed
+from featx.data.folders import (
+    UNSPLIT,
+    BadImage,
+    ImageFile,
+    ImageFolder,
+    load_image,
+    scan_image_folder,
+)
+from featx.errors import Interrupted, UsageError, check_choice
+from featx.finetuning.network import (
+    BN_MODES,
+    Network,
+    build_network,
+)
+from featx.models.heads import classification_loss, load_fitted_head, probabilities
+from featx.runtime import (
     PRECISIONS,
-    Interrupted,
+    atomic_write,
     autocast,
     default_workers,
     library_versions,
     resolve_device,
-)
-from featx.heads import load_fitted_head
-from featx.layers import LayerInfo, resolve_layers, trace_layers
-from featx.network import (
-    BN_MODES,
-    POOLS,
-    Network,
-    build_network,
-    classification_loss,
-    probabilities,
+    write_json,
 )
 
 STAGES = ("head", "full")
@@ -121,6 +123,8 @@ class FinetuneConfig:
             ("precision", PRECISIONS),
         ):
             check_choice(name.replace("_", "-"), getattr(self, name), choices)
+        if self.pool == "flatten":  # the older name of "none" for a head on the whole map
+            object.__setattr__(self, "pool", "none")
         if self.pool is not None:
             check_choice("pool", self.pool, POOLS)
         checks = (
@@ -236,50 +240,19 @@ def training_split(folder: ImageFolder, val_fraction: float, seed: int) -> Split
     return Split(train, tuple(sorted(held)), how)
 
 
-def fit_size(preprocessing: Preprocessing, image: Image.Image) -> Image.Image:
-    """The resize and centre crop of `preprocessing`, on a PIL image."""
-    pre = preprocessing
-    size = [pre.resize, pre.resize] if pre.square else [pre.resize]
-    image = TF.resize(image, size, interpolation=InterpolationMode(pre.interpolation))
-    if pre.crop:
-        image = TF.center_crop(image, [pre.crop])
-    return image
-
-
-def to_input(preprocessing: Preprocessing, image: Image.Image) -> torch.Tensor:
-    """A network-sized PIL image as a normalised tensor."""
-    tensor = TF.convert_image_dtype(TF.pil_to_tensor(image), torch.float)
-    return TF.normalize(tensor, list(preprocessing.mean), list(preprocessing.std))
-
-
 @dataclass(frozen=True)
 class ImageTransform:
-    """Image -> input tensor: resize and crop to the network's size, then (with a seed)
-    augment there, as Keras augments at `target_size`, then normalise."""
+    """Image -> input tensor through the backbone's preprocessing; with a seed, augmented at
+    the network's input size."""
 
     preprocessing: Preprocessing
     augment: AugmentConfig | None = None
 
     def __call__(self, image: Image.Image, seed: int | None = None) -> torch.Tensor:
-        image = fit_size(self.preprocessing, image)
-        if seed is not None and self.augment is not None:
-            image = Augmenter(self.augment)(image, seed)
-        return to_input(self.preprocessing, image)
-
-
-def tta_inputs(
-    image: Image.Image,
-    preprocessing: Preprocessing,
-    augment: AugmentConfig | None,
-    views: int,
-    seed: int = 0,
-    key: int = 0,
-) -> torch.Tensor:
-    """A batch of `views` augmented versions of `image` for test-time augmentation (average
-    the model's probabilities over them), made as in training: at the network's input size,
-    view v seeded by `view_seed(seed, key, v)`; `augment` None uses the default settings."""
-    transform = ImageTransform(preprocessing, augment or AugmentConfig())
-    return torch.stack([transform(image, view_seed(seed, key, v)) for v in range(1, views + 1)])
+        if seed is None or self.augment is None:
+            return self.preprocessing(image)
+        augmenter = Augmenter(self.augment)
+        return self.preprocessing(image, lambda im: augmenter(im, seed))
 
 
 class _Images(Dataset):
@@ -633,16 +606,7 @@ def _seeded(device: torch.device, seed: int) -> Iterator[None]:
 # ---- checkpoints -------------------------------------------------------------------------
 def save_atomic(obj: Any, path: Path) -> None:
     """torch.save through a temporary file and a rename: a crash never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -654,20 +618,6 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UsageError(f"{path} is not a featx fine-tuning checkpoint.")
     return state
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=_json_default) + "\n")
-    os.replace(tmp, path)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 RUN_FILES = (
@@ -761,7 +711,7 @@ def _run(session: Session, out: Path, state: dict | None, log, command: str) -> 
             "start a new run (--overwrite or another --out)."
         )
     plan = config.stage_epochs
-    _write_json(out / "config.json", _describe(session, command, plan))
+    write_json(out / "config.json", _describe(session, command, plan))
     history: list[dict[str, Any]] = list(state["history"]) if state else []
     best = dict(state["best"]) if state else {"val_loss": math.inf, "epoch": 0}
     position = (STAGES.index(state["stage"]), state["stage_done"]) if state else (0, False)
@@ -815,7 +765,7 @@ def _run(session: Session, out: Path, state: dict | None, log, command: str) -> 
                 },
                 out / LAST,
             )
-            _write_json(out / "history.json", history)
+            write_json(out / "history.json", history)
             log(_epoch_line(entry, sum(plan.values())))
             if stop:
                 log(f"Early stopping: no better validation loss for {bad} epochs.")
@@ -845,8 +795,8 @@ def _epoch_line(entry: dict[str, Any], total: int) -> str:
 
 def _finish(session, out, history, best, resumed_from, log, command) -> FinetuneResult:
     """Best weights back in, validation metrics, the model file and the history plot."""
-    from featx.heads import export_model
-    from featx.metrics import classification_metrics
+    from featx.classify.metrics import classification_metrics
+    from featx.finetuning.export import export_model
 
     if (out / BEST).is_file():
         session.net.load_state_dict(load_checkpoint(out / BEST)["network"])
@@ -855,10 +805,10 @@ def _finish(session, out, history, best, resumed_from, log, command) -> Finetune
     metrics = {
         "validation": classification_metrics(y, p.argmax(axis=1), session.class_names, p, classes)
     }
-    _write_json(out / "metrics.json", metrics)
-    _write_json(out / "history.json", history)
+    write_json(out / "metrics.json", metrics)
+    write_json(out / "history.json", history)
     model = export_model(session, out, metrics, history, best, command)
-    from featx.plots import plot_history
+    from featx.finetuning.plots import plot_history
 
     plot_history(history, out / "history.png", title=f"{session.config.backbone} fine-tuning")
     skipped = sorted(session.skipped.items())

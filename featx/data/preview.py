@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from featx.augment import AugmentConfig, preview_grid
-from featx.data import BadImage, load_image, scan_image_folder
+from featx.data.augment import AugmentConfig, preview_grid
+from featx.data.folders import BadImage, load_image, scan_image_folder
 from featx.errors import UsageError
 
 PNG_KEY = "featx-augment"  # PNG text chunk holding the settings as JSON

@@ -9,44 +9,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.special import expit, softmax
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import train_test_split
 from sklearn.utils import check_random_state, check_scalar
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import nn
-from torch.nn import functional as F
+
+from featx.models.heads import classification_loss, head_spec, make_head, probabilities
 
 _OPTIMIZERS = ("rmsprop", "adam", "sgd")
 _DTYPES = (np.float32, np.float64, np.float16)  # anything else is converted to float32
 _CHUNK = 8192  # rows per forward pass when not training
-
-
-def build_head(spec: dict[str, Any]) -> nn.Sequential:
-    """Rebuild a fitted head from `MLPClassifier.head_spec()`, in eval mode.
-
-    The result maps float32 features to logits (no softmax or sigmoid layer).
-    """
-    head = _make_head(spec["in_features"], spec["hidden_sizes"], spec["dropout"], spec["n_outputs"])
-    head.load_state_dict(spec["state_dict"])
-    return head.eval()
-
-
-def _make_head(
-    in_features: int, hidden_sizes: list[int], dropout: float, n_outputs: int
-) -> nn.Sequential:
-    """Uninitialised `[Linear, ReLU, Dropout] * len(hidden_sizes) + [Linear]` stack."""
-    layers: list[nn.Module] = []
-    for width in hidden_sizes:
-        layers += [
-            nn.utils.skip_init(nn.Linear, in_features, width),
-            nn.ReLU(),
-            nn.Dropout(dropout),
-        ]
-        in_features = width
-    layers.append(nn.utils.skip_init(nn.Linear, in_features, n_outputs))
-    return nn.Sequential(*layers)
 
 
 def _train_forward(head: nn.Sequential, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -243,11 +217,8 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
 
     def predict_proba(self, X) -> np.ndarray:
         """Class probabilities of shape (n_samples, n_classes), columns in `classes_` order."""
-        logits = self._logits(X).astype(np.float64)
-        if len(self.classes_) == 2:
-            positive = expit(logits[:, 0])
-            return np.column_stack([1 - positive, positive])
-        return softmax(logits, axis=1)
+        logits = torch.from_numpy(self._logits(X).astype(np.float64))
+        return probabilities(logits).numpy()
 
     def predict(self, X) -> np.ndarray:
         """Most probable class label of each sample."""
@@ -257,19 +228,10 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
         return self.classes_[logits.argmax(axis=1)]
 
     def head_spec(self) -> dict[str, Any]:
-        """Plain-data description of the fitted network, for `build_head` and fine-tuning."""
+        """Plain-data description of the fitted network, for `featx.models.heads.head_from_spec`
+        and fine-tuning."""
         check_is_fitted(self)
-        linears = [layer for layer in self.module_ if isinstance(layer, nn.Linear)]
-        dropouts = [layer.p for layer in self.module_ if isinstance(layer, nn.Dropout)]
-        return {
-            "in_features": linears[0].in_features,
-            "hidden_sizes": [layer.out_features for layer in linears[:-1]],
-            "dropout": dropouts[0] if dropouts else 0.0,
-            "n_outputs": linears[-1].out_features,
-            "binary": linears[-1].out_features == 1,
-            "classes": self.classes_.tolist(),
-            "state_dict": _to_cpu(self._state_copy()),
-        }
+        return head_spec(self.module_, self.classes_.tolist())
 
     def save_head(self, path: str | os.PathLike) -> None:
         """Write `head_spec()` to `path`, loadable with `torch.load(path, weights_only=True)`."""
@@ -322,12 +284,7 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
             )
         self.classes_ = classes
         n_outputs = 1 if len(classes) == 2 else len(classes)
-        head = _make_head(n_features, self._hidden_sizes(), self.dropout, n_outputs)
-        for layer in head:  # same distribution as torch's nn.Linear, drawn from `gen`
-            if isinstance(layer, nn.Linear):
-                nn.init.kaiming_uniform_(layer.weight, a=5**0.5, generator=gen)
-                bound = layer.in_features**-0.5
-                nn.init.uniform_(layer.bias, -bound, bound, generator=gen)
+        head = make_head(n_features, self._hidden_sizes(), self.dropout, n_outputs, generator=gen)
         self.module_ = head.eval()
         self._optimizer_state = (None, None)
 
@@ -358,11 +315,7 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
 
     def _loss(self, logits: torch.Tensor, y: np.ndarray, reduction: str = "mean") -> torch.Tensor:
         target = torch.from_numpy(y).to(logits.device)
-        if logits.shape[1] == 1:
-            return F.binary_cross_entropy_with_logits(
-                logits[:, 0], target.float(), reduction=reduction
-            )
-        return F.cross_entropy(logits, target, reduction=reduction)
+        return classification_loss(logits, target, reduction=reduction)
 
     def _train_epoch(self, X, y, rows, optimizer, rng, gen) -> float:
         """One shuffled pass over `rows`; returns the mean training loss."""

@@ -64,15 +64,25 @@ class Preprocessing:
     def input_size(self) -> int:
         return self.crop or self.resize
 
-    def resize_image(self, image: Image.Image) -> Image.Image:
-        """The resize step alone."""
-        size = [self.resize, self.resize] if self.square else [self.resize]
-        return TF.resize(image, size, interpolation=InterpolationMode(self.interpolation))
+    def __call__(
+        self, image: Image.Image, augment: Callable[[Image.Image], Image.Image] | None = None
+    ) -> torch.Tensor:
+        """The network input for a decoded RGB image: resize and crop to the input size, then
+        `augment` (at the input size, as Keras augments at `target_size`), then normalise.
+        Extraction, prediction, test-time augmentation and fine-tuning all go through here."""
+        image = self.fit(image)
+        if augment is not None:
+            image = augment(image)
+        return self.to_tensor(image)
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        image = self.resize_image(image)
-        if self.crop:
-            image = TF.center_crop(image, [self.crop])
+    def fit(self, image: Image.Image) -> Image.Image:
+        """Resize (and centre-crop) to the network's input size."""
+        size = [self.resize, self.resize] if self.square else [self.resize]
+        image = TF.resize(image, size, interpolation=InterpolationMode(self.interpolation))
+        return TF.center_crop(image, [self.crop]) if self.crop else image
+
+    def to_tensor(self, image: Image.Image) -> torch.Tensor:
+        """A network-sized image as a normalised float tensor."""
         tensor = TF.convert_image_dtype(TF.pil_to_tensor(image), torch.float)
         return TF.normalize(tensor, list(self.mean), list(self.std))
 
@@ -273,7 +283,7 @@ def _is_named(weights: str) -> bool:
     )
 
 
-def _short(error: BaseException) -> str:
+def _first_line(error: BaseException) -> str:
     text = str(getattr(error, "reason", None) or error).strip().splitlines()
     return text[0][:120] if text else type(error).__name__
 
@@ -333,7 +343,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise UsageError(f"cannot read weights file {path}: {_short(error)}.") from None
+        raise UsageError(f"cannot read weights file {path}: {_first_line(error)}.") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,48 +20,106 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from torch import nn
+from torch.nn import functional as F
 
-from featx.backbones import LoadedBackbone, Preprocessing
+from featx.backbones.registry import LoadedBackbone, Preprocessing
 from featx.errors import UsageError
-from featx.network import make_head, probabilities
 
 _CHUNK = 4096
 
 
-def head_spec(head: nn.Sequential, classes: list[int]) -> dict[str, Any]:
-    """A `make_head` head as plain data, in the format of `featx.mlp.MLPClassifier.head_spec`
-    (its state dict numbered as `featx.mlp.build_head` lays the layers out)."""
+def make_head(
+    in_features: int,
+    hidden_sizes: Sequence[int],
+    dropout: float,
+    n_outputs: int,
+    *,
+    input_dropout: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> nn.Sequential:
+    """The one classification head of featx, mapping features to logits:
+    `[Dropout(input_dropout)] + [Linear, ReLU, Dropout(dropout)] * len(hidden_sizes) + [Linear]`
+    (the input Dropout only when `input_dropout` > 0). A single logit column means binary.
+
+    Linear layers get torch's default initialisation, drawn from `generator` (torch's global
+    generator when None)."""
+    layers: list[nn.Module] = [nn.Dropout(input_dropout)] if input_dropout else []
+    for width in hidden_sizes:
+        layers += [
+            nn.utils.skip_init(nn.Linear, in_features, width),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+        ]
+        in_features = width
+    layers.append(nn.utils.skip_init(nn.Linear, in_features, n_outputs))
+    for layer in layers:
+        if isinstance(layer, nn.Linear):
+            nn.init.kaiming_uniform_(layer.weight, a=5**0.5, generator=generator)
+            bound = layer.in_features**-0.5
+            nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+    return nn.Sequential(*layers)
+
+
+def head_spec(head: nn.Sequential, classes: list) -> dict[str, Any]:
+    """A `make_head` head as plain data (sizes, dropout, classes, float32 CPU state dict)."""
     linears = [m for m in head if isinstance(m, nn.Linear)]
-    dropouts = [m.p for m in head if isinstance(m, nn.Dropout)]
-    state = {}
-    for k, linear in enumerate(linears):  # mlp layout: [Linear, ReLU, Dropout] * k + [Linear]
-        state[f"{3 * k}.weight"] = linear.weight.detach().float().cpu().clone()
-        state[f"{3 * k}.bias"] = linear.bias.detach().float().cpu().clone()
+    first_linear = next(i for i, m in enumerate(head) if isinstance(m, nn.Linear))
+    hidden_dropouts = [m.p for m in list(head)[first_linear:] if isinstance(m, nn.Dropout)]
+    input_dropouts = [m.p for m in list(head)[:first_linear] if isinstance(m, nn.Dropout)]
     return {
         "in_features": linears[0].in_features,
         "hidden_sizes": [m.out_features for m in linears[:-1]],
-        "dropout": dropouts[0] if dropouts else 0.0,
+        "dropout": hidden_dropouts[0] if hidden_dropouts else 0.0,
+        "input_dropout": input_dropouts[0] if input_dropouts else 0.0,
         "n_outputs": linears[-1].out_features,
         "binary": linears[-1].out_features == 1,
         "classes": list(classes),
-        "state_dict": state,
+        "state_dict": {k: v.detach().float().cpu().clone() for k, v in head.state_dict().items()},
     }
 
 
 def head_from_spec(spec: dict[str, Any]) -> nn.Sequential:
-    """A head (`make_head` layout) from a spec; accepts `featx.mlp` heads, which lack the
-    dropout before a hidden-less final layer (a no-op in eval mode anyway)."""
-    head = make_head(spec["in_features"], spec["hidden_sizes"], spec["dropout"], spec["n_outputs"])
-    linears = [i for i, m in enumerate(head) if isinstance(m, nn.Linear)]
-    sources = sorted({int(k.split(".")[0]) for k in spec["state_dict"]})
-    if len(sources) != len(linears):
-        raise UsageError("the model's head does not have the layout of a featx MLP.")
-    state = {}
-    for source, target in zip(sources, linears, strict=True):
-        for name in ("weight", "bias"):
-            state[f"{target}.{name}"] = torch.as_tensor(spec["state_dict"][f"{source}.{name}"])
-    head.load_state_dict(state)
-    return head
+    """The head that `head_spec` describes, with its weights, in eval mode."""
+    head = make_head(
+        spec["in_features"],
+        spec["hidden_sizes"],
+        spec["dropout"],
+        spec["n_outputs"],
+        input_dropout=spec.get("input_dropout", 0.0),
+    )
+    try:
+        head.load_state_dict({k: torch.as_tensor(v) for k, v in spec["state_dict"].items()})
+    except RuntimeError:
+        raise UsageError("the model's head does not have the layout of a featx MLP.") from None
+    return head.eval()
+
+
+def classification_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    class_weights: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Cross-entropy for (n, classes) logits; binary cross-entropy for a single logit column.
+    Class weights give a weighted mean, as `nn.CrossEntropyLoss(weight=...)` does."""
+    logits = logits.float()
+    if logits.shape[1] > 1:
+        return F.cross_entropy(logits, target, weight=class_weights, reduction=reduction)
+    losses = F.binary_cross_entropy_with_logits(logits[:, 0], target.float(), reduction="none")
+    if class_weights is not None:
+        w = class_weights[target]
+        return (losses * w).sum() / w.sum() if reduction == "mean" else (losses * w).sum()
+    return losses.mean() if reduction == "mean" else losses.sum()
+
+
+def probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Class probabilities (n, classes) from logits, sigmoid for a single logit column;
+    float64 logits stay float64."""
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    if logits.shape[1] == 1:
+        p = torch.sigmoid(logits[:, 0])
+        return torch.stack([1 - p, p], dim=1)
+    return logits.softmax(dim=1)
 
 
 class TorchHead(ClassifierMixin, BaseEstimator):
@@ -131,7 +189,7 @@ class FittedHead:
 
     head: nn.Sequential
     layer_module: str
-    pool: str  # the Network pool: avg, max, avgmax or flatten
+    pool: str  # avg, max, avgmax, or none (the map is flattened)
     provenance: dict[str, Any]
     path: Path
 
@@ -164,7 +222,7 @@ class FittedHead:
 def load_fitted_head(path: str | Path) -> FittedHead:
     """The torch head of a featx model file whose classifier can give one (an MLP or a
     fine-tuned head), with StandardScaler and PCA steps folded into its first layer."""
-    from featx.model import load_model
+    from featx.models.file import load_model
 
     model = load_model(path)
     steps = dict(model.pipeline.steps)
@@ -225,114 +283,7 @@ def load_fitted_head(path: str | Path) -> FittedHead:
     return FittedHead(
         head.train(),
         layer["module"],
-        "flatten" if pool == "none" else pool,
+        pool,
         model.provenance,
         Path(path),
     )
-
-
-# ---- a fine-tuned network as a featx model file ---------------------------------------------
-def export_model(
-    session: Any,
-    out: Path,
-    metrics: dict[str, Any],
-    history: list[dict[str, Any]],
-    best: dict[str, Any],
-    command: str,
-) -> Path:
-    """Write `out/base.safetensors` (the whole backbone with the fine-tuned weights, loadable
-    as `--weights FILE`) and `out/model.joblib`, a featx model file whose pipeline takes the
-    feature layer's rows (as `featx extract --weights out/base.safetensors` stores them) and
-    whose classifier is the fine-tuned head."""
-    from safetensors.torch import save_file
-    from sklearn.pipeline import Pipeline
-
-    from featx.backbones import state_dict_sha256
-    from featx.classifiers import LayerFeatures
-    from featx.extraction import library_versions
-    from featx.layers import pooled_shape
-    from featx.model import FeatxModel, now
-    from featx.store import layer_key
-
-    config, net, record = session.config, session.net, session.record
-    weights_path = out / "base.safetensors"
-    tmp = weights_path.with_name(f".{weights_path.name}.tmp")
-    with net.whole_backbone() as backbone:
-        state, seen = {}, set()
-        for k, v in backbone.state_dict().items():
-            v = v.detach().cpu().contiguous()
-            state[k] = v.clone() if v.data_ptr() in seen else v  # safetensors refuses sharing
-            seen.add(v.data_ptr())
-        save_file(state, str(tmp))
-        sha256 = state_dict_sha256(backbone)  # what Backbone.load(weights_path) will compute
-    tmp.replace(weights_path)
-    weights_spec = str(weights_path.resolve())
-
-    info = session.layer_info
-    store_pool = "none" if net.pool == "flatten" else net.pool
-    row_shape = list(pooled_shape(info.shape, net.pool))
-    classes = list(range(len(session.class_names)))
-    pipeline = Pipeline(
-        [
-            ("features", LayerFeatures("none").fit(np.zeros((1, *row_shape), np.float32))),
-            ("clf", TorchHead.from_head(net.head, classes)),
-        ]
-    )
-    augment = config.augment.to_dict() if config.augment is not None else None
-    epochs = config.stage_epochs
-    provenance = {
-        "backbone": record.name,
-        "weights": record.weights_identity(weights_spec),
-        "weights_spec": weights_spec,
-        "weights_sha256": sha256,
-        "preprocessing": session.preprocessing.to_dict(),
-        "preprocessing_text": session.preprocessing.describe(),
-        "layer": {
-            "key": layer_key(info.name, store_pool),
-            "name": info.name,
-            "module": info.module,
-            "pool": store_pool,
-            "precision": config.precision,
-            "dtype": "float32",
-            "row_shape": row_shape,
-        },
-        "class_names": list(session.class_names),
-        "store": {
-            "path": f"(none: fine-tuned on images, run {out})",
-            "dataset_root": str(session.folder.root.resolve()),
-            "dataset_fingerprint": session.folder.fingerprint,
-            "n_rows": len(session.split.train),
-            "augment": augment,
-            "created": now(),
-            "versions": library_versions(),
-        },
-        "classifier": "finetune",
-        "params": {
-            "head": config.head,
-            "unfreeze_from": session.unfreeze_from,
-            "epochs_head": epochs["head"],
-            "epochs": epochs["full"],
-            "lr": config.lr,
-            "lr_mult": config.lr_mult,
-            "optimizer": config.optimizer,
-            "schedule": config.schedule,
-        },
-        "estimator": f"TorchHead({len(pipeline[-1].spec['hidden_sizes'])} hidden layer(s))",
-        "pipeline": f"{'flatten' if net.pool == 'flatten' else net.pool + '-pool'} -> "
-        "fine-tuned head",
-        "selection": f"best of {len(history)} epochs by validation loss (epoch {best['epoch']})",
-        "n_train": len(session.split.train),
-        "metrics": metrics,
-        "augment": augment,
-        "finetune": {
-            "run": str(out.resolve()),
-            "seed": config.seed,
-            "original_weights": session.loaded.weights,
-            "validation": session.split.how,
-        },
-        "versions": library_versions(),
-        "created": now(),
-        "command": command,
-    }
-    provenance = json.loads(json.dumps(provenance))  # plain JSON types, as stores hold them
-    return FeatxModel(pipeline, provenance).save(out / "model.joblib")

@@ -159,7 +159,7 @@ def find_lr(
     `--lr-mult` ratios) of the network `config` (a FinetuneConfig) describes, on the training
     images of `data_dir` with the run's augmentation. `checkpoint` (a fine-tuning run's
     best.pt or last.pt) starts from trained weights. `plot` writes the curve as PNG."""
-    from featx.finetune import STAGES, Session, load_checkpoint
+    from featx.finetuning.session import STAGES, Session, load_checkpoint
 
     check_choice("stage", stage, STAGES)
     session = Session(data_dir, config, workers=workers, device=device, quiet=quiet)
@@ -197,7 +197,7 @@ def find_lr(
     finally:
         session.close()
     if plot is not None:
-        from featx.plots import plot_lr_curve
+        from featx.finetuning.plots import plot_lr_curve
 
         plot_lr_curve(
             result.lrs,

@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import re
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -47,9 +46,16 @@ from sklearn.model_selection import (
 )
 from sklearn.pipeline import Pipeline
 
-from featx.chunks import DEFAULT_CHUNK_BYTES, LayerRows
-from featx.classifiers import (
-    FIT_POOLS,
+from featx.backbones.layers import POOLS
+from featx.classify.evaluate import predict_in_chunks
+from featx.classify.metrics import (
+    SUMMARY,
+    classification_metrics,
+    format_number,
+    metrics_table,
+    plot_confusion_matrix,
+)
+from featx.classify.registry import (
     PipelineConfig,
     as_param_specs,
     build_pipeline,
@@ -58,16 +64,10 @@ from featx.classifiers import (
     param_grids,
 )
 from featx.errors import UsageError, check_choice
-from featx.evaluation import predict_in_chunks
-from featx.metrics import (
-    SUMMARY,
-    classification_metrics,
-    format_number,
-    metrics_table,
-    plot_confusion_matrix,
-)
-from featx.model import FeatxModel, layer_provenance, now, store_provenance
-from featx.store import FeatureStore, human_size
+from featx.models.file import FeatxModel, layer_provenance, model_provenance, store_provenance
+from featx.runtime import available_memory, human_size, now, to_json
+from featx.store.feature_store import FeatureStore
+from featx.store.rows import DEFAULT_CHUNK_BYTES, LayerRows
 
 # --metric -> (scikit-learn scorer, key in the metrics dict)
 METRICS = {
@@ -249,7 +249,7 @@ class Sweep:
                 notes.append(f"streamed, {len(r.epochs)} passes")
             if r.warnings:
                 notes.append(f"{len(r.warnings)} warning(s)")
-            params = ", ".join(f"{k}={_short(v)}" for k, v in r.params.items()) or "-"
+            params = ", ".join(f"{k}={_abbreviated(v)}" for k, v in r.params.items()) or "-"
             rows.append(
                 [str(r.rank), r.layer, r.classifier, params, *values, f"{r.seconds:.1f}"]
                 + ["; ".join(notes)]
@@ -303,7 +303,7 @@ class Sweep:
         """The JSON report, and the best experiment's validation confusion matrix as PNG."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1, default=_json_default) + "\n")
+        path.write_text(json.dumps(self.to_dict(), indent=1, default=to_json) + "\n")
         written = [path]
         if "validation" in self.best.metrics:
             written.append(
@@ -316,51 +316,12 @@ class Sweep:
         return written
 
 
-def _short(value: Any) -> str:
+def _abbreviated(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 24 else text[:21] + "..."
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return repr(value)
-
-
 # ---- memory -------------------------------------------------------------------------------
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKMGT]?i?B?)\s*$")
-_UNITS = {"": 1, "B": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
-
-
-def parse_size(text: str) -> int:
-    """'500MB' -> 500_000_000, '2GiB' -> 2 * 2**30, '1e9' -> 10**9 bytes."""
-    match = _SIZE.match(text)
-    if not match:
-        try:
-            return int(float(text))
-        except ValueError:
-            raise UsageError(f"{text!r} is not a size such as 500MB or 4GB.") from None
-    number, unit = float(match[1]), match[2].upper()
-    if "I" in unit:
-        return int(number * 1024 ** " KMGT".index(unit[0]))
-    return int(number * _UNITS[unit.rstrip("B")[:1] or ""])
-
-
-def available_memory() -> int:
-    """Bytes of memory available to new allocations (MemAvailable on Linux)."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 4 << 30
 
 
 def default_memory_budget() -> int:
@@ -411,7 +372,7 @@ def fit(
         raise UsageError("give at least one --clf.")
     check_choice("metric", metric, METRICS)
     if pool is not None:
-        check_choice("pool", pool, FIT_POOLS)
+        check_choice("pool", pool, POOLS)
     if pca is not None and pca < 1:
         raise UsageError(f"--pca must be a positive number of components, not {pca}.")
     if n_jobs == 0 or n_jobs < -1:
@@ -796,36 +757,33 @@ class _Experiment:
             )
         )
         estimator = pipeline.steps[-1][1]
-        from featx.extraction import library_versions
 
-        provenance = {
-            **store_provenance(self.store),
-            "layer": layer_provenance(self.store, self.key),
-            "class_names": list(self.store.class_names),
-            "classifier": self.name,
-            "params": dict(params),
-            "estimator": " ".join(repr(estimator).split()),
-            "estimator_params": {
+        provenance = model_provenance(
+            store_provenance(self.store),
+            layer_provenance(self.store, self.key),
+            self.store.class_names,
+            classifier=self.name,
+            params=dict(params),
+            estimator=" ".join(repr(estimator).split()),
+            estimator_params={
                 k: v
                 for k, v in estimator.get_params(deep=False).items()
                 if v is None or isinstance(v, bool | int | float | str | tuple | list)
             },
-            "pipeline": self.config.describe(),
-            "pipeline_config": {
+            pipeline=self.config.describe(),
+            pipeline_config={
                 "pool": self.config.pool,
                 "scale": self.config.scale,
                 "pca": self.config.pca,
                 "l2": self.config.l2,
             },
-            "selection": self.selection.description,
-            "metric": self.metric,
-            "seed": self.seed,
-            "n_train": len(self.selection.train),
-            "streamed": streamed,
-            "metrics": metrics,
-            "versions": library_versions(),
-            "created": now(),
-        }
+            selection=self.selection.description,
+            metric=self.metric,
+            seed=self.seed,
+            n_train=len(self.selection.train),
+            streamed=streamed,
+            metrics=metrics,
+        )
         return FitResult(
             self.key,
             self.name,

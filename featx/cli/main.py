@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from featx.cli_options import AugmentFlags, with_augmentation, with_network
+from featx.cli.options import AugmentFlags, with_augmentation, with_network
 from featx.errors import EXIT_SKIPPED, FeatxError
 
 app = typer.Typer(
@@ -113,7 +113,7 @@ def extract(
 
     Example: featx extract data/flowers --backbone vgg16 --layer block4_pool --layer block5_pool
     """
-    from featx.extraction import extract as run
+    from featx.extraction.run import extract as run
 
     with reported():
         config = augmentation.config()
@@ -169,7 +169,7 @@ def layers(
 
     Example: featx layers vgg16 --image-size 150 --n-images 2000
     """
-    from featx.layers import layer_table
+    from featx.backbones.layers import layer_table
 
     with reported():
         typer.echo(layer_table(backbone, image_size, n_images, all_layers))
@@ -181,7 +181,7 @@ def backbones() -> None:
 
     Example: featx backbones
     """
-    from featx.backbones import available_backbones
+    from featx.backbones.registry import available_backbones
 
     for name in available_backbones():
         typer.echo(name)
@@ -203,11 +203,11 @@ def info(
     """
     import h5py
 
-    from featx.store import FeatureStore
+    from featx.store.feature_store import FeatureStore
 
     with reported():
         if path.is_file() and not h5py.is_hdf5(path):
-            from featx.model import load_model
+            from featx.models.file import load_model
 
             typer.echo(load_model(path).summary())
             return
@@ -298,8 +298,8 @@ def fit(
     Example: featx fit --store stores/flowers.h5 --layer block4_pool --layer block5_pool
     --clf logreg --clf svm --param C=0.01,0.1,1 --model flowers.joblib --report fit.json
     """
-    from featx.training import fit as run
-    from featx.training import parse_size
+    from featx.classify.fit import fit as run
+    from featx.runtime import parse_size
 
     with reported():
         sweep = run(
@@ -357,7 +357,7 @@ def evaluate(
 
     Example: featx evaluate --model flowers.joblib --store stores/flowers.h5 --split test
     """
-    from featx.evaluation import evaluate as run
+    from featx.classify.evaluate import evaluate as run
 
     with reported():
         result = run(model, store, split, report=report)
@@ -392,7 +392,7 @@ def predict(
 
     Example: featx predict --model flowers.joblib photos/ --out predictions.csv
     """
-    from featx.prediction import predict as run
+    from featx.classify.predict import predict as run
 
     with reported():
         result = run(
@@ -423,7 +423,7 @@ def classifiers() -> None:
 
     Example: featx classifiers
     """
-    from featx.classifiers import classifier_table
+    from featx.classify.registry import classifier_table
 
     typer.echo(classifier_table())
 
@@ -434,7 +434,7 @@ def classifiers() -> None:
 def _finetune_config(network: dict[str, Any], augmentation: AugmentFlags, **training):
     """A FinetuneConfig from the shared options; returns it with (workers, device)."""
     from featx.errors import UsageError
-    from featx.finetune import FinetuneConfig
+    from featx.finetuning.session import FinetuneConfig
 
     network = dict(network)
     workers, device, augment = network.pop("workers"), network.pop("device"), network.pop("augment")
@@ -496,7 +496,7 @@ def finetune(
     Example: featx finetune data/cats_dogs --backbone vgg16 --image-size 150 --unfreeze-from
     block5_conv1 --epochs-head 5 --epochs 10 --lr 1e-4 --out runs/cats-dogs
     """
-    from featx.finetune import finetune as run
+    from featx.finetuning.session import finetune as run
 
     with reported():
         config, workers, device = _finetune_config(
@@ -556,7 +556,7 @@ def lr_find(
     Example: featx lr-find data/cats_dogs --backbone vgg16 --image-size 150 --stage full
     --checkpoint runs/cats-dogs/best.pt
     """
-    from featx.lr_find import find_lr
+    from featx.finetuning.lr_find import find_lr
 
     with reported():
         config, workers, device = _finetune_config(network, augmentation)
@@ -605,7 +605,7 @@ def augment_preview(
 
     Example: featx augment-preview data/flowers --n 9 --rotation 20 --zoom 0.1 --out preview.png
     """
-    from featx.preview import augment_preview as run
+    from featx.data.preview import augment_preview as run
 
     with reported():
         config = augmentation.config(default=True)

@@ -30,6 +30,7 @@ import h5py
 import numpy as np
 
 from featx.errors import UsageError
+from featx.runtime import human_size
 
 FORMAT = "featx-store"
 FORMAT_VERSION = 1
@@ -192,6 +193,27 @@ class FeatureStore:
             )
             yield ds[sel], labels[sel]
 
+    def read_rows(self, layer: str, index: np.ndarray) -> np.ndarray:
+        """The rows `index` (sorted row numbers) of a layer, as one array in the stored dtype."""
+        from featx.store.rows import LayerRows
+
+        with LayerRows(self, layer) as rows:
+            return rows.read(index)
+
+    def copy_layer(self, key: str, out: h5py.File) -> None:
+        """Copy layer `key`, with its attributes and chunking, into the store file `out`."""
+        self._file.copy(self._file["features"][self.resolve(key)], out["features"], name=key)
+
+    def files(self) -> dict[str, tuple[int, int]]:
+        """The dataset's files at extraction time: relative path -> (size, mtime_ns)."""
+        g = self._file["files"]
+        return {
+            p: (int(size), int(mtime))
+            for p, size, mtime in zip(
+                _strings(g["path"]), g["size"][()], g["mtime_ns"][()], strict=True
+            )
+        }
+
     # ---- summary ------------------------------------------------------------------------
     def summary(self) -> str:
         """A human-readable description: layers, rows per split and class, skipped, provenance."""
@@ -241,15 +263,6 @@ class FeatureStore:
         for event in m.get("history", []):
             lines.append(f"  {event['time']}  {event['command']}")
         return "\n".join(lines)
-
-
-def human_size(n: float) -> str:
-    """Bytes in decimal units: 3.2 MB."""
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError
 
 
 def write_store(

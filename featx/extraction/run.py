@@ -9,35 +9,25 @@ the store on disk is always either the previous complete one or the new complete
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import functools
 import glob
-import importlib.metadata
 import json
 import math
 import os
-import platform
-import queue
 import re
-import shutil
 import sys
-import threading
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torchvision
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from featx import __version__
-from featx.backbones import Backbone, LoadedBackbone, Preprocessing, get_backbone
-from featx.data import UNSPLIT, BadImage, ImageFolder, load_image, scan_image_folder
-from featx.errors import EXIT_INTERRUPTED, FeatxError, StoreLocked, UsageError, check_choice
-from featx.layers import (
+from featx.backbones.layers import (
     POOLS,
     as_input,
     check_poolable,
@@ -46,18 +36,24 @@ from featx.layers import (
     resolve_layers,
     trace_layers,
 )
-from featx.store import FeatureStore, add_layer, layer_key, write_store
+from featx.backbones.registry import Backbone, LoadedBackbone, Preprocessing, get_backbone
+from featx.data.folders import UNSPLIT, BadImage, ImageFolder, load_image, scan_image_folder
+from featx.errors import Interrupted, UsageError, check_choice
+from featx.extraction.partial import ChunkWriter, Partial, write_lock
+from featx.runtime import (
+    PRECISIONS,
+    autocast,
+    default_workers,
+    library_versions,
+    now,
+    resolve_device,
+)
+from featx.store.feature_store import FeatureStore, add_layer, layer_key, write_store
 
 DTYPES = ("float32", "float16")
 COMPRESSIONS = ("none", "lzf", "gzip")
-PRECISIONS = ("fp32", "bf16", "fp16")
-DEVICES = ("auto", "cpu", "cuda", "mps")
 CHUNK_BYTES = 32 << 20  # features held in memory per chunk before it is written
 AUGMENTED_SPLITS = ("train", UNSPLIT)
-
-
-class Interrupted(FeatxError):
-    exit_code = EXIT_INTERRUPTED
 
 
 @dataclass
@@ -70,39 +66,6 @@ class ExtractResult:
     n_rows: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     resumed_from: int = 0
-
-
-# ---- options -----------------------------------------------------------------------------
-def resolve_device(device: str) -> torch.device:
-    """`auto` picks CUDA, then MPS, then CPU."""
-    check_choice("device", device, DEVICES)
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA device is available.")
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("--device mps was asked for but MPS is not available.")
-    return torch.device(device)
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """The autocast context for a precision: fp32 (none), bf16, or fp16 (CUDA/MPS only)."""
-    check_choice("precision", precision, PRECISIONS)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "fp16" and device.type == "cpu":
-        raise UsageError("--precision fp16 needs a CUDA or MPS device; use bf16 on a CPU.")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def default_workers() -> int:
-    """Decoding processes: leave most cores to the network."""
-    return max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
 def _slug(text: str) -> str:
@@ -120,38 +83,6 @@ def default_store_path(
     size = f"s{image_size}" if image_size else "std"
     name = f"{_slug(Path(data_dir).resolve().name)}-{_slug(backbone)}-{weights_tag}-{size}.h5"
     return Path("stores") / name
-
-
-# ---- locking -----------------------------------------------------------------------------
-@contextlib.contextmanager
-def write_lock(store: Path) -> Iterator[None]:
-    """Hold an exclusive lock on STORE.lock; StoreLocked if another process holds it."""
-    lock_path = store.with_name(store.name + ".lock")
-    while True:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise StoreLocked(
-                f"store {store} is being written by another featx process (pid {holder}); "
-                "wait for it to finish, or stop it and run this command again."
-            ) from None
-        try:
-            same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)  # the previous holder removed the file after we opened it; retry
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
-    try:
-        yield
-    finally:
-        os.unlink(lock_path)
-        os.close(fd)
 
 
 # ---- work items and decoding -------------------------------------------------------------
@@ -186,9 +117,10 @@ class _Images(Dataset):
             image = load_image(self.root / self.files[file_index].path)
         except BadImage as bad:
             return i, None, str(bad)
-        if view:  # augmented at the network's resize size: far cheaper than on a full photo
-            image = self.augment(self.preprocessing.resize_image(image), file_index, view)
-        return i, self.preprocessing(image), None
+        augment = None
+        if view:  # augmented at the network's input size: far cheaper than on a full photo
+            augment = functools.partial(self.augment, file_index=file_index, view=view)
+        return i, self.preprocessing(image, augment), None
 
 
 def _collate(samples):
@@ -223,112 +155,7 @@ class _Batches:
         return sum(1 for _ in self)
 
 
-# ---- partial results ---------------------------------------------------------------------
-class _Partial:
-    """`STORE.partial/`: the run description and one .npz file per finished chunk."""
-
-    BATCHING = ("batch_size", "chunk_items")  # a resumed run keeps the interrupted run's
-
-    def __init__(self, store: Path, run: dict[str, Any], log=lambda _: None):
-        self.dir = store.with_name(store.name + ".partial")
-        self.run = run
-        description = self.dir / "run.json"
-        if self.dir.exists():
-            try:
-                before = json.loads(description.read_text())
-            except (OSError, ValueError):
-                before = {}
-            if all(before.get(k) == v for k, v in run.items() if k not in self.BATCHING):
-                self.run = before
-            else:
-                log(f"Discarding {self.dir}: it holds an interrupted run with other settings.")
-                shutil.rmtree(self.dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        if not description.exists():
-            _atomic_write(description, json.dumps(run, indent=1).encode())
-
-    def chunk_path(self, k: int) -> Path:
-        return self.dir / f"chunk-{k:06d}.npz"
-
-    def done(self) -> int:
-        """How many leading chunks are complete."""
-        k = 0
-        while self.chunk_path(k).exists():
-            k += 1
-        return k
-
-    def save(self, k: int, index: np.ndarray, bad: list[tuple[int, str]], layers: list[np.ndarray]):
-        tmp = self.dir / f".chunk-{k:06d}.tmp"
-        with open(tmp, "wb") as fh:
-            arrays = {f"layer{i}": a for i, a in enumerate(layers)}
-            np.savez(
-                fh,
-                index=index,
-                bad_index=np.array([i for i, _ in bad], dtype=np.int64),
-                bad_reason=np.array([r for _, r in bad], dtype=str),
-                **arrays,
-            )
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.chunk_path(k))
-
-    def load(self, k: int) -> dict[str, np.ndarray]:
-        with np.load(self.chunk_path(k)) as data:
-            return {name: data[name] for name in data.files}
-
-    def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name("." + path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-class _ChunkWriter(threading.Thread):
-    """Saves finished chunks off the inference thread; a bounded queue keeps memory flat."""
-
-    def __init__(self, partial: _Partial):
-        super().__init__(daemon=True)
-        self.partial, self.jobs, self.error = partial, queue.Queue(maxsize=1), None
-
-    def run(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            if self.error is None:
-                try:
-                    self.partial.save(*job)
-                except BaseException as error:  # reported by the main thread
-                    self.error = error
-
-    def put(self, *job) -> None:
-        if self.error is not None:
-            raise self.error
-        self.jobs.put(job)
-
-    def finish(self) -> None:
-        self.jobs.put(None)
-        self.join()
-        if self.error is not None:
-            raise self.error
-
-
 # ---- provenance --------------------------------------------------------------------------
-def library_versions() -> dict[str, str]:
-    """Versions of featx, Python and the libraries that shape the features."""
-    versions = {"featx": __version__, "python": platform.python_version()}
-    for name in ("timm", "h5py", "numpy", "scikit-learn", "pillow"):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    versions["torch"], versions["torchvision"] = torch.__version__, torchvision.__version__
-    return versions
-
-
 def _identity(
     backbone: Backbone,
     weights: str,
@@ -363,11 +190,7 @@ def _differences(
 
 
 def _dataset_change(store: FeatureStore, folder: ImageFolder) -> str:
-    g = store._file["files"]
-    old = {
-        p: (int(s), int(t))
-        for p, s, t in zip(g["path"].asstr()[()], g["size"][()], g["mtime_ns"][()], strict=True)
-    }
+    old = store.files()
     new = {f.path: (f.size, f.mtime_ns) for f in folder.files}
     added = sorted(new.keys() - old.keys())
     removed = sorted(old.keys() - new.keys())
@@ -409,7 +232,8 @@ def extract(
 
     Layers already in the store are reused; new ones are added in one pass. An interrupted run
     resumes where it stopped. `augment` > 0 adds that many augmented views of each training
-    image (`augment_config`: an `featx.augment.AugmentConfig`, classic Keras ranges by default).
+    image (`augment_config`: a `featx.data.augment.AugmentConfig`, classic Keras ranges by
+    default).
     """
     for name, value, choices in (
         ("pool", pool, POOLS),
@@ -488,7 +312,7 @@ def extract(
 def _augmentation(views: int, config: Any, seed: int):
     if not views:
         return None, None
-    from featx.augment import AugmentConfig, Augmenter
+    from featx.data.augment import AugmentConfig, Augmenter
 
     config = config or AugmentConfig()
     return _ViewAugmenter(Augmenter(config), seed), {
@@ -505,8 +329,8 @@ class _ViewAugmenter:
     augmenter: Any
     seed: int
 
-    def __call__(self, image, file_index: int, view: int):
-        from featx.augment import view_seed
+    def __call__(self, image: Image.Image, file_index: int, view: int) -> Image.Image:
+        from featx.data.augment import view_seed
 
         return self.augmenter(image, view_seed(self.seed, file_index, view))
 
@@ -537,7 +361,7 @@ class _Job:
     existing: FeatureStore | None
     folder: ImageFolder
     work: _Work
-    partial: _Partial
+    partial: Partial
     todo: list  # LayerInfo of the layers to compute
     keys: list[str]
     loaded: LoadedBackbone
@@ -589,7 +413,7 @@ def _compute(
         "batch_size": batch_size,
         "chunk_items": batch_size * per_chunk,
     }
-    partial = _Partial(store, run, log)
+    partial = Partial(store, run, log)
     chunk_items = partial.run["chunk_items"]
     if partial.run["batch_size"] != batch_size:
         batch_size = partial.run["batch_size"]
@@ -642,7 +466,7 @@ def _run_network(job: _Job, start: int) -> None:
         prefetch_factor=4 if job.settings.workers else None,
         persistent_workers=False,
     )
-    writer = _ChunkWriter(job.partial)
+    writer = ChunkWriter(job.partial)
     writer.start()
 
     def new_chunk() -> list[np.ndarray]:
@@ -721,7 +545,7 @@ def _assemble(job: _Job, n_chunks: int) -> ExtractResult:
             seen.add(file_index)
             skipped.append((job.folder.files[file_index].path, reason))
     files = job.folder.files
-    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    created = now()
     meta = (
         job.existing.meta
         if job.existing is not None
@@ -738,14 +562,14 @@ def _assemble(job: _Job, n_chunks: int) -> ExtractResult:
                 "n_files": len(files),
             },
             "augment": job.settings.augment_meta,
-            "created": now,
+            "created": created,
             "history": [],
         }
     )
     meta["versions"] = library_versions()
     meta["history"] = [
         *meta.get("history", []),
-        {"time": now, "command": job.settings.command, "layers": job.keys},
+        {"time": created, "command": job.settings.command, "layers": job.keys},
     ]
     tmp = job.store.with_name(f".{job.store.name}.{os.getpid()}.tmp")
     for stale in job.store.parent.glob(f".{glob.escape(job.store.name)}.*.tmp"):
@@ -774,9 +598,7 @@ def _assemble(job: _Job, n_chunks: int) -> ExtractResult:
         with out:
             if job.existing is not None:
                 for key in job.existing.layers:
-                    job.existing._file.copy(
-                        job.existing._file["features"][key], out["features"], name=key
-                    )
+                    job.existing.copy_layer(key, out)
             for i, (info, key) in enumerate(zip(job.todo, job.keys, strict=True)):
                 blocks = (job.partial.load(k)[f"layer{i}"] for k in range(n_chunks))
                 attrs = {

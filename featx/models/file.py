@@ -15,8 +15,8 @@ only when a command is given its path (`evaluate`, `predict`, `info`).
 
 from __future__ import annotations
 
+import json
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,25 +24,60 @@ from typing import Any
 import numpy as np
 from sklearn.pipeline import Pipeline
 
-from featx.backbones import Preprocessing
+from featx.backbones.registry import Preprocessing
 from featx.errors import UsageError
-from featx.store import FeatureStore, human_size
+from featx.runtime import atomic_write, human_size, library_versions, now, to_json
+from featx.store.feature_store import FeatureStore
 
 MODEL_FORMAT = "featx-model"
 MODEL_FORMAT_VERSION = 1
 
 
-def layer_provenance(store: FeatureStore, key: str) -> dict[str, Any]:
-    """What identifies layer `key` of `store`: names, module path, pooling, dtype, row shape."""
-    info = store.layer(key)
+def layer_record(
+    *, key: str, name: str, module: str, pool: str, precision: str, dtype: str, row_shape
+) -> dict[str, Any]:
+    """What identifies a feature layer: names, module path, pooling, precision, dtype, shape."""
     return {
-        "key": info.key,
-        "name": info.attrs.get("layer", info.key),
-        "module": info.attrs.get("module", info.key),
-        "pool": info.attrs.get("pool", "none"),
-        "precision": info.attrs.get("precision", "fp32"),
-        "dtype": info.dtype,
-        "row_shape": list(info.shape),
+        "key": key,
+        "name": name,
+        "module": module,
+        "pool": pool,
+        "precision": precision,
+        "dtype": dtype,
+        "row_shape": list(row_shape),
+    }
+
+
+def layer_provenance(store: FeatureStore, key: str) -> dict[str, Any]:
+    """The `layer_record` of layer `key` of `store`."""
+    info = store.layer(key)
+    return layer_record(
+        key=info.key,
+        name=info.attrs.get("layer", info.key),
+        module=info.attrs.get("module", info.key),
+        pool=info.attrs.get("pool", "none"),
+        precision=info.attrs.get("precision", "fp32"),
+        dtype=info.dtype,
+        row_shape=info.shape,
+    )
+
+
+def feature_identity(
+    *,
+    backbone: str,
+    weights: str,
+    weights_spec: str | None,
+    weights_sha256: str,
+    preprocessing: Preprocessing,
+) -> dict[str, Any]:
+    """The backbone, weights and preprocessing that make a model's features."""
+    return {
+        "backbone": backbone,
+        "weights": weights,
+        "weights_spec": weights_spec,
+        "weights_sha256": weights_sha256,
+        "preprocessing": preprocessing.to_dict(),
+        "preprocessing_text": preprocessing.describe(),
     }
 
 
@@ -50,12 +85,13 @@ def store_provenance(store: FeatureStore) -> dict[str, Any]:
     """The feature identity shared by every layer of a store, and which store it was."""
     m = store.meta
     return {
-        "backbone": m["backbone"],
-        "weights": m["weights"],
-        "weights_spec": m.get("weights_spec"),
-        "weights_sha256": m["weights_sha256"],
-        "preprocessing": m["preprocessing"],
-        "preprocessing_text": m.get("preprocessing_text", ""),
+        **feature_identity(
+            backbone=m["backbone"],
+            weights=m["weights"],
+            weights_spec=m.get("weights_spec"),
+            weights_sha256=m["weights_sha256"],
+            preprocessing=Preprocessing.from_dict(m["preprocessing"]),
+        ),
         "store": {
             "path": str(store.path.resolve()),
             "dataset_root": m["dataset"]["root"],
@@ -66,6 +102,24 @@ def store_provenance(store: FeatureStore) -> dict[str, Any]:
             "versions": m.get("versions", {}),
         },
     }
+
+
+def model_provenance(
+    features: dict[str, Any], layer: dict[str, Any], class_names: list[str], **training: Any
+) -> dict[str, Any]:
+    """The provenance of a model file: `features` (`store_provenance` or `feature_identity`
+    with a "store" entry), the `layer_record`, the class names and what training recorded
+    (classifier, params, estimator, pipeline, selection, n_train, metrics, command...), with
+    the library versions and time, as plain JSON types."""
+    provenance = {
+        **features,
+        "layer": layer,
+        "class_names": list(class_names),
+        **training,
+        "versions": library_versions(),
+        "created": now(),
+    }
+    return json.loads(json.dumps(provenance, default=to_json))
 
 
 @dataclass
@@ -114,20 +168,13 @@ class FeatxModel:
         import joblib
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         payload = {
             "format": MODEL_FORMAT,
             "format_version": MODEL_FORMAT_VERSION,
             "pipeline": self.pipeline,
             "provenance": self.provenance,
         }
-        try:
-            joblib.dump(payload, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda fh: joblib.dump(payload, fh))
         self.path = path
         return path
 
@@ -276,7 +323,3 @@ def load_model(path: str | os.PathLike) -> FeatxModel:
             "upgrade featx to read it."
         )
     return FeatxModel(payload["pipeline"], payload["provenance"], path)
-
-
-def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

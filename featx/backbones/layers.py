@@ -17,10 +17,10 @@ import torch.fx
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from featx.backbones import FORWARD_FEATURES, Backbone
+from featx.backbones.registry import FORWARD_FEATURES, Backbone
 from featx.errors import UsageError
 
-POOLS = ("none", "avg", "max", "avgmax")
+POOLS = ("none", "avg", "max", "avgmax")  # "none" keeps maps; a network head flattens them
 LISTED_DEPTH = 2  # `featx layers` lists module paths with at most this many parts
 
 
@@ -108,7 +108,7 @@ def fold_batchnorm(model: nn.Module, keep: Iterable[str] = ()) -> list[str]:
 def check_poolable(model: nn.Module, layers: list[LayerInfo], pool: str) -> None:
     """UsageError unless `pool` can reduce every layer: it needs channels-first maps (C, H, W);
     vectors pass through unchanged, but token sequences and NHWC maps would be pooled wrongly."""
-    if pool in ("none", "flatten"):
+    if pool == "none":
         return
     nhwc = "NHWC" in str(getattr(model, "output_fmt", "NCHW"))
     for info in layers:
@@ -122,8 +122,8 @@ def check_poolable(model: nn.Module, layers: list[LayerInfo], pool: str) -> None
 
 def pooled_shape(shape: tuple[int, ...], pool: str) -> tuple[int, ...]:
     """The per-image shape that `pool` makes of a layer output of `shape` (C, H, W maps become
-    vectors; `flatten` and other shapes keep theirs)."""
-    if pool in ("none", "flatten") or len(shape) != 3:
+    vectors; `none` and other shapes keep theirs)."""
+    if pool == "none" or len(shape) != 3:
         return tuple(shape)
     return (shape[0] * (2 if pool == "avgmax" else 1),)
 
@@ -319,8 +319,8 @@ def resolve_layers(
 
 def layer_table(backbone: str, image_size: int | None, n_images: int, all_layers: bool) -> str:
     """The `featx layers` table: name, module, shape, bytes per image and projected store size."""
-    from featx.backbones import get_backbone
-    from featx.store import human_size
+    from featx.backbones.registry import get_backbone
+    from featx.runtime import human_size
 
     record = get_backbone(backbone)
     size = image_size or record.default_preprocessing().input_size

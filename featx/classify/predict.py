@@ -15,12 +15,20 @@ import sys
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from featx.data import IMAGE_EXTENSIONS, BadImage, load_image
+from featx.data.folders import IMAGE_EXTENSIONS, BadImage, load_image
 from featx.errors import UsageError
-from featx.model import FeatxModel, load_model
+from featx.models.file import FeatxModel, load_model
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from featx.backbones.registry import Preprocessing
+    from featx.data.augment import AugmentConfig
 
 
 def collect_images(
@@ -112,18 +120,40 @@ class _Images:
             return i, None, str(bad)
         views = self.preprocessing(image).unsqueeze(0)
         if self.tta:
-            from featx.finetune import tta_inputs
-
             key = zlib.crc32(self.files[i].name.encode())  # the same views whatever else is passed
             extra = tta_inputs(image, self.preprocessing, self.augment, self.tta, key=key)
             views = torch.cat([views, extra])
         return i, views, None
 
 
+def tta_inputs(
+    image: Image.Image,
+    preprocessing: Preprocessing,
+    augment: AugmentConfig | None,
+    views: int,
+    seed: int = 0,
+    key: int = 0,
+) -> torch.Tensor:
+    """A batch of `views` augmented versions of `image` for test-time augmentation (average
+    the model's probabilities over them), made as in training: at the network's input size,
+    view v seeded by `view_seed(seed, key, v)`; `augment` None uses the default settings."""
+    import torch
+
+    from featx.data.augment import AugmentConfig, Augmenter, view_seed
+
+    augmenter = Augmenter(augment or AugmentConfig())
+    return torch.stack(
+        [
+            preprocessing(image, lambda im, v=v: augmenter(im, view_seed(seed, key, v)))
+            for v in range(1, views + 1)
+        ]
+    )
+
+
 def _tta_augmentation(provenance: dict):
     """The augmentation a model was trained with (fine-tuning, or an augmented store), else the
     default settings."""
-    from featx.augment import AugmentConfig
+    from featx.data.augment import AugmentConfig
 
     if provenance.get("augment"):
         return AugmentConfig.from_dict(provenance["augment"])
@@ -161,9 +191,9 @@ def predict(
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from featx.backbones import Preprocessing, get_backbone
-    from featx.extraction import autocast, resolve_device
-    from featx.layers import as_input, prepare_tap
+    from featx.backbones.layers import as_input, prepare_tap
+    from featx.backbones.registry import Preprocessing, get_backbone
+    from featx.runtime import autocast, resolve_device
 
     if top_k < 1:
         raise UsageError(f"--top-k must be at least 1, not {top_k}.")

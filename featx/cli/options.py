@@ -54,7 +54,7 @@ def option_group(target: str, options: list[inspect.Parameter], collect: Callabl
     return decorate
 
 
-# AugmentConfig's defaults, for the help text (featx.augment imports torch; --help should not).
+# AugmentConfig's defaults, for the help text (featx.data.augment imports torch; --help should not).
 AUGMENT_DEFAULTS = {
     "rotation": 40.0,
     "shift": 0.2,
@@ -193,7 +193,7 @@ class AugmentFlags:
         nothing was given, unless `default`. Raises UsageError for bad settings."""
         if not self.given and not default:
             return None
-        from featx.augment import AugmentConfig
+        from featx.data.augment import AugmentConfig
 
         base = AugmentConfig.from_file(self.file) if self.file is not None else AugmentConfig()
         given = {k: v for k, v in self.overrides.items() if v is not None}
@@ -243,7 +243,7 @@ NETWORK_OPTIONS = [
         "pool",
         str | None,
         None,
-        "avg, max, avgmax or flatten: how the layer's map becomes a vector (default avg).",
+        "avg, max, avgmax, or none (flatten): how the layer's map becomes a vector (default avg).",
         panel=_NET,
     ),
     _option(

@@ -25,11 +25,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from featx.backbones import FORWARD_FEATURES, Backbone
-from featx.errors import UsageError, check_choice
-from featx.layers import (
+from featx.backbones.layers import (
+    POOLS,
     LayerInfo,
     check_poolable,
     pool_features,
@@ -37,8 +35,10 @@ from featx.layers import (
     resolve_layers,
     trace_layers,
 )
+from featx.backbones.registry import FORWARD_FEATURES, Backbone
+from featx.errors import UsageError, check_choice
+from featx.models.heads import make_head
 
-POOLS = ("avg", "max", "avgmax", "flatten")
 BN_MODES = ("frozen", "train")
 HEAD_NAME = "head"
 DEFAULT_UNFROZEN_SHARE = 0.2  # default --unfreeze-from: last blocks holding this share of weights
@@ -61,22 +61,6 @@ class Block:
     name: str
     modules: tuple[str, ...]
     params: tuple[str, ...]
-
-
-def make_head(in_features: int, hidden_sizes: Sequence[int], dropout: float, n_outputs: int):
-    """`[Linear, ReLU, Dropout] * len(hidden_sizes) + [Dropout, Linear]`, mapping to logits.
-
-    The layout of `featx.mlp.build_head` (a linear head is just the final Linear), so a head
-    trained by `featx fit` loads into it; with no hidden layer, dropout acts on the features.
-    """
-    layers: list[nn.Module] = []
-    for width in hidden_sizes:
-        layers += [nn.Linear(in_features, width), nn.ReLU(), nn.Dropout(dropout)]
-        in_features = width
-    if not hidden_sizes and dropout:
-        layers.append(nn.Dropout(dropout))
-    layers.append(nn.Linear(in_features, n_outputs))
-    return nn.Sequential(*layers)
 
 
 def default_layer(backbone: Backbone, infos: list[LayerInfo], model: nn.Module) -> LayerInfo:
@@ -134,7 +118,7 @@ class Network(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled (or flattened) feature vector the head sees."""
         out = self.base_output(x)
-        if self.pool == "flatten" or out.ndim != 4:
+        if self.pool == "none" or out.ndim != 4:
             return out.flatten(1)
         return pool_features(out, self.pool)
 
@@ -383,33 +367,15 @@ def build_network(
     check_poolable(model, [info], pool)
     if head is None:
         n_in = math.prod(pooled_shape(info.shape, pool))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            head = make_head(n_in, list(hidden_sizes), dropout, n_classes)
+        input_dropout = 0.0 if hidden_sizes else dropout  # a linear head drops features
+        head = make_head(
+            n_in,
+            list(hidden_sizes),
+            dropout,
+            n_classes,
+            input_dropout=input_dropout,
+            generator=torch.Generator().manual_seed(seed),
+        )
     net = Network(model, info.module, pool, head)
     net.index_structure(backbone, input_size)
     return net, info
-
-
-def classification_loss(
-    logits: torch.Tensor, target: torch.Tensor, class_weights: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Cross-entropy for (n, classes) logits; binary cross-entropy for a single logit column.
-    Class weights give a weighted mean, as `nn.CrossEntropyLoss(weight=...)` does."""
-    logits = logits.float()
-    if logits.shape[1] > 1:
-        return F.cross_entropy(logits, target, weight=class_weights)
-    losses = F.binary_cross_entropy_with_logits(logits[:, 0], target.float(), reduction="none")
-    if class_weights is None:
-        return losses.mean()
-    w = class_weights[target]
-    return (losses * w).sum() / w.sum()
-
-
-def probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """Class probabilities (n, classes) from logits, sigmoid for a single logit column."""
-    logits = logits.float()
-    if logits.shape[1] == 1:
-        p = torch.sigmoid(logits[:, 0])
-        return torch.stack([1 - p, p], dim=1)
-    return logits.softmax(dim=1)

@@ -1,0 +1,18 @@
+"""Classifiers on the cache: the registry, the MLP estimator, fit (sweeps, CV, streaming),
+evaluate and predict."""
+
+from featx._lazy import lazy_exports
+
+_EXPORTS = {
+    "fit": "fit",
+    "Sweep": "fit",
+    "FitResult": "fit",
+    "evaluate": "evaluate",
+    "Evaluation": "evaluate",
+    "predict": "predict",
+    "Predictions": "predict",
+    "MLPClassifier": "mlp",
+    "classifier_table": "registry",
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,0 +1,3 @@
+from featx.cli.main import app
+
+app()

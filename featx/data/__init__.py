@@ -1,0 +1,16 @@
+"""Data in: image folders, decoding, seeded augmentation and its preview."""
+
+from featx._lazy import lazy_exports
+
+_EXPORTS = {
+    "ImageFile": "folders",
+    "ImageFolder": "folders",
+    "BadImage": "folders",
+    "scan_image_folder": "folders",
+    "load_image": "folders",
+    "AugmentConfig": "augment",
+    "Augmenter": "augment",
+    "augment_preview": "preview",
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

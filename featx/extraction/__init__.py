@@ -1,0 +1,7 @@
+"""Extraction: one resumable, chunked, locked pass of a backbone over a dataset."""
+
+from featx._lazy import lazy_exports
+
+_EXPORTS = {"extract": "run", "ExtractResult": "run", "default_store_path": "run"}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

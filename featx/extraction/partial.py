@@ -1,0 +1,138 @@
+"""`STORE.partial/`: the finished chunks of an extraction that has not been assembled yet,
+saved atomically by a writer thread, and the write lock that keeps a second process out."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import queue
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featx.errors import StoreLocked
+from featx.runtime import atomic_write
+
+__all__ = ["ChunkWriter", "Partial", "write_lock"]
+
+
+# ---- locking -----------------------------------------------------------------------------
+@contextlib.contextmanager
+def write_lock(store: Path) -> Iterator[None]:
+    """Hold an exclusive lock on STORE.lock; StoreLocked if another process holds it."""
+    lock_path = store.with_name(store.name + ".lock")
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StoreLocked(
+                f"store {store} is being written by another featx process (pid {holder}); "
+                "wait for it to finish, or stop it and run this command again."
+            ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder removed the file after we opened it; retry
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    try:
+        yield
+    finally:
+        os.unlink(lock_path)
+        os.close(fd)
+
+
+# ---- partial results ---------------------------------------------------------------------
+class Partial:
+    """`STORE.partial/`: the run description and one .npz file per finished chunk."""
+
+    BATCHING = ("batch_size", "chunk_items")  # a resumed run keeps the interrupted run's
+
+    def __init__(self, store: Path, run: dict[str, Any], log=lambda _: None):
+        self.dir = store.with_name(store.name + ".partial")
+        self.run = run
+        description = self.dir / "run.json"
+        if self.dir.exists():
+            try:
+                before = json.loads(description.read_text())
+            except (OSError, ValueError):
+                before = {}
+            if all(before.get(k) == v for k, v in run.items() if k not in self.BATCHING):
+                self.run = before
+            else:
+                log(f"Discarding {self.dir}: it holds an interrupted run with other settings.")
+                shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not description.exists():
+            atomic_write(description, json.dumps(run, indent=1).encode())
+
+    def chunk_path(self, k: int) -> Path:
+        return self.dir / f"chunk-{k:06d}.npz"
+
+    def done(self) -> int:
+        """How many leading chunks are complete."""
+        k = 0
+        while self.chunk_path(k).exists():
+            k += 1
+        return k
+
+    def save(self, k: int, index: np.ndarray, bad: list[tuple[int, str]], layers: list[np.ndarray]):
+        tmp = self.dir / f".chunk-{k:06d}.tmp"
+        with open(tmp, "wb") as fh:
+            arrays = {f"layer{i}": a for i, a in enumerate(layers)}
+            np.savez(
+                fh,
+                index=index,
+                bad_index=np.array([i for i, _ in bad], dtype=np.int64),
+                bad_reason=np.array([r for _, r in bad], dtype=str),
+                **arrays,
+            )
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.chunk_path(k))
+
+    def load(self, k: int) -> dict[str, np.ndarray]:
+        with np.load(self.chunk_path(k)) as data:
+            return {name: data[name] for name in data.files}
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class ChunkWriter(threading.Thread):
+    """Saves finished chunks off the inference thread; a bounded queue keeps memory flat."""
+
+    def __init__(self, partial: Partial):
+        super().__init__(daemon=True)
+        self.partial, self.jobs, self.error = partial, queue.Queue(maxsize=1), None
+
+    def run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            if self.error is None:
+                try:
+                    self.partial.save(*job)
+                except BaseException as error:  # reported by the main thread
+                    self.error = error
+
+    def put(self, *job) -> None:
+        if self.error is not None:
+            raise self.error
+        self.jobs.put(job)
+
+    def finish(self) -> None:
+        self.jobs.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error

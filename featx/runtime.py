@@ -1,0 +1,188 @@
+"""What every stage shares about the machine it runs on: the device and compute precision,
+decoding workers, library versions, sizes, and atomic file writes.
+
+Importing this module is cheap: torch is imported inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from featx.errors import UsageError, check_choice
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "DEVICES",
+    "PRECISIONS",
+    "atomic_write",
+    "autocast",
+    "available_memory",
+    "default_workers",
+    "human_size",
+    "library_versions",
+    "now",
+    "parse_size",
+    "resolve_device",
+    "to_json",
+    "write_json",
+]
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+# ---- device and precision -------------------------------------------------------------------
+def resolve_device(device: str) -> torch.device:
+    """`auto` picks CUDA, then MPS, then CPU."""
+    import torch
+
+    check_choice("device", device, DEVICES)
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA device is available.")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps was asked for but MPS is not available.")
+    return torch.device(device)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast context for a precision: fp32 (none), bf16, or fp16 (CUDA/MPS only)."""
+    import torch
+
+    check_choice("precision", precision, PRECISIONS)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device.type == "cpu":
+        raise UsageError("--precision fp16 needs a CUDA or MPS device; use bf16 on a CPU.")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def default_workers() -> int:
+    """Decoding processes: leave most cores to the network."""
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
+# ---- provenance -----------------------------------------------------------------------------
+def library_versions() -> dict[str, str]:
+    """Versions of featx, Python and the libraries that shape features and models."""
+    import torch
+    import torchvision
+
+    from featx import __version__
+
+    versions = {"featx": __version__, "python": platform.python_version()}
+    # the module versions carry the build tag (2.14.1+cu128) that the package metadata lacks
+    versions["torch"], versions["torchvision"] = torch.__version__, torchvision.__version__
+    for name in ("timm", "h5py", "numpy", "scikit-learn", "pillow"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def now() -> str:
+    """The local time as ISO 8601 with its UTC offset."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+# ---- sizes ----------------------------------------------------------------------------------
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKMGT]?i?B?)\s*$")
+_UNITS = {"": 1, "B": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+
+
+def human_size(n: float) -> str:
+    """Bytes in decimal units: 3.2 MB."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
+def parse_size(text: str) -> int:
+    """'500MB' -> 500_000_000, '2GiB' -> 2 * 2**30, '1e9' -> 10**9 bytes."""
+    match = _SIZE.match(text)
+    if not match:
+        try:
+            return int(float(text))
+        except ValueError:
+            raise UsageError(f"{text!r} is not a size such as 500MB or 4GB.") from None
+    number, unit = float(match[1]), match[2].upper()
+    if "I" in unit:
+        return int(number * 1024 ** " KMGT".index(unit[0]))
+    return int(number * _UNITS[unit.rstrip("B")[:1] or ""])
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (MemAvailable on Linux)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+# ---- files ----------------------------------------------------------------------------------
+def atomic_write(path: str | os.PathLike, write: bytes | Callable[[IO[bytes]], Any]) -> Path:
+    """Write `path` through a temporary file in the same folder, fsync it and rename it over
+    `path`: a crash leaves either the old file or the new one, never half a file. `write` is
+    the bytes, or a function that writes to the open binary file. The temporary file is
+    removed on any failure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            if isinstance(write, bytes | bytearray):
+                fh.write(write)
+            else:
+                write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def to_json(value: Any) -> Any:
+    """`json.dumps(default=...)` for what featx records: numpy scalars and arrays, paths."""
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    return repr(value)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Write `data` as indented JSON, atomically."""
+    return atomic_write(path, (json.dumps(data, indent=1, default=to_json) + "\n").encode())
