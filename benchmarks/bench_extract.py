@@ -24,7 +24,7 @@ import torchvision
 from PIL import Image
 
 import featx
-from featx.backbones import get_backbone
+from featx.backbones.registry import get_backbone
 
 # torchvision's GFLOPS table counts multiply-adds; one image costs twice that in FLOP.
 GMACS = {"resnet50": 4.09, "vgg16": 15.47, "resnet18": 1.81, "efficientnet_b0": 0.39}

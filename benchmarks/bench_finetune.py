@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from bench_extract import make_photos  # the same photo-sized JPEGs
 
-from featx.finetune import FinetuneConfig, Session
+from featx.finetuning.session import FinetuneConfig, Session
 
 
 def measure(data: Path, config: FinetuneConfig, stage: str, epochs: int, workers: int | None):

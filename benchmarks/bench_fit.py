@@ -70,7 +70,7 @@ def image_folder(root: Path, per_class: int) -> str:
 def synthetic_store(path: Path, megabytes: int, n_features: int = 2048) -> Path:
     """A featx store with one float32 layer of 4 Gaussian classes (rows sorted by class, 80%
     train, 20% validation), written block by block."""
-    from featx.store import add_layer, write_store
+    from featx.store.feature_store import add_layer, write_store
 
     n_rows = max(1000, megabytes * 1_000_000 // (4 * n_features))
     rng = np.random.default_rng(0)
@@ -106,7 +106,7 @@ def synthetic_store(path: Path, megabytes: int, n_features: int = 2048) -> Path:
 # VmHWM (peak RSS of this process image); ru_maxrss can carry the parent's peak over a fork
 CHILD = """
 import json, resource, sys, time
-from featx.training import fit
+from featx.classify.fit import fit
 
 def peak():
     try:
