@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from bench_extract import make_photos  # the same photo-sized JPEGs
 
-from featx.finetuning.session import FinetuneConfig, Session
+from featx.finetuning.config import FinetuneConfig
+from featx.finetuning.session import Session
 
 
 def measure(data: Path, config: FinetuneConfig, stage: str, epochs: int, workers: int | None):

@@ -24,9 +24,9 @@ _EXPORTS = {
     "load_model": "models.file",
     "FeatxModel": "models.file",
     "MLPClassifier": "classify.mlp",
-    "finetune": "finetuning.session",
-    "FinetuneConfig": "finetuning.session",
-    "FinetuneResult": "finetuning.session",
+    "finetune": "finetuning.run",
+    "FinetuneConfig": "finetuning.config",
+    "FinetuneResult": "finetuning.config",
     "AugmentConfig": "data.augment",
 }
 __all__ = ["__version__", *_EXPORTS]

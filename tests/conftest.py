@@ -4,6 +4,7 @@ scikit-image's sample photos, image-folder builders and a runner for the real `f
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import subprocess
 import sys
@@ -127,3 +128,28 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def seeded(builder, seed: int = 7, **kwargs):
+    """`builder(**kwargs)` with seeded random weights, in eval mode, its BatchNorms perturbed
+    (running statistics and affine parameters) so that they are not the identity they are at
+    init; torch's global generator is left as it was."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = builder(**kwargs)
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.running_mean.uniform_(-0.2, 0.2)
+                    module.running_var.uniform_(0.5, 1.5)
+                    if module.affine:
+                        module.weight.uniform_(0.5, 1.5)
+                        module.bias.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+def file_digest(path: Path) -> tuple[str, int]:
+    """The sha256 of a file's bytes and its modification time: equal when it was untouched."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest(), Path(path).stat().st_mtime_ns

@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 import torchvision
-from conftest import assert_one_sentence_error, invoke_featx, run_featx
+from conftest import assert_one_sentence_error, invoke_featx, run_featx, seeded
 from torch import nn
 
 from featx.backbones.layers import LayerTap, trace_layers
@@ -35,12 +35,6 @@ KERAS_VGG16_SHAPES = {
     "block5_conv3": (512, 14, 14),
     "block5_pool": (512, 7, 7),
 }
-
-
-def seeded(builder, **kwargs) -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(7)
-        return builder(**kwargs).eval()
 
 
 # ---- layer names --------------------------------------------------------------------------

@@ -13,26 +13,20 @@ import pytest
 import timm
 import torch
 import torchvision
-from conftest import FEATX, assert_one_sentence_error, invoke_featx, rows_as_images, run_featx
+from conftest import (
+    FEATX,
+    assert_one_sentence_error,
+    invoke_featx,
+    rows_as_images,
+    run_featx,
+    seeded,
+)
 from torchvision import transforms as T
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from featx import FeatureStore, extract
 from featx.backbones.registry import RANDOM_INIT_SEED
 from featx.errors import UsageError
-
-
-def seeded(builder, seed: int = 1234, **kwargs) -> torch.nn.Module:
-    """A model with seeded random weights, in eval mode; BatchNorm statistics are perturbed so
-    they are not the identity they are at init."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = builder(**kwargs)
-        for module in model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.running_mean.uniform_(-0.1, 0.1)
-                module.running_var.uniform_(0.5, 1.5)
-    return model.eval()
 
 
 def weights_file(tmp_path, builder, name: str) -> tuple[torch.nn.Module, str]:

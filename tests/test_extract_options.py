@@ -4,7 +4,6 @@ cache offline (or fail at once, naming it)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -15,18 +14,13 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import FEATX, assert_one_sentence_error, invoke_featx, make_folder
+from conftest import FEATX, assert_one_sentence_error, file_digest, invoke_featx, make_folder
 from test_resume import datasets, partial_of, wait_for
 
 from featx import FeatureStore, extract
 from featx.backbones.registry import state_dict_sha256
 from featx.errors import UsageError
 from featx.extraction.run import CHUNK_BYTES
-
-
-def fingerprint(path: Path) -> tuple[str, int]:
-    """The bytes and modification time of a file."""
-    return hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +48,7 @@ def test_a_layer_is_not_reused_in_another_dtype(pets, tmp_path, stored, asked):
     store = tmp_path / "s.h5"
     options = dict(weights="none", image_size=48, workers=0, device="cpu", quiet=True)
     extract(pets, "resnet18", ["layer2"], store=store, dtype=stored, **options)
-    before = fingerprint(store)
+    before = file_digest(store)
     sentence = (
         f"layer layer2 is stored as {stored} in {store}, not {asked}; ask for --dtype {stored}, "
         "or use --overwrite to rebuild the store."
@@ -65,20 +59,20 @@ def test_a_layer_is_not_reused_in_another_dtype(pets, tmp_path, stored, asked):
     assert str(error.value) == sentence
     with pytest.raises(UsageError, match=f"stored as {stored}"):  # also next to a new layer
         extract(pets, "resnet18", ["layer3", "layer2"], store=store, dtype=asked, **options)
-    assert fingerprint(store) == before
+    assert file_digest(store) == before
 
     result = invoke_featx(
         "extract", pets, "--backbone", "resnet18", "--weights", "none", "--image-size", "48",
         "--layer", "layer2", "--dtype", asked, "--workers", "0", "--store", store,
     )  # fmt: skip
     assert assert_one_sentence_error(result) == f"featx: {sentence}"
-    assert fingerprint(store) == before
+    assert file_digest(store) == before
     assert sorted(os.listdir(tmp_path)) == ["s.h5"]  # no lock or partial results left
 
     # the stored dtype is reused as before, and --overwrite rebuilds in the new one
     same = extract(pets, "resnet18", ["layer2"], store=store, dtype=stored, **options)
     assert same.computed == [] and same.reused == ["layer2"]
-    assert fingerprint(store) == before
+    assert file_digest(store) == before
     rebuilt = extract(
         pets, "resnet18", ["layer2"], store=store, dtype=asked, overwrite=True, **options
     )

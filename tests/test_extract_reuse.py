@@ -4,7 +4,6 @@ preprocessing is refused with a message naming the difference, unless --overwrit
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 
@@ -12,15 +11,17 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import assert_one_sentence_error, invoke_featx, make_folder, photo, run_featx
+from conftest import (
+    assert_one_sentence_error,
+    file_digest,
+    invoke_featx,
+    make_folder,
+    photo,
+    run_featx,
+)
 
 from featx import FeatureStore, extract
 from featx.errors import UsageError
-
-
-def fingerprint(path) -> tuple[str, int]:
-    """The bytes and modification time of a file."""
-    return hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns
 
 
 def quick(data, store, layers=("layer1",), **options):
@@ -54,36 +55,36 @@ def test_identical_command_does_not_load_the_network(data, tmp_path):
     assert first.returncode == 0, first.stderr
     store = tmp_path / "stores" / "pets-resnet18-default-std.h5"
     assert first.stdout.strip() == "stores/pets-resnet18-default-std.h5"
-    before = fingerprint(store)
+    before = file_digest(store)
     (cache / "resnet18-f37072fd.pth").unlink()
 
     again = run_featx(*args, cwd=tmp_path, env=env)
     assert again.returncode == 0, again.stderr
     assert "nothing to compute" in again.stderr
     assert again.stdout.strip() == "stores/pets-resnet18-default-std.h5"
-    assert fingerprint(store) == before
+    assert file_digest(store) == before
     assert sorted(os.listdir(store.parent)) == [store.name]  # no lock, partial or temp left
 
     # whereas anything that needs the network now fails, as the proof above assumes
     more = run_featx(*args, "--layer", "layer3", cwd=tmp_path, env=env)
     assert "cannot be downloaded" in assert_one_sentence_error(more)
-    assert fingerprint(store) == before
+    assert file_digest(store) == before
 
 
 def test_identical_call_reuses_every_layer(data, tmp_path):
     store = tmp_path / "s.h5"
     quick(data, store, layers=["layer1", "layer2"], quiet=True)
-    before = fingerprint(store)
+    before = file_digest(store)
     result = invoke_featx(
         "extract", data, "--backbone", "resnet18", "--weights", "none", "--image-size", "32",
         "--layer", "layer2", "--layer", "layer1", "--store", store,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert f"All requested layers are already in {store}; nothing to compute." in result.stderr
-    assert fingerprint(store) == before
+    assert file_digest(store) == before
     again = quick(data, store, layers=["layer1"], quiet=True)
     assert again.computed == [] and again.reused == ["layer1"] and again.n_rows == 6
-    assert fingerprint(store) == before
+    assert file_digest(store) == before
 
 
 def test_new_layer_is_added_and_old_values_stay_bit_identical(data, tmp_path, capsys):
@@ -116,7 +117,7 @@ def test_new_layer_is_added_and_old_values_stay_bit_identical(data, tmp_path, ca
 def test_changed_dataset_is_refused(data, tmp_path, change):
     store = tmp_path / "s.h5"
     quick(data, store, quiet=True)
-    before = fingerprint(store)
+    before = file_digest(store)
     target = data / "dog" / "img-004.jpg"
     if change == "added":
         target = data / "dog" / "new.jpg"
@@ -132,20 +133,20 @@ def test_changed_dataset_is_refused(data, tmp_path, change):
     message = str(error.value)
     assert f"1 {change} (e.g. dog/{target.name})" in message
     assert "--overwrite" in message
-    assert fingerprint(store) == before
+    assert file_digest(store) == before
 
     result = invoke_featx(
         "extract", data, "--backbone", "resnet18", "--weights", "none", "--image-size", "32",
         "--layer", "layer1", "--store", store,
     )  # fmt: skip
     assert f"1 {change}" in assert_one_sentence_error(result)
-    assert fingerprint(store) == before
+    assert file_digest(store) == before
 
 
 def test_other_weights_or_preprocessing_are_refused_then_overwritten(data, tmp_path):
     store = tmp_path / "s.h5"
     quick(data, store, quiet=True)
-    before = fingerprint(store)
+    before = file_digest(store)
     weights = tmp_path / "seeded.pth"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(5)
@@ -166,7 +167,7 @@ def test_other_weights_or_preprocessing_are_refused_then_overwritten(data, tmp_p
         )
         message = assert_one_sentence_error(result)
         assert words in message and "--overwrite" in message
-        assert fingerprint(store) == before
+        assert file_digest(store) == before
 
     result = invoke_featx(
         "extract", data, "--backbone", "resnet18", "--weights", "none", "--image-size", "48",

@@ -26,15 +26,12 @@ from featx.backbones.registry import get_backbone
 from featx.classify.predict import tta_inputs
 from featx.cli import app
 from featx.errors import UsageError
+from featx.finetuning.config import FinetuneConfig
+from featx.finetuning.data import training_split
 from featx.finetuning.lr_find import lr_range_test
 from featx.finetuning.network import build_network
-from featx.finetuning.session import (
-    FinetuneConfig,
-    Session,
-    finetune,
-    load_checkpoint,
-    training_split,
-)
+from featx.finetuning.run import finetune, load_checkpoint
+from featx.finetuning.session import Session
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,8 @@ from sklearn.preprocessing import StandardScaler
 
 from featx.data.augment import AugmentConfig
 from featx.extraction.run import extract
-from featx.finetuning.session import FinetuneConfig, finetune
+from featx.finetuning.config import FinetuneConfig
+from featx.finetuning.run import finetune
 from featx.store.feature_store import FeatureStore
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 import torchvision
-from conftest import photo
+from conftest import photo, seeded
 from timm.layers import BatchNormAct2d, Conv2dSame
 from torch import nn
 
@@ -23,22 +23,6 @@ LITE0_LAYERS = ["blocks.4", FORWARD_FEATURES]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def seeded(build, seed: int = 7) -> nn.Module:
-    """A randomly initialised model in eval mode whose BatchNorms are not the identity they
-    are at init: running statistics and affine parameters perturbed."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build()
-        with torch.no_grad():
-            for module in model.modules():
-                if isinstance(module, nn.BatchNorm2d):
-                    module.running_mean.uniform_(-0.2, 0.2)
-                    module.running_var.uniform_(0.5, 1.5)
-                    module.weight.uniform_(0.5, 1.5)
-                    module.bias.uniform_(-0.2, 0.2)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

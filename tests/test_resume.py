@@ -9,7 +9,6 @@ resumes; the result must equal, bit for bit, a store made without interruption.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -24,7 +23,7 @@ import h5py
 import numpy as np
 import psutil
 import pytest
-from conftest import FEATX, make_folder, run_featx
+from conftest import FEATX, file_digest, make_folder, run_featx
 
 from featx import FeatureStore, extract
 from featx.extraction.run import CHUNK_BYTES
@@ -91,10 +90,6 @@ def wait_for(path_glob: tuple[Path, str], proc: subprocess.Popen, timeout: float
 
 def partial_of(store: Path) -> Path:
     return store.with_name(store.name + ".partial")
-
-
-def file_digest(path: Path) -> tuple[str, int]:
-    return hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns
 
 
 def datasets(path: Path) -> dict[str, np.ndarray]:

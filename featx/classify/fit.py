@@ -24,7 +24,6 @@ Peak memory then depends on the chunk size (`chunk_bytes`), not on the store.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import time
@@ -35,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.base import BaseEstimator
 from sklearn.metrics import log_loss
 from sklearn.model_selection import (
     GridSearchCV,
@@ -47,7 +45,6 @@ from sklearn.model_selection import (
 from sklearn.pipeline import Pipeline
 
 from featx.backbones.layers import POOLS
-from featx.classify.evaluate import predict_in_chunks
 from featx.classify.metrics import (
     SUMMARY,
     classification_metrics,
@@ -63,6 +60,7 @@ from featx.classify.registry import (
     classifier_spec,
     param_grids,
 )
+from featx.classify.streaming import fit_streamed
 from featx.errors import UsageError, check_choice
 from featx.models.file import FeatxModel, layer_provenance, model_provenance, store_provenance
 from featx.runtime import available_memory, human_size, now, to_json
@@ -362,92 +360,44 @@ def fit(
     memory). `model` saves the best experiment's model file, `report` the JSON report (and a
     confusion-matrix PNG beside it). `progress` receives one line per finished experiment.
     """
-    layers = [layers] if isinstance(layers, str) else list(dict.fromkeys(layers))
-    classifiers = (
-        [classifiers] if isinstance(classifiers, str) else list(dict.fromkeys(classifiers))
+    request = _Request.checked(
+        layers=layers,
+        classifiers=classifiers,
+        params=params,
+        config=PipelineConfig(pool or "none", scale, pca, l2),
+        pool=pool,
+        cv=cv,
+        val_fraction=val_fraction,
+        seed=seed,
+        metric=metric,
+        n_jobs=n_jobs,
+        stream=stream,
+        budget=default_memory_budget() if memory_budget is None else memory_budget,
+        chunk_bytes=chunk_bytes,
+        command=command,
     )
-    if not layers:
-        raise UsageError("give at least one --layer; `featx info STORE` lists them.")
-    if not classifiers:
-        raise UsageError("give at least one --clf.")
-    check_choice("metric", metric, METRICS)
-    if pool is not None:
-        check_choice("pool", pool, POOLS)
-    if pca is not None and pca < 1:
-        raise UsageError(f"--pca must be a positive number of components, not {pca}.")
-    if n_jobs == 0 or n_jobs < -1:
-        raise UsageError(f"--n-jobs must be a positive number or -1 (all cores), not {n_jobs}.")
-    if chunk_bytes < 1:
-        raise UsageError("--chunk-mb must be positive.")
-    for name in classifiers:
-        classifier_spec(name)
-    grids = param_grids(classifiers, as_param_specs(params))
-    for name, grid in grids.items():
-        estimator = classifier_spec(name).estimator(seed)
-        for point in ParameterGrid(grid):
-            check_params(estimator, point, name)
-    config = PipelineConfig(pool or "none", scale, pca, l2)
-    budget = default_memory_budget() if memory_budget is None else memory_budget
-    say = progress or (lambda _text: None)
-
     owned = not isinstance(store, FeatureStore)
     store = FeatureStore(store) if owned else store
     try:
-        keys = list(dict.fromkeys(store.resolve(layer) for layer in layers))
+        keys = list(dict.fromkeys(store.resolve(layer) for layer in request.layers))
         for key in keys:
-            _check_pool(store, key, config.pool)
+            _check_pool(store, key, request.config.pool)
         selection = select_rows(store, cv=cv, val_fraction=val_fraction, seed=seed)
-        plans = [
-            _plan(store, key, selection, classifiers, stream, cv, budget, chunk_bytes, config)
-            for key in keys
-        ]
-        labels = store.labels()
-        results = []
-        for key, streamed in plans:
-            with LayerRows(store, key, chunk_bytes) as rows:
-                if streamed:
-                    say(
-                        f"{key}: training out-of-core in chunks of {rows.chunk_rows} rows "
-                        f"({human_size(rows.nbytes(rows.chunk_rows))})"
-                    )
-                    X = None
-                else:
-                    X, y = _read(rows, selection, labels)
-                for name in classifiers:
-                    experiment = _Experiment(
-                        store, key, name, grids[name], config, selection, seed, metric, n_jobs
-                    )
-                    if streamed:
-                        result = experiment.run_streamed(rows, labels)
-                    else:
-                        result = experiment.run_in_memory(X, y)
-                    result.model.provenance["command"] = command
-                    results.append(result)
-                    say(
-                        f"{key:<24} {name:<10} {metric} {format_number(result.score)}  "
-                        f"({result.seconds:.1f} s)"
-                    )
-                del X
+        plans = [_plan(store, key, selection, request) for key in keys]
+        results = _run(store, plans, selection, request, progress or (lambda _text: None))
     finally:
         if owned:
             store.close()
-    order = sorted(
-        range(len(results)),
-        key=lambda i: -results[i].score if results[i].score == results[i].score else np.inf,
-    )
-    results = [results[i] for i in order]
-    for rank, result in enumerate(results, start=1):
-        result.rank = rank
     sweep = Sweep(
-        results,
-        metric,
-        store.path,
-        selection.description,
-        {
+        results=_ranked(results),
+        metric=metric,
+        store=store.path,
+        selection=selection.description,
+        config={
             "layers": keys,
-            "classifiers": classifiers,
-            "params": {name: grid for name, grid in grids.items() if grid},
-            "pool": config.pool,
+            "classifiers": request.classifiers,
+            "params": {name: grid for name, grid in request.grids.items() if grid},
+            "pool": request.config.pool,
             "scale": scale,
             "pca": pca,
             "l2": l2,
@@ -455,16 +405,119 @@ def fit(
             "val_fraction": val_fraction if selection.validation is not None else None,
             "seed": seed,
             "stream": stream,
-            "memory_budget": budget,
+            "memory_budget": request.budget,
             "chunk_bytes": chunk_bytes,
         },
-        command,
+        command=command,
     )
     if model is not None:
         sweep.best.model.save(model)
     if report is not None:
         sweep.write_report(report)
     return sweep
+
+
+@dataclass(frozen=True)
+class _Request:
+    """What `fit` was asked to do, checked before any store is opened."""
+
+    layers: list[str]
+    classifiers: list[str]
+    grids: dict[str, dict[str, list[Any]]]
+    config: PipelineConfig
+    cv: int | None
+    val_fraction: float
+    seed: int
+    metric: str
+    n_jobs: int
+    stream: bool | None
+    budget: int
+    chunk_bytes: int
+    command: str | None
+
+    @classmethod
+    def checked(cls, *, layers, classifiers, params, pool, **settings: Any) -> _Request:
+        """UsageError naming the first option that cannot work."""
+        layers = [layers] if isinstance(layers, str) else list(dict.fromkeys(layers))
+        classifiers = (
+            [classifiers] if isinstance(classifiers, str) else list(dict.fromkeys(classifiers))
+        )
+        if not layers:
+            raise UsageError("give at least one --layer; `featx info STORE` lists them.")
+        if not classifiers:
+            raise UsageError("give at least one --clf.")
+        check_choice("metric", settings["metric"], METRICS)
+        if pool is not None:
+            check_choice("pool", pool, POOLS)
+        pca, n_jobs = settings["config"].pca, settings["n_jobs"]
+        if pca is not None and pca < 1:
+            raise UsageError(f"--pca must be a positive number of components, not {pca}.")
+        if n_jobs == 0 or n_jobs < -1:
+            raise UsageError(f"--n-jobs must be a positive number or -1 (all cores), not {n_jobs}.")
+        if settings["chunk_bytes"] < 1:
+            raise UsageError("--chunk-mb must be positive.")
+        for name in classifiers:
+            classifier_spec(name)
+        grids = param_grids(classifiers, as_param_specs(params))
+        for name, grid in grids.items():
+            estimator = classifier_spec(name).estimator(settings["seed"])
+            for point in ParameterGrid(grid):
+                check_params(estimator, point, name)
+        return cls(layers=layers, classifiers=classifiers, grids=grids, **settings)
+
+
+def _run(
+    store: FeatureStore,
+    plans: list[tuple[str, bool]],
+    selection: Selection,
+    request: _Request,
+    say: Callable[[str], None],
+) -> list[FitResult]:
+    """Every classifier on every planned layer, each layer read once (or streamed)."""
+    labels = store.labels()
+    results = []
+    for key, streamed in plans:
+        with LayerRows(store, key, request.chunk_bytes) as rows:
+            if streamed:
+                say(
+                    f"{key}: training out-of-core in chunks of {rows.chunk_rows} rows "
+                    f"({human_size(rows.nbytes(rows.chunk_rows))})"
+                )
+                X = None
+            else:
+                X, y = _read(rows, selection, labels)
+            for name in request.classifiers:
+                experiment = _Experiment(
+                    store=store,
+                    key=key,
+                    name=name,
+                    grid=request.grids[name],
+                    config=request.config,
+                    selection=selection,
+                    seed=request.seed,
+                    metric=request.metric,
+                    n_jobs=request.n_jobs,
+                )
+                if streamed:
+                    result = experiment.run_streamed(rows, labels)
+                else:
+                    result = experiment.run_in_memory(X, y)
+                result.model.provenance["command"] = request.command
+                results.append(result)
+                say(
+                    f"{key:<24} {name:<10} {request.metric} {format_number(result.score)}  "
+                    f"({result.seconds:.1f} s)"
+                )
+            del X
+    return results
+
+
+def _ranked(results: list[FitResult]) -> list[FitResult]:
+    """Best score first (NaN scores last), with their ranks set."""
+    ranked = sorted(results, key=lambda r: -r.score if r.score == r.score else np.inf)
+    for rank, result in enumerate(ranked, start=1):
+        result.rank = rank
+    return ranked
 
 
 def _check_pool(store: FeatureStore, key: str, pool: str) -> None:
@@ -484,17 +537,11 @@ def _check_pool(store: FeatureStore, key: str, pool: str) -> None:
 
 
 def _plan(
-    store: FeatureStore,
-    key: str,
-    selection: Selection,
-    classifiers: list[str],
-    stream: bool | None,
-    cv: int | None,
-    budget: int,
-    chunk_bytes: int,
-    config: PipelineConfig,
+    store: FeatureStore, key: str, selection: Selection, request: _Request
 ) -> tuple[str, bool]:
     """(key, streamed) for a layer; UsageError when it must stream but cannot."""
+    config, stream, cv = request.config, request.stream, request.cv
+    budget, chunk_bytes, classifiers = request.budget, request.chunk_bytes, request.classifiers
     info = store.layer(key)
     n_rows = len(selection.train) + (
         len(selection.validation) if selection.validation is not None else 0
@@ -686,65 +733,25 @@ class _Experiment:
                     best = (pipeline, metrics, score, point, epochs)
         pipeline, metrics, score, point, epochs = best
         result = self._result(
-            pipeline, point, score, metrics, start, search_log if len(self.points) > 1 else [],
-            caught, streamed=True,
-        )  # fmt: skip
+            pipeline,
+            point,
+            score,
+            metrics,
+            start,
+            search_log if len(self.points) > 1 else [],
+            caught,
+            streamed=True,
+        )
         result.epochs = epochs
         return result
 
     def _fit_streamed(self, rows: LayerRows, labels: np.ndarray, point: dict[str, Any]):
-        train, validation = self.selection.train, self.selection.validation
         pipeline = self._pipeline(self.n_jobs, streamed=True).set_params(
             **{f"clf__{k}": v for k, v in point.items()}
         )
-        steps = dict(pipeline.steps)
-        first = rows.dataset[int(train[0]) : int(train[0]) + 1]
-        steps["features"].fit(first)
-        prepare = pipeline[:1]
-        if "scale" in steps:
-            for _, X in rows.iter(train):
-                steps["scale"].partial_fit(prepare.transform(X))
-            prepare = pipeline[:2]
-        if "pca" in steps:
-            for X in _at_least(rows.iter(train), self.config.pca):
-                steps["pca"].partial_fit(prepare.transform(X))
-            prepare = pipeline[: len(prepare) + 1]
-        if "l2" in steps:
-            steps["l2"].fit(prepare.transform(first))
-            prepare = pipeline[: len(prepare) + 1]
-
-        clf = steps["clf"]
-        classes = np.unique(labels[train])
-        schedule = _schedule(clf)
-        rng = np.random.RandomState(self.seed)
-        best_value, best_clf, best_epoch, history = np.inf, None, 0, []
-        y_val = labels[validation]
-        for epoch in range(1, schedule.max_epochs + 1):
-            for positions, X in rows.iter(train, rng=rng):
-                clf.partial_fit(prepare.transform(X), labels[train[positions]], classes=classes)
-            pipeline.steps[-1] = ("clf", clf)
-            y_pred, proba = predict_in_chunks(pipeline, rows, validation)
-            if schedule.criterion == "loss" and proba is not None:
-                full = np.zeros((len(y_val), len(self.store.class_names)))
-                full[:, clf.classes_] = proba
-                value = float(log_loss(y_val, full, labels=np.arange(full.shape[1])))
-            else:
-                value = float(np.mean(y_pred != y_val))
-            history.append(value)
-            if best_clf is None or value < best_value - schedule.tol:
-                best_value, best_clf, best_epoch = value, copy.deepcopy(clf), epoch
-                best_pred = (y_pred, proba)
-            elif schedule.patience is not None and epoch - best_epoch >= schedule.patience:
-                break
-        if schedule.patience is None:  # no early stopping: keep the last pass
-            best_clf, best_pred = clf, (y_pred, proba)
-        pipeline.steps[-1] = ("clf", best_clf)
-        metrics = {
-            "validation": classification_metrics(
-                y_val, best_pred[0], self.store.class_names, best_pred[1], best_clf.classes_
-            )
-        }
-        return pipeline, metrics, history
+        return fit_streamed(
+            pipeline, rows, labels, self.selection, self.store.class_names, self.seed
+        )
 
     # ---- the result ---------------------------------------------------------------------
     def _result(
@@ -785,56 +792,17 @@ class _Experiment:
             metrics=metrics,
         )
         return FitResult(
-            self.key,
-            self.name,
-            dict(params),
-            float(score),
-            metrics,
-            FeatxModel(pipeline, provenance),
-            seconds,
-            streamed,
-            search_log,
-            messages,
+            layer=self.key,
+            classifier=self.name,
+            params=dict(params),
+            score=float(score),
+            metrics=metrics,
+            model=FeatxModel(pipeline, provenance),
+            seconds=seconds,
+            streamed=streamed,
+            search=search_log,
+            warnings=messages,
         )
-
-
-@dataclass(frozen=True)
-class _Schedule:
-    """How many passes a streamed fit takes over the training rows, and when it stops."""
-
-    max_epochs: int
-    patience: int | None  # passes without improvement before stopping; None: keep the last
-    criterion: str  # "loss": validation log loss; "error": validation error rate
-    tol: float  # a smaller improvement does not count
-
-
-def _schedule(clf: BaseEstimator) -> _Schedule:
-    """The MLP's own rule: at most `epochs` passes, stop after `patience` passes without a
-    lower validation loss (if `early_stopping`). SGD follows scikit-learn's early stopping: at
-    most `max_iter` passes, stop after `n_iter_no_change` passes in which the validation
-    accuracy did not improve by `tol` (SGD's probabilities are too poorly calibrated for its
-    log loss to be a good stopping signal)."""
-    params = clf.get_params()
-    if "epochs" in params:
-        patience = params["patience"] if params["early_stopping"] else None
-        return _Schedule(params["epochs"], patience, "loss", 0.0)
-    return _Schedule(params["max_iter"], params["n_iter_no_change"], "error", params["tol"] or 0.0)
-
-
-def _at_least(chunks, n: int):
-    """Row chunks of at least `n` rows (IncrementalPCA needs as many rows as components): a
-    short last chunk is merged into the one before it."""
-    held = None
-    for _, X in chunks:
-        if held is not None and len(X) < n:
-            yield np.concatenate([held, X])
-            held = None
-            continue
-        if held is not None:
-            yield held
-        held = X
-    if held is not None:
-        yield held
 
 
 def _all_class_log_loss(n_classes: int):

@@ -434,7 +434,7 @@ def classifiers() -> None:
 def _finetune_config(network: dict[str, Any], augmentation: AugmentFlags, **training):
     """A FinetuneConfig from the shared options; returns it with (workers, device)."""
     from featx.errors import UsageError
-    from featx.finetuning.session import FinetuneConfig
+    from featx.finetuning.config import FinetuneConfig
 
     network = dict(network)
     workers, device, augment = network.pop("workers"), network.pop("device"), network.pop("augment")
@@ -496,7 +496,7 @@ def finetune(
     Example: featx finetune data/cats_dogs --backbone vgg16 --image-size 150 --unfreeze-from
     block5_conv1 --epochs-head 5 --epochs 10 --lr 1e-4 --out runs/cats-dogs
     """
-    from featx.finetuning.session import finetune as run
+    from featx.finetuning.run import finetune as run
 
     with reported():
         config, workers, device = _finetune_config(

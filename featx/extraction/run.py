@@ -292,10 +292,19 @@ def extract(
                     store, reused=keys, n_rows=existing.n_rows, skipped=existing.skipped
                 )
             settings = _Settings(
-                weights, pool, dtype, compression, precision, batch_size,
-                default_workers() if workers is None else workers, resolve_device(device),
-                quiet, command, augmenter, augment_meta,
-            )  # fmt: skip
+                weights=weights,
+                pool=pool,
+                dtype=dtype,
+                compression=compression,
+                precision=precision,
+                batch_size=batch_size,
+                workers=default_workers() if workers is None else workers,
+                device=resolve_device(device),
+                quiet=quiet,
+                command=command,
+                augmenter=augmenter,
+                augment_meta=augment_meta,
+            )
             return _compute(
                 record, folder, store, existing, layers, preprocessing, wanted, settings, log
             )
@@ -424,18 +433,18 @@ def _compute(
     if first:
         log(f"Resuming {store}: {start} of {len(work.items)} images already done.")
     job = _Job(
-        store,
-        existing,
-        folder,
-        work,
-        partial,
-        todo,
-        keys,
-        loaded,
-        preprocessing,
-        settings,
-        batch_size,
-        chunk_items,
+        store=store,
+        existing=existing,
+        folder=folder,
+        work=work,
+        partial=partial,
+        todo=todo,
+        keys=keys,
+        loaded=loaded,
+        preprocessing=preprocessing,
+        settings=settings,
+        batch_size=batch_size,
+        chunk_items=chunk_items,
     )
     if first < n_chunks:
         _run_network(job, start)
@@ -522,6 +531,57 @@ def _run_network(job: _Job, start: int) -> None:
 
 def _assemble(job: _Job, n_chunks: int) -> ExtractResult:
     """Write the complete store to a temporary file and rename it over STORE."""
+    sources, views, skipped = _decoded_rows(job, n_chunks)
+    files, rows = _columns(job.folder, sources, views)
+    tmp = job.store.with_name(f".{job.store.name}.{os.getpid()}.tmp")
+    for stale in job.store.parent.glob(f".{glob.escape(job.store.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)  # left by a run killed while assembling; we hold the lock
+    out = write_store(
+        tmp,
+        _store_meta(job),
+        list(job.folder.class_names),
+        files=files,
+        rows=rows,
+        skipped=job.existing.skipped if job.existing is not None else skipped,
+    )
+    try:
+        with out:
+            if job.existing is not None:
+                for key in job.existing.layers:
+                    job.existing.copy_layer(key, out)
+            for i, (info, key) in enumerate(zip(job.todo, job.keys, strict=True)):
+                add_layer(
+                    out,
+                    key,
+                    len(sources),
+                    pooled_shape(info.shape, job.settings.pool),
+                    job.settings.dtype,
+                    job.settings.compression,
+                    {
+                        "layer": info.name,
+                        "module": info.module,
+                        "pool": job.settings.pool,
+                        "precision": job.settings.precision,
+                    },
+                    (job.partial.load(k)[f"layer{i}"] for k in range(n_chunks)),
+                )
+            out.flush()
+            os.fsync(out.id.get_vfd_handle())
+        os.replace(tmp, job.store)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    reused = [
+        k for k in (job.existing.layers if job.existing is not None else []) if k not in job.keys
+    ]
+    return ExtractResult(
+        job.store, computed=job.keys, reused=reused, n_rows=len(sources), skipped=skipped
+    )
+
+
+def _decoded_rows(job: _Job, n_chunks: int) -> tuple[np.ndarray, np.ndarray, list]:
+    """(source file index, view) of every row the chunks hold, in order, and the skipped
+    files with their reasons; UsageError if they differ from the rows of the store extended."""
     index_parts, bad = [], []
     for k in range(n_chunks):
         with np.load(job.partial.chunk_path(k)) as data:
@@ -544,7 +604,32 @@ def _assemble(job: _Job, n_chunks: int) -> ExtractResult:
         if file_index not in seen:
             seen.add(file_index)
             skipped.append((job.folder.files[file_index].path, reason))
-    files = job.folder.files
+    return sources, views, skipped
+
+
+def _columns(
+    folder: ImageFolder, sources: np.ndarray, views: np.ndarray
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The store's /files and /rows columns."""
+    files = folder.files
+    return {
+        "path": np.array([f.path for f in files], dtype=object),
+        "label": np.array([f.label for f in files], dtype=np.int32),
+        "split": np.array([f.split for f in files], dtype=object),
+        "size": np.array([f.size for f in files], dtype=np.int64),
+        "mtime_ns": np.array([f.mtime_ns for f in files], dtype=np.int64),
+    }, {
+        "path": np.array([files[s].path for s in sources], dtype=object),
+        "label": np.array([files[s].label for s in sources], dtype=np.int32),
+        "split": np.array([files[s].split for s in sources], dtype=object),
+        "source": sources,
+        "view": views.astype(np.int32),
+    }
+
+
+def _store_meta(job: _Job) -> dict[str, Any]:
+    """The store's provenance: the existing store's, or a new one, with this run added to
+    its history."""
     created = now()
     meta = (
         job.existing.meta
@@ -559,73 +644,18 @@ def _assemble(job: _Job, n_chunks: int) -> ExtractResult:
             "dataset": {
                 "root": str(job.folder.root.resolve()),
                 "fingerprint": job.folder.fingerprint,
-                "n_files": len(files),
+                "n_files": len(job.folder.files),
             },
             "augment": job.settings.augment_meta,
             "created": created,
             "history": [],
         }
     )
-    meta["versions"] = library_versions()
-    meta["history"] = [
-        *meta.get("history", []),
-        {"time": created, "command": job.settings.command, "layers": job.keys},
-    ]
-    tmp = job.store.with_name(f".{job.store.name}.{os.getpid()}.tmp")
-    for stale in job.store.parent.glob(f".{glob.escape(job.store.name)}.*.tmp"):
-        stale.unlink(missing_ok=True)  # left by a run killed while assembling; we hold the lock
-    out = write_store(
-        tmp,
-        meta,
-        list(job.folder.class_names),
-        files={
-            "path": np.array([f.path for f in files], dtype=object),
-            "label": np.array([f.label for f in files], dtype=np.int32),
-            "split": np.array([f.split for f in files], dtype=object),
-            "size": np.array([f.size for f in files], dtype=np.int64),
-            "mtime_ns": np.array([f.mtime_ns for f in files], dtype=np.int64),
-        },
-        rows={
-            "path": np.array([files[s].path for s in sources], dtype=object),
-            "label": np.array([files[s].label for s in sources], dtype=np.int32),
-            "split": np.array([files[s].split for s in sources], dtype=object),
-            "source": sources,
-            "view": views.astype(np.int32),
-        },
-        skipped=job.existing.skipped if job.existing is not None else skipped,
-    )
-    try:
-        with out:
-            if job.existing is not None:
-                for key in job.existing.layers:
-                    job.existing.copy_layer(key, out)
-            for i, (info, key) in enumerate(zip(job.todo, job.keys, strict=True)):
-                blocks = (job.partial.load(k)[f"layer{i}"] for k in range(n_chunks))
-                attrs = {
-                    "layer": info.name,
-                    "module": info.module,
-                    "pool": job.settings.pool,
-                    "precision": job.settings.precision,
-                }
-                add_layer(
-                    out,
-                    key,
-                    len(sources),
-                    pooled_shape(info.shape, job.settings.pool),
-                    job.settings.dtype,
-                    job.settings.compression,
-                    attrs,
-                    blocks,
-                )
-            out.flush()
-            os.fsync(out.id.get_vfd_handle())
-        os.replace(tmp, job.store)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    reused = [
-        k for k in (job.existing.layers if job.existing is not None else []) if k not in job.keys
-    ]
-    return ExtractResult(
-        job.store, computed=job.keys, reused=reused, n_rows=len(sources), skipped=skipped
-    )
+    return {
+        **meta,
+        "versions": library_versions(),
+        "history": [
+            *meta.get("history", []),
+            {"time": created, "command": job.settings.command, "layers": job.keys},
+        ],
+    }

@@ -4,9 +4,9 @@ learning-rate finder and the export to a model file."""
 from featx._lazy import lazy_exports
 
 _EXPORTS = {
-    "finetune": "session",
-    "FinetuneConfig": "session",
-    "FinetuneResult": "session",
+    "finetune": "run",
+    "FinetuneConfig": "config",
+    "FinetuneResult": "config",
     "find_lr": "lr_find",
 }
 __all__ = list(_EXPORTS)

@@ -159,7 +159,9 @@ def find_lr(
     `--lr-mult` ratios) of the network `config` (a FinetuneConfig) describes, on the training
     images of `data_dir` with the run's augmentation. `checkpoint` (a fine-tuning run's
     best.pt or last.pt) starts from trained weights. `plot` writes the curve as PNG."""
-    from featx.finetuning.session import STAGES, Session, load_checkpoint
+    from featx.finetuning.config import STAGES
+    from featx.finetuning.run import load_checkpoint
+    from featx.finetuning.session import Session
 
     check_choice("stage", stage, STAGES)
     session = Session(data_dir, config, workers=workers, device=device, quiet=quiet)
