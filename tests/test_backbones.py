@@ -315,3 +315,26 @@ def test_timm_weights_not_cached_offline(small_photos, tmp_path):
 def test_named_weights_that_do_not_exist():
     with pytest.raises(UsageError, match="IMAGENET1K_V1"):
         get_backbone("resnet18").weights_identity("IMAGENET1K_V9")
+
+
+def test_builtin_default_weights_and_preprocessing_match_the_libraries():
+    """The registry knows each built-in's default weights and preprocessing without importing
+    torch (fast start-up); they must be exactly what torchvision and timm say."""
+    import dataclasses
+
+    import timm
+
+    from featx.backbones.registry import PACKAGED_LITE0_DIST, available_backbones
+
+    for name in available_backbones():
+        record = get_backbone(name)
+        computed = dataclasses.replace(record, default_weights=None, preprocessing=None)
+        assert record.default_preprocessing() == computed.default_preprocessing(), name
+        assert record.default_preprocessing("none") == computed.default_preprocessing("none")
+        if record.packaged_weights is None:
+            assert record.weights_identity() == computed.weights_identity(), name
+        else:
+            tag = timm.models.get_pretrained_cfg(record.architecture).tag
+            assert record.default_weights == f"timm:{record.architecture}.{tag}"
+            assert record.weights_identity().startswith(PACKAGED_LITE0_DIST)
+

@@ -20,7 +20,6 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from featx.backbones.registry import FORWARD_FEATURES, Backbone
 from featx.errors import UsageError
 
-POOLS = ("none", "avg", "max", "avgmax")  # "none" keeps maps; a network head flattens them
 LISTED_DEPTH = 2  # `featx layers` lists module paths with at most this many parts
 
 

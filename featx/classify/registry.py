@@ -13,24 +13,17 @@ from __future__ import annotations
 
 import ast
 import difflib
+import importlib
 import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from sklearn.base import BaseEstimator, TransformerMixin, clone
-from sklearn.decomposition import PCA, IncrementalPCA
-from sklearn.ensemble import RandomForestClassifier
-from sklearn.linear_model import LogisticRegression, RidgeClassifier, SGDClassifier
-from sklearn.neighbors import KNeighborsClassifier
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import Normalizer, StandardScaler
-from sklearn.svm import SVC, LinearSVC
-
-from featx.backbones.layers import POOLS
 from featx.errors import UsageError
+
+if TYPE_CHECKING:  # scikit-learn loads when an estimator is made, not for `featx classifiers`
+    from sklearn.base import BaseEstimator
 
 
 # ---- the registry ------------------------------------------------------------------------
@@ -47,10 +40,17 @@ class ClassifierSpec:
         return self.make(seed, n_jobs)
 
 
-def _mlp(seed: int, n_jobs: int) -> BaseEstimator:
-    from featx.classify.mlp import MLPClassifier
+def _make(path: str, **params: Any) -> Callable[[int, int], BaseEstimator]:
+    """A factory for the estimator class at `path` ("module:Class"); `seed` and `n_jobs` are
+    passed as the parameters named in `params` by the placeholders "seed" and "n_jobs"."""
+    module, name = path.split(":")
 
-    return MLPClassifier(random_state=seed)
+    def make(seed: int, n_jobs: int) -> BaseEstimator:
+        cls = getattr(importlib.import_module(module), name)
+        given = {"seed": seed, "n_jobs": n_jobs}
+        return cls(**{k: given.get(v, v) if isinstance(v, str) else v for k, v in params.items()})
+
+    return make
 
 
 # Defaults are chosen for standardised CNN features: thousands of dimensions, few samples.
@@ -60,47 +60,56 @@ CLASSIFIERS: dict[str, ClassifierSpec] = {
         ClassifierSpec(
             "logreg",
             "multinomial logistic regression (L2, lbfgs)",
-            lambda seed, n_jobs: LogisticRegression(C=1.0, max_iter=1000, random_state=seed),
+            _make(
+                "sklearn.linear_model:LogisticRegression", C=1.0, max_iter=1000, random_state="seed"
+            ),
         ),
         ClassifierSpec(
             "linearsvm",
             "linear SVM, one-vs-rest (no probabilities)",
-            lambda seed, n_jobs: LinearSVC(C=1.0, dual="auto", max_iter=5000, random_state=seed),
+            _make("sklearn.svm:LinearSVC", C=1.0, dual="auto", max_iter=5000, random_state="seed"),
         ),
         ClassifierSpec(
             "svm",
             "RBF-kernel SVM (no probabilities)",
-            lambda seed, n_jobs: SVC(C=1.0, kernel="rbf", gamma="scale", random_state=seed),
+            _make("sklearn.svm:SVC", C=1.0, kernel="rbf", gamma="scale", random_state="seed"),
         ),
         ClassifierSpec(
             "knn",
             "k nearest neighbours (k=5)",
-            lambda seed, n_jobs: KNeighborsClassifier(n_neighbors=5, n_jobs=n_jobs),
+            _make("sklearn.neighbors:KNeighborsClassifier", n_neighbors=5, n_jobs="n_jobs"),
         ),
         ClassifierSpec(
             "rf",
             "random forest (300 trees)",
-            lambda seed, n_jobs: RandomForestClassifier(
-                n_estimators=300, random_state=seed, n_jobs=n_jobs
+            _make(
+                "sklearn.ensemble:RandomForestClassifier",
+                n_estimators=300,
+                random_state="seed",
+                n_jobs="n_jobs",
             ),
         ),
         ClassifierSpec(
             "ridge",
             "ridge classifier (no probabilities)",
-            lambda seed, n_jobs: RidgeClassifier(alpha=1.0),
+            _make("sklearn.linear_model:RidgeClassifier", alpha=1.0),
         ),
         ClassifierSpec(
             "sgd",
             "logistic regression by SGD; trains out-of-core",
-            lambda seed, n_jobs: SGDClassifier(
-                loss="log_loss", alpha=1e-4, random_state=seed, n_jobs=n_jobs
+            _make(
+                "sklearn.linear_model:SGDClassifier",
+                loss="log_loss",
+                alpha=1e-4,
+                random_state="seed",
+                n_jobs="n_jobs",
             ),
             streams=True,
         ),
         ClassifierSpec(
             "mlp",
             "torch MLP head, Dense(256)-Dropout(0.5); trains out-of-core",
-            _mlp,
+            _make("featx.classify.mlp:MLPClassifier", random_state="seed"),
             streams=True,
         ),
     )
@@ -241,6 +250,9 @@ def _param_names(classifier: str) -> list[str]:
 def check_params(estimator: BaseEstimator, params: Mapping[str, Any], classifier: str) -> None:
     """Set `params` on a copy of `estimator` and validate them without fitting; UsageError with
     scikit-learn's sentence when a value is out of range or of the wrong type."""
+    import numpy as np
+    from sklearn.base import clone
+
     est = clone(estimator).set_params(**params)
     # A fit on a few random rows runs the estimator's own parameter validation (public API).
     rows = np.random.RandomState(0).rand(8, 3)
@@ -251,102 +263,3 @@ def check_params(estimator: BaseEstimator, params: Mapping[str, Any], classifier
     except (ValueError, TypeError) as error:
         text = str(error).strip().splitlines()[0].rstrip(".")
         raise UsageError(f"bad parameter for {classifier}: {text}.") from None
-
-
-# ---- the pipeline ------------------------------------------------------------------------
-class LayerFeatures(TransformerMixin, BaseEstimator):
-    """Stored layer rows -> a float32 matrix of shape (n_samples, n_features).
-
-    Rows of shape (C, H, W) are averaged (`pool="avg"`), maxed (`"max"`) or both concatenated
-    (`"avgmax"`) over H and W; with `pool="none"` every row is flattened. Float16 rows are
-    computed on in float32.
-
-    Parameters
-    ----------
-    pool : {"none", "avg", "max", "avgmax"}, default="none"
-        How spatial maps become vectors.
-
-    Attributes
-    ----------
-    row_shape_ : tuple of int
-        Shape of one input row seen in `fit`.
-    n_features_out_ : int
-        Width of the output matrix.
-    """
-
-    def __init__(self, pool: str = "none"):
-        self.pool = pool
-
-    def fit(self, X, y=None) -> LayerFeatures:
-        """Record the row shape of `X`."""
-        X = self._check(X)
-        self.row_shape_ = tuple(X.shape[1:])
-        self.n_features_out_ = self._out(X[:1]).shape[1]
-        return self
-
-    def transform(self, X) -> np.ndarray:
-        """Pool or flatten `X`, which must have the row shape seen in `fit`."""
-        X = self._check(X)
-        if tuple(X.shape[1:]) != self.row_shape_:
-            raise ValueError(
-                f"rows of shape {tuple(X.shape[1:])} given, {self.row_shape_} expected."
-            )
-        return self._out(X)
-
-    def _check(self, X) -> np.ndarray:
-        if self.pool not in POOLS:
-            raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}.")
-        X = np.asarray(X)
-        if X.ndim < 2:
-            raise ValueError(f"expected rows of features, got an array of shape {X.shape}.")
-        if self.pool != "none" and X.ndim != 4:
-            raise ValueError(f"pool={self.pool!r} needs C x H x W rows, got {X.shape[1:]}.")
-        return X
-
-    def _out(self, X: np.ndarray) -> np.ndarray:
-        if self.pool == "none":
-            return X.reshape(len(X), -1).astype(np.float32, copy=False)
-        parts = []
-        if self.pool in ("avg", "avgmax"):
-            parts.append(X.mean(axis=(2, 3), dtype=np.float32))
-        if self.pool in ("max", "avgmax"):
-            parts.append(X.max(axis=(2, 3)).astype(np.float32))
-        return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
-
-
-@dataclass(frozen=True)
-class PipelineConfig:
-    """The steps around the classifier."""
-
-    pool: str = "none"  # applied to stored spatial maps at fit time
-    scale: bool = True
-    pca: int | None = None
-    l2: bool = False
-
-    def describe(self) -> str:
-        steps = ["flatten" if self.pool == "none" else f"{self.pool}-pool"]
-        if self.scale:
-            steps.append("standardise")
-        if self.pca:
-            steps.append(f"PCA({self.pca})")
-        if self.l2:
-            steps.append("L2-normalise")
-        return " -> ".join(steps)
-
-
-def build_pipeline(
-    classifier: BaseEstimator, config: PipelineConfig, seed: int = 0, streamed: bool = False
-) -> Pipeline:
-    """features -> [scale] -> [pca] -> [l2] -> clf. `streamed` uses IncrementalPCA, whose
-    partial_fit learns from chunks (StandardScaler and Normalizer need no other variant)."""
-    steps: list[tuple[str, Any]] = [("features", LayerFeatures(config.pool))]
-    if config.scale:
-        steps.append(("scale", StandardScaler()))
-    if config.pca:
-        steps.append(
-            ("pca", IncrementalPCA(config.pca) if streamed else PCA(config.pca, random_state=seed))
-        )
-    if config.l2:
-        steps.append(("l2", Normalizer()))
-    steps.append(("clf", classifier))
-    return Pipeline(steps)

@@ -28,6 +28,26 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from featx import __version__
+
+        typer.echo(f"featx {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Extract frozen-backbone features once into HDF5 stores; train classifiers on them."""
+
+
 @contextlib.contextmanager
 def reported():
     """Turn library errors into one line on stderr and their exit code."""

@@ -19,24 +19,11 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
-from featx.backbones.layers import (
-    POOLS,
-    as_input,
-    check_poolable,
-    pooled_shape,
-    prepare_tap,
-    resolve_layers,
-    trace_layers,
-)
-from featx.backbones.registry import Backbone, LoadedBackbone, Preprocessing, get_backbone
+from featx.backbones.registry import POOLS, Backbone, LoadedBackbone, Preprocessing, get_backbone
 from featx.data.folders import UNSPLIT, BadImage, ImageFolder, load_image, scan_image_folder
 from featx.errors import Interrupted, UsageError, check_choice
 from featx.extraction.partial import ChunkWriter, Partial, write_lock
@@ -49,6 +36,10 @@ from featx.runtime import (
     resolve_device,
 )
 from featx.store.feature_store import FeatureStore, add_layer, layer_key, write_store
+
+if TYPE_CHECKING:  # torch loads only when the network runs: a cached re-run never imports it
+    import torch
+    from PIL import Image
 
 DTYPES = ("float32", "float16")
 COMPRESSIONS = ("none", "lzf", "gzip")
@@ -101,7 +92,7 @@ class _Work:
         return cls(items)
 
 
-class _Images(Dataset):
+class _Images:
     """Decodes and preprocesses work items; a bad file yields its reason instead of a tensor."""
 
     def __init__(self, folder: ImageFolder, items, preprocessing: Preprocessing, augment=None):
@@ -124,6 +115,8 @@ class _Images(Dataset):
 
 
 def _collate(samples):
+    import torch
+
     good = [(i, x) for i, x, _ in samples if x is not None]
     bad = [(i, reason) for i, x, reason in samples if x is None]
     index = [i for i, _ in good]
@@ -391,6 +384,8 @@ def _compute(
     settings: _Settings,
     log,
 ) -> ExtractResult:
+    from featx.backbones.layers import check_poolable, pooled_shape, resolve_layers, trace_layers
+
     loaded = record.load(settings.weights)
     pool, dtype, batch_size = settings.pool, settings.dtype, settings.batch_size
     if existing is not None and existing.meta["weights_sha256"] != loaded.weights_sha256:
@@ -457,6 +452,12 @@ def _compute(
 
 def _run_network(job: _Job, start: int) -> None:
     """Compute the chunks from work item `start` on, saving each as it completes."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from featx.backbones.layers import as_input, pooled_shape, prepare_tap
+
     modules = [i.module for i in job.todo]
     tap = prepare_tap(
         job.loaded.model,
@@ -531,6 +532,8 @@ def _run_network(job: _Job, start: int) -> None:
 
 def _assemble(job: _Job, n_chunks: int) -> ExtractResult:
     """Write the complete store to a temporary file and rename it over STORE."""
+    from featx.backbones.layers import pooled_shape
+
     sources, views, skipped = _decoded_rows(job, n_chunks)
     files, rows = _columns(job.folder, sources, views)
     tmp = job.store.with_name(f".{job.store.name}.{os.getpid()}.tmp")

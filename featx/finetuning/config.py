@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from featx.backbones.layers import POOLS
+from featx.backbones.registry import POOLS
 from featx.data.augment import AugmentConfig
 from featx.errors import UsageError, check_choice
 from featx.finetuning.network import BN_MODES

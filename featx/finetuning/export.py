@@ -28,7 +28,7 @@ def export_model(
 
     from featx.backbones.layers import pooled_shape
     from featx.backbones.registry import state_dict_sha256
-    from featx.classify.registry import LayerFeatures
+    from featx.classify.pipeline import LayerFeatures
     from featx.models.file import FeatxModel, feature_identity, layer_record, model_provenance
     from featx.models.heads import TorchHead
     from featx.runtime import atomic_write, library_versions, now

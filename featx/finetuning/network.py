@@ -27,7 +27,6 @@ import torch
 from torch import nn
 
 from featx.backbones.layers import (
-    POOLS,
     LayerInfo,
     check_poolable,
     pool_features,
@@ -35,7 +34,7 @@ from featx.backbones.layers import (
     resolve_layers,
     trace_layers,
 )
-from featx.backbones.registry import FORWARD_FEATURES, Backbone
+from featx.backbones.registry import FORWARD_FEATURES, POOLS, Backbone
 from featx.errors import UsageError, check_choice
 from featx.models.heads import make_head
 
