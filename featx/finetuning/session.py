@@ -10,7 +10,7 @@ a pure function of that state and the seed (data order, augmentation and dropout
 per epoch), so a resumed run trains exactly as an uninterrupted one would.
 
 Output folder: `config.json`, `last.pt`, `best.pt` (lowest validation loss), `history.json`,
-`history.png`, `metrics.json` and `model.joblib` (for `featx predict`/`featx evaluate`).
+`history.png`, `metrics.json` and `model.featx` (for `featx predict`/`featx evaluate`).
 """
 
 from __future__ import annotations
@@ -49,7 +49,12 @@ from featx.finetuning.network import (
     Network,
     build_network,
 )
-from featx.models.heads import classification_loss, load_fitted_head, probabilities
+from featx.models.heads import (
+    FittedHead,
+    classification_loss,
+    load_fitted_head,
+    probabilities,
+)
 from featx.runtime import (
     PRECISIONS,
     atomic_write,
@@ -350,6 +355,7 @@ class Session:
         workers: int | None = None,
         device: str = "auto",
         quiet: bool = False,
+        fitted: FittedHead | None = None,
     ):
         self.config = config
         self.quiet = quiet
@@ -361,7 +367,8 @@ class Session:
             raise UsageError(f"{self.folder.root} has one class; fine-tuning needs at least two.")
         self.split = training_split(self.folder, config.val_fraction, config.seed)
         self.record: Backbone = get_backbone(config.backbone)
-        fitted = load_fitted_head(config.head) if config.fitted_head else None
+        if fitted is None and config.fitted_head:
+            fitted = load_fitted_head(config.head)
         preprocessing = self.record.default_preprocessing(config.weights)
         if config.image_size:
             preprocessing = preprocessing.with_image_size(config.image_size)
@@ -627,7 +634,7 @@ RUN_FILES = (
     "history.json",
     "history.png",
     "metrics.json",
-    "model.joblib",
+    "model.featx",
     "base.safetensors",
 )
 
@@ -653,13 +660,19 @@ def finetune(
     device: str = "auto",
     quiet: bool = False,
     command: str | None = None,
+    trust_pickle: bool = False,
 ) -> FinetuneResult:
     """Fine-tune `config.backbone` on the image folder `data_dir`, writing the run to `out`
-    (default runs/<data>-<backbone>). `resume` continues from `out/last.pt`."""
+    (default runs/<data>-<backbone>). `resume` continues from `out/last.pt`. A `--head` model
+    file that is a legacy pickle is loaded only with `trust_pickle`."""
     out = Path(out) if out is not None else default_run_dir(data_dir, config.backbone)
     log = (lambda *_: None) if quiet else (lambda text: print(text, file=sys.stderr))
+    # The head model is read before the run folder is touched: a refused file leaves no run.
+    fitted = (
+        load_fitted_head(config.head, trust_pickle=trust_pickle) if config.fitted_head else None
+    )
     state = _start(out, config, resume, overwrite)
-    session = Session(data_dir, config, workers=workers, device=device, quiet=quiet)
+    session = Session(data_dir, config, workers=workers, device=device, quiet=quiet, fitted=fitted)
     try:
         return _run(session, out, state, log, command or " ".join(sys.argv))
     except KeyboardInterrupt:
