@@ -396,6 +396,7 @@ def fit(
         keys = list(dict.fromkeys(store.resolve(layer) for layer in layers))
         for key in keys:
             _check_pool(store, key, config.pool)
+            store.check_finite(key)
         selection = select_rows(store, cv=cv, val_fraction=val_fraction, seed=seed)
         plans = [
             _plan(store, key, selection, classifiers, stream, cv, budget, chunk_bytes, config)
