@@ -254,7 +254,7 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
         if heads is None:  # pickle on CPU so that the estimator loads anywhere
             state["module_"] = copy.deepcopy(self.module_).cpu()
         else:  # a model file: the head goes to safetensors, no torch type reaches skops
-            state["module_"] = heads.put(head_spec(self.module_, self.classes_.tolist()))
+            state["module_"] = heads.put(head_spec(self.module_, self.classes_.tolist()), self)
             # The optimizer's running statistics only serve `partial_fit` in this process.
             state["_optimizer_state"] = (None, None)
         return state

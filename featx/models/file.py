@@ -59,7 +59,7 @@ def _trusted_types() -> list[str]:
     from sklearn.linear_model import LogisticRegression, RidgeClassifier, SGDClassifier
     from sklearn.metrics import DistanceMetric
     from sklearn.neighbors import BallTree, KDTree, KNeighborsClassifier
-    from sklearn.preprocessing import Normalizer, StandardScaler
+    from sklearn.preprocessing import LabelBinarizer, Normalizer, StandardScaler
     from sklearn.svm import SVC, LinearSVC
     from sklearn.tree import DecisionTreeClassifier
     from sklearn.tree._tree import Tree
@@ -84,7 +84,9 @@ def _trusted_types() -> list[str]:
         KDTree,  # the search structures and metrics of knn
         BallTree,
         RidgeClassifier,
+        LabelBinarizer,  # inside RidgeClassifier
         SGDClassifier,
+        *(loss for loss, *_ in SGDClassifier.loss_functions.values()),
         LayerFeatures,
         MLPClassifier,
         TorchHead,
@@ -389,6 +391,42 @@ def _find_layer(store: FeatureStore, layer: dict[str, Any]) -> str | None:
     return None
 
 
+# Plain data that skops rebuilds without calling anything.
+_PLAIN_TYPES = {
+    *(f"builtins.{t}" for t in ("dict", "list", "tuple", "str", "int", "float", "bool")),
+    "builtins.NoneType",
+    "numpy.ndarray",
+    "numpy.dtype",
+    *(
+        f"numpy.{t}"
+        for t in (
+            "bool_", "float16", "float32", "float64", "int8", "int16", "int32", "int64",
+            "uint8", "uint16", "uint32", "uint64", "str_",
+        )
+    ),
+}  # fmt: skip
+
+
+def _schema_types(skops_bytes: bytes, path: Path) -> set[str]:
+    """Every type named in a skops file's schema (objects, functions, types, containers)."""
+    found: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("__module__"), str) and isinstance(node.get("__class__"), str):
+                found.add(f"{node['__module__']}.{node['__class__']}")
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    with zipfile.ZipFile(io.BytesIO(skops_bytes)) as inner:
+        _check_sizes(inner, path, f"{PIPELINE}/")
+        walk(json.loads(_read_member(inner, "schema.json", MAX_JSON_BYTES, path)))
+    return found
+
+
 def check_provenance(provenance: Any, path: str | os.PathLike) -> dict[str, Any]:
     """`provenance` if it has every field featx reads, of the right kind; otherwise a
     UsageError naming the first field that is missing or wrong."""
@@ -517,8 +555,7 @@ def _load_zip(path: Path) -> FeatxModel:
                 f"model file {path} is damaged ({type(error).__name__}: {error})."
             ) from None
     try:
-        with zipfile.ZipFile(io.BytesIO(pipeline_bytes)) as inner:
-            _check_sizes(inner, path, f"{PIPELINE}/")
+        named = _schema_types(pipeline_bytes, path)
         untrusted = skops.io.get_untrusted_types(data=pipeline_bytes)
     except UsageError:
         raise
@@ -526,8 +563,10 @@ def _load_zip(path: Path) -> FeatxModel:
         raise UsageError(
             f"model file {path} has a damaged {PIPELINE} ({type(error).__name__}: {error})."
         ) from None
-    trusted = _trusted_types()
-    refused = [t for t in untrusted if t not in trusted]
+    # skops trusts many types by default (any scikit-learn estimator, for one); featx loads
+    # only the ones it builds itself, and plain data.
+    allowed = {*_trusted_types(), *_PLAIN_TYPES}
+    refused = sorted((named | set(untrusted)) - allowed)
     if refused:
         raise UsageError(
             f"model file {path} holds types that featx does not build and will not load: "

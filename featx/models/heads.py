@@ -111,13 +111,17 @@ class HeadTensors:
     ):
         self.specs = specs or {}
         self.tensors = tensors or {}
+        self._owners: dict[int, str] = {}
 
-    def put(self, spec: dict[str, Any]) -> dict[str, str]:
-        """Keep a `head_spec`; the reference that stands for it in the pipeline."""
-        name = f"head{len(self.specs)}"
-        self.specs[name] = {k: v for k, v in spec.items() if k != "state_dict"}
-        for key, tensor in spec["state_dict"].items():
-            self.tensors[f"{name}/{key}"] = tensor.detach().float().cpu().contiguous()
+    def put(self, spec: dict[str, Any], owner: object) -> dict[str, str]:
+        """Keep the `head_spec` of `owner`; the reference that stands for it in the pipeline.
+        skops may ask an object for its state more than once: each owner is kept once."""
+        name = self._owners.get(id(owner))
+        if name is None:
+            name = self._owners[id(owner)] = f"head{len(self.specs)}"
+            self.specs[name] = {k: v for k, v in spec.items() if k != "state_dict"}
+            for key, tensor in spec["state_dict"].items():
+                self.tensors[f"{name}/{key}"] = tensor.detach().float().cpu().contiguous()
         return {"featx_head": name}
 
     def get(self, reference: dict[str, Any]) -> dict[str, Any]:
@@ -224,7 +228,7 @@ class TorchHead(ClassifierMixin, BaseEstimator):
         state.pop("_module_cache", None)
         heads = active_head_tensors()
         if heads is not None and self.spec is not None:
-            state["spec"] = heads.put(self.spec)
+            state["spec"] = heads.put(self.spec, self)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
