@@ -373,7 +373,7 @@ def test_single_class_and_unlabelled_stores_are_refused(tmp_path):
     assert "has a single class (red)" in message
     unlabelled = synthetic_store(tmp_path / "unlabelled.h5", 40, 8, class_names=[], labels_value=-1)
     message = _one_sentence(_cli("fit", "--store", unlabelled, "--layer", "feat"))
-    assert "has no class labels" in message
+    assert "has no classes (/classes is empty)" in message
 
 
 def test_a_store_without_training_rows_is_refused(tmp_path):

@@ -128,6 +128,26 @@ def test_a_fine_tuned_head_survives_save_and_load(world, tmp_path, audited_loads
         torch.testing.assert_close(fitted.head.state_dict()[name], tensor)
 
 
+def test_a_head_spec_larger_than_its_tensors_is_refused(world, tmp_path):
+    good = load_model(world["good"])
+    width = good.layer["row_shape"][0]
+    pipeline = Pipeline(
+        [
+            ("features", LayerFeatures("none").fit(np.zeros((1, width), np.float32))),
+            ("clf", TorchHead.from_head(make_head(width, [8], 0.5, 1), [0, 1])),
+        ]
+    )
+    path = FeatxModel(pipeline, good.provenance).save(tmp_path / "head.featx")
+    members = _members(path)
+    specs = json.loads(members["heads.json"])
+    specs["head0"]["hidden_sizes"] = [1 << 30]  # would allocate terabytes
+    crafted = _zip(
+        tmp_path / "crafted.featx", {**members, "heads.json": json.dumps(specs).encode()}
+    )
+    message = assert_one_sentence_error(invoke_featx("info", crafted))
+    assert "head head0 does not match its stored tensors" in message
+
+
 def test_a_legacy_pickle_loads_only_when_trusted(world, tmp_path):
     good = load_model(world["good"])
     legacy = tmp_path / "old.joblib"

@@ -506,6 +506,12 @@ def _check_sizes(zf: zipfile.ZipFile, path: Path, what: str) -> None:
             )
 
 
+def _reason(error: Exception) -> str:
+    """An exception as one line of text, for a one-sentence message."""
+    text = " ".join(str(error).split()).rstrip(".")[:200]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 def _load_zip(path: Path) -> FeatxModel:
     import skops.io
     from safetensors.torch import load as load_tensors
@@ -551,9 +557,7 @@ def _load_zip(path: Path) -> FeatxModel:
         except UsageError:
             raise
         except Exception as error:  # json, zlib, CRC and safetensors errors of a damaged member
-            raise UsageError(
-                f"model file {path} is damaged ({type(error).__name__}: {error})."
-            ) from None
+            raise UsageError(f"model file {path} is damaged ({_reason(error)}).") from None
     try:
         named = _schema_types(pipeline_bytes, path)
         untrusted = skops.io.get_untrusted_types(data=pipeline_bytes)
@@ -561,7 +565,7 @@ def _load_zip(path: Path) -> FeatxModel:
         raise
     except Exception as error:
         raise UsageError(
-            f"model file {path} has a damaged {PIPELINE} ({type(error).__name__}: {error})."
+            f"model file {path} has a damaged {PIPELINE} ({_reason(error)})."
         ) from None
     # skops trusts many types by default (any scikit-learn estimator, for one); featx loads
     # only the ones it builds itself, and plain data.
@@ -579,7 +583,7 @@ def _load_zip(path: Path) -> FeatxModel:
         raise
     except Exception as error:
         raise UsageError(
-            f"model file {path} has a damaged {PIPELINE} ({type(error).__name__}: {error})."
+            f"model file {path} has a damaged {PIPELINE} ({_reason(error)})."
         ) from None
     if not isinstance(pipeline, Pipeline):
         raise UsageError(f"model file {path} holds a {type(pipeline).__name__}, not a Pipeline.")

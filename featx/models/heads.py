@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextvars
+import itertools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -131,7 +132,18 @@ class HeadTensors:
             raise UsageError(f"the model file has no head named {name!r} in heads.json.")
         prefix = f"{name}/"
         state = {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}
-        return {**self.specs[name], "state_dict": state}
+        spec = self.specs[name]
+        # The sizes must account for exactly the stored tensors, so that a crafted heads.json
+        # cannot make featx allocate a network larger than the file.
+        try:
+            sizes = [spec["in_features"], *spec["hidden_sizes"], spec["n_outputs"]]
+            valid = all(isinstance(n, int) and n > 0 for n in sizes)
+            needed = sum(a * b + b for a, b in itertools.pairwise(sizes)) if valid else -1
+        except (KeyError, TypeError):
+            needed = -1
+        if needed != sum(t.numel() for t in state.values()):
+            raise UsageError(f"the model file's head {name} does not match its stored tensors.")
+        return {**spec, "state_dict": state}
 
 
 _HEADS: contextvars.ContextVar[HeadTensors | None] = contextvars.ContextVar(

@@ -405,6 +405,8 @@ def validate_store(f: h5py.File, path: Path) -> tuple[dict[str, Any], list[str],
             fail(f"has {obj.shape[0]} rows in layer {key} but {n_rows} in /rows")
 
     labels = f["rows/label"][()]
+    if not class_names:
+        fail("has no classes (/classes is empty)")
     bad = np.flatnonzero((labels < 0) | (labels >= len(class_names)))
     if len(bad):
         fail(
