@@ -318,3 +318,18 @@ def test_a_fresh_interpreter_never_unpickles(world, tmp_path):
     for args in (["info", hostile], ["predict", "--model", hostile, world["data"]]):
         assert_one_sentence_error(run_featx(*args, cwd=tmp_path))
         assert not pwned.exists()
+
+
+def test_a_trusted_legacy_pickle_still_needs_its_provenance(world, tmp_path):
+    good = load_model(world["good"])
+    provenance = {k: v for k, v in good.provenance.items() if k != "layer"}
+    legacy = tmp_path / "old.joblib"
+    joblib.dump(
+        {"format": "featx-model", "format_version": 1, "pipeline": good.pipeline,
+         "provenance": provenance},
+        legacy,
+    )  # fmt: skip
+    message = assert_one_sentence_error(
+        invoke_featx("predict", "--model", legacy, world["data"], "--trust-pickle")
+    )
+    assert message.endswith(f"model file {legacy} lacks provenance field layer.")
