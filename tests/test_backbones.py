@@ -337,4 +337,3 @@ def test_builtin_default_weights_and_preprocessing_match_the_libraries():
             tag = timm.models.get_pretrained_cfg(record.architecture).tag
             assert record.default_weights == f"timm:{record.architecture}.{tag}"
             assert record.weights_identity().startswith(PACKAGED_LITE0_DIST)
-

@@ -279,7 +279,7 @@ def test_resume_after_a_real_kill_continues_from_the_last_checkpoint(shapes, tmp
     process.stderr.close()
     killed = load_checkpoint(run / "last.pt")
     done = len(killed["history"])
-    assert 1 <= done < 5 and not (run / "model.joblib").exists()
+    assert 1 <= done < 5 and not (run / "model.featx").exists()
 
     resumed = subprocess.run([*args, "--resume"], cwd=tmp_path, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr

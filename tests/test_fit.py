@@ -213,11 +213,11 @@ def test_model_file_holds_pipeline_and_provenance(split_store, tmp_path):
     assert "resnet18" in text and sweep.best.layer in text and "blue, green, red" in text
 
 
-def test_mlp_model_survives_a_joblib_round_trip(split_store, tmp_path):
+def test_mlp_model_survives_a_model_file_round_trip(split_store, tmp_path):
     sweep = featx.fit(
-        split_store, "layer4", "mlp", params={"epochs": 20}, model=tmp_path / "m.joblib"
+        split_store, "layer4", "mlp", params={"epochs": 20}, model=tmp_path / "m.featx"
     )
-    model = load_model(tmp_path / "m.joblib")
+    model = load_model(tmp_path / "m.featx")
     with FeatureStore(split_store) as store:
         X = store.read("layer4", "test")
     np.testing.assert_array_equal(
@@ -226,13 +226,15 @@ def test_mlp_model_survives_a_joblib_round_trip(split_store, tmp_path):
 
 
 def test_load_model_refuses_other_files(split_store, tmp_path):
-    with pytest.raises(UsageError, match="not a readable model file|not a featx model"):
+    with pytest.raises(UsageError, match="not a featx model file"):
         load_model(split_store)
     import joblib
 
     joblib.dump({"something": 1}, tmp_path / "other.joblib")
-    with pytest.raises(UsageError, match="not a featx model file"):
+    with pytest.raises(UsageError, match="pickle-based model file from an older featx"):
         load_model(tmp_path / "other.joblib")
+    with pytest.raises(UsageError, match="not a featx model file"):
+        load_model(tmp_path / "other.joblib", trust_pickle=True)
 
 
 # ---- evaluate -----------------------------------------------------------------------------
@@ -371,7 +373,7 @@ def test_single_class_and_unlabelled_stores_are_refused(tmp_path):
     assert "has a single class (red)" in message
     unlabelled = synthetic_store(tmp_path / "unlabelled.h5", 40, 8, class_names=[], labels_value=-1)
     message = _one_sentence(_cli("fit", "--store", unlabelled, "--layer", "feat"))
-    assert "has no class labels" in message
+    assert "has no classes (/classes is empty)" in message
 
 
 def test_a_store_without_training_rows_is_refused(tmp_path):

@@ -96,6 +96,7 @@ def evaluate(
     store = FeatureStore(store) if owned else store
     try:
         key = model.store_layer(store)
+        store.check_finite(key, split)
         index = store.rows(split)
         index = np.arange(store.n_rows)[index]
         index = index[store.views(split) == 0]

@@ -381,6 +381,7 @@ def fit(
         keys = list(dict.fromkeys(store.resolve(layer) for layer in request.layers))
         for key in keys:
             _check_pool(store, key, request.config.pool)
+            store.check_finite(key)
         selection = select_rows(store, cv=cv, val_fraction=val_fraction, seed=seed)
         plans = [_plan(store, key, selection, request) for key in keys]
         results = _run(store, plans, selection, request, progress or (lambda _text: None))

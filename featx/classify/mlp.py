@@ -16,7 +16,16 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import nn
 
-from featx.models.heads import classification_loss, head_spec, make_head, probabilities
+from featx.models.heads import (
+    active_head_tensors,
+    classification_loss,
+    head_from_spec,
+    head_spec,
+    is_head_reference,
+    make_head,
+    probabilities,
+    resolve_head_reference,
+)
 
 _OPTIMIZERS = ("rmsprop", "adam", "sgd")
 _DTYPES = (np.float32, np.float64, np.float16)  # anything else is converted to float32
@@ -238,10 +247,22 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
         torch.save(self.head_spec(), path)
 
     def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        if "module_" in state:  # pickle on CPU so that the estimator loads anywhere
+        state = dict(super().__getstate__())  # for non-sklearn classes, the live __dict__
+        if "module_" not in state:
+            return state
+        heads = active_head_tensors()
+        if heads is None:  # pickle on CPU so that the estimator loads anywhere
             state["module_"] = copy.deepcopy(self.module_).cpu()
+        else:  # a model file: the head goes to safetensors, no torch type reaches skops
+            state["module_"] = heads.put(head_spec(self.module_, self.classes_.tolist()), self)
+            # The optimizer's running statistics only serve `partial_fit` in this process.
+            state["_optimizer_state"] = (None, None)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if is_head_reference(state.get("module_")):
+            state = {**state, "module_": head_from_spec(resolve_head_reference(state["module_"]))}
+        super().__setstate__(state)
 
     def _check_params(self) -> None:
         if self.optimizer not in _OPTIMIZERS:

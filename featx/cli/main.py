@@ -217,20 +217,31 @@ def info(
     """Show what a store holds (layers, rows per split and class, skipped files, provenance),
     or what a model file holds (classifier, layer, backbone, weights, classes, metrics).
 
-    A model file is a pickle: reading it runs code stored in it, so only open files you trust.
+    Reading a file runs no code from it: `info` never unpickles, so a pickle-based model file
+    from an older featx is refused.
 
     Example: featx info stores/flowers-vgg16-default-std.h5
     """
-    import h5py
-
+    from featx.errors import UsageError
+    from featx.models.file import load_model, model_file_kind
     from featx.store.feature_store import FeatureStore
 
     with reported():
-        if path.is_file() and not h5py.is_hdf5(path):
-            from featx.models.file import load_model
-
+        try:
+            kind = model_file_kind(path) if path.is_file() else "hdf5"
+        except OSError:  # unreadable: FeatureStore says so
+            kind = "hdf5"
+        if kind == "zip":
             typer.echo(load_model(path).summary())
             return
+        if kind == "pickle":
+            raise UsageError(
+                f"{path} is a pickle-based model file from an older featx; loading it can run "
+                "code, which featx info never does: pass --trust-pickle to evaluate or predict "
+                "if you trust its source, or refit."
+            )
+        if kind == "other":
+            raise UsageError(f"{path} is neither a featx store nor a featx model file.")
         with FeatureStore(path) as store:
             typer.echo(store.summary())
 
@@ -287,7 +298,8 @@ def fit(
         str, typer.Option(help="Ranking metric: accuracy, balanced_accuracy or f1_macro.")
     ] = "accuracy",
     model: Annotated[
-        Path | None, typer.Option(help="Save the best experiment's model file (joblib) here.")
+        Path | None,
+        typer.Option(help="Save the best experiment's model file here (e.g. flowers.featx)."),
     ] = None,
     report: Annotated[
         Path | None,
@@ -316,7 +328,7 @@ def fit(
     """Train classifiers on stored layers: every --layer x --clf, ranked by validation score.
 
     Example: featx fit --store stores/flowers.h5 --layer block4_pool --layer block5_pool
-    --clf logreg --clf svm --param C=0.01,0.1,1 --model flowers.joblib --report fit.json
+    --clf logreg --clf svm --param C=0.01,0.1,1 --model flowers.featx --report fit.json
     """
     from featx.classify.fit import fit as run
     from featx.runtime import parse_size
@@ -369,18 +381,27 @@ def evaluate(
     report: Annotated[
         Path | None, typer.Option(help="Write the metrics as JSON (plus a confusion PNG).")
     ] = None,
+    trust_pickle: Annotated[
+        bool,
+        typer.Option(
+            help="Also load a pickle-based model file from an older featx; unpickling runs "
+            "code stored in the file: only for files you trust."
+        ),
+    ] = False,
 ) -> None:
     """Score a model on a split of a store made with the same backbone, weights,
     preprocessing and layer (any other store is refused, saying what differs).
 
-    Loading a model file runs code stored in it: only use model files you trust.
+    Loading a model file runs no code from it (a pickle from an older featx only with
+    --trust-pickle).
 
-    Example: featx evaluate --model flowers.joblib --store stores/flowers.h5 --split test
+    Example: featx evaluate --model flowers.featx --store stores/flowers.h5 --split test
     """
     from featx.classify.evaluate import evaluate as run
+    from featx.models.file import load_model
 
     with reported():
-        result = run(model, store, split, report=report)
+        result = run(load_model(model, trust_pickle=trust_pickle), store, split, report=report)
     typer.echo(result.table())
     if report is not None:
         typer.echo(f"\nreport: {report}, {report.with_name(f'{report.stem}-confusion.png')}")
@@ -402,21 +423,30 @@ def predict(
         typer.Option(help="Test-time augmentation: also score N augmented views and average."),
     ] = 0,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    trust_pickle: Annotated[
+        bool,
+        typer.Option(
+            help="Also load a pickle-based model file from an older featx; unpickling runs "
+            "code stored in the file: only for files you trust."
+        ),
+    ] = False,
 ) -> None:
     """Classify images with a model: runs the backbone, layer and preprocessing the model
     records, then its classifier; one CSV row per image with the top classes and their
     probabilities (decision scores for svm, linearsvm, ridge). Unreadable files are listed on
     stderr and skipped (exit code 3).
 
-    Loading a model file runs code stored in it: only use model files you trust.
+    Loading a model file runs no code from it (a pickle from an older featx only with
+    --trust-pickle).
 
-    Example: featx predict --model flowers.joblib photos/ --out predictions.csv
+    Example: featx predict --model flowers.featx photos/ --out predictions.csv
     """
     from featx.classify.predict import predict as run
+    from featx.models.file import load_model
 
     with reported():
         result = run(
-            model,
+            load_model(model, trust_pickle=trust_pickle),
             [str(p) for p in paths],
             out=out,
             top_k=top_k,
@@ -506,12 +536,19 @@ def finetune(
         bool, typer.Option(help="Replace a finished or stopped run in --out.")
     ] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bars or per-epoch lines.")] = False,
+    trust_pickle: Annotated[
+        bool,
+        typer.Option(
+            help="Also load a --head model file that is a pickle from an older featx; "
+            "unpickling runs code stored in the file: only for files you trust."
+        ),
+    ] = False,
 ) -> None:
     """Fine-tune BACKBONE on DATA_DIR: train a new head on the frozen base, then unfreeze the
     later blocks at small, layer-dependent learning rates, with augmentation throughout.
 
     Writes checkpoints (best.pt, last.pt), config.json, history.json/.png, metrics.json and
-    model.joblib (for `featx predict` and `featx evaluate`) into the run folder.
+    model.featx (for `featx predict` and `featx evaluate`) into the run folder.
 
     Example: featx finetune data/cats_dogs --backbone vgg16 --image-size 150 --unfreeze-from
     block5_conv1 --epochs-head 5 --epochs 10 --lr 1e-4 --out runs/cats-dogs
@@ -539,6 +576,7 @@ def finetune(
             device=device,
             quiet=quiet,
             command=_command_line(),
+            trust_pickle=trust_pickle,
         )
     typer.echo(str(result.out))
     if result.skipped:

@@ -20,7 +20,7 @@ def export_model(
     command: str,
 ) -> Path:
     """Write `out/base.safetensors` (the whole backbone with the fine-tuned weights, loadable
-    as `--weights FILE`) and `out/model.joblib`, a featx model file whose pipeline takes the
+    as `--weights FILE`) and `out/model.featx`, a featx model file whose pipeline takes the
     feature layer's rows (as `featx extract --weights out/base.safetensors` stores them) and
     whose classifier is the fine-tuned head."""
     from safetensors.torch import save
@@ -111,4 +111,4 @@ def export_model(
         },
         command=command,
     )
-    return FeatxModel(pipeline, provenance).save(out / "model.joblib")
+    return FeatxModel(pipeline, provenance).save(out / "model.featx")

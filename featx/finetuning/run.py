@@ -10,7 +10,7 @@ a pure function of that state and the seed (data order, augmentation and dropout
 per epoch), so a resumed run trains exactly as an uninterrupted one would.
 
 Output folder: `config.json`, `last.pt`, `best.pt` (lowest validation loss), `history.json`,
-`history.png`, `metrics.json` and `model.joblib` (for `featx predict`/`featx evaluate`).
+`history.png`, `metrics.json` and `model.featx` (for `featx predict`/`featx evaluate`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from featx.errors import Interrupted, UsageError
 from featx.finetuning.config import STAGES, FinetuneConfig, FinetuneResult
 from featx.finetuning.network import Network
 from featx.finetuning.session import Session
+from featx.models.heads import load_fitted_head
 from featx.runtime import (
     atomic_write,
     library_versions,
@@ -66,7 +67,7 @@ RUN_FILES = (
     "history.json",
     "history.png",
     "metrics.json",
-    "model.joblib",
+    "model.featx",
     "base.safetensors",
 )
 
@@ -92,13 +93,19 @@ def finetune(
     device: str = "auto",
     quiet: bool = False,
     command: str | None = None,
+    trust_pickle: bool = False,
 ) -> FinetuneResult:
     """Fine-tune `config.backbone` on the image folder `data_dir`, writing the run to `out`
-    (default runs/<data>-<backbone>). `resume` continues from `out/last.pt`."""
+    (default runs/<data>-<backbone>). `resume` continues from `out/last.pt`. A `--head` model
+    file that is a legacy pickle is loaded only with `trust_pickle`."""
     out = Path(out) if out is not None else default_run_dir(data_dir, config.backbone)
     log = (lambda *_: None) if quiet else (lambda text: print(text, file=sys.stderr))
+    # The head model is read before the run folder is touched: a refused file leaves no run.
+    fitted = (
+        load_fitted_head(config.head, trust_pickle=trust_pickle) if config.fitted_head else None
+    )
     state = _start(out, config, resume, overwrite)
-    session = Session(data_dir, config, workers=workers, device=device, quiet=quiet)
+    session = Session(data_dir, config, workers=workers, device=device, quiet=quiet, fitted=fitted)
     try:
         return _run(session, out, state, log, command or " ".join(sys.argv))
     except KeyboardInterrupt:

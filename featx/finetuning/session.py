@@ -24,7 +24,12 @@ from featx.finetuning.config import FinetuneConfig
 from featx.finetuning.data import Split, TrainingData, mix_seed
 from featx.finetuning.network import build_network
 from featx.finetuning.optimisation import make_optimizer, make_scheduler
-from featx.models.heads import classification_loss, load_fitted_head, probabilities
+from featx.models.heads import (
+    FittedHead,
+    classification_loss,
+    load_fitted_head,
+    probabilities,
+)
 from featx.runtime import (
     autocast,
     default_workers,
@@ -47,6 +52,7 @@ class Session:
         workers: int | None = None,
         device: str = "auto",
         quiet: bool = False,
+        fitted: FittedHead | None = None,
     ):
         self.config = config
         self.quiet = quiet
@@ -62,7 +68,9 @@ class Session:
             data_dir, config, preprocessing, self.workers, self.device.type == "cuda"
         )
         self.loaded: LoadedBackbone = self.record.load(config.weights)
-        self._build_network()
+        if fitted is None and config.fitted_head:
+            fitted = load_fitted_head(config.head)
+        self._build_network(fitted)
         weights = self.data.class_weights() if config.class_weights == "balanced" else None
         self.class_weights = (
             None
@@ -70,9 +78,8 @@ class Session:
             else torch.tensor(weights, dtype=torch.float32, device=self.device)
         )
 
-    def _build_network(self) -> None:
+    def _build_network(self, fitted: FittedHead | None) -> None:
         config = self.config
-        fitted = load_fitted_head(config.head) if config.fitted_head else None
         layer, pool = config.layer, config.pool or "avg"
         if fitted is not None:
             fitted.check(self.loaded, self.preprocessing, self.class_names)

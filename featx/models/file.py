@@ -1,22 +1,29 @@
 """The model file: a fitted pipeline and where its features come from.
 
-A model file is a joblib pickle (the scikit-learn convention) of a plain dict:
+A model file (format version 2) is a zip archive whose loading runs no code:
 
-    {"format": "featx-model", "format_version": 1,
-     "pipeline": <fitted sklearn Pipeline, input: rows of the layer as stored>,
-     "provenance": {backbone, weights, weights_spec, weights_sha256, preprocessing,
-                    layer{key, name, module, pool, dtype, row_shape, precision},
-                    class_names, store{path, fingerprint, ...}, classifier, params,
-                    pipeline config, selection, metrics, versions, created, command}}
+    provenance.json     {"format": "featx-model", "format_version": 2, backbone, weights,
+                         weights_spec, weights_sha256, preprocessing,
+                         layer{key, name, module, pool, dtype, row_shape, precision},
+                         class_names, store{path, fingerprint, ...}, classifier, params,
+                         pipeline config, selection, metrics, versions, created, command}
+    pipeline.skops      the fitted scikit-learn Pipeline (input: rows of the layer as stored),
+                        written by `skops.io`; loaded only if every type in it is one that
+                        featx builds (`TRUSTED_TYPES`)
+    heads.json          torch heads (of `mlp` and fine-tuned models): sizes, dropout, classes
+    heads.safetensors   their tensors, "head0/0.weight" ...
 
-Loading a pickle runs code stored in it: only load model files you trust. featx loads a model
-only when a command is given its path (`evaluate`, `predict`, `info`).
+`FeatxModel.save` is the one writer, `load_model` the one reader, `check_provenance` the one
+validator. Version 1 files were joblib pickles: `load_model` opens them only with
+`trust_pickle=True`, since unpickling runs code stored in the file.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +37,70 @@ from featx.runtime import atomic_write, human_size, library_versions, now, to_js
 from featx.store.feature_store import FeatureStore
 
 MODEL_FORMAT = "featx-model"
-MODEL_FORMAT_VERSION = 1
+MODEL_FORMAT_VERSION = 2
+LEGACY_FORMAT_VERSION = 1  # a joblib pickle
+PROVENANCE, PIPELINE, HEADS_SPEC, HEADS = (
+    "provenance.json",
+    "pipeline.skops",
+    "heads.json",
+    "heads.safetensors",
+)
+MAX_MEMBER_BYTES = 4 << 30  # a member larger than this unpacked is refused
+MAX_JSON_BYTES = 64 << 20
+MAX_RATIO = 200  # unpacked / packed, above which a member over 64 MB is taken for a zip bomb
+REQUIRED_PROVENANCE = ("backbone", "weights", "weights_sha256", "preprocessing", "layer")
+REQUIRED_LAYER = ("key", "module", "pool", "dtype", "row_shape", "precision")
+
+
+def _trusted_types() -> list[str]:
+    """The types featx itself puts in a pipeline: what a model file may contain."""
+    from sklearn.decomposition import PCA, IncrementalPCA
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression, RidgeClassifier, SGDClassifier
+    from sklearn.metrics import DistanceMetric
+    from sklearn.neighbors import BallTree, KDTree, KNeighborsClassifier
+    from sklearn.preprocessing import LabelBinarizer, Normalizer, StandardScaler
+    from sklearn.svm import SVC, LinearSVC
+    from sklearn.tree import DecisionTreeClassifier
+    from sklearn.tree._tree import Tree
+
+    from featx.classify.mlp import MLPClassifier
+    from featx.classify.registry import LayerFeatures
+    from featx.models.heads import TorchHead
+
+    types = (
+        Pipeline,
+        StandardScaler,
+        PCA,
+        IncrementalPCA,
+        Normalizer,
+        LogisticRegression,
+        LinearSVC,
+        SVC,
+        KNeighborsClassifier,
+        RandomForestClassifier,
+        DecisionTreeClassifier,  # the trees of a random forest
+        Tree,
+        KDTree,  # the search structures and metrics of knn
+        BallTree,
+        RidgeClassifier,
+        LabelBinarizer,  # inside RidgeClassifier
+        SGDClassifier,
+        *(loss for loss, *_ in SGDClassifier.loss_functions.values()),
+        LayerFeatures,
+        MLPClassifier,
+        TorchHead,
+    )
+    metrics = [
+        type(DistanceMetric.get_metric(name, **kwargs))
+        for name, kwargs in (
+            ("euclidean", {}),
+            ("manhattan", {}),
+            ("chebyshev", {}),
+            ("minkowski", {"p": 3}),
+        )
+    ]
+    return sorted({f"{t.__module__}.{t.__qualname__}" for t in (*types, *metrics)})
 
 
 def layer_record(
@@ -165,16 +235,34 @@ class FeatxModel:
     # ---- the file -----------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
         """Write the model file (atomically: a partial file never replaces a good one)."""
-        import joblib
+        import skops.io
+        from safetensors.torch import save as save_tensors
+
+        from featx.models.heads import HeadTensors, head_tensors
 
         path = Path(path)
-        payload = {
+        heads = HeadTensors()
+        with head_tensors(heads):
+            pipeline = skops.io.dumps(self.pipeline)
+        provenance = {
             "format": MODEL_FORMAT,
             "format_version": MODEL_FORMAT_VERSION,
-            "pipeline": self.pipeline,
-            "provenance": self.provenance,
+            **self.provenance,
         }
-        atomic_write(path, lambda fh: joblib.dump(payload, fh))
+        members = {
+            PROVENANCE: json.dumps(provenance, indent=1, default=to_json).encode(),
+            PIPELINE: pipeline,
+        }
+        if heads.specs:
+            members[HEADS_SPEC] = json.dumps(heads.specs, indent=1, default=to_json).encode()
+            members[HEADS] = save_tensors(heads.tensors)
+
+        def write(fh) -> None:
+            with zipfile.ZipFile(fh, "w", zipfile.ZIP_DEFLATED) as zf:
+                for name, data in members.items():
+                    zf.writestr(name, data)
+
+        atomic_write(path, write)
         self.path = path
         return path
 
@@ -231,35 +319,35 @@ class FeatxModel:
     def summary(self) -> str:
         """What `featx info MODEL` prints."""
         p = self.provenance
-        layer, store = p["layer"], p["store"]
+        layer, store = p["layer"], p.get("store") or {}
         size = f"  ({human_size(self.path.stat().st_size)})" if self.path else ""
-        params = ", ".join(f"{k}={v!r}" for k, v in p["params"].items()) or "defaults"
+        params = ", ".join(f"{k}={v!r}" for k, v in (p.get("params") or {}).items()) or "defaults"
         shape = "x".join(map(str, layer["row_shape"]))
         lines = [
             f"model       {self.path or '(not saved)'}{size}",
-            f"classifier  {p['classifier']} ({params})",
-            f"estimator   {p['estimator']}",
-            f"pipeline    {p['pipeline']}",
+            f"classifier  {p.get('classifier')} ({params})",
+            f"estimator   {p.get('estimator')}",
+            f"pipeline    {p.get('pipeline')}",
             f"layer       {layer['key']}  (module {layer['module']}, {shape} {layer['dtype']}, "
             f"pooled at extraction: {layer['pool']})",
             f"backbone    {p['backbone']}",
             f"weights     {p['weights']}  sha256 {p['weights_sha256'][:16]}  "
             f"(load as --weights {p.get('weights_spec')})",
-            f"preprocess  {p['preprocessing_text']}",
+            f"preprocess  {p.get('preprocessing_text')}",
             f"classes     {len(p['class_names'])}: {', '.join(p['class_names'][:20])}"
             + (" ..." if len(p["class_names"]) > 20 else ""),
-            f"store       {store['path']}",
-            f"dataset     {store['dataset_root']}  "
-            f"(fingerprint {store['dataset_fingerprint'][:16]})",
-            f"selection   {p['selection']}",
-            f"trained on  {p['n_train']} rows"
+            f"store       {store.get('path')}",
+            f"dataset     {store.get('dataset_root')}  "
+            f"(fingerprint {str(store.get('dataset_fingerprint'))[:16]})",
+            f"selection   {p.get('selection')}",
+            f"trained on  {p.get('n_train')} rows"
             + (" (streamed from the store)" if p.get("streamed") else ""),
         ]
         for split, metrics in (p.get("metrics") or {}).items():
             lines.append(f"metrics     {_metrics_line(split, metrics)}")
         versions = p.get("versions", {})
         lines.append(
-            f"created     {p['created']}  featx {versions.get('featx')}, scikit-learn "
+            f"created     {p.get('created')}  featx {versions.get('featx')}, scikit-learn "
             f"{versions.get('scikit-learn')}, torch {versions.get('torch')}"
         )
         if p.get("command"):
@@ -303,23 +391,239 @@ def _find_layer(store: FeatureStore, layer: dict[str, Any]) -> str | None:
     return None
 
 
-def load_model(path: str | os.PathLike) -> FeatxModel:
-    """Load a model file written by `featx fit`. This unpickles it, which runs code stored in
-    the file: only load model files you trust."""
+# Plain data that skops rebuilds without calling anything.
+_PLAIN_TYPES = {
+    *(f"builtins.{t}" for t in ("dict", "list", "tuple", "str", "int", "float", "bool")),
+    "builtins.NoneType",
+    "numpy.ndarray",
+    "numpy.dtype",
+    *(
+        f"numpy.{t}"
+        for t in (
+            "bool_", "float16", "float32", "float64", "int8", "int16", "int32", "int64",
+            "uint8", "uint16", "uint32", "uint64", "str_",
+        )
+    ),
+}  # fmt: skip
+
+
+def _schema_types(skops_bytes: bytes, path: Path) -> set[str]:
+    """Every type named in a skops file's schema (objects, functions, types, containers)."""
+    found: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("__module__"), str) and isinstance(node.get("__class__"), str):
+                found.add(f"{node['__module__']}.{node['__class__']}")
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    with zipfile.ZipFile(io.BytesIO(skops_bytes)) as inner:
+        _check_sizes(inner, path, f"{PIPELINE}/")
+        walk(json.loads(_read_member(inner, "schema.json", MAX_JSON_BYTES, path)))
+    return found
+
+
+def check_provenance(provenance: Any, path: str | os.PathLike) -> dict[str, Any]:
+    """`provenance` if it has every field featx reads, of the right kind; otherwise a
+    UsageError naming the first field that is missing or wrong."""
+    where = f"model file {path}"
+    if not isinstance(provenance, dict):
+        raise UsageError(f"{where} has provenance that is not a JSON object.")
+    for key in (*REQUIRED_PROVENANCE, "class_names"):
+        if key not in provenance:
+            raise UsageError(f"{where} lacks provenance field {key}.")
+    for key in ("backbone", "weights", "weights_sha256"):
+        if not isinstance(provenance[key], str):
+            raise UsageError(f"{where} has a provenance field {key} that is not text.")
+    try:
+        Preprocessing.from_dict(provenance["preprocessing"])
+    except Exception:
+        raise UsageError(f"{where} has an unreadable provenance field preprocessing.") from None
+    layer = provenance["layer"]
+    if not isinstance(layer, dict):
+        raise UsageError(f"{where} has a provenance field layer that is not a JSON object.")
+    for key in REQUIRED_LAYER:
+        if key not in layer:
+            raise UsageError(f"{where} lacks provenance field layer.{key}.")
+    shape = layer["row_shape"]
+    if not isinstance(shape, list) or not all(isinstance(n, int) and n > 0 for n in shape):
+        raise UsageError(f"{where} has a provenance field layer.row_shape that is not a shape.")
+    names = provenance["class_names"]
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise UsageError(f"{where} has a provenance field class_names that is not a list of names.")
+    return provenance
+
+
+def model_file_kind(path: str | os.PathLike) -> str:
+    """What a file looks like from its first bytes: "zip" (a featx model file, or another
+    zip), "pickle" (a version 1 featx model, or another pickle), "hdf5", or "other"."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        return "zip"
+    if head.startswith(b"\x89HDF\r\n\x1a\n"):
+        return "hdf5"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle"
+    return "other"
+
+
+def legacy_message(path: str | os.PathLike) -> str:
+    return (
+        f"{path} is a pickle-based model file from an older featx; loading it can run code: "
+        "pass --trust-pickle if you trust its source, or refit."
+    )
+
+
+def _read_member(zf: zipfile.ZipFile, name: str, limit: int, path: Path) -> bytes:
+    """A member's bytes, refusing members that unpack to more than `limit` (whatever the
+    header claims: reading stops at the limit)."""
+    with zf.open(name) as fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise UsageError(
+            f"model file {path} has a member {name} larger than {human_size(limit)} unpacked; "
+            "featx refuses it."
+        )
+    return data
+
+
+def _check_sizes(zf: zipfile.ZipFile, path: Path, what: str) -> None:
+    """UsageError for a member that would unpack to an unreasonable size (a zip bomb)."""
+    for info in zf.infolist():
+        packed = max(1, info.compress_size)
+        if info.file_size > MAX_MEMBER_BYTES or (
+            info.file_size > (64 << 20) and info.file_size > MAX_RATIO * packed
+        ):
+            raise UsageError(
+                f"model file {path} has a member {what}{info.filename} that unpacks to "
+                f"{human_size(info.file_size)} from {human_size(info.compress_size)}; "
+                "featx refuses it."
+            )
+
+
+def _reason(error: Exception) -> str:
+    """An exception as one line of text, for a one-sentence message."""
+    text = " ".join(str(error).split()).rstrip(".")[:200]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _load_zip(path: Path) -> FeatxModel:
+    import skops.io
+    from safetensors.torch import load as load_tensors
+
+    from featx.models.heads import HeadTensors, head_tensors
+
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError):
+        raise UsageError(
+            f"{path} is a damaged or truncated zip file, not a featx model file."
+        ) from None
+    with zf:
+        names = set(zf.namelist())
+        if PROVENANCE not in names or PIPELINE not in names:
+            missing = PROVENANCE if PROVENANCE not in names else PIPELINE
+            raise UsageError(f"{path} is not a featx model file (the zip has no {missing}).")
+        _check_sizes(zf, path, "")
+        try:
+            provenance = json.loads(_read_member(zf, PROVENANCE, MAX_JSON_BYTES, path))
+            if not isinstance(provenance, dict) or provenance.get("format") != MODEL_FORMAT:
+                raise UsageError(f"{path} is not a featx model file (no featx-model format).")
+            version = provenance.get("format_version")
+            if not isinstance(version, int) or version < MODEL_FORMAT_VERSION:
+                raise UsageError(f"model file {path} has an unknown format version {version!r}.")
+            if version > MODEL_FORMAT_VERSION:
+                raise UsageError(
+                    f"{path} was written by a newer featx (model format {version}); "
+                    "upgrade featx to read it."
+                )
+            provenance = check_provenance(
+                {k: v for k, v in provenance.items() if k not in ("format", "format_version")},
+                path,
+            )
+            pipeline_bytes = _read_member(zf, PIPELINE, MAX_MEMBER_BYTES, path)
+            heads = HeadTensors()
+            if HEADS_SPEC in names or HEADS in names:
+                specs = json.loads(_read_member(zf, HEADS_SPEC, MAX_JSON_BYTES, path))
+                if not isinstance(specs, dict):
+                    raise UsageError(f"model file {path} has a {HEADS_SPEC} that is not an object.")
+                tensors = load_tensors(_read_member(zf, HEADS, MAX_MEMBER_BYTES, path))
+                heads = HeadTensors(specs, tensors)
+        except UsageError:
+            raise
+        except Exception as error:  # json, zlib, CRC and safetensors errors of a damaged member
+            raise UsageError(f"model file {path} is damaged ({_reason(error)}).") from None
+    try:
+        named = _schema_types(pipeline_bytes, path)
+        untrusted = skops.io.get_untrusted_types(data=pipeline_bytes)
+    except UsageError:
+        raise
+    except Exception as error:
+        raise UsageError(
+            f"model file {path} has a damaged {PIPELINE} ({_reason(error)})."
+        ) from None
+    # skops trusts many types by default (any scikit-learn estimator, for one); featx loads
+    # only the ones it builds itself, and plain data.
+    allowed = {*_trusted_types(), *_PLAIN_TYPES}
+    refused = sorted((named | set(untrusted)) - allowed)
+    if refused:
+        raise UsageError(
+            f"model file {path} holds types that featx does not build and will not load: "
+            f"{', '.join(refused)}."
+        )
+    try:
+        with head_tensors(heads):
+            pipeline = skops.io.loads(pipeline_bytes, trusted=untrusted)
+    except UsageError:
+        raise
+    except Exception as error:
+        raise UsageError(
+            f"model file {path} has a damaged {PIPELINE} ({_reason(error)})."
+        ) from None
+    if not isinstance(pipeline, Pipeline):
+        raise UsageError(f"model file {path} holds a {type(pipeline).__name__}, not a Pipeline.")
+    return FeatxModel(pipeline, provenance, path)
+
+
+def _load_pickle(path: Path) -> FeatxModel:
     import joblib
 
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"model file {path} does not exist.")
     try:
         payload = joblib.load(path)
     except Exception as error:
         raise UsageError(f"{path} is not a readable model file ({type(error).__name__}).") from None
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         raise UsageError(f"{path} is not a featx model file.")
-    if payload.get("format_version", 0) > MODEL_FORMAT_VERSION:
-        raise UsageError(
-            f"{path} was written by a newer featx (model format {payload['format_version']}); "
-            "upgrade featx to read it."
-        )
-    return FeatxModel(payload["pipeline"], payload["provenance"], path)
+    if payload.get("format_version") != LEGACY_FORMAT_VERSION:
+        raise UsageError(f"{path} is a pickle with an unknown featx model format version.")
+    if not isinstance(payload.get("pipeline"), Pipeline):
+        raise UsageError(f"{path} holds no scikit-learn Pipeline.")
+    return FeatxModel(payload["pipeline"], check_provenance(payload.get("provenance"), path), path)
+
+
+def load_model(path: str | os.PathLike, trust_pickle: bool = False) -> FeatxModel:
+    """Load a model file written by `featx fit` or `featx finetune`. Loading runs no code
+    from the file: only the types featx builds are rebuilt. A version 1 (joblib pickle) file
+    is unpickled only with `trust_pickle=True`, since that runs code stored in it; save the
+    result to convert it."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder; give the path of a model file.")
+    if not path.is_file():
+        raise UsageError(f"model file {path} does not exist.")
+    try:
+        kind = model_file_kind(path)
+    except OSError as error:
+        raise UsageError(f"cannot read model file {path} ({error.strerror}).") from None
+    if kind == "zip":
+        return _load_zip(path)
+    if kind == "pickle":
+        if not trust_pickle:
+            raise UsageError(legacy_message(path))
+        return _load_pickle(path)
+    raise UsageError(f"{path} is not a featx model file.")

@@ -11,7 +11,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextvars
+import itertools
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +97,87 @@ def head_from_spec(spec: dict[str, Any]) -> nn.Sequential:
     return head.eval()
 
 
+class HeadTensors:
+    """Torch heads kept out of a model file's skops pipeline: each head's plain-data spec
+    (sizes, dropout, classes) by name, and its tensors by "NAME/PARAM" (for safetensors).
+
+    While `head_tensors(heads)` is active, `MLPClassifier` and `TorchHead` serialise their
+    head as a reference `{"featx_head": NAME}` into `heads` (when saving) or resolve such a
+    reference from it (when loading), so that skops never meets a torch type."""
+
+    def __init__(
+        self,
+        specs: dict[str, dict[str, Any]] | None = None,
+        tensors: dict[str, torch.Tensor] | None = None,
+    ):
+        self.specs = specs or {}
+        self.tensors = tensors or {}
+        self._owners: dict[int, str] = {}
+
+    def put(self, spec: dict[str, Any], owner: object) -> dict[str, str]:
+        """Keep the `head_spec` of `owner`; the reference that stands for it in the pipeline.
+        skops may ask an object for its state more than once: each owner is kept once."""
+        name = self._owners.get(id(owner))
+        if name is None:
+            name = self._owners[id(owner)] = f"head{len(self.specs)}"
+            self.specs[name] = {k: v for k, v in spec.items() if k != "state_dict"}
+            for key, tensor in spec["state_dict"].items():
+                self.tensors[f"{name}/{key}"] = tensor.detach().float().cpu().contiguous()
+        return {"featx_head": name}
+
+    def get(self, reference: dict[str, Any]) -> dict[str, Any]:
+        """The `head_spec` that `put` returned `reference` for; UsageError when absent."""
+        name = reference.get("featx_head")
+        if name not in self.specs:
+            raise UsageError(f"the model file has no head named {name!r} in heads.json.")
+        prefix = f"{name}/"
+        state = {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+        spec = self.specs[name]
+        # The sizes must account for exactly the stored tensors, so that a crafted heads.json
+        # cannot make featx allocate a network larger than the file.
+        try:
+            sizes = [spec["in_features"], *spec["hidden_sizes"], spec["n_outputs"]]
+            valid = all(isinstance(n, int) and n > 0 for n in sizes)
+            needed = sum(a * b + b for a, b in itertools.pairwise(sizes)) if valid else -1
+        except (KeyError, TypeError):
+            needed = -1
+        if needed != sum(t.numel() for t in state.values()):
+            raise UsageError(f"the model file's head {name} does not match its stored tensors.")
+        return {**spec, "state_dict": state}
+
+
+_HEADS: contextvars.ContextVar[HeadTensors | None] = contextvars.ContextVar(
+    "featx_heads", default=None
+)
+
+
+@contextmanager
+def head_tensors(heads: HeadTensors) -> Iterator[HeadTensors]:
+    """Within this block, heads are (de)serialised by reference through `heads`."""
+    token = _HEADS.set(heads)
+    try:
+        yield heads
+    finally:
+        _HEADS.reset(token)
+
+
+def active_head_tensors() -> HeadTensors | None:
+    """The `HeadTensors` of the enclosing `head_tensors` block, if any."""
+    return _HEADS.get()
+
+
+def is_head_reference(value: Any) -> bool:
+    return isinstance(value, dict) and set(value) == {"featx_head"}
+
+
+def resolve_head_reference(reference: dict[str, Any]) -> dict[str, Any]:
+    """The head spec behind a `{"featx_head": NAME}` reference, from the active block."""
+    heads = _HEADS.get()
+    if heads is None:
+        raise UsageError("a featx head reference can only be resolved while loading a model file.")
+    return heads.get(reference)
+
+
 def classification_loss(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -126,7 +210,8 @@ class TorchHead(ClassifierMixin, BaseEstimator):
     """A trained torch head (features -> logits) as a fitted scikit-learn classifier.
 
     Build with `TorchHead.from_head(head, classes)`; it is not trained by `fit`. Pickles as
-    plain tensors. `head_spec()` gives the head back, so a fine-tuned model can seed another
+    plain tensors; in a model file its tensors go to heads.safetensors (see `HeadTensors`).
+    `head_spec()` gives the head back, so a fine-tuned model can seed another
     run's head (`featx finetune --head MODEL`).
     """
 
@@ -151,9 +236,17 @@ class TorchHead(ClassifierMixin, BaseEstimator):
         return module
 
     def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
+        state = dict(super().__getstate__())  # for non-sklearn classes, the live __dict__
         state.pop("_module_cache", None)
+        heads = active_head_tensors()
+        if heads is not None and self.spec is not None:
+            state["spec"] = heads.put(self.spec, self)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if is_head_reference(state.get("spec")):
+            state = {**state, "spec": resolve_head_reference(state["spec"])}
+        super().__setstate__(state)
 
     def _logits(self, X) -> torch.Tensor:
         X = np.asarray(X, dtype=np.float32)
@@ -219,12 +312,13 @@ class FittedHead:
             )
 
 
-def load_fitted_head(path: str | Path) -> FittedHead:
+def load_fitted_head(path: str | Path, *, trust_pickle: bool = False) -> FittedHead:
     """The torch head of a featx model file whose classifier can give one (an MLP or a
-    fine-tuned head), with StandardScaler and PCA steps folded into its first layer."""
+    fine-tuned head), with StandardScaler and PCA steps folded into its first layer. The file
+    is read by `load_model` (a legacy pickle only with `trust_pickle`)."""
     from featx.models.file import load_model
 
-    model = load_model(path)
+    model = load_model(path, trust_pickle=trust_pickle)
     steps = dict(model.pipeline.steps)
     clf = model.pipeline.steps[-1][1]
     where = f"--head {path}"

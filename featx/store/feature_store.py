@@ -15,6 +15,10 @@ Layout (format version 1), readable with plain h5py:
     /skipped/{path,reason}                        files that could not be decoded
 
 `<key>` is the layer name, with `@avg`, `@max` or `@avgmax` appended when the layer was pooled.
+
+`FeatureStore` validates this structure once, when it opens a file (`validate_store`), and
+names the first problem in one sentence; non-finite feature values are found by
+`FeatureStore.check_finite`, which scans a layer (fit and evaluate call it).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import h5py
 import numpy as np
@@ -35,6 +39,15 @@ from featx.runtime import human_size
 FORMAT = "featx-store"
 FORMAT_VERSION = 1
 STR = h5py.string_dtype()
+SPLIT_NAMES = ("train", "validation", "test", "unsplit")
+META_FIELDS = ("backbone", "weights", "weights_sha256", "preprocessing", "dataset")
+DATASET_FIELDS = ("root", "fingerprint", "n_files")
+# group -> {dataset: kind}: "str" text, "int" integers
+COLUMNS = {
+    "rows": {"path": "str", "label": "int", "split": "str", "source": "int", "view": "int"},
+    "files": {"path": "str", "label": "int", "split": "str", "size": "int", "mtime_ns": "int"},
+    "skipped": {"path": "str", "reason": "str"},
+}
 
 
 def layer_key(layer: str, pool: str) -> str:
@@ -74,14 +87,18 @@ class FeatureStore:
         except OSError as error:
             raise UsageError(f"{self.path} is not a readable HDF5 file ({error}).") from None
         try:
-            if self._file.attrs.get("featx_format") != FORMAT:
-                raise ValueError("no featx_format attribute")
-            self.meta: dict[str, Any] = json.loads(self._file.attrs["meta"])
-            self.class_names: list[str] = list(_strings(self._file["classes"]))
-            self.splits_: np.ndarray = _strings(self._file["rows"]["split"])
-        except (KeyError, ValueError) as error:
+            self.meta: dict[str, Any]
+            self.class_names: list[str]
+            self.splits_: np.ndarray
+            self.meta, self.class_names, self.splits_ = validate_store(self._file, self.path)
+        except UsageError:
             self._file.close()
-            raise UsageError(f"{self.path} is not a featx feature store ({error}).") from None
+            raise
+        except Exception as error:  # h5py's errors on damaged objects (OSError, KeyError...)
+            self._file.close()
+            raise UsageError(
+                f"store {self.path} is damaged ({type(error).__name__}: {error})."
+            ) from None
 
     # ---- context management -------------------------------------------------------------
     def close(self) -> None:
@@ -214,15 +231,37 @@ class FeatureStore:
             )
         }
 
+    def check_finite(self, layer: str, split: str | None = None) -> None:
+        """UsageError naming the first row of `layer` (all rows, or one split) that holds a
+        NaN or infinite value; scans the layer in chunks of about 64 MB."""
+        key = self.resolve(layer)
+        ds = self._file["features"][key]
+        index = np.arange(self.n_rows)[self.rows(split)]
+        row_bytes = max(1, int(np.prod(ds.shape[1:])) * ds.dtype.itemsize)
+        chunk_rows = max(1, (64 << 20) // row_bytes)
+        for start in range(0, len(index), chunk_rows):
+            part = index[start : start + chunk_rows]
+            contiguous = part[-1] - part[0] + 1 == len(part)
+            block = ds[int(part[0]) : int(part[-1]) + 1] if contiguous else ds[part]
+            finite = np.isfinite(block.reshape(len(part), -1)).all(axis=1)
+            if not finite.all():
+                row = int(part[np.argmin(finite)])
+                path = self._file["rows"]["path"].asstr()[row]
+                raise UsageError(
+                    f"layer {key} of store {self.path} has non-finite values (first at row "
+                    f"{row}, image {path})."
+                )
+
     # ---- summary ------------------------------------------------------------------------
     def summary(self) -> str:
         """A human-readable description: layers, rows per split and class, skipped, provenance."""
         m = self.meta
+        versions = m.get("versions") if isinstance(m.get("versions"), dict) else {}
         lines = [
             f"store       {self.path}  ({human_size(self.path.stat().st_size)})",
             f"backbone    {m['backbone']}",
             f"weights     {m['weights']}  sha256 {m['weights_sha256'][:16]}",
-            f"preprocess  {m['preprocessing_text']}",
+            f"preprocess  {m.get('preprocessing_text')}",
             f"dataset     {m['dataset']['root']}  ({m['dataset']['n_files']} files, "
             f"fingerprint {m['dataset']['fingerprint'][:16]})",
         ]
@@ -232,8 +271,8 @@ class FeatureStore:
                 f"seed {m['augment']['seed']}"
             )
         lines.append(
-            f"created     {m['created']}  featx {m['versions'].get('featx')}, "
-            f"torch {m['versions'].get('torch')}"
+            f"created     {m.get('created')}  featx {versions.get('featx')}, "
+            f"torch {versions.get('torch')}"
         )
         lines.append("")
         lines.append(f"layers ({len(self.layers)}):")
@@ -260,9 +299,125 @@ class FeatureStore:
             lines.append(f"  ... and {len(skipped) - 20} more")
         lines.append("")
         lines.append("history:")
-        for event in m.get("history", []):
-            lines.append(f"  {event['time']}  {event['command']}")
+        for event in m.get("history") or []:
+            if isinstance(event, dict):
+                lines.append(f"  {event.get('time')}  {event.get('command')}")
         return "\n".join(lines)
+
+
+def _text(value: Any) -> Any:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def validate_store(f: h5py.File, path: Path) -> tuple[dict[str, Any], list[str], np.ndarray]:
+    """(meta, class names, split of every row) of an open store file, after checking its
+    structure: format attributes, meta, groups and datasets of the right kind, dtype and rank,
+    one row count everywhere, labels within the classes, known splits. UsageError naming the
+    first problem otherwise."""
+    where = f"store {path}"
+
+    def fail(problem: str) -> NoReturn:
+        raise UsageError(f"{where} {problem}.")
+
+    if _text(f.attrs.get("featx_format")) != FORMAT:
+        raise UsageError(f"{path} is not a featx feature store (no featx_format attribute).")
+    version = f.attrs.get("format_version")
+    if version is None:
+        fail("has no format_version attribute")
+    if not isinstance(version, int | np.integer) or version < 1:
+        fail(f"has an unknown format version {_text(version)!r}")
+    if version > FORMAT_VERSION:
+        raise UsageError(
+            f"{where} was written by a newer featx (store format {int(version)}); "
+            "upgrade featx to read it."
+        )
+
+    if "meta" not in f.attrs:
+        fail("has no meta attribute")
+    try:
+        meta = json.loads(_text(f.attrs["meta"]))
+    except (TypeError, ValueError):
+        fail("has a meta attribute that is not JSON")
+    if not isinstance(meta, dict):
+        fail("has a meta attribute that is not a JSON object")
+    for key in META_FIELDS:
+        if key not in meta:
+            fail(f"lacks meta field {key}")
+    for key in ("backbone", "weights", "weights_sha256"):
+        if not isinstance(meta[key], str):
+            fail(f"has a meta field {key} that is not text")
+    if not isinstance(meta["preprocessing"], dict):
+        fail("has a meta field preprocessing that is not a JSON object")
+    if not isinstance(meta["dataset"], dict):
+        fail("has a meta field dataset that is not a JSON object")
+    for key in DATASET_FIELDS:
+        if key not in meta["dataset"]:
+            fail(f"lacks meta field dataset.{key}")
+
+    def dataset(name: str, kind: str) -> h5py.Dataset:
+        obj = f.get(name)
+        if obj is None:
+            fail(f"has no /{name} dataset")
+        if not isinstance(obj, h5py.Dataset):
+            fail(f"has a group where the dataset /{name} should be")
+        is_text = h5py.check_string_dtype(obj.dtype) is not None or obj.dtype.kind in "SO"
+        if (
+            obj.ndim != 1
+            or (kind == "str" and not is_text)
+            or (kind == "int" and obj.dtype.kind not in "iu")
+        ):
+            shape = "x".join(map(str, obj.shape)) or "scalar"
+            fail(f"has a /{name} of shape {shape} and type {obj.dtype}, not a list of {kind}")
+        return obj
+
+    def group(name: str) -> h5py.Group:
+        obj = f.get(name)
+        if obj is None:
+            fail(f"has no /{name} group")
+        if not isinstance(obj, h5py.Group):
+            fail(f"has a dataset where the group /{name} should be")
+        return obj
+
+    class_names = list(_strings(dataset("classes", "str")))
+    lengths = {}
+    for name, columns in COLUMNS.items():
+        group(name)
+        for column, kind in columns.items():
+            lengths[f"{name}/{column}"] = len(dataset(f"{name}/{column}", kind))
+    for name in COLUMNS:
+        counts = {k: n for k, n in lengths.items() if k.startswith(f"{name}/")}
+        if len(set(counts.values())) > 1:
+            first = next(iter(counts))
+            other = next(k for k, n in counts.items() if n != counts[first])
+            fail(f"has {counts[other]} entries in /{other} but {counts[first]} in /{first}")
+    n_rows = lengths["rows/path"]
+
+    for key, obj in group("features").items():
+        if not isinstance(obj, h5py.Dataset):
+            fail(f"has a group where the dataset /features/{key} should be")
+        if obj.ndim < 2 or obj.dtype not in (np.float16, np.float32):
+            shape = "x".join(map(str, obj.shape)) or "scalar"
+            fail(
+                f"has a layer {key} of shape {shape} and type {obj.dtype}, not rows of float16 "
+                "or float32 features"
+            )
+        if obj.shape[0] != n_rows:
+            fail(f"has {obj.shape[0]} rows in layer {key} but {n_rows} in /rows")
+
+    labels = f["rows/label"][()]
+    if not class_names:
+        fail("has no classes (/classes is empty)")
+    bad = np.flatnonzero((labels < 0) | (labels >= len(class_names)))
+    if len(bad):
+        fail(
+            f"has a label {int(labels[bad[0]])} at row {int(bad[0])}, outside the "
+            f"{len(class_names)} classes"
+        )
+    splits = _strings(f["rows/split"])
+    unknown = sorted(set(splits) - set(SPLIT_NAMES))
+    if unknown:
+        fail(f"has rows of an unknown split {unknown[0]!r} (known: {', '.join(SPLIT_NAMES)})")
+    return meta, class_names, splits
 
 
 def write_store(
