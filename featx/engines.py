@@ -388,8 +388,9 @@ class Measured:
 # From benchmarks/bench_engines.py (results/engines-2026-11-29.txt): ResNet-50 layer3+avgpool,
 # avg pool, 224px, batch 16, speed-ups interleaved against eager fp32 channels_last, on a 2-core
 # AMD EPYC (Zen 3) KVM guest: flags avx avx2 fma f16c, no avx512*, avx512_bf16 or amx, shared
-# with other jobs (load 7-19 on 2 cores). Speed-ups of the two fp32 runs: compile 1.39/1.46,
-# openvino THROUGHPUT 1.93/1.97. Setup seconds are from the first run (eager fp32 5.9 img/s);
+# with other jobs (load 7-19 on 2 cores). Speed-ups of the three fp32 runs: compile
+# 1.39/1.46/1.20 (max-autotune 1.33/1.39/1.49), openvino THROUGHPUT 1.93/1.97/1.92.
+# Setup seconds are from the first run (eager fp32 5.9 img/s);
 # in the second, more loaded run everything, setup included, was ~4.8x slower, so the images
 # needed to win a setup back came out about the same (~250 for openvino's first conversion).
 # bf16 on this CPU: torch runs it at 0.15x fp32 (no native bf16), OpenVINO ignores the hint and
