@@ -1,0 +1,459 @@
+"""Inference engines for a layer tap: eager PyTorch, torch.compile (inductor, frozen weights)
+and OpenVINO, behind one callable, with an on-disk cache so conversion is paid once.
+
+A tap is any `nn.Module` whose forward takes a float NCHW batch and returns {module path:
+tensor}, already pooled (featx's `LayerTap`). `build_engine` wraps it; an engine that cannot
+take the model falls back to eager and says why in `Engine.fallback_reason`.
+
+Self-contained on purpose (torch, numpy, stdlib; openvino imported lazily) so it can move into
+any package layout.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import os
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ENGINES = ("eager", "compile", "openvino")
+ENGINE_PRECISIONS = ("fp32", "bf16", "fp16")
+ENGINE_VERSION = "1"  # part of every cache key: bump when a conversion changes
+
+# How many conversions/compilations actually ran in this process, per engine; the cache tests
+# read it to see that a second build reused the cached model.
+CONVERSIONS: Counter[str] = Counter()
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+
+Run = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+
+
+@dataclass
+class Engine:
+    """A ready-to-call inference engine: `engine(batch) -> {module path: float32 tensor}`."""
+
+    name: str
+    precision: str
+    device: torch.device
+    run: Run
+    setup_seconds: float = 0.0  # conversion + compilation (or cache load) at construction
+    fallback_reason: str | None = None  # set when the requested engine could not be built
+    details: str = ""
+
+    def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.run(batch)
+
+    def describe(self) -> str:
+        text = f"{self.name} {self.precision} on {self.device.type}"
+        if self.details:
+            text += f" ({self.details})"
+        if self.setup_seconds >= 0.05:
+            text += f", setup {self.setup_seconds:.1f}s"
+        if self.fallback_reason:
+            text += f"; fell back to eager: {self.fallback_reason}"
+        return text
+
+
+# ---- cache ----------------------------------------------------------------------------------
+
+
+def cache_root() -> Path:
+    """`$FEATX_CACHE` or ~/.cache/featx/engines."""
+    env = os.environ.get("FEATX_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "featx" / "engines"
+
+
+def cache_key(
+    backbone: str,
+    weights_sha256: str,
+    layers: list[str],
+    pool: str,
+    input_size: int,
+    precision: str,
+    engine: str,
+) -> str:
+    """The string that identifies one conversion; callers may build their own."""
+    return "|".join(
+        [
+            backbone,
+            weights_sha256,
+            ",".join(layers),
+            pool,
+            str(input_size),
+            precision,
+            engine,
+            f"v{ENGINE_VERSION}",
+            f"torch{torch.__version__}",
+        ]
+    )
+
+
+def _digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def _enable_inductor_cache(root: Path) -> None:
+    """Point inductor's on-disk caches (FX graph cache, compiled kernels) under our root unless
+    the user chose a directory. Torch writes its /tmp default into the environment the first
+    time anything asks (importing timm does), so that default counts as not chosen."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
+
+    inductor_config.fx_graph_cache = True
+
+
+# ---- helpers --------------------------------------------------------------------------------
+
+
+def _short(error: BaseException) -> str:
+    text = (str(error).strip().splitlines() or [""])[0].strip()
+    text = text[:160] + ("..." if len(text) > 160 else "")
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _cast(tap: nn.Module, precision: str) -> nn.Module:
+    """The tap in `precision`; a copy unless fp32, so the caller's tap stays as it was."""
+    if precision == "fp32":
+        return tap
+    return copy.deepcopy(tap).to(_DTYPES[precision])
+
+
+def _as_input(batch: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    x = batch.to(device, dtype, non_blocking=True)
+    return x if device.type == "mps" else x.contiguous(memory_format=torch.channels_last)
+
+
+def _to_float(outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.float() for k, v in outputs.items()}
+
+
+def _check_precision(device: torch.device, precision: str) -> None:
+    if precision not in ENGINE_PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(ENGINE_PRECISIONS)}")
+    if precision == "fp16" and device.type == "cpu":
+        raise ValueError("fp16 runs on cuda or mps only; use bf16 or fp32 on the CPU")
+
+
+# ---- engines --------------------------------------------------------------------------------
+
+
+def eager_engine(tap: nn.Module, device: torch.device, precision: str = "fp32") -> Engine:
+    """Today's path: the tap as it is (channels_last), weights cast to bf16/fp16 when asked
+    (real low-precision weights, not autocast), under inference_mode."""
+    _check_precision(device, precision)
+    model = _cast(tap, precision)
+    dtype = _DTYPES[precision]
+
+    def run(batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.inference_mode():
+            return _to_float(model(_as_input(batch, device, dtype)))
+
+    return Engine("eager", precision, device, run, details="channels_last")
+
+
+def compile_engine(
+    tap: nn.Module,
+    device: torch.device,
+    precision: str,
+    example: torch.Tensor,
+    mode: str = "default",
+) -> Engine:
+    """torch.compile (inductor) with frozen weights, for one batch size.
+
+    The tap stops its forward by raising from a hook, which dynamo cannot follow in one graph,
+    so the tap is first traced with make_fx (plain Python runs; the graph records the ops that
+    executed) and the resulting FX graph is compiled. The graph is specialised to the example's
+    batch size: smaller batches are zero-padded to it and larger ones split, so the last short
+    batch of a run never triggers a second compilation.
+    """
+    from torch._inductor import config as inductor_config
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    _check_precision(device, precision)
+    _enable_inductor_cache(cache_root())
+    model = _cast(tap, precision)
+    dtype = _DTYPES[precision]
+    x = _as_input(example, device, dtype)
+    size = x.shape[0]
+    start = time.perf_counter()
+    with torch.no_grad():
+        graph = make_fx(model, tracing_mode="real")(x)
+    compiled = torch.compile(graph, mode=mode, dynamic=False)
+    with torch.no_grad(), inductor_config.patch(freezing=True):
+        compiled(x)  # compiles now, so setup time is paid (and measured) here
+    CONVERSIONS["compile"] += 1
+    setup = time.perf_counter() - start
+
+    def run_full(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.no_grad(), inductor_config.patch(freezing=True):
+            return _to_float(compiled(x))
+
+    def run(batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = _as_input(batch, device, dtype)
+        n = x.shape[0]
+        if n == size:
+            return run_full(x)
+        parts = []
+        for begin in range(0, n, size):
+            part = x[begin : begin + size]
+            short = part.shape[0]
+            if short < size:
+                pad = part.new_zeros((size - short, *part.shape[1:]))
+                part = torch.cat([part, pad]).contiguous(memory_format=torch.channels_last)
+            out = run_full(part)
+            parts.append({k: v[:short] for k, v in out.items()})
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    return Engine("compile", precision, device, run, setup, details=f"mode={mode}, batch={size}")
+
+
+def _ov_model(tap: nn.Module, example: torch.Tensor, key: str | None):
+    """The converted OpenVINO model: read from the cache when `key` was converted before,
+    otherwise converted (dynamic batch) and saved atomically."""
+    import openvino as ov
+
+    path = cache_root() / "openvino" / f"{_digest(key)}.xml" if key else None
+    if path is not None and path.exists():
+        return ov.Core().read_model(str(path)), True
+    x = example.float().contiguous()
+    with torch.no_grad():
+        model = ov.convert_model(tap, example_input=x, input=[(-1, *x.shape[1:])])
+    CONVERSIONS["openvino"] += 1
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Weights first, then the .xml that a reader checks for: never a half-written pair.
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            ov.save_model(model, str(Path(tmp) / "model.xml"), compress_to_fp16=False)
+            os.replace(Path(tmp) / "model.bin", path.with_suffix(".bin"))
+            os.replace(Path(tmp) / "model.xml", path)
+        (path.with_suffix(".key")).write_text(key + "\n")
+    return model, False
+
+
+def openvino_engine(
+    tap: nn.Module,
+    precision: str,
+    example: torch.Tensor,
+    key: str | None = None,
+    hint: str = "THROUGHPUT",
+    streams: int | None = None,
+) -> Engine:
+    """OpenVINO on the CPU. The tap is converted in fp32 (dynamic batch) and compiled with
+    INFERENCE_PRECISION_HINT f32 or bf16. With more than one stream, a batch is split across
+    the streams and run concurrently through an AsyncInferQueue."""
+    import openvino as ov
+
+    if precision not in ("fp32", "bf16"):
+        raise ValueError("the openvino engine runs fp32 or bf16")
+    start = time.perf_counter()
+    model, cached = _ov_model(tap, example, key)
+    core = ov.Core()
+    if key:
+        # OpenVINO's own cache of compiled blobs: skips re-optimising the graph next time.
+        core.set_property({"CACHE_DIR": str(cache_root() / "openvino" / "blobs")})
+    config: dict[str, object] = {
+        "PERFORMANCE_HINT": hint,
+        "INFERENCE_PRECISION_HINT": _OV_PRECISION[precision],
+    }
+    if streams is not None:
+        config["NUM_STREAMS"] = streams
+    compiled = core.compile_model(model, "CPU", config)
+    outputs = [(next(iter(o.get_names())), o) for o in compiled.outputs]
+    n_requests = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+    actual = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    n_streams = compiled.get_property("NUM_STREAMS")
+    request = compiled.create_infer_request()
+    queue = ov.AsyncInferQueue(compiled, n_requests) if n_requests > 1 else None
+    setup = time.perf_counter() - start
+
+    def collect(result) -> dict[str, torch.Tensor]:
+        return {name: torch.from_numpy(np.array(result[port])) for name, port in outputs}
+
+    def run(batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = np.ascontiguousarray(batch.detach().cpu().float().numpy())
+        if queue is None or x.shape[0] < 2 * n_requests:
+            return collect(request.infer(x, share_inputs=True))
+        pieces = np.array_split(x, n_requests)
+        results: list[dict[str, torch.Tensor] | None] = [None] * len(pieces)
+
+        def done(req, index: int) -> None:
+            results[index] = {
+                name: torch.from_numpy(req.get_tensor(port).data.copy()) for name, port in outputs
+            }
+
+        queue.set_callback(done)
+        for index, piece in enumerate(pieces):
+            queue.start_async(piece, index)
+        queue.wait_all()
+        return {name: torch.cat([r[name] for r in results]) for name, _ in outputs}
+
+    details = f"{hint}, streams={n_streams}, requests={n_requests}, runs {actual}"
+    if actual != _OV_PRECISION[precision]:
+        details += f" (this CPU has no {_OV_PRECISION[precision]})"
+    if cached:
+        details += ", cached model"
+    return Engine("openvino", precision, torch.device("cpu"), run, setup, details=details)
+
+
+def build_engine(
+    tap: nn.Module,
+    engine: str,
+    device: torch.device,
+    precision: str,
+    example: torch.Tensor,
+    key: str | None = None,
+    *,
+    compile_mode: str = "default",
+    ov_hint: str = "THROUGHPUT",
+    ov_streams: int | None = None,
+) -> Engine:
+    """The requested engine for `tap`, or eager with `fallback_reason` set when that engine
+    cannot take this model here. `example` is one full batch (its size fixes compile's batch);
+    `key` (see `cache_key`) names the cached conversion, None disables the cache."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}")
+    _check_precision(device, precision)
+    if engine == "eager":
+        return eager_engine(tap, device, precision)
+    try:
+        if engine == "openvino":
+            if device.type != "cpu":
+                raise ValueError(f"the openvino engine runs on the CPU, not {device.type}")
+            return openvino_engine(tap, precision, example, key, ov_hint, ov_streams)
+        return compile_engine(tap, device, precision, example, compile_mode)
+    except Exception as error:  # ImportError, conversion or compilation errors
+        fallback = eager_engine(tap, device, precision)
+        why = (
+            f"{error.name or engine} is not installed"
+            if isinstance(error, ImportError)
+            else _short(error)
+        )
+        fallback.fallback_reason = f"{engine} unavailable ({why})"
+        return fallback
+
+
+# ---- choosing -------------------------------------------------------------------------------
+
+
+@functools.cache
+def cpu_features() -> frozenset[str]:
+    """The CPU flags that decide low-precision speed (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def cpu_class(flags: frozenset[str] | None = None) -> str:
+    """The row of MEASURED a CPU belongs to: amx, avx512_bf16, avx512 or avx2."""
+    flags = cpu_features() if flags is None else flags
+    if "amx_bf16" in flags:
+        return "amx"
+    if "avx512_bf16" in flags:
+        return "avx512_bf16"
+    if "avx512f" in flags:
+        return "avx512"
+    return "avx2" if "avx2" in flags else "other"
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One engine on one kind of machine, relative to eager fp32 channels_last."""
+
+    speedup: float  # model-only images/s over eager fp32's
+    setup_seconds: float  # first build: conversion + compilation
+    cached_setup_seconds: float  # later builds, from the on-disk cache
+
+
+# From benchmarks/bench_engines.py (results/engines-2026-11-29.txt): ResNet-50 layer3+avgpool,
+# avg pool, 224px, batch 16, speed-ups interleaved against eager fp32 channels_last, on a 2-core
+# AMD EPYC (Zen 3) KVM guest: flags avx avx2 fma f16c, no avx512*, avx512_bf16 or amx, shared
+# with other jobs (load 7-19 on 2 cores). Speed-ups of the three fp32 runs: compile
+# 1.39/1.46/1.20 (max-autotune 1.33/1.39/1.49), openvino THROUGHPUT 1.93/1.97/1.92.
+# Setup seconds are from the first run (eager fp32 5.9 img/s);
+# in the second, more loaded run everything, setup included, was ~4.8x slower, so the images
+# needed to win a setup back came out about the same (~250 for openvino's first conversion).
+# bf16 on this CPU: torch runs it at 0.15x fp32 (no native bf16), OpenVINO ignores the hint and
+# runs f32 (LATENCY measured 1.43x). The inductor FX graph cache did not shorten a second
+# compile in a fresh process (frozen weights), so compile's cached setup is its full setup.
+# Other CPU classes and devices are absent on purpose: `auto` keeps eager until measured there.
+REFERENCE_EAGER_FP32 = 5.9  # images/s, eager fp32, ResNet-50 224px on that machine
+MEASURED: dict[tuple[str, str, str], dict[str, Measured]] = {
+    ("cpu", "avx2", "fp32"): {
+        "eager": Measured(1.0, 0.0, 0.0),
+        "compile": Measured(1.4, 19.0, 19.0),
+        "openvino": Measured(1.9, 21.0, 1.9),
+    },
+    ("cpu", "avx2", "bf16"): {
+        "eager": Measured(0.15, 0.0, 0.0),
+        "compile": Measured(0.15, 63.0, 63.0),
+        "openvino": Measured(1.4, 24.0, 1.9),
+    },
+}
+
+
+def choose_engine(
+    device: torch.device,
+    precision: str,
+    n_images: int,
+    *,
+    eager_rate: float | None = None,
+    cached: frozenset[str] = frozenset(),
+    available: frozenset[str] | None = None,
+    flags: frozenset[str] | None = None,
+) -> tuple[str, str]:
+    """The engine `auto` should use, and why.
+
+    Only measured rows count: the candidates are the engines in MEASURED for (device type, CPU
+    class, precision), each with its speed-up over eager fp32. An engine is chosen when its
+    setup is won back within this run, i.e. it minimises
+        setup + n_images / (rate * speedup)
+    where `rate` is the caller's eager fp32 rate for this model (images/s) or, without one, the
+    reference ResNet-50 rate. `cached` names engines whose conversion is already on disk (their
+    cached setup counts); `available` limits the candidates (e.g. openvino not installed).
+    """
+    key = (device.type, cpu_class(flags) if device.type == "cpu" else device.type, precision)
+    table = MEASURED.get(key)
+    row = "/".join(key)
+    if not table:
+        return "eager", f"no engine measurements for {row}"
+    rate = eager_rate or REFERENCE_EAGER_FP32
+
+    def seconds(name: str) -> float:
+        m = table[name]
+        setup = m.cached_setup_seconds if name in cached else m.setup_seconds
+        return setup + n_images / (rate * m.speedup)
+
+    candidates = [n for n in table if n == "eager" or available is None or n in available]
+    best = min(candidates, key=seconds)
+    eager = seconds("eager")
+    if best == "eager":
+        why = f"no measured engine wins back its setup within {n_images} images on {row}"
+    else:
+        why = (
+            f"{table[best].speedup:.2f}x eager fp32 measured on {row}; its setup is won back: "
+            f"~{seconds(best):.0f}s vs ~{eager:.0f}s eager for {n_images} images"
+        )
+    if table["eager"].speedup < 1:
+        why += f" ({precision} eager runs at {table['eager'].speedup:.2f}x fp32 on this CPU)"
+    return best, why

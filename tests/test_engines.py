@@ -1,0 +1,167 @@
+"""Inference engines: every engine returns eager fp32's features (fp32 within 1e-4, bf16 within
+cosine 0.99), falls back to eager with a reason when it cannot run, and converts once per
+cache key."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+import torch
+
+from featx import engines
+from featx.backbones import get_backbone
+from featx.engines import CONVERSIONS, build_engine, choose_engine
+from featx.layers import prepare_tap
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+CPU = torch.device("cpu")
+HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
+needs_openvino = pytest.mark.skipif(not HAS_OPENVINO, reason="openvino is not installed")
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEATX_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def tap():
+    loaded = get_backbone("resnet18").load("none")
+    return prepare_tap(loaded.model, ["layer2", "avgpool"], "avg", CPU, 64)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+def compare(out, ref) -> tuple[float, float]:
+    assert list(out) == list(ref)
+    rel, cos = 0.0, 1.0
+    for key, r in ref.items():
+        a = out[key]
+        assert a.dtype == torch.float32 and a.shape == r.shape
+        rel = max(rel, ((a - r).abs().max() / r.abs().max()).item())
+        cos = min(cos, torch.cosine_similarity(a.flatten(1), r.flatten(1)).min().item())
+    return rel, cos
+
+
+def check(engine, tap, batch, fp32: bool) -> None:
+    ref = build_engine(tap, "eager", CPU, "fp32", batch)
+    for x in (batch, batch[:3]):  # a full batch and the last, short one
+        rel, cos = compare(engine(x), ref(x))
+        if fp32:
+            assert rel < 1e-4, engine.describe()
+        else:
+            assert cos > 0.99, engine.describe()
+
+
+def test_eager_fp32_is_the_tap(tap, batch):
+    engine = build_engine(tap, "eager", CPU, "fp32", batch)
+    with torch.inference_mode():
+        expected = tap(batch.contiguous(memory_format=torch.channels_last))
+    rel, _ = compare(engine(batch), expected)
+    assert rel == 0.0 and engine.name == "eager" and engine.fallback_reason is None
+
+
+def test_eager_bf16_casts_a_copy(tap, batch):
+    engine = build_engine(tap, "eager", CPU, "bf16", batch)
+    check(engine, tap, batch, fp32=False)
+    assert all(p.dtype == torch.float32 for p in tap.parameters())
+
+
+@needs_openvino
+@pytest.mark.parametrize("hint", ["LATENCY", "THROUGHPUT"])
+def test_openvino_fp32_matches_eager(tap, batch, hint):
+    engine = build_engine(tap, "openvino", CPU, "fp32", batch, ov_hint=hint)
+    assert engine.name == "openvino", engine.fallback_reason
+    check(engine, tap, batch, fp32=True)
+
+
+@needs_openvino
+def test_openvino_bf16_close_to_eager(tap, batch):
+    engine = build_engine(tap, "openvino", CPU, "bf16", batch)
+    assert engine.name == "openvino", engine.fallback_reason
+    check(engine, tap, batch, fp32=False)
+
+
+@pytest.mark.slow
+def test_compile_fp32_matches_eager(tap, batch):
+    engine = build_engine(tap, "compile", CPU, "fp32", batch)
+    assert engine.name == "compile", engine.fallback_reason
+    check(engine, tap, batch, fp32=True)
+    longer = torch.cat([batch, batch[:2]])  # split into a full batch and a padded one
+    rel, _ = compare(engine(longer), build_engine(tap, "eager", CPU, "fp32", batch)(longer))
+    assert rel < 1e-4
+
+
+@pytest.mark.slow
+def test_compile_bf16_close_to_eager(tap, batch):
+    engine = build_engine(tap, "compile", CPU, "bf16", batch)
+    assert engine.name == "compile", engine.fallback_reason
+    check(engine, tap, batch, fp32=False)
+
+
+def test_openvino_missing_falls_back_to_eager(tap, batch, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    engine = build_engine(tap, "openvino", CPU, "fp32", batch, key="k")
+    assert engine.name == "eager"
+    assert "openvino unavailable" in engine.fallback_reason
+    assert engine.fallback_reason == "openvino unavailable (openvino is not installed)"
+    assert "\n" not in engine.fallback_reason
+    assert "fell back to eager" in engine.describe()
+    check(engine, tap, batch, fp32=True)
+
+
+def test_unconvertible_model_falls_back_to_eager(batch):
+    class Untraceable(torch.nn.Module):
+        def forward(self, x):
+            return {"x": x.mean(dim=(2, 3))} if x.sum() > 0 else {"x": x.amax(dim=(2, 3))}
+
+    def boom(*_args, **_kwargs):
+        raise RuntimeError("cannot convert this\nsecond line")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engines, "_ov_model", boom)
+        engine = build_engine(Untraceable(), "openvino", CPU, "fp32", batch)
+    assert engine.name == "eager"
+    assert engine.fallback_reason == "openvino unavailable (RuntimeError: cannot convert this)"
+
+
+@needs_openvino
+def test_openvino_cache_is_reused(tap, batch, cache):
+    key = engines.cache_key("resnet18", "abc", ["layer2", "avgpool"], "avg", 64, "fp32", "ov")
+    before = CONVERSIONS["openvino"]
+    first = build_engine(tap, "openvino", CPU, "fp32", batch, key)
+    files = sorted(p.name for p in (cache / "openvino").glob("*.*"))
+    assert [f.rsplit(".", 1)[1] for f in files] == ["bin", "key", "xml"], files
+    mtime = next((cache / "openvino").glob("*.xml")).stat().st_mtime_ns
+    assert CONVERSIONS["openvino"] == before + 1
+    second = build_engine(tap, "openvino", CPU, "fp32", batch, key)
+    assert CONVERSIONS["openvino"] == before + 1, "the second build converted again"
+    assert next((cache / "openvino").glob("*.xml")).stat().st_mtime_ns == mtime
+    assert "cached model" in second.describe()
+    rel, _ = compare(second(batch), first(batch))
+    assert rel == 0.0
+    assert not list((cache / "openvino").glob("tmp*")), "a temporary file was left behind"
+
+
+def test_unknown_engine_and_cpu_fp16_are_refused(tap, batch):
+    with pytest.raises(ValueError, match="engine must be one of"):
+        build_engine(tap, "tensorrt", CPU, "fp32", batch)
+    with pytest.raises(ValueError, match="fp16 runs on cuda or mps"):
+        build_engine(tap, "eager", CPU, "fp16", batch)
+
+
+def test_choose_engine_pays_setup_only_when_it_pays_back():
+    avx2 = frozenset({"avx2", "fma"})
+    assert choose_engine(CPU, "fp32", 1, flags=avx2)[0] == "eager"
+    name, reason = choose_engine(CPU, "fp32", 10**7, flags=avx2)
+    assert name != "eager", reason
+    assert choose_engine(CPU, "fp32", 10**7, flags=frozenset({"amx_bf16"}))[0] == "eager"
+    name, reason = choose_engine(CPU, "fp32", 10**7, flags=avx2, available=frozenset())
+    assert name == "eager", reason
