@@ -1,4 +1,4 @@
-"""Reduced-size JPEG decoding (`featx.decode_fast.decode_reduced`, PIL's `Image.draft`) against
+"""Reduced-size JPEG decoding (`decode_reduced` below, PIL's `Image.draft`) against
 full decoding, on photo-sized JPEGs: images/s of decode + resize + crop + normalise, and how
 close the backbone's features stay (cosine per image against the full decode).
 
@@ -8,6 +8,7 @@ close the backbone's features stay (cosine per image against the full decode).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -15,14 +16,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from featx.backbones import Preprocessing, get_backbone
-from featx.data import load_image
-from featx.decode_fast import decode_reduced
-from featx.layers import prepare_tap
+from featx.backbones.layers import prepare_tap
+from featx.data.folders import load_image
 
 SIZES = ((1600, 1200), (640, 480))
+
+
+def decode_reduced(path: str | os.PathLike, target_size: int) -> Image.Image:
+    """Decode `path` as RGB with EXIF orientation applied, at the smallest JPEG scale whose
+    sides are both still at least `target_size` (the later resize's shorter side, or square
+    side). Non-JPEGs, and JPEGs smaller than twice `target_size` on their shorter side, decode
+    at full size."""
+    with Image.open(path) as image:
+        if image.format == "JPEG" and 2 * target_size <= min(image.size):
+            # draft keeps both sides >= the requested size, so no detail the resize would keep
+            # is lost; it works on the still-undecoded file only.
+            image.draft("RGB", (target_size, target_size))
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        return image.convert("RGB")
 
 
 def make_jpegs(folder: Path, n: int, size: tuple[int, int]) -> list[Path]:

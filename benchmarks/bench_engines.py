@@ -22,8 +22,8 @@ import time
 import torch
 
 from featx.backbones import get_backbone
-from featx.engines import build_engine, cache_key, cpu_class, cpu_features
-from featx.layers import prepare_tap
+from featx.backbones.layers import prepare_tap
+from featx.extraction.engines import build_engine, cache_key, cpu_class, cpu_features
 
 AUTOTUNE = {"compile_mode": "max-autotune-no-cudagraphs"}
 # (label, engine, precision, options)

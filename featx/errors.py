@@ -4,6 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+__all__ = [
+    "FeatxError",
+    "Interrupted",
+    "StoreLocked",
+    "UsageError",
+    "WeightsUnavailable",
+    "check_choice",
+]
+
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEVICES",
+    "ENGINES",
     "PRECISIONS",
     "atomic_write",
     "autocast",
@@ -40,6 +41,7 @@ __all__ = [
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("fp32", "bf16", "fp16")
+ENGINES = ("eager", "compile", "openvino")  # featx.extraction.engines; "auto" picks one
 
 
 # ---- device and precision -------------------------------------------------------------------

@@ -10,10 +10,10 @@ import sys
 import pytest
 import torch
 
-from featx import engines
 from featx.backbones import get_backbone
-from featx.engines import CONVERSIONS, build_engine, choose_engine
-from featx.layers import prepare_tap
+from featx.backbones.layers import prepare_tap
+from featx.extraction import engines
+from featx.extraction.engines import CONVERSIONS, build_engine, choose_engine
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

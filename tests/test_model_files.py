@@ -23,7 +23,8 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
 import featx
-from featx.classify.registry import CLASSIFIERS, LayerFeatures
+from featx.classify.pipeline import LayerFeatures
+from featx.classify.registry import CLASSIFIERS
 from featx.errors import UsageError
 from featx.models.file import FeatxModel, _trusted_types, load_model
 from featx.models.heads import TorchHead, load_fitted_head, make_head

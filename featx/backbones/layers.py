@@ -20,6 +20,21 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from featx.backbones.registry import FORWARD_FEATURES, Backbone
 from featx.errors import UsageError
 
+__all__ = [
+    "LayerInfo",
+    "LayerTap",
+    "as_input",
+    "check_poolable",
+    "fold_batchnorm",
+    "layer_table",
+    "listed_layers",
+    "pool_features",
+    "pooled_shape",
+    "prepare_tap",
+    "resolve_layers",
+    "trace_layers",
+]
+
 LISTED_DEPTH = 2  # `featx layers` lists module paths with at most this many parts
 
 

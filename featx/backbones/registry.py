@@ -28,6 +28,17 @@ if TYPE_CHECKING:  # torch and torchvision load only when a network is built or 
     from PIL import Image
     from torch import nn
 
+__all__ = [
+    "Backbone",
+    "LoadedBackbone",
+    "Preprocessing",
+    "available_backbones",
+    "file_sha256",
+    "get_backbone",
+    "read_state_dict",
+    "state_dict_sha256",
+]
+
 RANDOM_INIT_SEED = 0
 FORWARD_FEATURES = "forward_features"
 POOLS = ("none", "avg", "max", "avgmax")  # "none" keeps maps; a network head flattens them

@@ -17,6 +17,8 @@ from featx.models.file import FeatxModel, load_model
 from featx.store.feature_store import FeatureStore
 from featx.store.rows import DEFAULT_CHUNK_BYTES, LayerRows
 
+__all__ = ["Evaluation", "evaluate", "predict_in_chunks"]
+
 
 def predict_in_chunks(
     pipeline: Pipeline, rows: LayerRows, index: np.ndarray

@@ -66,6 +66,8 @@ from featx.runtime import available_memory, human_size, now, to_json
 from featx.store.feature_store import FeatureStore
 from featx.store.rows import DEFAULT_CHUNK_BYTES, LayerRows
 
+__all__ = ["FitResult", "Selection", "Sweep", "default_memory_budget", "fit", "select_rows"]
+
 # --metric -> (scikit-learn scorer, key in the metrics dict)
 METRICS = {
     "accuracy": ("accuracy", "accuracy"),

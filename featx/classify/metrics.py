@@ -17,6 +17,8 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
+__all__ = ["classification_metrics", "format_number", "metrics_table", "plot_confusion_matrix"]
+
 # name in the metrics dict -> label in tables
 SUMMARY = {
     "accuracy": "accuracy",

@@ -27,6 +27,8 @@ from featx.models.heads import (
     resolve_head_reference,
 )
 
+__all__ = ["MLPClassifier"]
+
 _OPTIMIZERS = ("rmsprop", "adam", "sgd")
 _DTYPES = (np.float32, np.float64, np.float16)  # anything else is converted to float32
 _CHUNK = 8192  # rows per forward pass when not training

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from featx.backbones.registry import Preprocessing
     from featx.data.augment import AugmentConfig
 
+__all__ = ["Predictions", "collect_images", "predict", "tta_inputs"]
+
 
 def collect_images(
     paths: list[str | os.PathLike],

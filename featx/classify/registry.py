@@ -25,6 +25,18 @@ from featx.errors import UsageError
 if TYPE_CHECKING:  # scikit-learn loads when an estimator is made, not for `featx classifiers`
     from sklearn.base import BaseEstimator
 
+__all__ = [
+    "ClassifierSpec",
+    "ParamSpec",
+    "as_param_specs",
+    "check_params",
+    "classifier_spec",
+    "classifier_table",
+    "param_grids",
+    "parse_param",
+    "parse_value",
+]
+
 
 # ---- the registry ------------------------------------------------------------------------
 @dataclass(frozen=True)

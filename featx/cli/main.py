@@ -17,6 +17,22 @@ import typer
 from featx.cli.options import AugmentFlags, with_augmentation, with_network
 from featx.errors import EXIT_SKIPPED, FeatxError
 
+__all__ = [
+    "augment_preview",
+    "backbones",
+    "classifiers",
+    "evaluate",
+    "extract",
+    "finetune",
+    "fit",
+    "info",
+    "layers",
+    "lr_find",
+    "main",
+    "predict",
+    "reported",
+]
+
 app = typer.Typer(
     help="Extract frozen-backbone features once into HDF5 stores; train classifiers on them.\n\n"
     "Example: featx extract data/flowers --backbone vgg16 --layer block4_pool, then\n\n"
@@ -108,8 +124,16 @@ def extract(
     dtype: Annotated[str, typer.Option(help="Stored dtype: float32 or float16.")] = "float32",
     compression: Annotated[str, typer.Option(help="HDF5 compression: none, lzf or gzip.")] = "none",
     precision: Annotated[
-        str, typer.Option(help="Compute precision: fp32, bf16 (autocast; CPU or GPU), fp16 (GPU).")
+        str,
+        typer.Option(help="Compute precision: fp32, bf16 (bf16 weights; CPU or GPU), fp16 (GPU)."),
     ] = "fp32",
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="What runs the network: auto (picked by measured speed and run length), "
+            "eager, compile (torch.compile) or openvino."
+        ),
+    ] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     workers: Annotated[
         int | None,
@@ -152,6 +176,7 @@ def extract(
             dtype=dtype,
             compression=compression,
             precision=precision,
+            engine=engine,
             batch_size=batch_size,
             workers=workers,
             device=device,

@@ -17,6 +17,8 @@ from typing import Annotated, Any
 
 import typer
 
+__all__ = ["AugmentFlags", "option_group"]
+
 
 def _option(
     name: str, kind: Any, default: Any, help: str, *decls: str, panel: str | None = None

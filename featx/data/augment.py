@@ -22,6 +22,8 @@ from PIL import Image, ImageOps
 
 from featx.errors import UsageError
 
+__all__ = ["AugmentConfig", "AugmentParams", "Augmenter", "preview_grid", "view_seed"]
+
 FILL_MODES = ("nearest", "constant", "reflect")
 _PADDING_MODES = {"nearest": "border", "constant": "zeros", "reflect": "reflection"}
 

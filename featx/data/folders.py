@@ -16,6 +16,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from featx.errors import UsageError
 
+__all__ = ["BadImage", "ImageFile", "ImageFolder", "load_image", "scan_image_folder"]
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 SPLIT_DIRS = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
 SPLITS = ("train", "validation", "test")

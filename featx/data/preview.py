@@ -13,6 +13,8 @@ from featx.data.augment import AugmentConfig, preview_grid
 from featx.data.folders import BadImage, load_image, scan_image_folder
 from featx.errors import UsageError
 
+__all__ = ["augment_preview", "preview_sources", "read_preview_settings"]
+
 PNG_KEY = "featx-augment"  # PNG text chunk holding the settings as JSON
 
 

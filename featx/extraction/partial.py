@@ -58,7 +58,7 @@ def write_lock(store: Path) -> Iterator[None]:
 class Partial:
     """`STORE.partial/`: the run description and one .npz file per finished chunk."""
 
-    BATCHING = ("batch_size", "chunk_items")  # a resumed run keeps the interrupted run's
+    BATCHING = ("batch_size", "chunk_items", "engine")  # a resumed run keeps the interrupted run's
 
     def __init__(self, store: Path, run: dict[str, Any], log=lambda _: None):
         self.dir = store.with_name(store.name + ".partial")

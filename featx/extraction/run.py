@@ -28,8 +28,8 @@ from featx.data.folders import UNSPLIT, BadImage, ImageFolder, load_image, scan_
 from featx.errors import Interrupted, UsageError, check_choice
 from featx.extraction.partial import ChunkWriter, Partial, write_lock
 from featx.runtime import (
+    ENGINES,
     PRECISIONS,
-    autocast,
     default_workers,
     library_versions,
     now,
@@ -40,6 +40,8 @@ from featx.store.feature_store import FeatureStore, add_layer, layer_key, write_
 if TYPE_CHECKING:  # torch loads only when the network runs: a cached re-run never imports it
     import torch
     from PIL import Image
+
+__all__ = ["ExtractResult", "default_store_path", "extract"]
 
 DTYPES = ("float32", "float16")
 COMPRESSIONS = ("none", "lzf", "gzip")
@@ -211,6 +213,7 @@ def extract(
     dtype: str = "float32",
     compression: str = "none",
     precision: str = "fp32",
+    engine: str = "auto",
     batch_size: int = 32,
     workers: int | None = None,
     device: str = "auto",
@@ -224,7 +227,9 @@ def extract(
     """Extract `layers` of `backbone` for every image under `data_dir` into a feature store.
 
     Layers already in the store are reused; new ones are added in one pass. An interrupted run
-    resumes where it stopped. `augment` > 0 adds that many augmented views of each training
+    resumes where it stopped. `engine` runs the network: eager PyTorch, `compile`
+    (torch.compile) or `openvino`; `auto` picks by measured speed and run length.
+    `augment` > 0 adds that many augmented views of each training
     image (`augment_config`: a `featx.data.augment.AugmentConfig`, classic Keras ranges by
     default).
     """
@@ -233,6 +238,7 @@ def extract(
         ("dtype", dtype, DTYPES),
         ("compression", compression, COMPRESSIONS),
         ("precision", precision, PRECISIONS),
+        ("engine", engine, ("auto", *ENGINES)),
     ):
         check_choice(name, value, choices)
     if not layers:
@@ -290,6 +296,7 @@ def extract(
                 dtype=dtype,
                 compression=compression,
                 precision=precision,
+                engine=engine,
                 batch_size=batch_size,
                 workers=default_workers() if workers is None else workers,
                 device=resolve_device(device),
@@ -346,6 +353,7 @@ class _Settings:
     dtype: str
     compression: str
     precision: str
+    engine: str  # as asked: auto, eager, compile or openvino
     batch_size: int
     workers: int
     device: torch.device
@@ -371,6 +379,9 @@ class _Job:
     settings: _Settings
     batch_size: int  # the interrupted run's, when resuming
     chunk_items: int
+    engine: str  # resolved: eager, compile or openvino
+    engine_key: str  # names the engine's cached conversion
+    engine_text: str = ""  # what ran, as the engine describes itself
 
 
 def _compute(
@@ -385,6 +396,7 @@ def _compute(
     log,
 ) -> ExtractResult:
     from featx.backbones.layers import check_poolable, pooled_shape, resolve_layers, trace_layers
+    from featx.extraction.engines import cache_key, resolve_engine
 
     loaded = record.load(settings.weights)
     pool, dtype, batch_size = settings.pool, settings.dtype, settings.batch_size
@@ -404,6 +416,18 @@ def _compute(
 
     row_bytes = sum(math.prod(pooled_shape(i.shape, pool)) for i in todo) * np.dtype(dtype).itemsize
     per_chunk = max(1, CHUNK_BYTES // max(1, row_bytes * batch_size))
+    key = cache_key(
+        loaded.name,
+        loaded.weights_sha256,
+        [i.module for i in todo],
+        pool,
+        preprocessing.input_size,
+        settings.precision,
+        "extract",
+    )
+    engine, why = resolve_engine(
+        settings.engine, settings.device, settings.precision, len(work.items), key
+    )
     run = {
         "identity": wanted,
         "weights_sha256": loaded.weights_sha256,
@@ -414,6 +438,7 @@ def _compute(
         "precision": settings.precision,
         "device": settings.device.type,  # devices differ in the last bits: never mix them
         "n_items": len(work.items),
+        "engine": engine,
         "batch_size": batch_size,
         "chunk_items": batch_size * per_chunk,
     }
@@ -422,6 +447,8 @@ def _compute(
     if partial.run["batch_size"] != batch_size:
         batch_size = partial.run["batch_size"]
         log(f"Resuming with the interrupted run's batch size, {batch_size}, for identical values.")
+    if partial.run["engine"] != engine:
+        engine, why = partial.run["engine"], "the interrupted run's engine, for identical values"
     n_chunks = math.ceil(len(work.items) / chunk_items)
     first = partial.done()
     start = min(first * chunk_items, len(work.items))
@@ -440,8 +467,11 @@ def _compute(
         settings=settings,
         batch_size=batch_size,
         chunk_items=chunk_items,
+        engine=engine,
+        engine_key=key,
     )
     if first < n_chunks:
+        log(f"Engine: {engine}" + (f" ({why})." if why else "."))
         _run_network(job, start)
     result = _assemble(job, n_chunks)
     result.resumed_from = start
@@ -456,16 +486,23 @@ def _run_network(job: _Job, start: int) -> None:
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from featx.backbones.layers import as_input, pooled_shape, prepare_tap
+    from featx.backbones.layers import pooled_shape, prepare_tap
+    from featx.extraction.engines import build_engine
 
     modules = [i.module for i in job.todo]
-    tap = prepare_tap(
-        job.loaded.model,
-        modules,
-        job.settings.pool,
-        job.settings.device,
-        job.preprocessing.input_size,
+    device, size = job.settings.device, job.preprocessing.input_size
+    tap = prepare_tap(job.loaded.model, modules, job.settings.pool, device, size)
+    engine = build_engine(
+        tap,
+        job.engine,
+        device,
+        job.settings.precision,
+        example=torch.zeros(job.batch_size, 3, size, size),
+        key=job.engine_key,
     )
+    if engine.fallback_reason and not job.settings.quiet:
+        print(f"Engine: {engine.describe()}.", file=sys.stderr)
+    job.engine_text = engine.describe()
     images = _Images(job.folder, job.work.items, job.preprocessing, job.settings.augmenter)
     loader = DataLoader(
         images,
@@ -502,11 +539,11 @@ def _run_network(job: _Job, start: int) -> None:
     )
     done = start
     try:
-        with torch.inference_mode(), autocast(job.settings.device, job.settings.precision):
+        with torch.inference_mode():
             for batch_index, batch, batch_bad in loader:
                 bad.extend(batch_bad)
                 if batch is not None:
-                    outputs = tap(as_input(batch, job.settings.device))
+                    outputs = engine(batch)
                     for array, info in zip(arrays, job.todo, strict=True):
                         array[filled : filled + len(batch)] = outputs[info.module].float().cpu()
                     filled += len(batch)
@@ -565,6 +602,7 @@ def _assemble(job: _Job, n_chunks: int) -> ExtractResult:
                         "module": info.module,
                         "pool": job.settings.pool,
                         "precision": job.settings.precision,
+                        "engine": job.engine,
                     },
                     (job.partial.load(k)[f"layer{i}"] for k in range(n_chunks)),
                 )
@@ -659,6 +697,11 @@ def _store_meta(job: _Job) -> dict[str, Any]:
         "versions": library_versions(),
         "history": [
             *meta.get("history", []),
-            {"time": created, "command": job.settings.command, "layers": job.keys},
+            {
+                "time": created,
+                "command": job.settings.command,
+                "layers": job.keys,
+                "engine": job.engine_text or job.engine,
+            },
         ],
     }

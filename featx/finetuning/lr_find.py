@@ -27,6 +27,8 @@ from torch import nn
 
 from featx.errors import UsageError, check_choice
 
+__all__ = ["RangeTest", "find_lr", "lr_range_test"]
+
 SKIP_START = 0.1  # share of the first points left out of the steepest-slope search
 
 

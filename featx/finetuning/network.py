@@ -38,6 +38,8 @@ from featx.backbones.registry import FORWARD_FEATURES, POOLS, Backbone
 from featx.errors import UsageError, check_choice
 from featx.models.heads import make_head
 
+__all__ = ["Block", "Network", "build_network", "default_layer"]
+
 BN_MODES = ("frozen", "train")
 HEAD_NAME = "head"
 DEFAULT_UNFROZEN_SHARE = 0.2  # default --unfreeze-from: last blocks holding this share of weights

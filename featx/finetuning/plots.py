@@ -8,6 +8,8 @@ from typing import Any
 
 from featx.errors import UsageError
 
+__all__ = ["plot_history", "plot_lr_curve"]
+
 
 def _figure(width: float, height: float):
     try:

@@ -36,6 +36,19 @@ from featx.errors import UsageError
 from featx.runtime import atomic_write, human_size, library_versions, now, to_json
 from featx.store.feature_store import FeatureStore
 
+__all__ = [
+    "FeatxModel",
+    "check_provenance",
+    "feature_identity",
+    "layer_provenance",
+    "layer_record",
+    "legacy_message",
+    "load_model",
+    "model_file_kind",
+    "model_provenance",
+    "store_provenance",
+]
+
 MODEL_FORMAT = "featx-model"
 MODEL_FORMAT_VERSION = 2
 LEGACY_FORMAT_VERSION = 1  # a joblib pickle
@@ -64,8 +77,6 @@ def _trusted_types() -> list[str]:
     from sklearn.tree import DecisionTreeClassifier
     from sklearn.tree._tree import Tree
 
-    from featx.classify.mlp import MLPClassifier
-    from featx.classify.registry import LayerFeatures
     from featx.models.heads import TorchHead
 
     types = (
@@ -87,8 +98,6 @@ def _trusted_types() -> list[str]:
         LabelBinarizer,  # inside RidgeClassifier
         SGDClassifier,
         *(loss for loss, *_ in SGDClassifier.loss_functions.values()),
-        LayerFeatures,
-        MLPClassifier,
         TorchHead,
     )
     metrics = [
@@ -100,7 +109,9 @@ def _trusted_types() -> list[str]:
             ("minkowski", {"p": 3}),
         )
     ]
-    return sorted({f"{t.__module__}.{t.__qualname__}" for t in (*types, *metrics)})
+    # featx's own classifier-stage types, by name: this stage comes before classify
+    own = ("featx.classify.pipeline.LayerFeatures", "featx.classify.mlp.MLPClassifier")
+    return sorted({f"{t.__module__}.{t.__qualname__}" for t in (*types, *metrics)} | set(own))
 
 
 def layer_record(

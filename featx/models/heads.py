@@ -28,6 +28,22 @@ from torch.nn import functional as F
 from featx.backbones.registry import LoadedBackbone, Preprocessing
 from featx.errors import UsageError
 
+__all__ = [
+    "FittedHead",
+    "HeadTensors",
+    "TorchHead",
+    "active_head_tensors",
+    "classification_loss",
+    "head_from_spec",
+    "head_spec",
+    "head_tensors",
+    "is_head_reference",
+    "load_fitted_head",
+    "make_head",
+    "probabilities",
+    "resolve_head_reference",
+]
+
 _CHUNK = 4096
 
 

@@ -36,6 +36,15 @@ import numpy as np
 from featx.errors import UsageError
 from featx.runtime import human_size
 
+__all__ = [
+    "FeatureStore",
+    "LayerSummary",
+    "add_layer",
+    "layer_key",
+    "validate_store",
+    "write_store",
+]
+
 FORMAT = "featx-store"
 FORMAT_VERSION = 1
 STR = h5py.string_dtype()

@@ -19,6 +19,8 @@ import numpy as np
 
 from featx.store.feature_store import FeatureStore
 
+__all__ = ["LayerRows"]
+
 DEFAULT_CHUNK_BYTES = 64 << 20  # float32 bytes of one chunk
 BLOCK_BYTES = 1 << 20  # a shuffled block is at most about one HDF5 chunk of the store
 BLOCKS_PER_CHUNK = 16  # at least, so that a shuffled chunk mixes many parts of the store

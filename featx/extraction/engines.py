@@ -4,9 +4,6 @@ and OpenVINO, behind one callable, with an on-disk cache so conversion is paid o
 A tap is any `nn.Module` whose forward takes a float NCHW batch and returns {module path:
 tensor}, already pooled (featx's `LayerTap`). `build_engine` wraps it; an engine that cannot
 take the model falls back to eager and says why in `Engine.fallback_reason`.
-
-Self-contained on purpose (torch, numpy, stdlib; openvino imported lazily) so it can move into
-any package layout.
 """
 
 from __future__ import annotations
@@ -17,6 +14,7 @@ import hashlib
 import os
 import tempfile
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
-ENGINES = ("eager", "compile", "openvino")
+from featx.runtime import ENGINES
+
+__all__ = ["ENGINES", "Engine", "build_engine", "cache_key", "choose_engine", "resolve_engine"]
+
 ENGINE_PRECISIONS = ("fp32", "bf16", "fp16")
 ENGINE_VERSION = "1"  # part of every cache key: bump when a conversion changes
 
@@ -121,7 +122,7 @@ def _enable_inductor_cache(root: Path) -> None:
 # ---- helpers --------------------------------------------------------------------------------
 
 
-def _short(error: BaseException) -> str:
+def _one_line(error: BaseException) -> str:
     text = (str(error).strip().splitlines() or [""])[0].strip()
     text = text[:160] + ("..." if len(text) > 160 else "")
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
@@ -232,7 +233,8 @@ def _ov_model(tap: nn.Module, example: torch.Tensor, key: str | None):
     if path is not None and path.exists():
         return ov.Core().read_model(str(path)), True
     x = example.float().contiguous()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace, used inside
         model = ov.convert_model(tap, example_input=x, input=[(-1, *x.shape[1:])])
     CONVERSIONS["openvino"] += 1
     if path is not None:
@@ -342,7 +344,7 @@ def build_engine(
         why = (
             f"{error.name or engine} is not installed"
             if isinstance(error, ImportError)
-            else _short(error)
+            else _one_line(error)
         )
         fallback.fallback_reason = f"{engine} unavailable ({why})"
         return fallback
@@ -457,3 +459,28 @@ def choose_engine(
     if table["eager"].speedup < 1:
         why += f" ({precision} eager runs at {table['eager'].speedup:.2f}x fp32 on this CPU)"
     return best, why
+
+
+# ---- what extraction and prediction call ----------------------------------------------------
+def is_cached(engine: str, key: str) -> bool:
+    """Whether `engine`'s conversion for `key` is already on disk (only openvino caches one
+    that later processes load; inductor's cache did not shorten a second compile here)."""
+    return engine == "openvino" and (cache_root() / "openvino" / f"{_digest(key)}.xml").exists()
+
+
+def resolve_engine(
+    requested: str, device: torch.device, precision: str, n_images: int, key: str
+) -> tuple[str, str]:
+    """`requested` ("auto" or an engine name) as an engine name, and the reason for `auto`'s
+    choice ("" when the user named the engine)."""
+    if requested != "auto":
+        return requested, ""
+    import importlib.util
+
+    available = frozenset(
+        name
+        for name, module in (("openvino", "openvino"), ("compile", "torch._inductor"))
+        if importlib.util.find_spec(module) is not None
+    )
+    cached = frozenset(name for name in ENGINES if is_cached(name, key))
+    return choose_engine(device, precision, n_images, cached=cached, available=available)
