@@ -12,6 +12,7 @@ same run, so the fraction of it that extraction reaches is comparable across mac
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import tempfile
@@ -46,17 +47,6 @@ def make_photos(folder: Path, n: int) -> None:
         photo.crop((x, y, x + 640, y + 480)).save(target / f"{i:04d}.jpg", quality=90)
 
 
-def matmul_gflops(dtype: torch.dtype, n: int = 2048, runs: int = 5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    torch.mm(a, b)
-    best = 0.0
-    for _ in range(runs):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = max(best, 2 * n**3 / (time.perf_counter() - start) / 1e9)
-    return best
-
-
 def plain_loop(backbone: str, files: list[Path], batch_size: int, out: Path) -> float:
     """Images per second of the hand-written loop."""
     record = get_backbone(backbone)
@@ -74,8 +64,11 @@ def plain_loop(backbone: str, files: list[Path], batch_size: int, out: Path) -> 
     return len(files) / (time.perf_counter() - start)
 
 
-def featx_run(data: Path, store: Path, backbone: str, batch_size: int, precision: str):
-    """Images per second of `featx.extract`, and the stored features."""
+def featx_run(
+    data: Path, store: Path, backbone: str, batch_size: int, precision: str, engine: str = "auto"
+):
+    """Images per second of `featx.extract` (end to end, model set-up and any conversion
+    included), and the stored features."""
     store.unlink(missing_ok=True)
     start = time.perf_counter()
     featx.extract(
@@ -86,6 +79,7 @@ def featx_run(data: Path, store: Path, backbone: str, batch_size: int, precision
         weights="none",
         batch_size=batch_size,
         precision=precision,
+        engine=engine,
         quiet=True,
     )
     seconds = time.perf_counter() - start
@@ -97,6 +91,27 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(np.float64), b.astype(np.float64)
     per_row = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     return float(per_row.min())
+
+
+def model_only(backbone: str, engine: str, precision: str, batch_size: int, runs: int) -> float:
+    """Images per second of the engine on random batches: the tapped network featx runs, no
+    decoding or writing (the practical limit of this machine for that path)."""
+    from featx.backbones.layers import prepare_tap
+    from featx.extraction.engines import build_engine, cache_key
+
+    loaded = get_backbone(backbone).load("none")
+    device = torch.device("cpu")
+    tap = prepare_tap(loaded.model, ["avgpool"], "none", device, 224)
+    x = torch.randn(batch_size, 3, 224, 224)
+    key = cache_key(backbone, loaded.weights_sha256, ["avgpool"], "none", 224, precision, "bench")
+    run = build_engine(tap, engine, device, precision, example=x, key=key)
+    run(x)  # warm-up
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        run(x)
+        times.append(time.perf_counter() - start)
+    return batch_size / statistics.median(times)
 
 
 def main() -> None:
@@ -111,46 +126,67 @@ def main() -> None:
     try:
         make_photos(work / "data", args.images)
         files = sorted((work / "data").rglob("*.jpg"))
-        mm32, mm16 = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
-        plain, fp32, bf16 = [], [], []
-        for _ in range(args.repeats):
-            plain.append(plain_loop(args.backbone, files, args.batch_size, work / "plain.npy"))
-            rate, f32 = featx_run(
-                work / "data", work / "f32.h5", args.backbone, args.batch_size, "fp32"
+        paths = [("eager", "fp32"), ("openvino", "fp32"), ("auto", "fp32")]
+        paths += [("eager", "bf16"), ("auto", "bf16")]
+        rates: dict[str, list[float]] = {"plain": []}
+        features: dict[str, np.ndarray] = {}
+        for _ in range(args.repeats):  # interleaved, so load changes hit every path alike
+            rates["plain"].append(
+                plain_loop(args.backbone, files, args.batch_size, work / "plain.npy")
             )
-            fp32.append(rate)
-            rate, b16 = featx_run(
-                work / "data", work / "bf16.h5", args.backbone, args.batch_size, "bf16"
+            for engine, precision in paths:
+                name = f"{engine} {precision}"
+                rate, feats = featx_run(
+                    work / "data",
+                    work / f"{engine}-{precision}.h5",
+                    args.backbone,
+                    args.batch_size,
+                    precision,
+                    engine,
+                )
+                rates.setdefault(name, []).append(rate)
+                features[name] = feats
+        median = {name: statistics.median(v) for name, v in rates.items()}
+        limits = {
+            f"{engine} {precision}": model_only(
+                args.backbone, engine, precision, args.batch_size, args.repeats * 3
             )
-            bf16.append(rate)
-        plain_m, fp32_m, bf16_m = (statistics.median(v) for v in (plain, fp32, bf16))
+            for engine, precision in paths
+            if engine != "auto"
+        }
         gflop = 2 * GMACS.get(args.backbone, float("nan"))
         print(
             f"{args.backbone}, {args.images} JPEGs 640x480, batch {args.batch_size}, "
-            f"medians of {args.repeats} runs, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads"
+            f"medians of {args.repeats} interleaved runs, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, {os.cpu_count()} cores"
         )
         print()
-        print("| run | images/s | vs plain | GFLOP/s | of fp32 mm | of bf16 mm |")
+        print("| run | images/s | vs plain | model-only images/s | end-to-end share | cosine |")
         print("|---|---:|---:|---:|---:|---:|")
-        for name, rate in (
-            ("plain loop (fp32)", plain_m),
-            ("featx fp32", fp32_m),
-            ("featx bf16", bf16_m),
-        ):
+        plain = median["plain"]
+        reference = features["eager fp32"]
+        print(f"| plain loop (fp32) | {plain:.1f} | 1.00x | | | |")
+        for name, rate in median.items():
+            if name == "plain":
+                continue
+            limit = limits.get(name)
+            share = f"{rate / limit:.2f}" if limit else ""
             print(
-                f"| {name} | {rate:.1f} | {rate / plain_m:.2f}x | {rate * gflop:.0f} | "
-                f"{rate * gflop / mm32:.2f} | {rate * gflop / mm16:.2f} |"
+                f"| featx {name} | {rate:.1f} | {rate / plain:.2f}x | "
+                f"{f'{limit:.1f}' if limit else ''} | {share} | "
+                f"{cosine(features[name], reference):.5f} |"
             )
         print()
-        print(f"torch.mm 2048^2: {mm32:.0f} GFLOP/s float32, {mm16:.0f} GFLOP/s bfloat16")
-        print(
-            f"bf16 / fp32 extraction speed: {bf16_m / fp32_m:.2f}x; "
-            f"lowest per-image cosine similarity bf16 vs fp32: {cosine(b16, f32):.5f}"
+        print(f"GFLOP per image: {gflop:.1f}")
+        worst = max(
+            float(np.abs(features[n] - reference).max() / np.abs(reference).max())
+            for n in features
+            if n.endswith("fp32")
         )
+        print(f"fp32 engines vs eager fp32 features, max relative difference: {worst:.1e}")
         print(
-            f"fp32 featx vs plain-loop features, max abs difference: "
-            f"{np.abs(np.load(work / 'plain.npy') - f32).max():.2e}"
+            f"eager fp32 featx vs plain-loop features, max abs difference: "
+            f"{np.abs(np.load(work / 'plain.npy') - reference).max():.2e}"
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
