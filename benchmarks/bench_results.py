@@ -90,7 +90,7 @@ def main() -> None:
 
     baseline = work / "baseline.joblib"
     seconds = featx(
-        "fit", str(store), "--layer", "blocks.6", "--clf", "logreg",
+        "fit", "--store", str(store), "--layer", "blocks.6", "--clf", "logreg",
         "--model", str(baseline), "--quiet",
     )  # fmt: skip
     what = "frozen logreg on the last block (blocks.6)"
@@ -100,7 +100,7 @@ def main() -> None:
     layer_args = [a for layer in [*LAYERS, COMBINED] for a in ("--layer", layer)]
     clf_args = [a for clf in CLASSIFIERS for a in ("--clf", clf)]
     seconds = featx(
-        "fit", str(store), *layer_args, *clf_args, "--param", "logreg.C=0.1,1",
+        "fit", "--store", str(store), *layer_args, *clf_args, "--param", "logreg.C=0.1,1",
         "--param", "svm.C=1,10", "--refit", "all", "--model", str(best), "--quiet",
     )  # fmt: skip
     from featx.models.file import load_model
