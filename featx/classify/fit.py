@@ -285,6 +285,11 @@ class Sweep:
         lines = [
             f"sorted by {self.metric} on "
             + ("the cross-validation folds (mean ± std)" if cv else "the validation rows")
+            + (
+                "; the models were then refit on training + validation rows (--refit all)"
+                if self.config.get("refit") == "all"
+                else ""
+            )
         ]
         for row in [header, *rows]:
             cells = [
