@@ -536,12 +536,12 @@ def runs_from_paths(paths: Sequence[str | os.PathLike[str]]) -> list[Run]:
 
 
 def runs_command(stores: Sequence[str | os.PathLike[str]]) -> str:
-    """`featx runs [STORE|LOG]...`: the leaderboard text."""
+    """`featx runs [--store STORE|LOG]...`: the leaderboard text."""
     return leaderboard(runs_from_paths(stores))
 
 
 def report_command(out: str | os.PathLike[str], stores: Sequence[str | os.PathLike[str]]) -> Path:
-    """`featx report --out FILE [STORE|LOG]...`: write the HTML report; no runs is an error."""
+    """`featx report FILE [--store STORE|LOG]...`: write the HTML report; no runs is an error."""
     runs = runs_from_paths(stores)
     if not runs:
         raise UsageError("No runs are logged for the given stores yet; nothing to report.")

@@ -352,7 +352,7 @@ def layer_table(backbone: str, image_size: int | None, n_images: int, all_layers
     for info in infos:
         f32, f16 = info.bytes_per_image(4), info.bytes_per_image(2)
         lines.append(
-            f"{info.name:<22} {info.module if info.module != info.name else '':<20} "
+            f"{info.name:<22} {info.module:<20} "
             f"{'x'.join(map(str, info.shape)):<14} {human_size(f32):>10} {human_size(f16):>10} "
             f"{human_size(f32 * n_images):>11} {human_size(f16 * n_images):>11}"
         )

@@ -13,6 +13,10 @@ _EXPORTS = {
     "Predictions": "predict",
     "MLPClassifier": "mlp",
     "classifier_table": "registry",
+    "LayerFeatures": "registry",
+    "ConcatLayers": "registry",
+    "evaluate_images": "evaluate",
+    "features_for_images": "predict",
 }
 __all__ = list(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,10 +1,11 @@
-"""`featx evaluate`: score a model file on a split of any store with matching features."""
+"""`featx evaluate`: score a model file on a split of any store with matching features, or on
+a split of an image folder (its features computed as `featx predict` computes them)."""
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +16,13 @@ from featx.classify.metrics import classification_metrics, metrics_table, plot_c
 from featx.errors import UsageError
 from featx.models.file import FeatxModel, load_model
 from featx.store.feature_store import FeatureStore
-from featx.store.rows import DEFAULT_CHUNK_BYTES, LayerRows
+from featx.store.rows import DEFAULT_CHUNK_BYTES, ConcatRows, LayerRows, open_rows
 
 __all__ = ["Evaluation", "evaluate", "predict_in_chunks"]
 
 
 def predict_in_chunks(
-    pipeline: Pipeline, rows: LayerRows, index: np.ndarray
+    pipeline: Pipeline, rows: LayerRows | ConcatRows, index: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Predicted labels and (when the classifier has them) probabilities for rows `index`,
     computed chunk by chunk; probability columns follow `pipeline.classes_`."""
@@ -40,13 +41,15 @@ class Evaluation:
     """Metrics of a model on one split of a store, with the per-image predictions."""
 
     model: FeatxModel
-    store: Path
+    store: Path  # the store, or the image folder, that was scored
     split: str
     metrics: dict[str, Any]
     paths: np.ndarray  # image paths relative to the dataset root
     y_true: np.ndarray  # indices into model.class_names
     y_pred: np.ndarray
     proba: np.ndarray | None  # columns follow model.pipeline.classes_; None without them
+    command: str | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why), not scored
 
     @property
     def predicted_names(self) -> list[str]:
@@ -54,6 +57,27 @@ class Evaluation:
 
     def table(self) -> str:
         return metrics_table(self.metrics, f"{self.split} split of {self.store}")
+
+    def record(self) -> int:
+        """Append this evaluation to the store's run log (`featx.runlog`): settings (layer,
+        classifier, params, model), scores {split: metrics}. Returns the run id."""
+        from featx.runlog import record_run
+
+        p = self.model.provenance
+        return record_run(
+            self.store,
+            "evaluate",
+            settings={
+                "layer": self.model.layer["key"],
+                "classifier": p.get("classifier"),
+                "params": p.get("params") or {},
+                "pipeline": p.get("pipeline"),
+                "trained_on": p.get("trained_on"),
+            },
+            scores={self.split: self.metrics},
+            model_path=str(self.model.path) if self.model.path else None,
+            command=self.command,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -85,12 +109,15 @@ def evaluate(
     *,
     report: str | os.PathLike | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    log: bool = True,
+    command: str | None = None,
 ) -> Evaluation:
     """Score `model` on the original (non-augmented) images of `split` of `store`.
 
-    The store must hold the model's layer computed by the same backbone, weights and
+    The store must hold the model's layer(s) computed by the same backbone, weights and
     preprocessing (UsageError saying what differs otherwise); its classes must be among the
-    model's. Rows are read in chunks, so any store size works.
+    model's. Rows are read in chunks, so any store size works. `log` appends the result to the
+    store's run log.
     """
     if not isinstance(model, FeatxModel):
         model = load_model(model)
@@ -106,7 +133,7 @@ def evaluate(
             raise UsageError(f"the {split!r} split of store {store.path} has no original images.")
         to_model = np.array([model.class_names.index(c) for c in store.class_names])
         y_true = to_model[store.labels(split)[store.views(split) == 0]]
-        with LayerRows(store, key, chunk_bytes) as rows:
+        with open_rows(store, key, chunk_bytes) as rows:
             y_pred, proba = predict_in_chunks(model.pipeline, rows, index)
         metrics = classification_metrics(
             y_true, y_pred, model.class_names, proba, model.pipeline.classes_
@@ -120,10 +147,84 @@ def evaluate(
             y_true,
             y_pred,
             proba,
+            command,
         )
     finally:
         if owned:
             store.close()
+    if report is not None:
+        result.write_report(report)
+    if log:
+        result.record()
+    return result
+
+
+def evaluate_images(
+    model: FeatxModel | str | os.PathLike,
+    data: str | os.PathLike,
+    split: str = "test",
+    *,
+    report: str | os.PathLike | None = None,
+    batch_size: int = 32,
+    device: str = "auto",
+    workers: int = 0,
+    quiet: bool = True,
+    command: str | None = None,
+) -> Evaluation:
+    """Score `model` on the images of `split` of the image folder `data` (DATA/SPLIT/CLASS/ or,
+    as split "unsplit", DATA/CLASS/), computing the features the model reads as `featx
+    predict` does. Image files that cannot be decoded are left out and listed in `skipped`."""
+    from featx.classify.predict import features_for_images
+    from featx.data.folders import scan_image_folder
+
+    if not isinstance(model, FeatxModel):
+        model = load_model(model)
+    folder = scan_image_folder(data)
+    entries = [f for f in folder.files if f.split == split]
+    if not entries:
+        have = sorted({f.split for f in folder.files})
+        raise UsageError(f"{data} has no {split!r} images; it has: {', '.join(have)}.")
+    unknown = sorted({folder.class_names[f.label] for f in entries} - set(model.class_names))
+    if unknown:
+        raise UsageError(
+            f"{data} has classes the model was not trained on: {', '.join(unknown[:5])}."
+        )
+    files = [folder.root / f.path for f in entries]
+    to_model = np.array([model.class_names.index(c) for c in folder.class_names])
+    y_true = to_model[[f.label for f in entries]]
+    y_pred = np.empty(len(files), dtype=np.int64)
+    has_proba = model.has_proba
+    proba = np.empty((len(files), len(model.pipeline.classes_))) if has_proba else None
+    skipped: list[tuple[str, str]] = []
+    for index, X, bad in features_for_images(
+        model, files, batch_size=batch_size, device=device, workers=workers, quiet=quiet,
+        desc="evaluate",
+    ):  # fmt: skip
+        skipped.extend((str(files[i]), reason) for i, reason in bad)
+        if X is not None:
+            y_pred[index] = model.pipeline.predict(X)
+            if has_proba:
+                proba[index] = model.pipeline.predict_proba(X)
+    scored = np.setdiff1d(np.arange(len(files)), [files.index(Path(f)) for f, _ in skipped])
+    if len(scored) == 0:
+        raise UsageError(f"none of the {split!r} images of {data} could be decoded.")
+    y_true, y_pred = y_true[scored], y_pred[scored]
+    proba = proba[scored] if proba is not None else None
+    metrics = classification_metrics(
+        y_true, y_pred, model.class_names, proba, model.pipeline.classes_
+    )
+    result = Evaluation(
+        model,
+        Path(data),
+        split,
+        metrics,
+        np.array([entries[i].path for i in scored]),
+        y_true,
+        y_pred,
+        proba,
+        command,
+        skipped,
+    )
     if report is not None:
         result.write_report(report)
     return result

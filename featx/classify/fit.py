@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.base import clone
 from sklearn.metrics import log_loss
 from sklearn.model_selection import (
     GridSearchCV,
@@ -61,10 +62,16 @@ from featx.classify.registry import (
 )
 from featx.classify.streaming import fit_streamed
 from featx.errors import UsageError, check_choice
-from featx.models.file import FeatxModel, layer_provenance, model_provenance, store_provenance
+from featx.models.file import (
+    FeatxModel,
+    combined_layer_record,
+    layer_provenance,
+    model_provenance,
+    store_provenance,
+)
 from featx.runtime import available_memory, human_size, now, to_json
 from featx.store.feature_store import FeatureStore
-from featx.store.rows import DEFAULT_CHUNK_BYTES, LayerRows
+from featx.store.rows import DEFAULT_CHUNK_BYTES, LAYER_JOIN, ConcatRows, LayerRows, open_rows
 
 __all__ = ["FitResult", "Selection", "Sweep", "default_memory_budget", "fit", "select_rows"]
 
@@ -76,6 +83,7 @@ METRICS = {
 }
 IN_MEMORY_COPIES = 3  # the rows as stored, their float32 features, the scaled features
 MEMORY_FRACTION = 0.5  # default budget: this share of the memory available at start
+REFITS = ("train", "all")
 
 
 # ---- rows ---------------------------------------------------------------------------------
@@ -83,10 +91,19 @@ MEMORY_FRACTION = 0.5  # default budget: this share of the memory available at s
 class Selection:
     """Which store rows train and which validate."""
 
-    train: np.ndarray  # sorted row indices the final model is fitted on
+    train: np.ndarray  # sorted row indices the model is fitted on before refitting
     validation: np.ndarray | None  # sorted row indices scored (view 0); None with CV
     folds: list[tuple[np.ndarray, np.ndarray]] | None  # CV: positions into `train`
     description: str
+    pool: str = "train"  # the split the training rows come from ("train" or "unsplit")
+    validation_split: bool = False  # the store has a validation split (not a hold-out)
+    in_pool: np.ndarray | None = None  # CV: which of `train` are rows of `pool`
+
+    @property
+    def default_refit(self) -> str:
+        """`train` when the store has a validation split, else `all` (a hold-out or CV folds
+        carved out of the training images)."""
+        return "train" if self.validation_split else "all"
 
 
 def select_rows(
@@ -124,11 +141,21 @@ def select_rows(
             folds,
             f"{cv}-fold cross-validation over the {what} rows, stratified by class and "
             f"grouped by source image (seed {seed})",
+            pool=pool,
+            validation_split="validation" in splits,
+            in_pool=split_of[dev] == pool,
         )
     train_rows = np.flatnonzero(split_of == pool)
     if "validation" in splits:
         validation = np.flatnonzero((split_of == "validation") & (views == 0))
-        return Selection(train_rows, validation, None, "the store's validation split")
+        return Selection(
+            train_rows,
+            validation,
+            None,
+            "the store's validation split",
+            pool=pool,
+            validation_split=True,
+        )
     if not 0 < val_fraction < 1:
         raise UsageError(f"--val-fraction must be between 0 and 1, not {val_fraction}.")
     images, first = np.unique(sources[train_rows], return_index=True)
@@ -152,6 +179,7 @@ def select_rows(
         None,
         f"a {val_fraction:.0%} hold-out of the {pool} images, stratified by class and drawn "
         f"by source image (seed {seed})",
+        pool=pool,
     )
 
 
@@ -258,6 +286,11 @@ class Sweep:
         lines = [
             f"sorted by {self.metric} on "
             + ("the cross-validation folds (mean ± std)" if cv else "the validation rows")
+            + (
+                "; the models were then refit on training + validation rows (--refit all)"
+                if self.config.get("refit") == "all"
+                else ""
+            )
         ]
         for row in [header, *rows]:
             cells = [
@@ -297,6 +330,47 @@ class Sweep:
             "config": self.config,
             "results": [r.to_dict() for r in self.results],
         }
+
+    def record(self, model_path: str | os.PathLike | None = None) -> list[int]:
+        """Append one run per experiment to the store's run log (`featx.runlog`): settings
+        (layer, classifier, params, pipeline, refit), the validation scores (CV means with
+        CV; measured before any refit) and, in details, per-class metrics and the confusion
+        matrix. `model_path` is recorded with the best experiment. Returns the run ids."""
+        from featx.runlog import record_run
+
+        ids = []
+        for result in self.results:
+            p = result.model.provenance
+            if "cv" in result.metrics:
+                scores = {"validation": result.summary_metrics()}
+                details = {"cv": result.metrics["cv"]}
+            else:
+                scores, details = {"validation": result.metrics["validation"]}, {}
+            settings = {
+                "layer": result.layer,
+                "classifier": result.classifier,
+                "params": result.params,
+                "pipeline": p["pipeline"],
+                "refit": p["trained_on"]["refit"],
+                "trained_on": p["trained_on"],
+                "scored_on": self.selection,
+                "metric": self.metric,
+                "rank": result.rank,
+                "seconds": round(result.seconds, 3),
+            }
+            best = result is self.best and model_path is not None
+            ids.append(
+                record_run(
+                    self.store,
+                    "fit",
+                    settings=settings,
+                    scores=scores,
+                    details=details,
+                    model_path=os.fspath(model_path) if best else None,
+                    command=self.command,
+                )
+            )
+        return ids
 
     def write_report(self, path: str | os.PathLike) -> list[Path]:
         """The JSON report, and the best experiment's validation confusion matrix as PNG."""
@@ -347,10 +421,12 @@ def fit(
     stream: bool | None = None,
     memory_budget: int | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    refit: str | None = None,
     model: str | os.PathLike | None = None,
     report: str | os.PathLike | None = None,
     progress: Callable[[str], None] | None = None,
     command: str | None = None,
+    log: bool = True,
 ) -> Sweep:
     """Fit every classifier on every layer of `store`, select hyper-parameters, rank them.
 
@@ -360,7 +436,20 @@ def fit(
     False never does, None decides by `memory_budget` (bytes; default half the available
     memory). `model` saves the best experiment's model file, `report` the JSON report (and a
     confusion-matrix PNG beside it). `progress` receives one line per finished experiment.
+
+    A layer may be several stored layers joined by `+` (`"blocks.4+bn2"`): each is pooled
+    (spatial maps by `pool`, average by default), standardised and concatenated.
+
+    `refit`: after the hyper-parameters are chosen, `"all"` fits the chosen pipeline again on
+    the training and validation rows together, `"train"` keeps the one fitted on the training
+    rows. Default: `"train"` when the store has a validation split, `"all"` when the
+    validation rows were carved out of the training images (a hold-out, or CV folds). Scores
+    stay those measured before the refit. Streamed fits are not refit (they stop early on the
+    validation rows). `log` appends one record per experiment to the store's run log
+    (`featx.runlog`).
     """
+    if refit is not None:
+        check_choice("refit", refit, REFITS)
     request = _Request.checked(
         layers=layers,
         classifiers=classifiers,
@@ -380,13 +469,16 @@ def fit(
     owned = not isinstance(store, FeatureStore)
     store = FeatureStore(store) if owned else store
     try:
-        keys = list(dict.fromkeys(store.resolve(layer) for layer in request.layers))
+        keys = list(dict.fromkeys(_resolve(store, layer) for layer in request.layers))
         for key in keys:
-            _check_pool(store, key, request.config.pool)
-            store.check_finite(key)
+            for part in key.split(LAYER_JOIN):
+                store.check_finite(part)
+            if LAYER_JOIN not in key:
+                _check_pool(store, key, request.config.pool)
         selection = select_rows(store, cv=cv, val_fraction=val_fraction, seed=seed)
+        refit = refit or selection.default_refit
         plans = [_plan(store, key, selection, request) for key in keys]
-        results = _run(store, plans, selection, request, progress or (lambda _text: None))
+        results = _run(store, plans, selection, request, refit, progress or (lambda _text: None))
     finally:
         if owned:
             store.close()
@@ -404,6 +496,7 @@ def fit(
             "pca": pca,
             "l2": l2,
             "cv": cv,
+            "refit": refit,
             "val_fraction": val_fraction if selection.validation is not None else None,
             "seed": seed,
             "stream": stream,
@@ -416,7 +509,17 @@ def fit(
         sweep.best.model.save(model)
     if report is not None:
         sweep.write_report(report)
+    if log:
+        sweep.record(model)
     return sweep
+
+
+def _resolve(store: FeatureStore, layer: str) -> str:
+    """The store key of a layer, or the `+`-joined keys of several (each at most once)."""
+    keys = [store.resolve(part.strip()) for part in layer.split(LAYER_JOIN)]
+    if len(set(keys)) != len(keys):
+        raise UsageError(f"--layer {layer} names the same stored layer twice.")
+    return LAYER_JOIN.join(keys)
 
 
 @dataclass(frozen=True)
@@ -473,13 +576,14 @@ def _run(
     plans: list[tuple[str, bool]],
     selection: Selection,
     request: _Request,
+    refit: str,
     say: Callable[[str], None],
 ) -> list[FitResult]:
     """Every classifier on every planned layer, each layer read once (or streamed)."""
     labels = store.labels()
     results = []
     for key, streamed in plans:
-        with LayerRows(store, key, request.chunk_bytes) as rows:
+        with open_rows(store, key, request.chunk_bytes) as rows:
             if streamed:
                 say(
                     f"{key}: training out-of-core in chunks of {rows.chunk_rows} rows "
@@ -499,6 +603,8 @@ def _run(
                     seed=request.seed,
                     metric=request.metric,
                     n_jobs=request.n_jobs,
+                    refit=refit,
+                    row_shapes=rows.row_shapes if isinstance(rows, ConcatRows) else None,
                 )
                 if streamed:
                     result = experiment.run_streamed(rows, labels)
@@ -544,16 +650,25 @@ def _plan(
     """(key, streamed) for a layer; UsageError when it must stream but cannot."""
     config, stream, cv = request.config, request.stream, request.cv
     budget, chunk_bytes, classifiers = request.budget, request.chunk_bytes, request.classifiers
-    info = store.layer(key)
+    shapes = [store.layer(part).shape for part in key.split(LAYER_JOIN)]
     n_rows = len(selection.train) + (
         len(selection.validation) if selection.validation is not None else 0
     )
-    n_values = int(np.prod(info.shape))
+    n_values = sum(int(np.prod(shape)) for shape in shapes)
     need = n_rows * n_values * 4 * IN_MEMORY_COPIES
     streamed = stream if stream is not None else need > budget
-    n_features = (
-        n_values if config.pool == "none" else info.shape[0] * (2 if config.pool == "avgmax" else 1)
-    )
+    if len(shapes) > 1:
+        pool = "avg" if config.pool == "none" else config.pool
+        n_features = sum(
+            s[0] * (2 if pool == "avgmax" else 1) if len(s) == 3 else int(np.prod(s))
+            for s in shapes
+        )
+    else:
+        n_features = (
+            n_values
+            if config.pool == "none"
+            else shapes[0][0] * (2 if config.pool == "avgmax" else 1)
+        )
     if streamed:  # IncrementalPCA learns from one chunk at a time
         smallest, what = max(1, chunk_bytes // max(1, n_values * 4)), "rows in a chunk"
     elif selection.folds:
@@ -568,6 +683,16 @@ def _plan(
         )
     if not streamed:
         return key, False
+    if len(shapes) > 1:
+        raise UsageError(
+            f"layer {key} joins several layers, which are fitted in memory only, but "
+            + (
+                "--stream was given."
+                if stream
+                else f"it needs about {human_size(need)}, more than the memory budget of "
+                f"{human_size(budget)}; raise --memory-budget or join pooled layers."
+            )
+        )
     why = (
         "--stream was given"
         if stream
@@ -591,7 +716,7 @@ def _plan(
 
 
 def _read(
-    rows: LayerRows, selection: Selection, labels: np.ndarray
+    rows: LayerRows | ConcatRows, selection: Selection, labels: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Training rows, then validation rows (if any), as one array with their labels."""
     index = selection.train
@@ -616,6 +741,8 @@ class _Experiment:
     seed: int
     metric: str
     n_jobs: int
+    refit: str = "train"
+    row_shapes: list[tuple[int, ...]] | None = None  # of each joined layer
 
     @property
     def points(self) -> list[dict[str, Any]]:
@@ -623,7 +750,7 @@ class _Experiment:
 
     def _pipeline(self, n_jobs: int, streamed: bool = False) -> Pipeline:
         estimator = classifier_spec(self.name).estimator(self.seed, n_jobs)
-        return build_pipeline(estimator, self.config, self.seed, streamed)
+        return build_pipeline(estimator, self.config, self.seed, streamed, self.row_shapes)
 
     # ---- in memory ----------------------------------------------------------------------
     def run_in_memory(self, X: np.ndarray, y: np.ndarray) -> FitResult:
@@ -674,9 +801,34 @@ class _Experiment:
                     )
                 }
                 score = metrics["validation"][key]
-        return self._result(
+            pipeline, trained_on = self._refit(pipeline, X, y)
+        result = self._result(
             pipeline, best, score, metrics, start, search_log, caught, streamed=False
         )
+        result.model.provenance["trained_on"] = trained_on
+        result.model.provenance["n_train"] = trained_on["n_rows"]
+        return result
+
+    def _refit(
+        self, pipeline: Pipeline, X: np.ndarray, y: np.ndarray
+    ) -> tuple[Pipeline, dict[str, Any]]:
+        """The final pipeline and which rows it saw (`trained_on`). `pipeline` was fitted on
+        every row of X with CV, else on the first len(selection.train) rows."""
+        s = self.selection
+        everything = np.ones(len(y), bool)
+        if s.folds is not None:
+            fitted_on, train_rows = everything, s.in_pool
+        else:
+            fitted_on = train_rows = np.arange(len(y)) < len(s.train)
+        rows = everything if self.refit == "all" else train_rows
+        if not np.array_equal(rows, fitted_on):
+            pipeline = clone(pipeline).fit(X[rows], y[rows])
+        splits = [s.pool]
+        if self.refit == "all" and s.validation_split:
+            splits.append("validation")
+        elif self.refit == "all" and s.folds is None:
+            splits.append(f"{s.pool} hold-out (original images)")
+        return pipeline, {"refit": self.refit, "splits": splits, "n_rows": int(rows.sum())}
 
     def _cross_validate(self, X, y, grid):
         scoring = {name: scorer for name, (scorer, _) in METRICS.items()}
@@ -745,6 +897,15 @@ class _Experiment:
             streamed=True,
         )
         result.epochs = epochs
+        result.model.provenance["trained_on"] = {
+            "refit": "train",
+            "splits": [self.selection.pool],
+            "n_rows": len(self.selection.train),
+        }
+        if self.refit == "all":
+            result.warnings.append(
+                "not refit on the validation rows: a streamed fit stops early on them"
+            )
         return result
 
     def _fit_streamed(self, rows: LayerRows, labels: np.ndarray, point: dict[str, Any]):
@@ -767,10 +928,12 @@ class _Experiment:
         )
         estimator = pipeline.steps[-1][1]
 
+        layers = [layer_provenance(self.store, k) for k in self.key.split(LAYER_JOIN)]
         provenance = model_provenance(
             store_provenance(self.store),
-            layer_provenance(self.store, self.key),
+            layers[0] if len(layers) == 1 else combined_layer_record(layers),
             self.store.class_names,
+            layers=layers,
             classifier=self.name,
             params=dict(params),
             estimator=" ".join(repr(estimator).split()),
@@ -779,7 +942,7 @@ class _Experiment:
                 for k, v in estimator.get_params(deep=False).items()
                 if v is None or isinstance(v, bool | int | float | str | tuple | list)
             },
-            pipeline=self.config.describe(),
+            pipeline=self.config.describe(len(layers)),
             pipeline_config={
                 "pool": self.config.pool,
                 "scale": self.config.scale,

@@ -13,6 +13,7 @@ import io
 import os
 import sys
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -171,6 +172,86 @@ def _collate(samples):
     return [i for i, _ in good], torch.stack([x for _, x in good]) if good else None, bad
 
 
+def features_for_images(
+    model: FeatxModel,
+    files: list[Path],
+    *,
+    batch_size: int = 32,
+    device: str = "auto",
+    workers: int = 0,
+    tta: int = 0,
+    quiet: bool = True,
+    desc: str = "predict",
+) -> Iterator[tuple[list[int], np.ndarray | None, list[tuple[int, str]]]]:
+    """The model's input rows for image `files`, made as the model's store made them: its
+    backbone and weights (checked by sha256), preprocessing, every layer it reads tapped in
+    one pass with the same pooling, precision and dtype cast (several layers flattened and
+    concatenated, as `featx.store.ConcatRows` reads them).
+
+    Yields (indices into `files`, rows of shape (n * (1 + tta), ...) or None, [(index,
+    reason)] of files that could not be decoded) per batch; with `tta`, each image's rows are
+    followed by those of its augmented views.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from featx.backbones.layers import as_input, prepare_tap
+    from featx.backbones.registry import Preprocessing, get_backbone
+    from featx.runtime import autocast, resolve_device
+
+    if batch_size < 1:
+        raise UsageError("--batch-size must be at least 1.")
+    p, layers = model.provenance, model.layers
+    if not p.get("weights_spec"):
+        raise UsageError(
+            "the model does not record how to load its backbone weights (its store predates "
+            "weights_spec); predict needs them."
+        )
+    loaded = get_backbone(p["backbone"]).load(p["weights_spec"])
+    if loaded.weights_sha256 != p["weights_sha256"]:
+        raise UsageError(
+            f"the {loaded.weights} weights now hash to {loaded.weights_sha256[:16]}, but the "
+            f"model was trained on features of {p['weights_sha256'][:16]}; predict cannot "
+            "reproduce its features."
+        )
+    pools = {layer["pool"] for layer in layers}
+    if len(pools) > 1:  # one tap applies one pooling to every module
+        raise UsageError(
+            f"the model's layers were pooled differently at extraction ({', '.join(pools)}); "
+            "predict taps them with one pooling, so it cannot reproduce their features."
+        )
+    # the same network set-up, precision and dtype cast as extraction
+    dev = resolve_device(device)
+    preprocessing = Preprocessing.from_dict(p["preprocessing"])
+    modules = [layer["module"] for layer in layers]
+    tap = prepare_tap(loaded.model, modules, layers[0]["pool"], dev, preprocessing.input_size)
+    loader = DataLoader(
+        _Images(files, preprocessing, tta, _tta_augmentation(p) if tta else None),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+    )
+    bar = tqdm(total=len(files), unit="img", disable=quiet, desc=desc, file=sys.stderr)
+    for index, batch, bad in loader:
+        rows = None
+        if batch is not None:
+            with torch.inference_mode(), autocast(dev, layers[0]["precision"]):
+                outputs = tap(as_input(batch.flatten(0, 1), dev))
+            parts = [
+                outputs[layer["module"]].float().cpu().numpy().astype(layer["dtype"])
+                for layer in layers
+            ]
+            rows = (
+                parts[0]
+                if len(parts) == 1
+                else np.concatenate([part.reshape(len(part), -1) for part in parts], axis=1)
+            )
+        yield index, rows, bad
+        bar.update(len(index) + len(bad))
+    bar.close()
+
+
 def predict(
     model: FeatxModel | str | os.PathLike,
     paths: list[str | os.PathLike],
@@ -189,18 +270,8 @@ def predict(
     the CSV (see `Predictions.to_csv`). `tta` > 0 averages the scores of the image and that many
     augmented views of it (test-time augmentation, with the model's training augmentation).
     """
-    import torch
-    from torch.utils.data import DataLoader
-    from tqdm import tqdm
-
-    from featx.backbones.layers import as_input, prepare_tap
-    from featx.backbones.registry import Preprocessing, get_backbone
-    from featx.runtime import autocast, resolve_device
-
     if top_k < 1:
         raise UsageError(f"--top-k must be at least 1, not {top_k}.")
-    if batch_size < 1:
-        raise UsageError("--batch-size must be at least 1.")
     if tta < 0:
         raise UsageError(f"--tta must be 0 or more views, not {tta}.")
     if not isinstance(model, FeatxModel):
@@ -210,50 +281,22 @@ def predict(
     files, skipped = collect_images(paths)
     if not files:
         raise UsageError(f"no image files found in {', '.join(map(str, paths))}.")
-
-    p, layer = model.provenance, model.layer
-    if not p.get("weights_spec"):
-        raise UsageError(
-            "the model does not record how to load its backbone weights (its store predates "
-            "weights_spec); predict needs them."
-        )
-    loaded = get_backbone(p["backbone"]).load(p["weights_spec"])
-    if loaded.weights_sha256 != p["weights_sha256"]:
-        raise UsageError(
-            f"the {loaded.weights} weights now hash to {loaded.weights_sha256[:16]}, but the "
-            f"model was trained on features of {p['weights_sha256'][:16]}; predict cannot "
-            "reproduce its features."
-        )
-    # the same network set-up, precision and dtype cast as extraction
-    dev = resolve_device(device)
-    preprocessing = Preprocessing.from_dict(p["preprocessing"])
-    tap = prepare_tap(loaded.model, [layer["module"]], layer["pool"], dev, preprocessing.input_size)
-    loader = DataLoader(
-        _Images(files, preprocessing, tta, _tta_augmentation(p) if tta else None),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=_collate,
-    )
     good: list[int] = []
     predicted: list[np.ndarray] = []
     scores: list[np.ndarray] = []
-    bar = tqdm(total=len(files), unit="img", disable=quiet, desc="predict", file=sys.stderr)
-    for index, batch, bad in loader:
+    batches = features_for_images(
+        model, files, batch_size=batch_size, device=device, workers=workers, tta=tta, quiet=quiet
+    )
+    for index, features, bad in batches:
         skipped.extend((str(files[i]), reason) for i, reason in bad)
-        if batch is not None:
-            n, views = batch.shape[:2]
-            with torch.inference_mode(), autocast(dev, layer["precision"]):
-                output = tap(as_input(batch.flatten(0, 1), dev))[layer["module"]]
-            features = output.float().cpu().numpy().astype(layer["dtype"])
+        if features is not None:
             labels, batch_scores = model.scores(features)
-            if views > 1:
-                batch_scores = batch_scores.reshape(n, views, -1).mean(axis=1)
+            if tta:
+                batch_scores = batch_scores.reshape(len(index), 1 + tta, -1).mean(axis=1)
                 labels = batch_scores.argmax(axis=1)
             good.extend(index)
             predicted.append(labels)
             scores.append(batch_scores)
-        bar.update(len(index) + len(bad))
-    bar.close()
     names = model.class_names
     result = Predictions(
         [str(files[i]) for i in good],

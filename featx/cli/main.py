@@ -283,7 +283,10 @@ def fit(
     store: Annotated[Path, typer.Option(help="Feature store written by `featx extract`.")],
     layer: Annotated[
         list[str],
-        typer.Option(help="Stored layer (see `featx info STORE`); repeat to compare layers."),
+        typer.Option(
+            help="Stored layer (see `featx info STORE`); repeat to compare layers. Join "
+            "several with + (blocks.4+bn2): each pooled, standardised, concatenated."
+        ),
     ],
     clf: Annotated[
         list[str] | None,
@@ -322,6 +325,14 @@ def fit(
     metric: Annotated[
         str, typer.Option(help="Ranking metric: accuracy, balanced_accuracy or f1_macro.")
     ] = "accuracy",
+    refit: Annotated[
+        str | None,
+        typer.Option(
+            help="After choosing hyper-parameters: all refits on training + validation rows, "
+            "train keeps the fit on training rows. Default: train when the store has a "
+            "validation split, all when the validation rows are a hold-out or CV folds."
+        ),
+    ] = None,
     model: Annotated[
         Path | None,
         typer.Option(help="Save the best experiment's model file here (e.g. flowers.featx)."),
@@ -351,6 +362,7 @@ def fit(
     quiet: Annotated[bool, typer.Option(help="No progress lines.")] = False,
 ) -> None:
     """Train classifiers on stored layers: every --layer x --clf, ranked by validation score.
+    Every experiment is appended to the store's run log (see `featx runs`).
 
     Example: featx fit --store stores/flowers.h5 --layer block4_pool --layer block5_pool
     --clf logreg --clf svm --param C=0.01,0.1,1 --model flowers.featx --report fit.json
@@ -376,6 +388,7 @@ def fit(
             stream=stream,
             memory_budget=parse_size(memory_budget) if memory_budget else None,
             chunk_bytes=int(chunk_mb * 1e6),
+            refit=refit,
             model=model,
             report=report,
             progress=None if quiet else _echo_err,
@@ -397,9 +410,17 @@ def fit(
 @app.command()
 def evaluate(
     model: Annotated[Path, typer.Option(help="Model file written by `featx fit --model`.")],
+    data: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Image folder (DATA/SPLIT/CLASS/*.jpg) to score instead of a store: its "
+            "features are computed as `featx predict` computes them."
+        ),
+    ] = None,
     store: Annotated[
-        Path, typer.Option(help="Store with the model's layer, backbone and preprocessing.")
-    ],
+        Path | None,
+        typer.Option(help="Store with the model's layer, backbone and preprocessing."),
+    ] = None,
     split: Annotated[
         str, typer.Option(help="Split to score: test, validation, train or unsplit.")
     ] = "test",
@@ -413,23 +434,79 @@ def evaluate(
             "code stored in the file: only for files you trust."
         ),
     ] = False,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass (DATA).")] = 32,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps (DATA).")] = "auto",
+    workers: Annotated[int, typer.Option(help="Decoding processes (DATA; 0: in-process).")] = 0,
 ) -> None:
     """Score a model on a split of a store made with the same backbone, weights,
-    preprocessing and layer (any other store is refused, saying what differs).
+    preprocessing and layer (any other store is refused, saying what differs), or on a split
+    of an image folder. An evaluation on a store is appended to its run log.
 
     Loading a model file runs no code from it (a pickle from an older featx only with
     --trust-pickle).
 
-    Example: featx evaluate --model flowers.featx --store stores/flowers.h5 --split test
+    Example: featx evaluate --model flowers.featx --store stores/flowers.h5 --split test,
+    or featx evaluate --model flowers.featx data/flowers --split test
     """
-    from featx.classify.evaluate import evaluate as run
+    from featx.classify.evaluate import evaluate as on_store
+    from featx.classify.evaluate import evaluate_images
+    from featx.errors import UsageError
     from featx.models.file import load_model
 
     with reported():
-        result = run(load_model(model, trust_pickle=trust_pickle), store, split, report=report)
+        if (data is None) == (store is None):
+            raise UsageError("give either --store STORE or an image folder DATA to evaluate on.")
+        loaded = load_model(model, trust_pickle=trust_pickle)
+        if store is not None:
+            result = on_store(loaded, store, split, report=report, command=_command_line())
+        else:
+            result = evaluate_images(
+                loaded, data, split, report=report, batch_size=batch_size, device=device,
+                workers=workers, quiet=False, command=_command_line(),
+            )  # fmt: skip
     typer.echo(result.table())
     if report is not None:
         typer.echo(f"\nreport: {report}, {report.with_name(f'{report.stem}-confusion.png')}")
+    if result.skipped:
+        for path, reason in result.skipped:
+            _echo_err(f"skipped {path}: {reason}")
+        _echo_err(f"featx: {len(result.skipped)} image files could not be read; not scored.")
+        raise typer.Exit(EXIT_SKIPPED)
+
+
+@app.command()
+def runs(
+    store: Annotated[
+        list[Path] | None,
+        typer.Option(help="Store (or its .runs.sqlite log); repeatable. Default: ./stores/**."),
+    ] = None,
+) -> None:
+    """Print the leaderboard of every logged fit, finetune and evaluate run, best first
+    (validation accuracy, else test accuracy). fit's validation scores are those that chose
+    the hyper-parameters, measured before any --refit all."""
+    from featx.report import runs_command
+
+    with reported():
+        text = runs_command(store or [])
+    typer.echo(text)
+
+
+@app.command()
+def report(
+    out: Annotated[Path, typer.Argument(help="HTML file to write.")],
+    store: Annotated[
+        list[Path] | None,
+        typer.Option(help="Store (or its .runs.sqlite log); repeatable. Default: ./stores/**."),
+    ] = None,
+) -> None:
+    """Write one self-contained HTML page of the logged runs: leaderboard, per-class metrics,
+    confusion matrices, training histories, LR-finder curves, augmentation previews and each
+    store's provenance. It needs no network to view."""
+    from featx.report import report_command
+
+    with reported():
+        path = report_command(out, store or [])
+    typer.echo(f"report: {path}")
 
 
 @app.command()

@@ -110,7 +110,11 @@ def _trusted_types() -> list[str]:
         )
     ]
     # featx's own classifier-stage types, by name: this stage comes before classify
-    own = ("featx.classify.pipeline.LayerFeatures", "featx.classify.mlp.MLPClassifier")
+    own = (
+        "featx.classify.pipeline.LayerFeatures",
+        "featx.classify.pipeline.ConcatLayers",
+        "featx.classify.mlp.MLPClassifier",
+    )
     return sorted({f"{t.__module__}.{t.__qualname__}" for t in (*types, *metrics)} | set(own))
 
 
@@ -126,6 +130,24 @@ def layer_record(
         "precision": precision,
         "dtype": dtype,
         "row_shape": list(row_shape),
+    }
+
+
+LAYER_JOIN = "+"
+
+
+def combined_layer_record(layers: list[dict[str, Any]]) -> dict[str, Any]:
+    """The `layer` entry of a model on several joined layers: each field `+`-joined (the row
+    shape is the length of the concatenated rows); the records themselves are kept in the
+    provenance's `layers`."""
+    return {
+        "key": LAYER_JOIN.join(layer["key"] for layer in layers),
+        "name": LAYER_JOIN.join(layer["name"] for layer in layers),
+        "module": LAYER_JOIN.join(layer["module"] for layer in layers),
+        "pool": LAYER_JOIN.join(layer["pool"] for layer in layers),
+        "precision": LAYER_JOIN.join(dict.fromkeys(layer["precision"] for layer in layers)),
+        "dtype": str(np.result_type(*(layer["dtype"] for layer in layers))),
+        "row_shape": [sum(int(np.prod(layer["row_shape"])) for layer in layers)],
     }
 
 
@@ -221,6 +243,11 @@ class FeatxModel:
         return self.provenance["layer"]
 
     @property
+    def layers(self) -> list[dict[str, Any]]:
+        """The `layer_record` of every layer the model reads, in the order of its columns."""
+        return list(self.provenance.get("layers") or [self.layer])
+
+    @property
     def has_proba(self) -> bool:
         return hasattr(self.pipeline, "predict_proba")
 
@@ -294,14 +321,14 @@ class FeatxModel:
         if old != new:
             old, new = old.describe(), new.describe()
             out.append(f"the preprocessing is '{old}' in the model, '{new}' in the store")
-        layer = self.layer
-        key = _find_layer(store, layer)
-        if key is None:
-            out.append(
-                f"the store has no layer {layer['key']} (module {layer['module']}, pool "
-                f"{layer['pool']}); it has: {', '.join(store.layers) or 'none'}"
-            )
-        else:
+        for layer in self.layers:
+            key = _find_layer(store, layer)
+            if key is None:
+                out.append(
+                    f"the store has no layer {layer['key']} (module {layer['module']}, pool "
+                    f"{layer['pool']}); it has: {', '.join(store.layers) or 'none'}"
+                )
+                continue
             info = store.layer(key)
             if list(info.shape) != list(layer["row_shape"]):
                 out.append(
@@ -317,30 +344,34 @@ class FeatxModel:
         return out
 
     def store_layer(self, store: FeatureStore) -> str:
-        """The key of the model's layer in `store`; UsageError saying what differs."""
+        """The key of the model's layer in `store` (`+`-joined keys for several layers);
+        UsageError saying what differs."""
         differences = self.differences(store)
         if differences:
             model = f"model {self.path}" if self.path else "the model"
             raise UsageError(
                 f"store {store.path} does not match {model}: {'; '.join(differences)}."
             )
-        return _find_layer(store, self.layer)
+        return LAYER_JOIN.join(_find_layer(store, layer) for layer in self.layers)
 
     # ---- description --------------------------------------------------------------------
     def summary(self) -> str:
         """What `featx info MODEL` prints."""
         p = self.provenance
-        layer, store = p["layer"], p.get("store") or {}
+        store = p.get("store") or {}
         size = f"  ({human_size(self.path.stat().st_size)})" if self.path else ""
         params = ", ".join(f"{k}={v!r}" for k, v in (p.get("params") or {}).items()) or "defaults"
-        shape = "x".join(map(str, layer["row_shape"]))
         lines = [
             f"model       {self.path or '(not saved)'}{size}",
             f"classifier  {p.get('classifier')} ({params})",
             f"estimator   {p.get('estimator')}",
             f"pipeline    {p.get('pipeline')}",
-            f"layer       {layer['key']}  (module {layer['module']}, {shape} {layer['dtype']}, "
-            f"pooled at extraction: {layer['pool']})",
+            *(
+                f"layer       {layer['key']}  (module {layer['module']}, "
+                f"{'x'.join(map(str, layer['row_shape']))} {layer['dtype']}, "
+                f"pooled at extraction: {layer['pool']})"
+                for layer in self.layers
+            ),
             f"backbone    {p['backbone']}",
             f"weights     {p['weights']}  sha256 {p['weights_sha256'][:16]}  "
             f"(load as --weights {p.get('weights_spec')})",
@@ -351,8 +382,7 @@ class FeatxModel:
             f"dataset     {store.get('dataset_root')}  "
             f"(fingerprint {str(store.get('dataset_fingerprint'))[:16]})",
             f"selection   {p.get('selection')}",
-            f"trained on  {p.get('n_train')} rows"
-            + (" (streamed from the store)" if p.get("streamed") else ""),
+            f"trained on  {_trained_on(p)}",
         ]
         for split, metrics in (p.get("metrics") or {}).items():
             lines.append(f"metrics     {_metrics_line(split, metrics)}")
@@ -364,6 +394,19 @@ class FeatxModel:
         if p.get("command"):
             lines.append(f"command     {p['command']}")
         return "\n".join(lines)
+
+
+def _trained_on(p: dict[str, Any]) -> str:
+    """Which rows the final model saw; files written before refit record only a count."""
+    streamed = " (streamed from the store)" if p.get("streamed") else ""
+    seen = p.get("trained_on")
+    if not seen:
+        return f"{p.get('n_train')} rows{streamed}"
+    note = "; the metrics below were measured before this refit" if seen["refit"] == "all" else ""
+    return (
+        f"{seen['n_rows']} rows of {' + '.join(seen['splits'])}  "
+        f"(--refit {seen['refit']}{note}){streamed}"
+    )
 
 
 def _metrics_line(split: str, metrics: Any) -> str:

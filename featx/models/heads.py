@@ -343,6 +343,11 @@ def load_fitted_head(path: str | Path, *, trust_pickle: bool = False) -> FittedH
             f"{where} holds a {type(clf).__name__}; only an MLP (`featx fit --clf mlp`) or a "
             "fine-tuned model can start the head."
         )
+    if len(model.layers) > 1:
+        raise UsageError(
+            f"{where} reads several joined layers ({model.layer['key']}); a head starts from "
+            "one layer, so fit the MLP on one layer."
+        )
     spec = clf.head_spec()
     n_classes = len(model.class_names)
     if list(spec["classes"]) != list(range(n_classes)):

@@ -2,6 +2,11 @@
 
 from featx._lazy import lazy_exports
 
-_EXPORTS = {"FeatureStore": "feature_store", "LayerRows": "rows"}
+_EXPORTS = {
+    "FeatureStore": "feature_store",
+    "LayerRows": "rows",
+    "ConcatRows": "rows",
+    "open_rows": "rows",
+}
 __all__ = list(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

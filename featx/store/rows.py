@@ -119,3 +119,69 @@ class LayerRows:
         """A few sorted rows: one slice when consecutive, else a point selection."""
         lo, hi = int(part[0]), int(part[-1]) + 1
         return self.dataset[lo:hi] if hi - lo == len(part) else self.dataset[part]
+
+
+LAYER_JOIN = "+"
+
+
+class ConcatRows:
+    """The rows of several layers of one store side by side: each row is every layer's row
+    flattened and concatenated (in the given order), so one 2-D array carries them all; a
+    `featx.classify.registry.ConcatLayers` step splits it again by `row_shapes`. Reads in
+    order only (`iter` without `rng`, `read`), in chunks of about `chunk_bytes` in all."""
+
+    def __init__(
+        self, store: FeatureStore, keys: list[str], chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    ) -> None:
+        self.parts = [LayerRows(store, key, chunk_bytes) for key in keys]
+        self.key = LAYER_JOIN.join(part.key for part in self.parts)
+        self.row_shapes = [part.row_shape for part in self.parts]
+        self.row_shape: tuple[int, ...] = (sum(int(np.prod(s)) for s in self.row_shapes),)
+        self.dtype = np.result_type(*(part.dtype for part in self.parts))
+        self.row_bytes = max(1, self.row_shape[0] * 4)
+        self.chunk_rows = max(1, chunk_bytes // self.row_bytes)
+        for part in self.parts:
+            part.chunk_rows = self.chunk_rows
+
+    def close(self) -> None:
+        for part in self.parts:
+            part.close()
+
+    def __enter__(self) -> ConcatRows:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def nbytes(self, n_rows: int) -> int:
+        """float32 bytes of `n_rows` rows."""
+        return n_rows * self.row_bytes
+
+    def iter(
+        self, index: np.ndarray, rng: np.random.RandomState | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (positions, rows) with rows the concatenated rows `index[positions]`, in
+        order; `index` must be sorted."""
+        if rng is not None:
+            raise ValueError("rows of several layers are read in order only.")
+        index = np.asarray(index, dtype=np.int64)
+        for start in range(0, len(index), self.chunk_rows):
+            positions = np.arange(start, min(start + self.chunk_rows, len(index)))
+            yield positions, self.read(index[positions])
+
+    def read(self, index: np.ndarray) -> np.ndarray:
+        """The concatenated rows `index` (sorted) as one 2-D array."""
+        return np.concatenate(
+            [part.read(index).reshape(len(index), -1).astype(self.dtype) for part in self.parts],
+            axis=1,
+        )
+
+
+def open_rows(
+    store: FeatureStore, key: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> LayerRows | ConcatRows:
+    """`LayerRows` for one layer key, `ConcatRows` for `+`-joined keys (`blocks.4+bn2`)."""
+    keys = key.split(LAYER_JOIN)
+    if len(keys) == 1:
+        return LayerRows(store, key, chunk_bytes)
+    return ConcatRows(store, keys, chunk_bytes)

@@ -1,0 +1,126 @@
+"""Issue 10's goal for the classifier side: the best `featx fit` sweep (layers x classifiers,
+a `+`-joined layer among them, refit on all labelled images) against the frozen logreg on the
+last block, scored on the test split of Fashion-MNIST.
+
+    python benchmarks/bench_results.py                  # several minutes on 2 busy CPU cores
+    python benchmarks/bench_results.py --work /tmp/br   # keep (and reuse) the images and store
+
+1. Writes Fashion-MNIST (Debian's dataset-fashion-mnist) as an image folder with
+   --train-per-class training and --test-per-class test images per class (no validation
+   split, so `fit` holds out 20% of the training images and `--refit all` is its default).
+2. Extracts the candidate layers once with EfficientNet-Lite0's offline ImageNet weights at
+   --image-size px, average-pooled (timed).
+3. Fits logreg on the last block (blocks.6) and scores it on the test split (timed).
+4. Runs the sweep (every layer and a `+` combination x logreg, svm with C in 3, 10, 30),
+   then scores its best model on the test split (timed).
+
+Prints a markdown table: what, test accuracy, seconds. The goal is best sweep >= 0.87.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LAYERS = ["blocks.4", "blocks.5", "blocks.6", "bn2"]
+COMBINED = "blocks.4+blocks.5"
+CLASSIFIERS = ["logreg", "svm"]
+GOAL = 0.87
+
+
+def featx(*args: str) -> float:
+    """Run `python -m featx.cli ARGS` (output shown) and return its wall-clock seconds."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "featx.cli", *args], check=True)
+    return time.perf_counter() - start
+
+
+def make_data(data: Path, train: int, test: int) -> None:
+    if data.is_dir():
+        return
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "make_dataset.py"),
+            str(data),
+            "--dataset",
+            "fashion-mnist",
+            "--train-per-class",
+            str(train),
+            "--per-class",
+            str(test),
+        ],
+        check=True,
+    )
+    shutil.rmtree(data / "validation", ignore_errors=True)
+
+
+def test_accuracy(model: Path, store: Path) -> float:
+    from featx.classify.evaluate import evaluate
+
+    return float(evaluate(model, store, "test", log=False).metrics["accuracy"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--train-per-class", type=int, default=200)
+    parser.add_argument("--test-per-class", type=int, default=100)
+    parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--work", type=Path, help="work folder (default: a temporary one)")
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench_results-"))
+    work.mkdir(parents=True, exist_ok=True)
+    data, store = work / "fashion", work / "fashion.h5"
+    make_data(data, args.train_per_class, args.test_per_class)
+    rows = []
+    if not store.exists():
+        layer_args = [a for layer in LAYERS for a in ("--layer", layer)]
+        seconds = featx(
+            "extract", str(data), "--backbone", "efficientnet_lite0",
+            "--image-size", str(args.image_size), "--pool", "avg", *layer_args,
+            "--store", str(store), "--workers", "0", "--quiet",
+        )  # fmt: skip
+        rows.append(("extract 4 layers (avg-pooled), train and test", None, seconds))
+
+    baseline = work / "baseline.joblib"
+    seconds = featx(
+        "fit", "--store", str(store), "--layer", "blocks.6", "--clf", "logreg",
+        "--model", str(baseline), "--quiet",
+    )  # fmt: skip
+    what = "frozen logreg on the last block (blocks.6)"
+    rows.append((what, test_accuracy(baseline, store), seconds))
+
+    best = work / "best.joblib"
+    layer_args = [a for layer in [*LAYERS, COMBINED] for a in ("--layer", layer)]
+    clf_args = [a for clf in CLASSIFIERS for a in ("--clf", clf)]
+    seconds = featx(
+        "fit", "--store", str(store), *layer_args, *clf_args, "--param", "svm.C=3,10,30",
+        "--refit", "all", "--model", str(best), "--quiet",
+    )  # fmt: skip
+    from featx.models.file import load_model
+
+    chosen = load_model(best).provenance
+    what = f"best sweep: {chosen['classifier']} on {chosen['layer']['key']}, refit all"
+    rows.append((what, test_accuracy(best, store), seconds))
+
+    print(
+        f"\nFashion-MNIST {args.train_per_class}/{args.test_per_class} per class at "
+        f"{args.image_size} px, EfficientNet-Lite0 (offline ImageNet weights)\n"
+    )
+    print("| what | test accuracy | seconds |\n|---|---:|---:|")
+    for what, accuracy, seconds in rows:
+        shown = "-" if accuracy is None else f"{accuracy:.4f}"
+        print(f"| {what} | {shown} | {seconds:.0f} |")
+    best_accuracy = rows[-1][1]
+    verdict = "met" if best_accuracy >= GOAL else "NOT met"
+    print(f"\ngoal: best sweep >= {GOAL}: {verdict} ({best_accuracy:.4f})")
+
+
+if __name__ == "__main__":
+    main()
