@@ -471,8 +471,7 @@ def fit(
     try:
         keys = list(dict.fromkeys(_resolve(store, layer) for layer in request.layers))
         for key in keys:
-            for part in key.split(LAYER_JOIN):
-                store.check_finite(part)
+            store.check_finite(key)
             if LAYER_JOIN not in key:
                 _check_pool(store, key, request.config.pool)
         selection = select_rows(store, cv=cv, val_fraction=val_fraction, seed=seed)

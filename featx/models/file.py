@@ -34,7 +34,7 @@ from sklearn.pipeline import Pipeline
 from featx.backbones.registry import Preprocessing
 from featx.errors import UsageError
 from featx.runtime import atomic_write, human_size, library_versions, now, to_json
-from featx.store.feature_store import FeatureStore
+from featx.store.feature_store import LAYER_JOIN, FeatureStore
 
 __all__ = [
     "FeatxModel",
@@ -131,9 +131,6 @@ def layer_record(
         "dtype": dtype,
         "row_shape": list(row_shape),
     }
-
-
-LAYER_JOIN = "+"
 
 
 def combined_layer_record(layers: list[dict[str, Any]]) -> dict[str, Any]:

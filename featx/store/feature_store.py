@@ -48,6 +48,7 @@ __all__ = [
 FORMAT = "featx-store"
 FORMAT_VERSION = 1
 STR = h5py.string_dtype()
+LAYER_JOIN = "+"  # `a+b`: several layers read as one, concatenated per row
 SPLIT_NAMES = ("train", "validation", "test", "unsplit")
 META_FIELDS = ("backbone", "weights", "weights_sha256", "preprocessing", "dataset")
 DATASET_FIELDS = ("root", "fingerprint", "n_files")
@@ -242,7 +243,12 @@ class FeatureStore:
 
     def check_finite(self, layer: str, split: str | None = None) -> None:
         """UsageError naming the first row of `layer` (all rows, or one split) that holds a
-        NaN or infinite value; scans the layer in chunks of about 64 MB."""
+        NaN or infinite value; scans the layer in chunks of about 64 MB. A `+`-joined key
+        checks each of its layers."""
+        if LAYER_JOIN in layer:
+            for part in layer.split(LAYER_JOIN):
+                self.check_finite(part, split)
+            return
         key = self.resolve(layer)
         ds = self._file["features"][key]
         index = np.arange(self.n_rows)[self.rows(split)]

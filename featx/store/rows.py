@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import h5py
 import numpy as np
 
-from featx.store.feature_store import FeatureStore
+from featx.store.feature_store import LAYER_JOIN, FeatureStore
 
 __all__ = ["LayerRows"]
 
@@ -119,9 +119,6 @@ class LayerRows:
         """A few sorted rows: one slice when consecutive, else a point selection."""
         lo, hi = int(part[0]), int(part[-1]) + 1
         return self.dataset[lo:hi] if hi - lo == len(part) else self.dataset[part]
-
-
-LAYER_JOIN = "+"
 
 
 class ConcatRows:
