@@ -105,12 +105,23 @@ def test_a_store_without_the_feature_layer_is_refused(with_test, store, tmp_path
 @pytest.mark.slow
 def test_the_same_seed_gives_the_same_run_with_0_or_1_workers(with_test, tmp_path):
     c = config(backbone="resnet18", epochs_head=1, epochs=1, dropout=0.5, patience=0)
-    runs = [
-        finetune(with_test, c, out=tmp_path / f"w{w}", workers=w, quiet=True) for w in (0, 1)
-    ]
+    runs = [finetune(with_test, c, out=tmp_path / f"w{w}", workers=w, quiet=True) for w in (0, 1)]
     timing = ("seconds", "images_per_second")
     histories = [[{k: v for k, v in h.items() if k not in timing} for h in r.history] for r in runs]
     assert len(histories[0]) == 2
     assert_same(histories[0], histories[1])
     weights = [load_checkpoint(r.out / "last.pt")["network"] for r in runs]
     assert_same(weights[0], weights[1])
+
+
+def test_fine_tuning_augments_lightly_by_default_and_flags_change_that():
+    from dataclasses import replace
+
+    from featx.cli.options import AugmentFlags
+    from featx.finetuning.config import FINETUNE_AUGMENT, FinetuneConfig
+
+    assert FinetuneConfig(backbone="resnet18").augment == FINETUNE_AUGMENT
+    flags = AugmentFlags(None, {"rotation": 20.0, "zoom": None})
+    assert flags.config(default=True, base=FINETUNE_AUGMENT) == replace(
+        FINETUNE_AUGMENT, rotation=20.0
+    )

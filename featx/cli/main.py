@@ -434,13 +434,13 @@ def classifiers() -> None:
 def _finetune_config(network: dict[str, Any], augmentation: AugmentFlags, **training):
     """A FinetuneConfig from the shared options; returns it with (workers, device)."""
     from featx.errors import UsageError
-    from featx.finetuning.config import FinetuneConfig
+    from featx.finetuning.config import FINETUNE_AUGMENT, FinetuneConfig
 
     network = dict(network)
     workers, device, augment = network.pop("workers"), network.pop("device"), network.pop("augment")
     if not augment and augmentation.given:
         raise UsageError("augmentation settings were given together with --no-augment.")
-    settings = augmentation.config(default=True) if augment else None
+    settings = augmentation.config(default=True, base=FINETUNE_AUGMENT) if augment else None
     config = FinetuneConfig(**network, **training, augment=settings)
     return config, workers, device
 
@@ -460,10 +460,10 @@ def finetune(
     ] = None,
     epochs: Annotated[
         int, typer.Option(help="Epochs of stage 2, unfrozen from --unfreeze-from.")
-    ] = 10,
+    ] = 3,
     lr: Annotated[
         float, typer.Option(help="Learning rate of the head (peak, with onecycle).")
-    ] = 1e-3,
+    ] = 1e-4,
     lr_head: Annotated[
         float | None, typer.Option(help="Learning rate of the head in stage 1 (default --lr).")
     ] = None,
