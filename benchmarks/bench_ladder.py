@@ -62,7 +62,7 @@ def main() -> None:
     layers = [a for layer in args.layers for a in ("--layer", layer)]
     _, extract_s = run("extract", data, *NETWORK, *layers, "--pool", "avg", "--store", store,
                        cwd=work)  # fmt: skip
-    rows = [("extract (all layers, one pass)", None, extract_s)]
+    rows = [("extract, one pass (an existing store is reused)", None, extract_s)]
     for layer in args.layers:
         model = work / f"logreg-{layer}.joblib"
         _, fit_s = run("fit", "--store", store, "--layer", f"{layer}@avg", "--clf", "logreg",
