@@ -178,6 +178,7 @@ def _run(
         log(f"Resuming {out} after epoch {resumed_from}.")
     if rows is not None:
         history, best = _head_from_rows(session, rows, plan["head"], out, log)
+        plan["head"] = len(history)  # early stopping ended it; epoch lines count what ran
         position = (0, True)
     for index, stage in enumerate(STAGES):
         n = plan[stage]
