@@ -160,7 +160,9 @@ def _advise(result: RangeTest) -> None:
     first = int(len(losses) * SKIP_START)
     if lowest - first < 2:
         return
-    slopes = np.gradient(losses[first : lowest + 1], np.log(lrs[first : lowest + 1]))
+    # Central differences up to the minimum, the minimum itself left out: its one-sided slope
+    # would make the minimum its own "steepest descent".
+    slopes = np.gradient(losses[first : lowest + 1], np.log(lrs[first : lowest + 1]))[:-1]
     if slopes.min() < 0:
         result.steepest = float(lrs[first + int(slopes.argmin())])
 
