@@ -308,7 +308,7 @@ def test_resume_refuses_other_options_and_a_missing_checkpoint(shapes, tmp_path)
 
     c = config(epochs=0)
     finetune(shapes, c, out=tmp_path / "run", workers=0, quiet=True)
-    with pytest.raises(UsageError, match=r"--lr was 0\.001, now 0\.01"):
+    with pytest.raises(UsageError, match=r"--lr was 0\.0001, now 0\.01"):
         finetune(shapes, config(epochs=0, lr=0.01), out=tmp_path / "run", resume=True)
     with pytest.raises(UsageError, match="already holds a fine-tuning run"):
         finetune(shapes, c, out=tmp_path / "run")
