@@ -586,13 +586,13 @@ def classifiers() -> None:
 def _finetune_config(network: dict[str, Any], augmentation: AugmentFlags, **training):
     """A FinetuneConfig from the shared options; returns it with (workers, device)."""
     from featx.errors import UsageError
-    from featx.finetuning.config import FinetuneConfig
+    from featx.finetuning.config import FINETUNE_AUGMENT, FinetuneConfig
 
     network = dict(network)
     workers, device, augment = network.pop("workers"), network.pop("device"), network.pop("augment")
     if not augment and augmentation.given:
         raise UsageError("augmentation settings were given together with --no-augment.")
-    settings = augmentation.config(default=True) if augment else None
+    settings = augmentation.config(default=True, base=FINETUNE_AUGMENT) if augment else None
     config = FinetuneConfig(**network, **training, augment=settings)
     return config, workers, device
 
@@ -612,10 +612,10 @@ def finetune(
     ] = None,
     epochs: Annotated[
         int, typer.Option(help="Epochs of stage 2, unfrozen from --unfreeze-from.")
-    ] = 10,
+    ] = 3,
     lr: Annotated[
         float, typer.Option(help="Learning rate of the head (peak, with onecycle).")
-    ] = 1e-3,
+    ] = 1e-4,
     lr_head: Annotated[
         float | None, typer.Option(help="Learning rate of the head in stage 1 (default --lr).")
     ] = None,
@@ -637,6 +637,13 @@ def finetune(
     overwrite: Annotated[
         bool, typer.Option(help="Replace a finished or stopped run in --out.")
     ] = False,
+    store: Annotated[
+        Path | None,
+        typer.Option(
+            help="Train the head (stage 1) on this store's cached rows of the feature layer; "
+            "the run is logged in the store's experiment log."
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars or per-epoch lines.")] = False,
     trust_pickle: Annotated[
         bool,
@@ -646,11 +653,14 @@ def finetune(
         ),
     ] = False,
 ) -> None:
-    """Fine-tune BACKBONE on DATA_DIR: train a new head on the frozen base, then unfreeze the
-    later blocks at small, layer-dependent learning rates, with augmentation throughout.
+    """Fine-tune BACKBONE on DATA_DIR: train a new head on the frozen base (on a store's
+    cached features with --store), then unfreeze the later blocks at small, layer-dependent
+    learning rates, with augmentation. The model is the best checkpoint by validation loss
+    over both stages; a test split is scored at the end.
 
-    Writes checkpoints (best.pt, last.pt), config.json, history.json/.png, metrics.json and
-    model.featx (for `featx predict` and `featx evaluate`) into the run folder.
+    Writes checkpoints (best.pt, last.pt), config.json, history.json/.png, metrics.json,
+    confusion-{validation,test}.png and model.featx (for `featx predict` and `featx evaluate`)
+    into the run folder.
 
     Example: featx finetune data/cats_dogs --backbone vgg16 --image-size 150 --unfreeze-from
     block5_conv1 --epochs-head 5 --epochs 10 --lr 1e-4 --out runs/cats-dogs
@@ -679,6 +689,7 @@ def finetune(
             quiet=quiet,
             command=_command_line(),
             trust_pickle=trust_pickle,
+            store=store,
         )
     typer.echo(str(result.out))
     if result.skipped:
@@ -710,8 +721,8 @@ def lr_find(
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """Learning-rate range test: sweep the rate exponentially for a few mini-batches, plot the
-    smoothed loss, stop when it diverges, and suggest the rate of steepest descent. Weights and
-    optimiser state are restored afterwards.
+    smoothed loss, stop when it diverges, and suggest the smaller of the steepest-descent rate
+    and a tenth of the minimum's. Weights and optimiser state are restored afterwards.
 
     Example: featx lr-find data/cats_dogs --backbone vgg16 --image-size 150 --stage full
     --checkpoint runs/cats-dogs/best.pt
@@ -736,10 +747,15 @@ def lr_find(
     if result.suggestion is None:
         typer.echo("no suggestion: the loss never decreased; try a wider sweep.")
     else:
-        typer.echo(f"suggested learning rate: {result.suggestion:.2e}")
-    lowest = f"{result.minimum:.2e}" if result.minimum is not None else "n/a"
+        typer.echo(f"suggested learning rate: {result.suggestion:.2e} ({result.rule})")
+
+    def rate(value: float | None) -> str:
+        return f"{value:.2e}" if value is not None else "n/a"
+
     typer.echo(
-        f"lowest smoothed loss at {lowest}; {len(result.lrs)} steps"
+        f"steepest descent at {rate(result.steepest)}, lowest smoothed loss at "
+        f"{rate(result.minimum)} (a tenth: {rate(result.tenth_of_minimum)}); "
+        f"{len(result.lrs)} steps"
         + (", stopped on divergence" if result.diverged else "")
         + f"; curve: {out}"
     )

@@ -190,14 +190,17 @@ class AugmentFlags:
     def given(self) -> bool:
         return self.file is not None or any(v is not None for v in self.overrides.values())
 
-    def config(self, default: bool = False):
-        """The AugmentConfig of the file (or the defaults) with the flags applied; None when
-        nothing was given, unless `default`. Raises UsageError for bad settings."""
+    def config(self, default: bool = False, base=None):
+        """The AugmentConfig of the file (or `base`, or the defaults) with the flags applied;
+        None when nothing was given, unless `default`. Raises UsageError for bad settings."""
         if not self.given and not default:
             return None
         from featx.data.augment import AugmentConfig
 
-        base = AugmentConfig.from_file(self.file) if self.file is not None else AugmentConfig()
+        if self.file is not None:
+            base = AugmentConfig.from_file(self.file)
+        elif base is None:
+            base = AugmentConfig()
         given = {k: v for k, v in self.overrides.items() if v is not None}
         return AugmentConfig.from_dict({**base.to_dict(), **given})
 

@@ -26,6 +26,12 @@ HEAD_KINDS = ("mlp", "linear")
 DEFAULT_EPOCHS_HEAD = 5
 DEFAULT_EPOCHS_HEAD_FITTED = 1  # with --head MODEL the head is already trained
 ONECYCLE_WARMUP = 0.25  # share of a one-cycle stage spent warming up
+# Defaults measured on the Fashion-MNIST example (README, "Choosing the fine-tuning defaults"):
+# at 1e-3 the unfrozen run lost more validation loss than at 1e-4, and the stage-1 head on
+# the cache was better at 1e-4; the Keras recipe's rotation and shear hurt most.
+DEFAULT_LR = 1e-4
+DEFAULT_EPOCHS = 3
+FINETUNE_AUGMENT = AugmentConfig(rotation=0.0, shear=0.0, shift=0.1, zoom=0.1)
 
 
 # ---- configuration -----------------------------------------------------------------------
@@ -52,8 +58,8 @@ class FinetuneConfig:
     dropout: float = 0.5
     unfreeze_from: str | None = None
     epochs_head: int | None = None
-    epochs: int = 10
-    lr: float = 1e-3
+    epochs: int = DEFAULT_EPOCHS
+    lr: float = DEFAULT_LR
     lr_head: float | None = None
     lr_mult: float = 0.3
     schedule: str = "onecycle"
@@ -64,7 +70,7 @@ class FinetuneConfig:
     class_weights: str = "none"
     patience: int = 5
     batch_size: int = 32
-    augment: AugmentConfig | None = field(default_factory=AugmentConfig)
+    augment: AugmentConfig | None = field(default_factory=lambda: FINETUNE_AUGMENT)
     val_fraction: float = 0.2
     seed: int = 0
     precision: str = "fp32"

@@ -194,18 +194,33 @@ class TrainingData:
         root, files = self.folder.root, self.folder.files
         self.train_images = _Images(root, files, self.split.train, transform, config.seed)
         self.val_images = _Images(root, files, self.split.validation, transform, config.seed)
+        test = [i for i, f in enumerate(files) if f.split == "test"]
+        self.test_images = _Images(root, files, test, transform, config.seed) if test else None
+        self.seed = config.seed
         self.train_batches = _EpochBatches(
             len(self.train_images), config.batch_size, config.seed, config.bn == "train"
         )
         self._loaders: dict[str, DataLoader] = {}
+        # A DataLoader iterator draws its base seed from its generator, or from torch's global
+        # one (which also drives dropout) when it has none; persistent workers draw it only
+        # once. Each loader gets its own generator, reseeded per epoch, so the global stream
+        # and the run are the same whatever the worker count.
+        self._generators: dict[str, torch.Generator] = {}
         self.skipped: dict[str, str] = {}
+
+    def images(self, which: str) -> _Images | None:
+        """The train, validation or test images (None: the dataset has no test split)."""
+        return {"train": self.train_images, "validation": self.val_images}.get(
+            which, self.test_images
+        )
 
     def loader(self, which: str) -> DataLoader:
         if which not in self._loaders:
-            dataset = self.train_images if which == "train" else self.val_images
+            dataset = self.images(which)
             sampler = (
                 self.train_batches if which == "train" else _InOrder(len(dataset), self.batch_size)
             )
+            self._generators[which] = torch.Generator()
             self._loaders[which] = DataLoader(
                 dataset,
                 batch_sampler=sampler,
@@ -214,15 +229,18 @@ class TrainingData:
                 pin_memory=self.pin_memory,
                 persistent_workers=self.workers > 0,
                 prefetch_factor=2 if self.workers else None,
+                generator=self._generators[which],
             )
         return self._loaders[which]
 
     def batches(self, which: str, epoch: int | None = None):
-        """(x, y) batches of the training images for `epoch`, or of the validation images;
-        unreadable files are noted in `skipped`."""
+        """(x, y) batches of the training images for `epoch`, or of the validation or test
+        images; unreadable files are noted in `skipped`."""
         if epoch is not None:
             self.train_batches.epoch = epoch
-        for _positions, x, y, bad in self.loader(which):
+        loader = self.loader(which)
+        self._generators[which].manual_seed(mix_seed(self.seed, epoch or 0, 3))
+        for _positions, x, y, bad in loader:
             for text in bad:
                 path, _, reason = text.partition(": ")
                 self.skipped.setdefault(path, reason)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from featx.errors import UsageError, check_choice
 
@@ -44,11 +46,26 @@ class RangeTest:
     minimum: float | None = None  # lr of the lowest smoothed loss
 
     @property
-    def suggestion(self) -> float | None:
-        """The steepest-descent rate; a tenth of the minimum's when there is no clear slope."""
-        if self.steepest is not None:
-            return self.steepest
+    def tenth_of_minimum(self) -> float | None:
+        """A tenth of the rate of the lowest smoothed loss (fastai's `lr_min` rule)."""
         return self.minimum / 10 if self.minimum is not None else None
+
+    @property
+    def rule(self) -> str | None:
+        """Which rule gave the suggestion: the more conservative (smaller) of the two."""
+        if self.steepest is not None and (
+            self.tenth_of_minimum is None or self.steepest <= self.tenth_of_minimum
+        ):
+            return "steepest descent of the smoothed loss"
+        return "minimum of the smoothed loss / 10" if self.minimum is not None else None
+
+    @property
+    def suggestion(self) -> float | None:
+        """The smaller of the steepest-descent rate and a tenth of the minimum's (Smith 2015;
+        fastai's `valley`/`steep` and `minimum / 10` rules): the minimum itself sits at the
+        edge of divergence."""
+        candidates = [r for r in (self.steepest, self.tenth_of_minimum) if r is not None]
+        return min(candidates) if candidates else None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -58,7 +75,9 @@ class RangeTest:
             "diverged": self.diverged,
             "steepest": self.steepest,
             "minimum": self.minimum,
+            "tenth_of_minimum": self.tenth_of_minimum,
             "suggestion": self.suggestion,
+            "rule": self.rule,
         }
 
 
@@ -74,6 +93,7 @@ def lr_range_test(
     smooth: float = 0.98,
     diverge: float = 4.0,
     seed: int = 0,
+    progress: bool = False,
 ) -> RangeTest:
     """Run the range test. `step(batch)` does one forward/backward/`optimizer.step()` and
     returns the loss; `batches` yields at least `num_iter` batches. Everything the sweep
@@ -92,6 +112,7 @@ def lr_range_test(
     ratios = [g["lr"] / groups[-1]["lr"] for g in groups]
     result = RangeTest()
     devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+    bar = tqdm(total=num_iter, disable=not progress, unit="step", desc="lr-find", file=sys.stderr)
     try:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
@@ -105,6 +126,8 @@ def lr_range_test(
                 except StopIteration:
                     break
                 loss = float(step(batch))
+                bar.update()
+                bar.set_postfix(lr=f"{lr:.1e}", loss=f"{loss:.3g}", refresh=False)
                 if not math.isfinite(loss):
                     result.diverged = True
                     break
@@ -118,6 +141,7 @@ def lr_range_test(
                     break
                 best = min(best, smoothed)
     finally:
+        bar.close()
         model.load_state_dict(weights)
         for p, g in grads.items():
             p.grad = g
@@ -138,7 +162,9 @@ def _advise(result: RangeTest) -> None:
     first = int(len(losses) * SKIP_START)
     if lowest - first < 2:
         return
-    slopes = np.gradient(losses[first : lowest + 1], np.log(lrs[first : lowest + 1]))
+    # Central differences up to the minimum, the minimum itself left out: its one-sided slope
+    # would make the minimum its own "steepest descent".
+    slopes = np.gradient(losses[first : lowest + 1], np.log(lrs[first : lowest + 1]))[:-1]
     if slopes.min() < 0:
         result.steepest = float(lrs[first + int(slopes.argmin())])
 
@@ -197,17 +223,12 @@ def find_lr(
             end_lr=end_lr,
             num_iter=num_iter,
             seed=config.seed,
+            progress=not quiet,
         )
     finally:
         session.close()
     if plot is not None:
         from featx.finetuning.plots import plot_lr_curve
 
-        plot_lr_curve(
-            result.lrs,
-            result.smoothed,
-            result.suggestion,
-            plot,
-            f"{config.backbone}: range test ({stage} stage)",
-        )
+        plot_lr_curve(result, plot, f"{config.backbone}: range test ({stage} stage)")
     return result

@@ -58,20 +58,30 @@ def plot_history(history: list[dict[str, Any]], path: str | os.PathLike, title: 
     return _save(fig, path)
 
 
-def plot_lr_curve(
-    lrs: list[float], losses: list[float], suggestion: float | None, path: str | os.PathLike,
-    title: str = "learning-rate range test",
-) -> Path:  # fmt: skip
-    """Smoothed loss against learning rate (log scale), with the suggestion marked."""
+def plot_lr_curve(result: Any, path: str | os.PathLike, title: str = "") -> Path:
+    """Smoothed loss against learning rate (log scale) of a range test (`RangeTest`), with both
+    candidate rates marked (steepest descent; a tenth of the minimum) and the suggestion named."""
     fig = _figure(6.5, 4.2)
     ax = fig.add_subplot()
-    ax.plot(lrs, losses)
+    ax.plot(result.lrs, result.smoothed, color="black", linewidth=1.2)
     ax.set_xscale("log")
-    if suggestion is not None:
-        ax.axvline(suggestion, color="red", linestyle="--", label=f"suggestion {suggestion:.2e}")
-        ax.legend()
+    marks = (
+        (result.steepest, "tab:red", "steepest descent"),
+        (result.tenth_of_minimum, "tab:blue", "minimum / 10"),
+    )
+    for rate, colour, label in marks:
+        if rate is None:
+            continue
+        chosen = " (suggested)" if rate == result.suggestion else ""
+        ax.axvline(rate, color=colour, linestyle="--", label=f"{label} {rate:.2e}{chosen}")
+    if result.minimum is not None:
+        ax.axvline(
+            result.minimum, color="grey", linestyle=":", label=f"minimum {result.minimum:.2e}"
+        )
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     ax.set_xlabel("learning rate")
     ax.set_ylabel("smoothed training loss")
-    ax.set_title(title)
+    ax.set_title(title or "learning-rate range test")
     ax.grid(alpha=0.3, which="both")
     return _save(fig, path)

@@ -94,10 +94,14 @@ def finetune(
     quiet: bool = False,
     command: str | None = None,
     trust_pickle: bool = False,
+    store: str | os.PathLike | None = None,
 ) -> FinetuneResult:
     """Fine-tune `config.backbone` on the image folder `data_dir`, writing the run to `out`
     (default runs/<data>-<backbone>). `resume` continues from `out/last.pt`. A `--head` model
-    file that is a legacy pickle is loaded only with `trust_pickle`."""
+    file that is a legacy pickle is loaded only with `trust_pickle`. With `store` (a feature
+    store of the same backbone, weights and preprocessing holding the feature layer), stage 1
+    trains the head on the store's cached rows instead of on the images, and the run is
+    recorded in the store's experiment log."""
     out = Path(out) if out is not None else default_run_dir(data_dir, config.backbone)
     log = (lambda *_: None) if quiet else (lambda text: print(text, file=sys.stderr))
     # The head model is read before the run folder is touched: a refused file leaves no run.
@@ -107,7 +111,9 @@ def finetune(
     state = _start(out, config, resume, overwrite)
     session = Session(data_dir, config, workers=workers, device=device, quiet=quiet, fitted=fitted)
     try:
-        return _run(session, out, state, log, command or " ".join(sys.argv))
+        return _run(
+            session, out, state, log, command or " ".join(sys.argv), Path(store) if store else None
+        )
     except KeyboardInterrupt:
         raise Interrupted(
             "interrupted; add --resume to the same command to continue from the last "
@@ -148,8 +154,15 @@ def _start(out: Path, config: FinetuneConfig, resume: bool, overwrite: bool) -> 
     return None
 
 
-def _run(session: Session, out: Path, state: dict | None, log, command: str) -> FinetuneResult:
+def _run(
+    session: Session, out: Path, state: dict | None, log, command: str, store: Path | None
+) -> FinetuneResult:
     config, net = session.config, session.net
+    rows = None
+    if store is not None and state is None and config.stage_epochs["head"]:
+        from featx.finetuning.cached import cached_rows
+
+        rows = cached_rows(session, store)  # refuses a mismatched store before any training
     out.mkdir(parents=True, exist_ok=True)
     if state is not None and state["dataset_fingerprint"] != session.folder.fingerprint:
         raise UsageError(
@@ -157,21 +170,32 @@ def _run(session: Session, out: Path, state: dict | None, log, command: str) -> 
             "start a new run (--overwrite or another --out)."
         )
     plan = config.stage_epochs
-    write_json(out / "config.json", _describe(session, command, plan))
+    if store is not None and config.epochs_head is None:
+        from featx.finetuning.cached import DEFAULT_EPOCHS_CACHED
+
+        plan["head"] = DEFAULT_EPOCHS_CACHED
+    write_json(out / "config.json", _describe(session, command, plan, store))
     history: list[dict[str, Any]] = list(state["history"]) if state else []
     best = dict(state["best"]) if state else {"val_loss": math.inf, "epoch": 0}
     position = (STAGES.index(state["stage"]), state["stage_done"]) if state else (0, False)
+    full_start = state.get("full_start") if state else None
     resumed_from = len(history)
     if state is not None:
         net.load_state_dict(state["network"])
         log(f"Resuming {out} after epoch {resumed_from}.")
+    if rows is not None:
+        history, best = _head_from_rows(session, rows, plan["head"], out, log)
+        plan["head"] = len(history)  # early stopping ended it; epoch lines count what ran
+        position = (0, True)
     for index, stage in enumerate(STAGES):
         n = plan[stage]
-        here = state is not None and index == position[0]
-        if n == 0 or index < position[0] or (here and position[1]):
+        if n == 0 or index < position[0] or (index == position[0] and position[1]):
             continue
-        if stage == "full" and not here and (out / BEST).is_file():
-            net.load_state_dict(load_checkpoint(out / BEST)["network"])  # best of stage 1
+        here = state is not None and index == position[0]
+        if stage == "full" and not here:
+            if (out / BEST).is_file():  # stage 2 starts from the best weights of stage 1
+                net.load_state_dict(load_checkpoint(out / BEST)["network"])
+            full_start = best["val_loss"] if math.isfinite(best["val_loss"]) else None
         optimizer = session.optimizer(stage)
         scheduler = session.scheduler(optimizer, stage, n)
         first, bad = 0, 0
@@ -193,30 +217,58 @@ def _run(session: Session, out: Path, state: dict | None, log, command: str) -> 
             else:
                 bad += 1
             stop = bool(config.patience) and bad >= config.patience
-            save_atomic(
-                {
-                    "format": CHECKPOINT_FORMAT,
-                    "version": CHECKPOINT_VERSION,
-                    "config": config.to_dict(),
-                    "dataset_fingerprint": session.folder.fingerprint,
-                    "stage": stage,
-                    "stage_epoch": epoch + 1,
-                    "stage_done": stop or epoch + 1 == n,
-                    "bad_epochs": bad,
-                    "best": best,
-                    "history": history,
-                    "network": net.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                },
-                out / LAST,
-            )
+            _save_last(
+                session, out, history, best, full_start, stage=stage, stage_epoch=epoch + 1,
+                stage_done=stop or epoch + 1 == n, bad_epochs=bad,
+                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+            )  # fmt: skip
             write_json(out / "history.json", history)
             log(_epoch_line(entry, sum(plan.values())))
             if stop:
                 log(f"Early stopping: no better validation loss for {bad} epochs.")
                 break
-    return _finish(session, out, history, best, resumed_from, log, command)
+    return _finish(session, out, history, best, full_start, resumed_from, log, command, store)
+
+
+def _save_last(session: Session, out: Path, history, best, full_start, **position: Any) -> None:
+    """last.pt: everything a resumed run needs to continue exactly."""
+    save_atomic(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "config": session.config.to_dict(),
+            "dataset_fingerprint": session.folder.fingerprint,
+            **position,
+            "best": best,
+            "full_start": full_start,
+            "history": history,
+            "network": session.net.state_dict(),
+        },
+        out / LAST,
+    )
+
+
+def _head_from_rows(session: Session, rows, epochs: int, out: Path, log):
+    """Stage 1 on cached rows; then the head is scored on the validation images, which is the
+    loss stage 2 has to beat. Returns (history, best) and leaves best.pt and last.pt."""
+    from featx.finetuning.cached import train_head_on_rows
+
+    history = train_head_on_rows(session, rows, epochs, log)
+    on_images = session.evaluate()
+    best_epoch = min(history, key=lambda h: h["val_loss"])["epoch"]
+    entry = {"epoch": best_epoch, **on_images}
+    best = {"val_loss": on_images["val_loss"], "epoch": best_epoch}
+    save_atomic(_best_state(session.net, entry), out / BEST)
+    _save_last(
+        session, out, history, best, None, stage="head", stage_epoch=len(history),
+        stage_done=True, bad_epochs=0, optimizer=None, scheduler=None,
+    )  # fmt: skip
+    write_json(out / "history.json", history)
+    log(
+        f"Head on the validation images: loss {on_images['val_loss']:.4f}, accuracy "
+        f"{on_images['val_accuracy']:.4f}."
+    )
+    return history, best
 
 
 def _best_state(net: Network, entry: dict[str, Any]) -> dict[str, Any]:
@@ -239,33 +291,85 @@ def _epoch_line(entry: dict[str, Any], total: int) -> str:
     )
 
 
-def _finish(session, out, history, best, resumed_from, log, command) -> FinetuneResult:
-    """Best weights back in, validation metrics, the model file and the history plot."""
-    from featx.classify.metrics import classification_metrics
+def _finish(
+    session, out, history, best, full_start, resumed_from, log, command, store
+) -> FinetuneResult:
+    """Best weights back in; validation (and test) metrics with confusion matrices, the model
+    file, the history plot, and the record in the store's experiment log."""
+    from featx.classify.metrics import classification_metrics, plot_confusion_matrix
     from featx.finetuning.export import export_model
+    from featx.finetuning.plots import plot_history
 
     if (out / BEST).is_file():
         session.net.load_state_dict(load_checkpoint(out / BEST)["network"])
-    p, y = session.predict()
     classes = np.arange(len(session.class_names))
-    metrics = {
-        "validation": classification_metrics(y, p.argmax(axis=1), session.class_names, p, classes)
-    }
+    metrics = {}
+    splits = ("validation", "test") if session.data.test_images is not None else ("validation",)
+    for split in splits:
+        p, y = session.predict(split)
+        metrics[split] = classification_metrics(
+            y, p.argmax(axis=1), session.class_names, p, classes
+        )
     write_json(out / "metrics.json", metrics)
     write_json(out / "history.json", history)
     model = export_model(session, out, metrics, history, best, command)
-    from featx.finetuning.plots import plot_history
-
-    plot_history(history, out / "history.png", title=f"{session.config.backbone} fine-tuning")
+    title = f"{session.config.backbone} fine-tuning"
+    plot_history(history, out / "history.png", title=title)
+    for split in splits:
+        plot_confusion_matrix(metrics[split], out / f"confusion-{split}.png", f"{title}: {split}")
+    if store is not None:
+        _record(session, store, out, metrics, history, model, command)
     skipped = sorted(session.skipped.items())
+    stage = next((h["stage"] for h in history if h["epoch"] == best["epoch"]), "head")
+    since = (
+        f" (stage 2 began at {full_start:.4f}; the model is never worse on validation than that)"
+        if full_start is not None
+        else ""
+    )
+    test = f", test accuracy {metrics['test']['accuracy']:.4f}" if "test" in metrics else ""
     log(
-        f"Best epoch {best['epoch']}: validation accuracy "
-        f"{metrics['validation']['accuracy']:.4f}. Wrote {out}."
+        f"Kept the best checkpoint by validation loss over both stages: epoch {best['epoch']} "
+        f"({stage}), validation loss {best['val_loss']:.4f}{since}; validation accuracy "
+        f"{metrics['validation']['accuracy']:.4f}{test}. Wrote {out}."
     )
     return FinetuneResult(out, history, best["epoch"], metrics, model, resumed_from, skipped)
 
 
-def _describe(session: Session, command: str, plan: dict[str, int]) -> dict[str, Any]:
+def _record(session, store, out, metrics, history, model, command) -> None:
+    from featx.runlog import record_run
+
+    c = session.config
+    record_run(
+        store,
+        "finetune",
+        settings={
+            "layer": session.layer_info.name,
+            "classifier": "finetune",
+            "params": {
+                "unfreeze_from": session.unfreeze_from,
+                "epochs_head": c.epochs_head,
+                "epochs": c.epochs,
+                "lr": c.lr,
+                "lr_head": c.lr_head,
+                "lr_mult": c.lr_mult,
+                "bn": c.bn,
+                "schedule": c.schedule,
+                "augment": c.augment.to_dict() if c.augment is not None else None,
+                "seed": c.seed,
+            },
+            "backbone": c.backbone,
+            "run": str(out.resolve()),
+        },
+        scores=metrics,
+        details={"history": history},
+        model_path=str(model),
+        command=command,
+    )
+
+
+def _describe(
+    session: Session, command: str, plan: dict[str, int], store: Path | None
+) -> dict[str, Any]:
     """config.json: the options and everything they resolved to."""
     c, net, folder, split = session.config, session.net, session.folder, session.split
     groups = {
@@ -304,6 +408,7 @@ def _describe(session: Session, command: str, plan: dict[str, int]) -> dict[str,
             "unfreeze_from": session.unfreeze_from,
         },
         "stage_epochs": plan,
+        "head_from_store": str(store.resolve()) if store is not None else None,
         "learning_rates": groups,
         "device": str(session.device),
         "workers": session.workers,

@@ -206,18 +206,18 @@ class Session:
         }
 
     @torch.inference_mode()
-    def predict(self) -> tuple[np.ndarray, np.ndarray]:
-        """(probabilities, labels) for the validation images in eval mode."""
+    def predict(self, which: str = "validation") -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities, labels) for the validation (or test) images in eval mode."""
         self.net.eval()
         probs, labels = [], []
-        for x, y in self.data.batches("validation"):
+        for x, y in self.data.batches(which):
             x, y = self._to_device(x, y)
             with autocast(self.device, self.config.precision):
                 logits = self.net(x)
             probs.append(probabilities(logits).cpu())
             labels.append(y.cpu())
         if not probs:
-            raise UsageError("no validation image could be read.")
+            raise UsageError(f"no {which} image could be read.")
         return torch.cat(probs).numpy(), torch.cat(labels).numpy()
 
     def evaluate(self) -> dict[str, float]:

@@ -357,7 +357,25 @@ def load_fitted_head(path: str | Path, *, trust_pickle: bool = False) -> FittedH
         raise UsageError(f"{where} L2-normalises its features, which a network head cannot fold.")
     if unknown:
         raise UsageError(f"{where} has pipeline steps featx cannot fold: {', '.join(unknown)}.")
-    head = head_from_spec(spec)
+    head = fold_linear_steps(head_from_spec(spec), steps)
+    layer = model.layer
+    stored_pool = layer.get("pool", "none")
+    fit_pool = getattr(steps.get("features"), "pool", "none")
+    pool = stored_pool if stored_pool != "none" else fit_pool
+    return FittedHead(
+        head.train(),
+        layer["module"],
+        pool,
+        model.provenance,
+        Path(path),
+    )
+
+
+def fold_linear_steps(head: nn.Sequential, steps: dict[str, Any]) -> nn.Sequential:
+    """`head` with the linear preprocessing of a pipeline (`steps["pca"]`, then
+    `steps["scale"]`, fitted scikit-learn PCA / StandardScaler; either may be absent) folded
+    into its first Linear layer, so it runs on the unscaled features. Changes `head` in place
+    and returns it."""
     first = next(m for m in head if isinstance(m, nn.Linear))
     weight = first.weight.detach().double()
     bias = first.bias.detach().double()
@@ -391,14 +409,4 @@ def load_fitted_head(path: str | Path, *, trust_pickle: bool = False) -> FittedH
     with torch.no_grad():
         first.weight.copy_(weight.float())
         first.bias.copy_(bias.float())
-    layer = model.layer
-    stored_pool = layer.get("pool", "none")
-    fit_pool = getattr(steps.get("features"), "pool", "none")
-    pool = stored_pool if stored_pool != "none" else fit_pool
-    return FittedHead(
-        head.train(),
-        layer["module"],
-        pool,
-        model.provenance,
-        Path(path),
-    )
+    return head
