@@ -308,32 +308,6 @@ def record_run(
         return int(cursor.lastrowid)
 
 
-def record_finetune(
-    store: str | os.PathLike[str],
-    *,
-    settings: dict[str, Any],
-    scores: dict[str, Any],
-    details: dict[str, Any] | None = None,
-    model_path: str | None = None,
-    command: str | None = None,
-) -> int:
-    """Log a fine-tuning run that used `store` (`featx finetune --store`): `record_run(store,
-    "finetune", ...)`. Conventionally settings has "layer" (the unfreezing point), "classifier"
-    (e.g. "finetune") and "params" (lr, epochs, augmentation...); scores {"validation": ...,
-    "test": ...} full or scalar metrics; details may hold "history" (a list of per-epoch dicts:
-    epoch, stage, stage_epoch, train_/val_loss, train_/val_accuracy), "lr_find" ({lrs, losses,
-    smoothed, suggestion}) and "augment_preview" (a PNG path), which `featx report` draws."""
-    return record_run(
-        store,
-        "finetune",
-        settings=settings,
-        scores=scores,
-        details=details,
-        model_path=model_path,
-        command=command,
-    )
-
-
 def _read_log(path: Path) -> list[Run]:
     with _connect(path, create=False) as conn:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
