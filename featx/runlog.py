@@ -46,7 +46,6 @@ __all__ = [
     "log_path",
     "ranked",
     "read_runs",
-    "record_finetune",
     "record_run",
 ]
 
