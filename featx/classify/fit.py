@@ -624,8 +624,22 @@ class _Experiment:
         return build_pipeline(estimator, self.config, self.seed, streamed)
 
     # ---- in memory ----------------------------------------------------------------------
+    def _check_neighbours(self) -> None:
+        """knn cannot ask for more neighbours than a fit has training rows."""
+        folds = self.selection.folds
+        smallest = min(len(t) for t, _ in folds) if folds else len(self.selection.train)
+        default = self._pipeline(1).get_params().get("clf__n_neighbors")
+        for point in self.points:
+            k = point.get("n_neighbors", default)
+            if k is not None and k > smallest:
+                raise UsageError(
+                    f"{self.name} n_neighbors={k} needs at least {k} training rows, but layer "
+                    f"{self.key} has {smallest} per fit; lower n_neighbors."
+                )
+
     def run_in_memory(self, X: np.ndarray, y: np.ndarray) -> FitResult:
         start = time.perf_counter()
+        self._check_neighbours()
         scorer, key = METRICS[self.metric]
         grid = {f"clf__{k}": v for k, v in self.grid.items()}
         search_log: list[dict[str, Any]] = []

@@ -198,7 +198,7 @@ class TrainingData:
             len(self.train_images), config.batch_size, config.seed, config.bn == "train"
         )
         self._loaders: dict[str, DataLoader] = {}
-        self.skipped: dict[str, str] = {}
+        self.skipped: dict[str, str] = dict(self.folder.skipped)
 
     def loader(self, which: str) -> DataLoader:
         if which not in self._loaders:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from featx.errors import Interrupted, UsageError
+from featx.errors import Interrupted, UsageError, check_range
 from featx.finetuning.config import STAGES, FinetuneConfig, FinetuneResult
 from featx.finetuning.network import Network
 from featx.finetuning.session import Session
@@ -96,6 +96,9 @@ def finetune(
     """Fine-tune `config.backbone` on the image folder `data_dir`, writing the run to `out`
     (default runs/<data>-<backbone>). `resume` continues from `out/last.pt`."""
     out = Path(out) if out is not None else default_run_dir(data_dir, config.backbone)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; fine-tuning writes a run folder there.")
+    check_range("workers", workers, 0)
     log = (lambda *_: None) if quiet else (lambda text: print(text, file=sys.stderr))
     state = _start(out, config, resume, overwrite)
     session = Session(data_dir, config, workers=workers, device=device, quiet=quiet)
