@@ -261,7 +261,7 @@ def extract(
     store = Path(store) if store else default_store_path(data_dir, backbone, weights, image_size)
     with disk_errors(store.parent):
         store.parent.mkdir(parents=True, exist_ok=True)
-    store = Path(os.path.realpath(store))  # lock and write a symlinked store's target
+    given, store = store, Path(os.path.realpath(store))  # lock and write a link's target
     log = (lambda *_: None) if quiet else (lambda text: print(text, file=sys.stderr))
     command = command or " ".join(sys.argv)
 
@@ -293,7 +293,7 @@ def extract(
             if existing and all(k in present for k in keys):
                 log(f"All requested layers are already in {store}; nothing to compute.")
                 return ExtractResult(
-                    store, reused=keys, n_rows=existing.n_rows, skipped=existing.skipped
+                    given, reused=keys, n_rows=existing.n_rows, skipped=existing.skipped
                 )
             settings = _Settings(
                 weights=weights,
@@ -309,9 +309,11 @@ def extract(
                 augmenter=augmenter,
                 augment_meta=augment_meta,
             )
-            return _compute(
+            result = _compute(
                 record, folder, store, existing, layers, preprocessing, wanted, settings, log
             )
+            result.store = given
+            return result
         except KeyboardInterrupt:  # outside the network loop: loading the model, or assembling
             raise Interrupted(
                 f"interrupted before {store} was written; finished chunks are kept: run the "
