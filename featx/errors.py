@@ -48,6 +48,8 @@ def check_range(
     low = None if minimum is None else f"{'above' if above else 'at least'} {minimum:g}"
     high = None if maximum is None else f"{'below' if below else 'at most'} {maximum:g}"
     rule = " and ".join(r for r in (low, high) if r)
+    if above and below:
+        rule = f"between {minimum:g} and {maximum:g}"
     raise UsageError(f"--{flag} must be {rule}, not {value:g}.")
 
 

@@ -61,7 +61,7 @@ from featx.classify.registry import (
     param_grids,
 )
 from featx.classify.streaming import fit_streamed
-from featx.errors import UsageError, check_choice
+from featx.errors import UsageError, check_choice, check_range
 from featx.models.file import FeatxModel, layer_provenance, model_provenance, store_provenance
 from featx.runtime import available_memory, human_size, now, to_json
 from featx.store.feature_store import FeatureStore
@@ -103,8 +103,7 @@ def select_rows(
     sources, labels = store.sources(), store.labels()
     _check_labels(store, labels[split_of == pool])
     if cv is not None:
-        if cv < 2:
-            raise UsageError(f"--cv must be at least 2 folds, not {cv}.")
+        check_range("cv", cv, 2)
         dev = np.flatnonzero((split_of == pool) | (split_of == "validation"))
         splitter = StratifiedGroupKFold(n_splits=cv, shuffle=True, random_state=seed)
         try:
@@ -128,8 +127,7 @@ def select_rows(
     if "validation" in splits:
         validation = np.flatnonzero((split_of == "validation") & (views == 0))
         return Selection(train_rows, validation, None, "the store's validation split")
-    if not 0 < val_fraction < 1:
-        raise UsageError(f"--val-fraction must be between 0 and 1, not {val_fraction}.")
+    check_range("val-fraction", val_fraction, 0, 1, above=True, below=True)
     images, first = np.unique(sources[train_rows], return_index=True)
     image_labels = labels[train_rows][first]
     try:
