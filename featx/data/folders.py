@@ -235,11 +235,12 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     try:
         if os.path.getsize(path) == 0:
             raise BadImage("empty file")
-        with warnings.catch_warnings(), Image.open(path) as image:
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Corrupt EXIF data": decoded anyway
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            return _to_rgb(image)
+            with Image.open(path) as image:
+                image.load()
+                image = ImageOps.exif_transpose(image)
+                return _to_rgb(image)
     except BadImage:
         raise
     except UnidentifiedImageError:
