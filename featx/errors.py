@@ -37,12 +37,41 @@ def check_choice(flag: str, value: object, choices: Iterable[str]) -> None:
         raise UsageError(f"--{flag} must be one of {', '.join(choices)}, not {value!r}.")
 
 
+def check_range(
+    flag: str,
+    value: float | None,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    *,
+    above: bool = False,
+    below: bool = False,
+) -> None:
+    """UsageError naming `--flag` unless `minimum <= value <= maximum` (strictly, with `above`
+    or `below`); None passes (the flag was not given)."""
+    if value is None:
+        return
+    low_ok = minimum is None or (value > minimum if above else value >= minimum)
+    high_ok = maximum is None or (value < maximum if below else value <= maximum)
+    if low_ok and high_ok:
+        return
+    low = None if minimum is None else f"{'above' if above else 'at least'} {minimum:g}"
+    high = None if maximum is None else f"{'below' if below else 'at most'} {maximum:g}"
+    rule = " and ".join(r for r in (low, high) if r)
+    if above and below:
+        rule = f"between {minimum:g} and {maximum:g}"
+    raise UsageError(f"--{flag} must be {rule}, not {value:g}.")
+
+
 class WeightsUnavailable(FeatxError):
     """Pretrained weights are neither cached nor downloadable."""
 
 
 class StoreLocked(FeatxError):
     """Another featx process is writing the same store."""
+
+
+class DiskFull(FeatxError):
+    """The disk (or quota) ran out while writing; what was finished before is kept."""
 
 
 class Interrupted(FeatxError):

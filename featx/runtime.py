@@ -7,17 +7,18 @@ Importing this module is cheap: torch is imported inside the functions that need
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.metadata
 import json
 import os
 import platform
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from featx.errors import UsageError, check_choice
+from featx.errors import DiskFull, UsageError, check_choice
 
 if TYPE_CHECKING:
     import torch
@@ -27,6 +28,8 @@ __all__ = [
     "ENGINES",
     "PRECISIONS",
     "atomic_write",
+    "check_output_file",
+    "disk_errors",
     "autocast",
     "available_memory",
     "default_workers",
@@ -149,26 +152,74 @@ def available_memory() -> int:
 
 
 # ---- files ----------------------------------------------------------------------------------
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and (
+        error.errno in _NO_SPACE or "No space left on device" in str(error)
+    )
+
+
+@contextlib.contextmanager
+def disk_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a full disk or quota while writing `path` into DiskFull, and a path that cannot be
+    written (a folder, no permission) into UsageError, each one sentence."""
+    try:
+        yield
+    except OSError as error:
+        if _is_disk_full(error) or _is_disk_full(error.__cause__ or error.__context__):
+            raise DiskFull(
+                f"disk full while writing {path}; free some space and run the same command "
+                "again (finished work is kept)."
+            ) from None
+        if isinstance(error, IsADirectoryError | NotADirectoryError | PermissionError):
+            reason = (error.strerror or type(error).__name__).lower()
+            raise UsageError(f"cannot write {path}: {reason}.") from None
+        raise
+
+
+def check_output_file(flag: str, path: str | os.PathLike | None) -> None:
+    """UsageError unless `path` can become a file: not a folder, and its nearest existing
+    folder writable. Run before any work, so a bad --model or --out costs nothing."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"--{flag} {path} is a folder; give a file name.")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"--{flag} {path} is inside {parent}, which is not a folder.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--{flag} {path} cannot be written: {parent} is read-only.")
+
+
 def atomic_write(path: str | os.PathLike, write: bytes | Callable[[IO[bytes]], Any]) -> Path:
     """Write `path` through a temporary file in the same folder, fsync it and rename it over
     `path`: a crash leaves either the old file or the new one, never half a file. `write` is
     the bytes, or a function that writes to the open binary file. The temporary file is
-    removed on any failure."""
+    removed on any failure; a full disk raises DiskFull, a path that cannot be written
+    UsageError."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            if isinstance(write, bytes | bytearray):
-                fh.write(write)
-            else:
-                write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with disk_errors(path):
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "is a folder")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(tmp, "wb") as fh:
+                if isinstance(write, bytes | bytearray):
+                    fh.write(write)
+                else:
+                    write(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return path
 
 

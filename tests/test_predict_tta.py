@@ -146,11 +146,11 @@ def test_tta_with_decision_scores_predicts_their_argmax(store, data):
 
 
 def test_negative_tta_is_refused(logreg, data):
-    with pytest.raises(UsageError, match="--tta must be 0 or more views, not -1"):
+    with pytest.raises(UsageError, match="--tta must be at least 0, not -1"):
         featx.predict(logreg, [data / "test"], tta=-1)
     result = invoke_featx("predict", "--model", logreg.path, data / "test", "--tta", "-1")
     message = assert_one_sentence_error(result)
-    assert message == "featx: --tta must be 0 or more views, not -1."
+    assert message == "featx: --tta must be at least 0, not -1."
     assert result.stdout == ""
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from featx.backbones.registry import FORWARD_FEATURES, Backbone
-from featx.errors import UsageError
+from featx.errors import UsageError, check_range
 
 __all__ = [
     "LayerInfo",
@@ -296,6 +296,43 @@ def trace_layers(backbone: Backbone, model: nn.Module, input_size: int) -> list[
     ]
 
 
+PROBE_SIZE = 64  # activation sizes are measured at this input size and scaled up
+CHECKED_ABOVE = 512  # smaller inputs fit any machine featx runs on: no probe
+
+
+def activation_bytes(backbone: Backbone, model: nn.Module, input_size: int) -> int:
+    """Estimated peak activation memory of one image: the two largest consecutive layer
+    outputs (a layer's input and output live together) in float32, measured at a small input
+    size and scaled by area. 0 when the model cannot run at the probe size."""
+    try:
+        infos = trace_layers(backbone, model, PROBE_SIZE)
+    except UsageError:  # e.g. a fixed input size: the real trace decides
+        return 0
+    sizes = [info.bytes_per_image(4) for info in infos]
+    peak = max((a + b for a, b in zip(sizes, sizes[1:], strict=False)), default=sum(sizes))
+    return int(peak * (input_size / PROBE_SIZE) ** 2) + 3 * 4 * input_size**2
+
+
+def batch_size_for_memory(
+    backbone: Backbone, model: nn.Module, input_size: int, batch_size: int, available: int
+) -> int:
+    """The largest batch size up to `batch_size` whose activations fit in `available` bytes
+    (keeping a quarter of it spare); UsageError when not even one image fits."""
+    if input_size <= CHECKED_ABOVE:
+        return batch_size
+    per_image = activation_bytes(backbone, model, input_size)
+    budget = available * 3 // 4
+    if per_image > budget:
+        from featx.runtime import human_size
+
+        raise UsageError(
+            f"one {input_size}x{input_size} image needs about {human_size(per_image)} of "
+            f"activations in {backbone.name}, but only {human_size(available)} of memory is "
+            "available; use a smaller --image-size."
+        )
+    return max(1, min(batch_size, budget // max(1, per_image)))
+
+
 def listed_layers(layers: list[LayerInfo]) -> list[LayerInfo]:
     """The layers worth listing: aliased ones, `forward_features` and shallow module paths."""
     return [
@@ -334,13 +371,16 @@ def resolve_layers(
 def layer_table(backbone: str, image_size: int | None, n_images: int, all_layers: bool) -> str:
     """The `featx layers` table: name, module, shape, bytes per image and projected store size."""
     from featx.backbones.registry import get_backbone
-    from featx.runtime import human_size
+    from featx.runtime import available_memory, human_size
 
+    check_range("image-size", image_size, 16)
+    check_range("n-images", n_images, 1)
     record = get_backbone(backbone)
-    size = image_size or record.default_preprocessing().input_size
+    size = image_size if image_size is not None else record.default_preprocessing().input_size
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = record.build().eval()
+    batch_size_for_memory(record, model, size, 1, available_memory())
     infos = trace_layers(record, model, size)
     if not all_layers:
         infos = listed_layers(infos)

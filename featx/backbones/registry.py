@@ -177,13 +177,10 @@ class Backbone:
                 std=tuple(t.std),
                 interpolation=t.interpolation.value,
             )
-        import timm
 
         tag = weights if _is_named(weights) and weights != "default" else None
         name = f"{self.architecture}.{tag}" if tag else self.architecture
-        cfg = timm.models.get_pretrained_cfg(name) or timm.models.get_pretrained_cfg(
-            self.architecture
-        )
+        cfg = _timm_pretrained_cfg(name) or _timm_pretrained_cfg(self.architecture)
         cfg = cfg.to_dict() if cfg is not None else {}
         size = int(cfg.get("input_size", (3, 224, 224))[-1])
         crop_pct = cfg.get("crop_pct", 0.875)
@@ -212,10 +209,9 @@ class Backbone:
         if self.source == "torchvision":
             enum = self._weights_enum(weights)
             return f"torchvision:{type(enum).__name__}.{enum.name}"
-        import timm
 
         name = self.architecture if weights == "default" else f"{self.architecture}.{weights}"
-        cfg = timm.models.get_pretrained_cfg(name)
+        cfg = _timm_pretrained_cfg(name)
         tag = cfg.tag if cfg is not None and cfg.tag else weights
         return f"timm:{self.architecture}.{tag}"
 
@@ -282,7 +278,7 @@ class Backbone:
 
         tag = _timm_default_tag(self.architecture) if weights == "default" else weights
         name = f"{self.architecture}.{tag}" if tag else self.architecture
-        cfg = timm.models.get_pretrained_cfg(name) if tag else None
+        cfg = _timm_pretrained_cfg(name) if tag else None
         if cfg is None:
             raise UsageError(f"timm has no weights {weights!r} for {self.architecture}.")
         cached = _timm_cached_file(cfg)
@@ -321,10 +317,23 @@ def _first_line(error: BaseException) -> str:
     return text[0][:120] if text else type(error).__name__
 
 
-def _timm_default_tag(architecture: str) -> str | None:
+def _timm_pretrained_cfg(name: str):
+    """timm's pretrained config of `ARCH[.TAG]`; UsageError listing the tags for a wrong tag."""
     import timm
 
-    cfg = timm.models.get_pretrained_cfg(architecture)
+    try:
+        return timm.models.get_pretrained_cfg(name)
+    except RuntimeError:
+        architecture, _, tag = name.partition(".")
+        tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{architecture}.*")]
+        raise UsageError(
+            f"timm has no weights {tag!r} for {architecture}; choose one of: "
+            f"{', '.join(t for t in tags if t) or 'none listed'}, or none."
+        ) from None
+
+
+def _timm_default_tag(architecture: str) -> str | None:
+    cfg = _timm_pretrained_cfg(architecture)
     return cfg.tag if cfg is not None else None
 
 

@@ -61,7 +61,7 @@ from featx.classify.registry import (
     param_grids,
 )
 from featx.classify.streaming import fit_streamed
-from featx.errors import UsageError, check_choice
+from featx.errors import UsageError, check_choice, check_range
 from featx.models.file import (
     FeatxModel,
     combined_layer_record,
@@ -121,8 +121,7 @@ def select_rows(
     sources, labels = store.sources(), store.labels()
     _check_labels(store, labels[split_of == pool])
     if cv is not None:
-        if cv < 2:
-            raise UsageError(f"--cv must be at least 2 folds, not {cv}.")
+        check_range("cv", cv, 2)
         dev = np.flatnonzero((split_of == pool) | (split_of == "validation"))
         splitter = StratifiedGroupKFold(n_splits=cv, shuffle=True, random_state=seed)
         try:
@@ -156,8 +155,7 @@ def select_rows(
             pool=pool,
             validation_split=True,
         )
-    if not 0 < val_fraction < 1:
-        raise UsageError(f"--val-fraction must be between 0 and 1, not {val_fraction}.")
+    check_range("val-fraction", val_fraction, 0, 1, above=True, below=True)
     images, first = np.unique(sources[train_rows], return_index=True)
     image_labels = labels[train_rows][first]
     try:
@@ -752,8 +750,22 @@ class _Experiment:
         return build_pipeline(estimator, self.config, self.seed, streamed, self.row_shapes)
 
     # ---- in memory ----------------------------------------------------------------------
+    def _check_neighbours(self) -> None:
+        """knn cannot ask for more neighbours than a fit has training rows."""
+        folds = self.selection.folds
+        smallest = min(len(t) for t, _ in folds) if folds else len(self.selection.train)
+        default = self._pipeline(1).get_params().get("clf__n_neighbors")
+        for point in self.points:
+            k = point.get("n_neighbors", default)
+            if k is not None and k > smallest:
+                raise UsageError(
+                    f"{self.name} n_neighbors={k} needs at least {k} training rows, but layer "
+                    f"{self.key} has {smallest} per fit; lower n_neighbors."
+                )
+
     def run_in_memory(self, X: np.ndarray, y: np.ndarray) -> FitResult:
         start = time.perf_counter()
+        self._check_neighbours()
         scorer, key = METRICS[self.metric]
         grid = {f"clf__{k}": v for k, v in self.grid.items()}
         search_log: list[dict[str, Any]] = []

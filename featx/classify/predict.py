@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from featx.data.folders import IMAGE_EXTENSIONS, BadImage, load_image
-from featx.errors import UsageError
+from featx.data.folders import BadImage, list_images, load_image, printable
+from featx.errors import UsageError, check_range
 from featx.models.file import FeatxModel, load_model
+from featx.runtime import atomic_write, check_output_file
 
 if TYPE_CHECKING:
     import torch
@@ -38,25 +39,23 @@ def collect_images(
     paths: list[str | os.PathLike],
 ) -> tuple[list[Path], list[tuple[str, str]]]:
     """Image files named in `paths` or found below folders in it (sorted, hidden ones left
-    out); paths that do not exist are returned as skipped."""
+    out); paths that do not exist, folders that cannot be read and entries that are not image
+    files (broken links, FIFOs, link loops) are returned as skipped."""
     files: list[Path] = []
     skipped: list[tuple[str, str]] = []
     for given in paths:
         path = Path(given)
         if path.is_dir():
-            found = []
-            for root, dirs, names in os.walk(path):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                found.extend(
-                    Path(root) / n
-                    for n in names
-                    if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_EXTENSIONS
-                )
-            files.extend(sorted(found))
-        elif path.exists():
+            listing = list_images(path)
+            files.extend(sorted(p for p, _ in listing.files))
+            for where, reason in [*listing.folders, *listing.skipped]:
+                skipped.append((printable(where), reason))
+        elif path.is_file():
             files.append(path)
+        elif path.exists():
+            skipped.append((printable(path), "not a regular file"))
         else:
-            skipped.append((str(path), "no such file or directory"))
+            skipped.append((printable(path), "no such file or directory"))
     return list(dict.fromkeys(files)), skipped
 
 
@@ -98,10 +97,7 @@ class Predictions:
         return buffer.getvalue()
 
     def write_csv(self, path: str | os.PathLike, top_k: int = 3) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_csv(top_k))
-        return path
+        return atomic_write(path, self.to_csv(top_k).encode())
 
 
 class _Images:
@@ -200,8 +196,8 @@ def features_for_images(
     from featx.backbones.registry import Preprocessing, get_backbone
     from featx.runtime import autocast, resolve_device
 
-    if batch_size < 1:
-        raise UsageError("--batch-size must be at least 1.")
+    check_range("batch-size", batch_size, 1)
+    check_range("workers", workers, 0)
     p, layers = model.provenance, model.layers
     if not p.get("weights_spec"):
         raise UsageError(
@@ -270,10 +266,11 @@ def predict(
     the CSV (see `Predictions.to_csv`). `tta` > 0 averages the scores of the image and that many
     augmented views of it (test-time augmentation, with the model's training augmentation).
     """
-    if top_k < 1:
-        raise UsageError(f"--top-k must be at least 1, not {top_k}.")
-    if tta < 0:
-        raise UsageError(f"--tta must be 0 or more views, not {tta}.")
+    check_range("top-k", top_k, 1)
+    check_range("batch-size", batch_size, 1)
+    check_range("workers", workers, 0)
+    check_range("tta", tta, 0)
+    check_output_file("out", out)
     if not isinstance(model, FeatxModel):
         model = load_model(model)
     if not paths:

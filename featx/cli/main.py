@@ -8,13 +8,26 @@ from __future__ import annotations
 
 import contextlib
 import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from featx.cli.options import AugmentFlags, with_augmentation, with_network
+from featx.cli.options import (
+    AT_LEAST_ONE,
+    FRACTION,
+    IMAGE_SIZE,
+    NOT_NEGATIVE,
+    POSITIVE,
+    AugmentFlags,
+    check_n_jobs,
+    in_range,
+    with_augmentation,
+    with_network,
+)
 from featx.errors import EXIT_SKIPPED, FeatxError
 
 __all__ = [
@@ -64,9 +77,16 @@ def main(
     """Extract frozen-backbone features once into HDF5 stores; train classifiers on them."""
 
 
+def _stop_on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # a batch scheduler's stop: the same clean, resumable stop as Ctrl-C
+
+
 @contextlib.contextmanager
 def reported():
-    """Turn library errors into one line on stderr and their exit code."""
+    """Turn library errors into one line on stderr and their exit code; SIGTERM stops the
+    command like Ctrl-C (exit 130)."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if main_thread else None
     try:
         yield
     except FeatxError as error:
@@ -75,6 +95,9 @@ def reported():
     except KeyboardInterrupt:
         typer.echo("featx: interrupted.", err=True)
         raise typer.Exit(130) from None
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _command_line() -> str:
@@ -115,7 +138,8 @@ def extract(
         int | None,
         typer.Option(
             help="Resize straight to N x N with no crop (Keras target_size) instead of "
-            "the weights' resize and crop."
+            "the weights' resize and crop.",
+            callback=IMAGE_SIZE,
         ),
     ] = None,
     pool: Annotated[
@@ -134,16 +158,22 @@ def extract(
             "eager, compile (torch.compile) or openvino."
         ),
     ] = "auto",
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    batch_size: Annotated[
+        int, typer.Option(help="Images per forward pass.", callback=AT_LEAST_ONE)
+    ] = 32,
     workers: Annotated[
         int | None,
         typer.Option(
-            help="Decoding processes (default: half the cores, at most 4; 0 decodes in-process)."
+            help="Decoding processes (default: half the cores, at most 4; 0 decodes in-process).",
+            callback=NOT_NEGATIVE,
         ),
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
     augment: Annotated[
-        int, typer.Option(help="Also store K augmented views of each training image.")
+        int,
+        typer.Option(
+            help="Also store K augmented views of each training image.", callback=NOT_NEGATIVE
+        ),
     ] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the augmented views.")] = 0,
     overwrite: Annotated[
@@ -201,10 +231,12 @@ def extract(
 def layers(
     backbone: Annotated[str, typer.Argument(help="Backbone name, or timm:NAME.")],
     image_size: Annotated[
-        int | None, typer.Option(help="Square input size (as extract's --image-size).")
+        int | None,
+        typer.Option(help="Square input size (as extract's --image-size).", callback=IMAGE_SIZE),
     ] = None,
     n_images: Annotated[
-        int, typer.Option(help="Dataset size for the projected store size.")
+        int,
+        typer.Option(help="Dataset size for the projected store size.", callback=AT_LEAST_ONE),
     ] = 1000,
     all_layers: Annotated[
         bool, typer.Option("--all", help="List every module, not just the main ones.")
@@ -304,7 +336,8 @@ def fit(
     ] = None,
     scale: Annotated[bool, typer.Option(help="Standardise features before the classifier.")] = True,
     pca: Annotated[
-        int | None, typer.Option(help="Reduce features to N principal components.")
+        int | None,
+        typer.Option(help="Reduce features to N principal components.", callback=AT_LEAST_ONE),
     ] = None,
     l2: Annotated[
         bool, typer.Option(help="L2-normalise each feature vector (after scaling and PCA).")
@@ -315,11 +348,17 @@ def fit(
     ] = None,
     cv: Annotated[
         int | None,
-        typer.Option(help="Stratified K-fold cross-validation grouped by source image."),
+        typer.Option(
+            help="Stratified K-fold cross-validation grouped by source image.",
+            callback=in_range(2),
+        ),
     ] = None,
     val_fraction: Annotated[
         float,
-        typer.Option(help="Hold-out share of images when the store has no validation split."),
+        typer.Option(
+            help="Hold-out share of images when the store has no validation split.",
+            callback=FRACTION,
+        ),
     ] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the hold-out, folds and classifiers.")] = 0,
     metric: Annotated[
@@ -342,7 +381,11 @@ def fit(
         typer.Option(help="Write every experiment's metrics as JSON (plus a confusion PNG)."),
     ] = None,
     n_jobs: Annotated[
-        int, typer.Option(help="Parallel jobs for grid search and rf/knn/sgd (-1: all cores).")
+        int,
+        typer.Option(
+            help="Parallel jobs for grid search and rf/knn/sgd (-1: all cores).",
+            callback=check_n_jobs,
+        ),
     ] = 1,
     stream: Annotated[
         bool | None,
@@ -357,7 +400,10 @@ def fit(
         typer.Option(help="Memory for in-memory fits, e.g. 4GB (default: half of what is free)."),
     ] = None,
     chunk_mb: Annotated[
-        float, typer.Option(help="Size of a row chunk when streaming, in MB of float32.")
+        float,
+        typer.Option(
+            help="Size of a row chunk when streaming, in MB of float32.", callback=POSITIVE
+        ),
     ] = 64.0,
     quiet: Annotated[bool, typer.Option(help="No progress lines.")] = False,
 ) -> None:
@@ -368,9 +414,11 @@ def fit(
     --clf logreg --clf svm --param C=0.01,0.1,1 --model flowers.featx --report fit.json
     """
     from featx.classify.fit import fit as run
-    from featx.runtime import parse_size
+    from featx.runtime import check_output_file, parse_size
 
     with reported():
+        check_output_file("model", model)
+        check_output_file("report", report)
         sweep = run(
             store,
             layer,
@@ -452,8 +500,10 @@ def evaluate(
     from featx.classify.evaluate import evaluate_images
     from featx.errors import UsageError
     from featx.models.file import load_model
+    from featx.runtime import check_output_file
 
     with reported():
+        check_output_file("report", report)
         if (data is None) == (store is None):
             raise UsageError("give either --store STORE or an image folder DATA to evaluate on.")
         loaded = load_model(model, trust_pickle=trust_pickle)
@@ -516,13 +566,22 @@ def predict(
     out: Annotated[
         Path | None, typer.Option(help="CSV file to write (default: print the CSV).")
     ] = None,
-    top_k: Annotated[int, typer.Option(help="Best classes listed per image.")] = 3,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    top_k: Annotated[
+        int, typer.Option(help="Best classes listed per image.", callback=AT_LEAST_ONE)
+    ] = 3,
+    batch_size: Annotated[
+        int, typer.Option(help="Images per forward pass.", callback=AT_LEAST_ONE)
+    ] = 32,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
-    workers: Annotated[int, typer.Option(help="Decoding processes (0: in-process).")] = 0,
+    workers: Annotated[
+        int, typer.Option(help="Decoding processes (0: in-process).", callback=NOT_NEGATIVE)
+    ] = 0,
     tta: Annotated[
         int,
-        typer.Option(help="Test-time augmentation: also score N augmented views and average."),
+        typer.Option(
+            help="Test-time augmentation: also score N augmented views and average.",
+            callback=NOT_NEGATIVE,
+        ),
     ] = 0,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     trust_pickle: Annotated[
@@ -545,8 +604,10 @@ def predict(
     """
     from featx.classify.predict import predict as run
     from featx.models.file import load_model
+    from featx.runtime import check_output_file
 
     with reported():
+        check_output_file("out", out)
         result = run(
             load_model(model, trust_pickle=trust_pickle),
             [str(p) for p in paths],
@@ -608,16 +669,26 @@ def finetune(
     augmentation: AugmentFlags,
     epochs_head: Annotated[
         int | None,
-        typer.Option(help="Epochs of stage 1, base frozen (default 5; 1 with --head MODEL)."),
+        typer.Option(
+            help="Epochs of stage 1, base frozen (default 5; 1 with --head MODEL).",
+            callback=NOT_NEGATIVE,
+        ),
     ] = None,
     epochs: Annotated[
-        int, typer.Option(help="Epochs of stage 2, unfrozen from --unfreeze-from.")
+        int,
+        typer.Option(
+            help="Epochs of stage 2, unfrozen from --unfreeze-from.", callback=NOT_NEGATIVE
+        ),
     ] = 3,
     lr: Annotated[
-        float, typer.Option(help="Learning rate of the head (peak, with onecycle).")
+        float,
+        typer.Option(help="Learning rate of the head (peak, with onecycle).", callback=POSITIVE),
     ] = 1e-4,
     lr_head: Annotated[
-        float | None, typer.Option(help="Learning rate of the head in stage 1 (default --lr).")
+        float | None,
+        typer.Option(
+            help="Learning rate of the head in stage 1 (default --lr).", callback=POSITIVE
+        ),
     ] = None,
     schedule: Annotated[
         str, typer.Option(help="onecycle, cosine-restarts or constant.")
@@ -625,7 +696,8 @@ def finetune(
     patience: Annotated[
         int,
         typer.Option(
-            help="Stop a stage after N epochs without a better validation loss (0: never)."
+            help="Stop a stage after N epochs without a better validation loss (0: never).",
+            callback=NOT_NEGATIVE,
         ),
     ] = 5,
     out: Annotated[
@@ -714,9 +786,15 @@ def lr_find(
     checkpoint: Annotated[
         Path | None, typer.Option(help="Start from a fine-tuning checkpoint (best.pt, last.pt).")
     ] = None,
-    start_lr: Annotated[float, typer.Option(help="First learning rate of the sweep.")] = 1e-7,
-    end_lr: Annotated[float, typer.Option(help="Last learning rate of the sweep.")] = 10.0,
-    num_iter: Annotated[int, typer.Option(help="Steps of the sweep (at most).")] = 100,
+    start_lr: Annotated[
+        float, typer.Option(help="First learning rate of the sweep.", callback=POSITIVE)
+    ] = 1e-7,
+    end_lr: Annotated[
+        float, typer.Option(help="Last learning rate of the sweep.", callback=POSITIVE)
+    ] = 10.0,
+    num_iter: Annotated[
+        int, typer.Option(help="Steps of the sweep (at most).", callback=AT_LEAST_ONE)
+    ] = 100,
     out: Annotated[Path, typer.Option(help="PNG file for the loss curve.")] = Path("lr-find.png"),
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
@@ -768,12 +846,15 @@ def augment_preview(
         Path, typer.Argument(help="An image file, or an image folder to pick images from.")
     ],
     augmentation: AugmentFlags,
-    n: Annotated[int, typer.Option(help="Augmented views per image.")] = 9,
+    n: Annotated[int, typer.Option(help="Augmented views per image.", callback=AT_LEAST_ONE)] = 9,
     images: Annotated[
-        int, typer.Option(help="Images picked from a folder (one per class first).")
+        int,
+        typer.Option(
+            help="Images picked from a folder (one per class first).", callback=AT_LEAST_ONE
+        ),
     ] = 4,
     seed: Annotated[int, typer.Option(help="Seed of the picks and the views.")] = 0,
-    tile: Annotated[int, typer.Option(help="Tile size in pixels.")] = 160,
+    tile: Annotated[int, typer.Option(help="Tile size in pixels.", callback=IMAGE_SIZE)] = 160,
     out: Annotated[Path, typer.Option(help="PNG file to write.")] = Path("preview.png"),
 ) -> None:
     """Write a grid of augmented versions of images (each original first) to see what the

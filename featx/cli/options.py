@@ -17,18 +17,70 @@ from typing import Annotated, Any
 
 import typer
 
-__all__ = ["AugmentFlags", "option_group"]
+from featx.errors import FeatxError, check_range
+
+__all__ = ["AugmentFlags", "in_range", "option_group"]
+
+
+def in_range(
+    minimum: float | None = None,
+    maximum: float | None = None,
+    *,
+    above: bool = False,
+    below: bool = False,
+) -> Callable:
+    """A typer callback that stops the command, before any work, with one sentence
+    (`featx: --flag must be at least N, not V.`, exit 2) when the value is out of range; the
+    same rule (`featx.errors.check_range`) as the library's own checks."""
+
+    def check(ctx: typer.Context, param: typer.CallbackParam, value: Any) -> Any:
+        if ctx.resilient_parsing:
+            return value
+        flag = max(param.opts, key=len).lstrip("-")
+        try:
+            check_range(flag, value, minimum, maximum, above=above, below=below)
+        except FeatxError as error:
+            typer.echo(f"featx: {error}", err=True)
+            raise typer.Exit(error.exit_code) from None
+        return value
+
+    return check
+
+
+AT_LEAST_ONE = in_range(1)
+NOT_NEGATIVE = in_range(0)
+POSITIVE = in_range(0, above=True)
+FRACTION = in_range(0, 1, above=True, below=True)  # strictly between 0 and 1
+IMAGE_SIZE = in_range(16)
+
+
+def check_n_jobs(value: int) -> int:
+    """--n-jobs: a positive count or -1 (all cores), as scikit-learn reads it."""
+    if value == 0 or value < -1:
+        typer.echo(
+            f"featx: --n-jobs must be at least 1, or -1 for all cores, not {value}.", err=True
+        )
+        raise typer.Exit(2)
+    return value
 
 
 def _option(
-    name: str, kind: Any, default: Any, help: str, *decls: str, panel: str | None = None
+    name: str,
+    kind: Any,
+    default: Any,
+    help: str,
+    *decls: str,
+    panel: str | None = None,
+    callback: Callable | None = None,
 ) -> inspect.Parameter:
     """A keyword-only typer option."""
     return inspect.Parameter(
         name,
         inspect.Parameter.KEYWORD_ONLY,
         default=default,
-        annotation=Annotated[kind, typer.Option(*decls, help=help, rich_help_panel=panel)],
+        annotation=Annotated[
+            kind, typer.Option(*decls, help=help, rich_help_panel=panel, callback=callback)
+        ],
     )
 
 
@@ -236,6 +288,7 @@ NETWORK_OPTIONS = [
         None,
         "Resize straight to N x N (Keras target_size) instead of the weights' resize and crop.",
         panel=_NET,
+        callback=IMAGE_SIZE,
     ),
     _option(
         "layer",
@@ -259,8 +312,22 @@ NETWORK_OPTIONS = [
         "to start from.",
         panel=_NET,
     ),
-    _option("hidden", int, 256, "Hidden units of the mlp head (0: none).", panel=_NET),
-    _option("dropout", float, 0.5, "Dropout before the head's last layer(s).", panel=_NET),
+    _option(
+        "hidden",
+        int,
+        256,
+        "Hidden units of the mlp head (0: none).",
+        panel=_NET,
+        callback=NOT_NEGATIVE,
+    ),
+    _option(
+        "dropout",
+        float,
+        0.5,
+        "Dropout before the head's last layer(s).",
+        panel=_NET,
+        callback=in_range(0, 1, below=True),
+    ),
     _option(
         "unfreeze_from",
         str | None,
@@ -275,15 +342,17 @@ NETWORK_OPTIONS = [
         0.3,
         "Each earlier block's learning rate is this times the next later one's.",
         panel=_NET,
+        callback=POSITIVE,
     ),
     _option("optimizer", str, "adam", "adam, adamw, sgd or rmsprop.", panel=_NET),
-    _option("weight_decay", float, 0.0, "Weight decay.", panel=_NET),
+    _option("weight_decay", float, 0.0, "Weight decay.", panel=_NET, callback=NOT_NEGATIVE),
     _option(
         "momentum",
         float,
         0.9,
         "Momentum (sgd; the peak of one-cycle's momentum cycle).",
         panel=_NET,
+        callback=in_range(0, 1),
     ),
     _option(
         "bn",
@@ -295,7 +364,7 @@ NETWORK_OPTIONS = [
     _option(
         "class_weights", str, "none", "none, or balanced (inverse class frequency).", panel=_NET
     ),
-    _option("batch_size", int, 32, "Images per step.", panel=_NET),
+    _option("batch_size", int, 32, "Images per step.", panel=_NET, callback=AT_LEAST_ONE),
     _option(
         "val_fraction",
         float,
@@ -303,6 +372,7 @@ NETWORK_OPTIONS = [
         "Share of training images held out (seeded, stratified) when there is no "
         "validation folder.",
         panel=_NET,
+        callback=FRACTION,
     ),
     _option(
         "seed", int, 0, "Seed of everything random: split, order, augmentation, head.", panel=_NET
@@ -324,6 +394,7 @@ NETWORK_OPTIONS = [
         None,
         "Decoding processes (default: half the cores, at most 4; 0: in-process).",
         panel=_NET,
+        callback=NOT_NEGATIVE,
     ),
     _option("device", str, "auto", "auto, cpu, cuda or mps.", panel=_NET),
 ]

@@ -8,6 +8,8 @@ _EXPORTS = {
     "BadImage": "folders",
     "scan_image_folder": "folders",
     "load_image": "folders",
+    "list_images": "folders",
+    "printable": "folders",
     "AugmentConfig": "augment",
     "Augmenter": "augment",
     "augment_preview": "preview",

@@ -6,9 +6,12 @@ A dataset is `ROOT/CLASS/*.ext`, or `ROOT/{train,validation,test}/CLASS/*.ext` (
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
-from dataclasses import dataclass
+import stat
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +45,7 @@ class ImageFolder:
     root: Path
     class_names: tuple[str, ...]
     files: tuple[ImageFile, ...]
+    skipped: tuple[tuple[str, str], ...] = ()  # entries left out when listing, with the reason
 
     @property
     def fingerprint(self) -> str:
@@ -57,31 +61,105 @@ class ImageFolder:
         return tuple(s for s in (*SPLITS, UNSPLIT) if s in present)
 
 
-def _is_image(entry: os.DirEntry) -> bool:
-    return (
-        not entry.name.startswith(".")
-        and entry.is_file()
-        and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS
-    )
+def printable(path: str | os.PathLike) -> str:
+    """A path as text that any terminal and HDF5 string can hold (undecodable bytes escaped)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def _images_below(folder: Path) -> list[os.DirEntry]:
-    """Image files anywhere below `folder`, hidden files and folders excluded."""
-    found, pending = [], [folder]
+def _is_image_name(name: str) -> bool:
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _os_reason(error: OSError) -> str:
+    if error.errno == errno.ELOOP:
+        return "symbolic link loop"
+    if error.errno == errno.ENAMETOOLONG:
+        return "path longer than the system allows"
+    if isinstance(error, PermissionError):
+        return "permission denied"
+    return (error.strerror or type(error).__name__).lower()
+
+
+def _is_ancestor(link: Path, folder: Path) -> bool:
+    """Whether `link` leads to `folder` or a folder above it (following it would loop)."""
+    target, here = os.path.realpath(link), os.path.realpath(folder)
+    return here == target or here.startswith(target.rstrip(os.sep) + os.sep)
+
+
+class UnreadableFolder(UsageError):
+    """A folder below the data folder that cannot be listed."""
+
+
+@dataclass
+class ImageListing:
+    """Image files found below a folder, and the entries left out with the reason."""
+
+    files: list[tuple[Path, os.stat_result]] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    folders: list[tuple[Path, str]] = field(default_factory=list)  # could not be listed
+
+
+def list_images(folder: Path) -> ImageListing:
+    """Image files anywhere below `folder` (hidden ones excluded), following symbolic links
+    once. Broken links, link loops, FIFOs and folders named like images, undecodable names and
+    paths past the system's limit are noted in `skipped`; folders that cannot be listed in
+    `folders`."""
+    listing = ImageListing()
+    try:
+        top = os.stat(folder)
+    except OSError as error:
+        listing.folders.append((folder, _os_reason(error)))
+        return listing
+    seen = {(top.st_dev, top.st_ino)}
+    pending = [folder]
     while pending:
-        with os.scandir(pending.pop()) as entries:
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue
-                if entry.is_dir():
-                    pending.append(Path(entry.path))
-                elif _is_image(entry):
-                    found.append(entry)
-    return found
+        current = pending.pop()
+        try:
+            with os.scandir(current) as scan:
+                entries = sorted(scan, key=lambda e: e.name)
+        except OSError as error:
+            if error.errno == errno.ENAMETOOLONG:
+                listing.skipped.append((current, _os_reason(error)))
+            else:
+                listing.folders.append((current, _os_reason(error)))
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = Path(entry.path)
+            try:
+                st = os.stat(entry.path)
+            except OSError as error:
+                broken = isinstance(error, FileNotFoundError)
+                if _is_image_name(entry.name) or not broken:
+                    reason = "broken symbolic link" if broken else _os_reason(error)
+                    listing.skipped.append((path, reason))
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                if _is_image_name(entry.name):
+                    listing.skipped.append((path, "a folder, not an image file"))
+                elif (st.st_dev, st.st_ino) in seen or _is_ancestor(path, current):
+                    listing.skipped.append((path, "symbolic link loop (folder already listed)"))
+                else:
+                    seen.add((st.st_dev, st.st_ino))
+                    pending.append(path)
+            elif _is_image_name(entry.name):
+                if not stat.S_ISREG(st.st_mode):
+                    listing.skipped.append((path, "not a regular file (a FIFO or device)"))
+                elif printable(entry.name) != entry.name:
+                    listing.skipped.append((path, "file name is not valid UTF-8"))
+                else:
+                    listing.files.append((path, st))
+    return listing
 
 
 def _subdirs(folder: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    try:
+        with os.scandir(folder) as scan:
+            entries = list(scan)
+    except OSError as error:
+        raise UnreadableFolder(f"cannot read folder {folder}: {_os_reason(error)}.") from None
+    return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
 
 
 def scan_image_folder(root: str | os.PathLike) -> ImageFolder:
@@ -104,28 +182,39 @@ def scan_image_folder(root: str | os.PathLike) -> ImageFolder:
     else:
         layout = [(UNSPLIT, root)]
 
-    per_split = {
-        split: {c: _images_below(base / c) for c in _subdirs(base)} for split, base in layout
-    }
+    per_split: dict[str, dict[str, ImageListing]] = {}
+    for split, base in layout:
+        per_split[split] = {c: list_images(base / c) for c in _subdirs(base)}
     class_names = sorted({c for classes in per_split.values() for c in classes})
     if not class_names:
         raise UsageError(f"{root} has no class folders; expected DATA/CLASS/*.jpg.")
+    for classes in per_split.values():
+        for listing in classes.values():
+            if listing.folders:
+                folder, reason = listing.folders[0]
+                raise UnreadableFolder(f"cannot read folder {printable(folder)}: {reason}.")
     for split, classes in per_split.items():
-        for name, entries in classes.items():
-            if not entries:
+        for name, listing in classes.items():
+            if not listing.files:
                 where = name if split == UNSPLIT else f"{split}/{name}"
                 raise UsageError(f"class folder {root / where} holds no images.")
 
-    files = []
+    def relative(path: Path) -> str:
+        return printable(path.relative_to(root).as_posix())
+
+    def shortened(path: Path) -> str:
+        text = relative(path)
+        return text if len(text) <= 160 else f"{text[:100]}...{text[-50:]}"
+
+    files, skipped = [], []
     order = {s: i for i, s in enumerate((*SPLITS, UNSPLIT))}
     for split in sorted(per_split, key=order.__getitem__):
         for label, name in enumerate(class_names):
-            entries = per_split[split].get(name, [])
-            rel = sorted((Path(e.path).relative_to(root).as_posix(), e) for e in entries)
-            for path, entry in rel:
-                st = entry.stat()
-                files.append(ImageFile(path, label, split, st.st_size, st.st_mtime_ns))
-    return ImageFolder(root, tuple(class_names), tuple(files))
+            listing = per_split[split].get(name, ImageListing())
+            for path, st in sorted(listing.files, key=lambda f: relative(f[0])):
+                files.append(ImageFile(relative(path), label, split, st.st_size, st.st_mtime_ns))
+            skipped.extend((shortened(path), reason) for path, reason in listing.skipped)
+    return ImageFolder(root, tuple(class_names), tuple(files), tuple(skipped))
 
 
 class BadImage(Exception):
@@ -148,10 +237,12 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     try:
         if os.path.getsize(path) == 0:
             raise BadImage("empty file")
-        with Image.open(path) as image:
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            return _to_rgb(image)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Corrupt EXIF data": decoded anyway
+            with Image.open(path) as image:
+                image.load()
+                image = ImageOps.exif_transpose(image)
+                return _to_rgb(image)
     except BadImage:
         raise
     except UnidentifiedImageError:

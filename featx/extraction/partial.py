@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from featx.errors import StoreLocked
+from featx.errors import StoreLocked, UsageError
 from featx.runtime import atomic_write
 
-__all__ = ["ChunkWriter", "Partial", "write_lock"]
+__all__ = ["ChunkWriter", "Partial", "remove_finished_partial", "write_lock"]
 
 
 # ---- locking -----------------------------------------------------------------------------
@@ -28,7 +28,13 @@ def write_lock(store: Path) -> Iterator[None]:
     """Hold an exclusive lock on STORE.lock; StoreLocked if another process holds it."""
     lock_path = store.with_name(store.name + ".lock")
     while True:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            reason = (error.strerror or type(error).__name__).lower()
+            raise UsageError(
+                f"cannot write store {store}: its folder {store.parent} is not writable ({reason})."
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -89,19 +95,17 @@ class Partial:
         return k
 
     def save(self, k: int, index: np.ndarray, bad: list[tuple[int, str]], layers: list[np.ndarray]):
-        tmp = self.dir / f".chunk-{k:06d}.tmp"
-        with open(tmp, "wb") as fh:
-            arrays = {f"layer{i}": a for i, a in enumerate(layers)}
-            np.savez(
+        arrays = {f"layer{i}": a for i, a in enumerate(layers)}
+        atomic_write(
+            self.chunk_path(k),
+            lambda fh: np.savez(
                 fh,
                 index=index,
                 bad_index=np.array([i for i, _ in bad], dtype=np.int64),
                 bad_reason=np.array([r for _, r in bad], dtype=str),
                 **arrays,
-            )
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.chunk_path(k))
+            ),
+        )
 
     def load(self, k: int) -> dict[str, np.ndarray]:
         with np.load(self.chunk_path(k)) as data:
@@ -109,6 +113,21 @@ class Partial:
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def remove_finished_partial(store: Path, stored_keys: set[str], log=lambda _: None) -> None:
+    """Remove `STORE.partial/` when the store already holds every layer it was computing: a run
+    killed after its final rename but before clean-up leaves one behind."""
+    folder = store.with_name(store.name + ".partial")
+    if not folder.is_dir():
+        return
+    try:
+        keys = json.loads((folder / "run.json").read_text())["keys"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if isinstance(keys, list) and set(keys) <= stored_keys:
+        log(f"Removing {folder}: the store already holds the layers it was computing.")
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class ChunkWriter(threading.Thread):

@@ -25,12 +25,14 @@ import numpy as np
 
 from featx.backbones.registry import POOLS, Backbone, LoadedBackbone, Preprocessing, get_backbone
 from featx.data.folders import UNSPLIT, BadImage, ImageFolder, load_image, scan_image_folder
-from featx.errors import Interrupted, UsageError, check_choice
-from featx.extraction.partial import ChunkWriter, Partial, write_lock
+from featx.errors import Interrupted, UsageError, check_choice, check_range
+from featx.extraction.partial import ChunkWriter, Partial, remove_finished_partial, write_lock
 from featx.runtime import (
     ENGINES,
     PRECISIONS,
+    available_memory,
     default_workers,
+    disk_errors,
     library_versions,
     now,
     resolve_device,
@@ -243,12 +245,10 @@ def extract(
         check_choice(name, value, choices)
     if not layers:
         raise UsageError("give at least one --layer; `featx layers BACKBONE` lists them.")
-    if batch_size < 1:
-        raise UsageError("--batch-size must be at least 1.")
-    if image_size is not None and image_size < 16:
-        raise UsageError("--image-size must be at least 16 pixels.")
-    if augment < 0:
-        raise UsageError("--augment must be 0 or more views.")
+    check_range("batch-size", batch_size, 1)
+    check_range("image-size", image_size, 16)
+    check_range("augment", augment, 0)
+    check_range("workers", workers, 0)
     record = get_backbone(backbone)
     folder = scan_image_folder(data_dir)
     preprocessing = record.default_preprocessing(weights)
@@ -257,7 +257,9 @@ def extract(
     augmenter, augment_meta = _augmentation(augment, augment_config, seed)
     wanted = _identity(record, weights, preprocessing, folder, augment_meta)
     store = Path(store) if store else default_store_path(data_dir, backbone, weights, image_size)
-    store.parent.mkdir(parents=True, exist_ok=True)
+    with disk_errors(store.parent):
+        store.parent.mkdir(parents=True, exist_ok=True)
+    given, store = store, Path(os.path.realpath(store))  # lock and write a link's target
     log = (lambda *_: None) if quiet else (lambda text: print(text, file=sys.stderr))
     command = command or " ".join(sys.argv)
 
@@ -267,6 +269,7 @@ def extract(
             log(f"--overwrite: {store} will be replaced when this run finishes.")
         elif store.exists():
             existing = FeatureStore(store)
+            remove_finished_partial(store, set(existing.layers), log)
             differences = _differences(existing.meta, wanted, folder, existing)
             if differences:
                 existing.close()
@@ -288,7 +291,7 @@ def extract(
             if existing and all(k in present for k in keys):
                 log(f"All requested layers are already in {store}; nothing to compute.")
                 return ExtractResult(
-                    store, reused=keys, n_rows=existing.n_rows, skipped=existing.skipped
+                    given, reused=keys, n_rows=existing.n_rows, skipped=existing.skipped
                 )
             settings = _Settings(
                 weights=weights,
@@ -305,9 +308,11 @@ def extract(
                 augmenter=augmenter,
                 augment_meta=augment_meta,
             )
-            return _compute(
+            result = _compute(
                 record, folder, store, existing, layers, preprocessing, wanted, settings, log
             )
+            result.store = given
+            return result
         except KeyboardInterrupt:  # outside the network loop: loading the model, or assembling
             raise Interrupted(
                 f"interrupted before {store} was written; finished chunks are kept: run the "
@@ -395,7 +400,13 @@ def _compute(
     settings: _Settings,
     log,
 ) -> ExtractResult:
-    from featx.backbones.layers import check_poolable, pooled_shape, resolve_layers, trace_layers
+    from featx.backbones.layers import (
+        batch_size_for_memory,
+        check_poolable,
+        pooled_shape,
+        resolve_layers,
+        trace_layers,
+    )
     from featx.extraction.engines import cache_key, resolve_engine
 
     loaded = record.load(settings.weights)
@@ -405,6 +416,12 @@ def _compute(
             f"the {loaded.weights} weights now hash to {loaded.weights_sha256[:16]}, but store "
             f"{store} was made with {existing.meta['weights_sha256'][:16]}; use --overwrite."
         )
+    fitting = batch_size_for_memory(
+        record, loaded.model, preprocessing.input_size, batch_size, available_memory()
+    )
+    if fitting < batch_size:
+        log(f"Lowering the batch size from {batch_size} to {fitting} so its activations fit.")
+        batch_size = fitting
     infos = resolve_layers(
         record, trace_layers(record, loaded.model, preprocessing.input_size), list(layers)
     )
@@ -576,16 +593,18 @@ def _assemble(job: _Job, n_chunks: int) -> ExtractResult:
     tmp = job.store.with_name(f".{job.store.name}.{os.getpid()}.tmp")
     for stale in job.store.parent.glob(f".{glob.escape(job.store.name)}.*.tmp"):
         stale.unlink(missing_ok=True)  # left by a run killed while assembling; we hold the lock
-    out = write_store(
-        tmp,
-        _store_meta(job),
-        list(job.folder.class_names),
-        files=files,
-        rows=rows,
-        skipped=job.existing.skipped if job.existing is not None else skipped,
-    )
     try:
-        with out:
+        with (
+            disk_errors(job.store),
+            write_store(
+                tmp,
+                _store_meta(job),
+                list(job.folder.class_names),
+                files=files,
+                rows=rows,
+                skipped=job.existing.skipped if job.existing is not None else skipped,
+            ) as out,
+        ):
             if job.existing is not None:
                 for key in job.existing.layers:
                     job.existing.copy_layer(key, out)
@@ -608,6 +627,8 @@ def _assemble(job: _Job, n_chunks: int) -> ExtractResult:
                 )
             out.flush()
             os.fsync(out.id.get_vfd_handle())
+        if job.store.exists():
+            os.chmod(tmp, job.store.stat().st_mode & 0o7777)  # a read-only store stays so
         os.replace(tmp, job.store)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -639,7 +660,7 @@ def _decoded_rows(job: _Job, n_chunks: int) -> tuple[np.ndarray, np.ndarray, lis
             f"this pass decoded a different set of images than store {job.store} holds; "
             "use --overwrite to rebuild it."
         )
-    skipped, seen = [], set()
+    skipped, seen = list(job.folder.skipped), set()
     for i, reason in bad:
         file_index = job.work.items[i][0]
         if file_index not in seen:

@@ -206,7 +206,7 @@ class TrainingData:
         # once. Each loader gets its own generator, reseeded per epoch, so the global stream
         # and the run are the same whatever the worker count.
         self._generators: dict[str, torch.Generator] = {}
-        self.skipped: dict[str, str] = {}
+        self.skipped: dict[str, str] = dict(self.folder.skipped)
 
     def images(self, which: str) -> _Images | None:
         """The train, validation or test images (None: the dataset has no test split)."""

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from featx.errors import Interrupted, UsageError
+from featx.errors import Interrupted, UsageError, check_range
 from featx.finetuning.config import STAGES, FinetuneConfig, FinetuneResult
 from featx.finetuning.network import Network
 from featx.finetuning.session import Session
@@ -103,6 +103,9 @@ def finetune(
     trains the head on the store's cached rows instead of on the images, and the run is
     recorded in the store's experiment log."""
     out = Path(out) if out is not None else default_run_dir(data_dir, config.backbone)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; fine-tuning writes a run folder there.")
+    check_range("workers", workers, 0)
     log = (lambda *_: None) if quiet else (lambda text: print(text, file=sys.stderr))
     # The head model is read before the run folder is touched: a refused file leaves no run.
     fitted = (
