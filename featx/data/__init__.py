@@ -1,4 +1,4 @@
-"""Data in: image folders, decoding, seeded augmentation and its preview."""
+"""Data in: image folders and manifests, decoding, seeded augmentation and its preview."""
 
 from featx._lazy import lazy_exports
 
@@ -8,6 +8,8 @@ _EXPORTS = {
     "BadImage": "folders",
     "scan_image_folder": "folders",
     "load_image": "folders",
+    "open_dataset": "manifest",
+    "read_manifest": "manifest",
     "AugmentConfig": "augment",
     "Augmenter": "augment",
     "augment_preview": "preview",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,7 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", 
 SPLIT_DIRS = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
 SPLITS = ("train", "validation", "test")
 UNSPLIT = "unsplit"
+SPLIT_ORDER = {s: i for i, s in enumerate((*SPLITS, UNSPLIT))}  # the row order of splits
 
 
 @dataclass(frozen=True)
@@ -35,11 +36,15 @@ class ImageFile:
 
 @dataclass(frozen=True)
 class ImageFolder:
-    """The listing of an image-folder dataset."""
+    """The listing of an image-folder dataset (or of a manifest, see `featx.data.manifest`).
+
+    `meta` holds a manifest's extra columns, one value per file in `files` order.
+    """
 
     root: Path
     class_names: tuple[str, ...]
     files: tuple[ImageFile, ...]
+    meta: dict[str, tuple] = field(default_factory=dict, compare=False)
 
     @property
     def fingerprint(self) -> str:
@@ -115,8 +120,7 @@ def scan_image_folder(root: str | os.PathLike) -> ImageFolder:
                 raise UsageError(f"class folder {root / where} holds no images.")
 
     files = []
-    order = {s: i for i, s in enumerate((*SPLITS, UNSPLIT))}
-    for split in sorted(per_split, key=order.__getitem__):
+    for split in sorted(per_split, key=SPLIT_ORDER.__getitem__):
         for label, name in enumerate(class_names):
             entries = per_split[split].get(name, [])
             rel = sorted((Path(e.path).relative_to(root).as_posix(), e) for e in entries)
@@ -144,6 +148,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Decode an image file as RGB with its EXIF orientation applied; raise BadImage if it can't."""
     try:
+        if not os.path.exists(path):
+            raise BadImage("missing file")
         if os.path.getsize(path) == 0:
             raise BadImage("empty file")
         with Image.open(path) as image:

@@ -37,7 +37,8 @@ from featx.backbones.layers import (
     trace_layers,
 )
 from featx.backbones.registry import Backbone, LoadedBackbone, Preprocessing, get_backbone
-from featx.data.folders import UNSPLIT, BadImage, ImageFolder, load_image, scan_image_folder
+from featx.data.folders import UNSPLIT, BadImage, ImageFolder, load_image
+from featx.data.manifest import is_manifest, open_dataset
 from featx.errors import Interrupted, UsageError, check_choice
 from featx.extraction.partial import ChunkWriter, Partial, write_lock
 from featx.runtime import (
@@ -78,10 +79,12 @@ def default_store_path(
     weights: str = "default",
     image_size: int | None = None,
 ) -> Path:
-    """stores/<dataset>-<backbone>-<weights>-<input size>.h5, one per preprocessing."""
+    """stores/<dataset>-<backbone>-<weights>-<input size>.h5, one per preprocessing; the
+    dataset is the folder's name, or the manifest's without its suffix."""
     weights_tag = weights if weights in ("default", "none") else _slug(Path(weights).stem)
     size = f"s{image_size}" if image_size else "std"
-    name = f"{_slug(Path(data_dir).resolve().name)}-{_slug(backbone)}-{weights_tag}-{size}.h5"
+    data = Path(data_dir).resolve()
+    name = f"{_slug(data.stem if is_manifest(data) else data.name)}-{_slug(backbone)}-{weights_tag}-{size}.h5"
     return Path("stores") / name
 
 
@@ -251,7 +254,7 @@ def extract(
     if augment < 0:
         raise UsageError("--augment must be 0 or more views.")
     record = get_backbone(backbone)
-    folder = scan_image_folder(data_dir)
+    folder = open_dataset(data_dir)
     preprocessing = record.default_preprocessing(weights)
     if image_size:
         preprocessing = preprocessing.with_image_size(image_size)
@@ -624,6 +627,7 @@ def _columns(
         "split": np.array([files[s].split for s in sources], dtype=object),
         "source": sources,
         "view": views.astype(np.int32),
+        **{f"meta/{name}": np.array(values)[sources] for name, values in folder.meta.items()},
     }
 
 
