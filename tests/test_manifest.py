@@ -83,7 +83,9 @@ def test_parquet_manifest_and_missing_file_is_skipped(split_folder, tmp_path):
     paths = [f.path for f in folder.files] + ["train/cat/gone.jpg"]
     labels = [folder.class_names[f.label] for f in folder.files] + ["cat"]
     splits = [f.split for f in folder.files] + ["train"]
-    table = pa.table({"path": paths, "label": labels, "split": splits, "id": list(range(len(paths)))})
+    table = pa.table(
+        {"path": paths, "label": labels, "split": splits, "id": list(range(len(paths)))}
+    )
     pq.write_table(table, split_folder / "m.parquet")
     result = run_featx(
         "extract", split_folder / "m.parquet", "--backbone", "resnet18", "--weights", "none",

@@ -51,7 +51,8 @@ def extract(
     data_dir: Annotated[
         Path,
         typer.Argument(
-            help="Image folder: DATA/CLASS/*.jpg or DATA/{train,validation,test}/CLASS/*.jpg."
+            help="Image folder (DATA/CLASS/*.jpg or DATA/{train,validation,test}/CLASS/*.jpg) "
+            "or a manifest (.csv, .tsv, .parquet with columns path, label[, split])."
         ),
     ],
     backbone: Annotated[
@@ -106,6 +107,13 @@ def extract(
         bool, typer.Option(help="Replace a store that was made differently.")
     ] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar or messages.")] = False,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            help="Compute only shard I/N (0-based) of the rows into STORE.shard-IofN.h5, or "
+            "`slurm` for the array task's; join the shards with `featx merge`."
+        ),
+    ] = None,
 ) -> None:
     """Run BACKBONE over DATA_DIR once and store the chosen layers' features.
 
@@ -114,6 +122,7 @@ def extract(
     Example: featx extract data/flowers --backbone vgg16 --layer block4_pool --layer block5_pool
     """
     from featx.extraction.run import extract as run
+    from featx.extraction.shard import parse_shard
 
     with reported():
         config = augmentation.config()
@@ -140,6 +149,7 @@ def extract(
             augment=augment,
             augment_config=config,
             seed=seed,
+            shard=parse_shard(shard) if shard else None,
             command=_command_line(),
         )
     typer.echo(str(result.store))
@@ -150,6 +160,29 @@ def extract(
         if len(result.skipped) > 20:
             typer.echo(f"  ... and {len(result.skipped) - 20} more (see `featx info`)", err=True)
         raise typer.Exit(EXIT_SKIPPED)
+
+
+@app.command()
+def merge(
+    out: Annotated[Path, typer.Argument(help="The merged store to write.")],
+    shards: Annotated[list[Path], typer.Argument(help="Every shard store of one extraction.")],
+    virtual: Annotated[
+        bool,
+        typer.Option(
+            help="Map the shards' features in place (HDF5 virtual datasets) instead of "
+            "copying them; the shard files must then stay where they are."
+        ),
+    ] = False,
+) -> None:
+    """Join the shard stores of `featx extract --shard I/N` into one store.
+
+    Example: featx merge stores/flowers.h5 stores/flowers.shard-*.h5
+    """
+    from featx.store.merge import merge as run
+
+    with reported():
+        path = run(out, shards, virtual=virtual, command=_command_line())
+    typer.echo(str(path))
 
 
 @app.command()

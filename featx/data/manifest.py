@@ -52,7 +52,9 @@ def _read_columns(path: Path) -> dict[str, list]:
                 return {}
             body = list(reader)
     except ImportError:
-        raise UsageError("reading a .parquet manifest needs pyarrow: pip install pyarrow.") from None
+        raise UsageError(
+            "reading a .parquet manifest needs pyarrow: pip install pyarrow."
+        ) from None
     except (OSError, UnicodeDecodeError, csv.Error, ValueError) as error:
         raise UsageError(f"manifest {path} cannot be read ({error}).") from None
     header = [name.strip() for name in header]
@@ -97,10 +99,13 @@ def read_manifest(path: str | os.PathLike) -> ImageFolder:
     if n == 0:
         raise UsageError(f"manifest {path} lists no images.")
     root = path.parent
-    paths = [_relative(str(p).strip(), root, path) for p in columns["path"]]
+    base = str(root.resolve())
+    paths = [_relative(str(p).strip(), base, path) for p in columns["path"]]
     labels = [str(v).strip() for v in columns["label"]]
     if "" in labels:
-        raise UsageError(f"manifest {path} has a row with an empty label ({paths[labels.index('')]}).")
+        raise UsageError(
+            f"manifest {path} has a row with an empty label ({paths[labels.index('')]})."
+        )
     if "split" in columns:
         splits = []
         for value, image in zip(columns["split"], paths, strict=True):
@@ -124,7 +129,7 @@ def read_manifest(path: str | os.PathLike) -> ImageFolder:
     order = sorted(range(n), key=lambda i: (SPLIT_ORDER[splits[i]], label_of[labels[i]], paths[i]))
     files = []
     for i in order:
-        size, mtime_ns = _stat(root / paths[i])
+        size, mtime_ns = _stat(os.path.join(base, paths[i]))
         files.append(ImageFile(paths[i], label_of[labels[i]], splits[i], size, mtime_ns))
     meta = {
         name: _metadata_values([values[i] for i in order])
@@ -134,20 +139,19 @@ def read_manifest(path: str | os.PathLike) -> ImageFolder:
     return ImageFolder(root, tuple(class_names), tuple(files), meta)
 
 
-def _relative(image: str, root: Path, manifest: Path) -> str:
-    """A manifest path as stored: relative to the manifest's folder when below it."""
+def _relative(image: str, root: str, manifest: Path) -> str:
+    """A manifest path as stored: relative to the manifest's folder when below it.
+    (String functions, not pathlib: this runs once per image of possibly millions.)"""
     if not image:
         raise UsageError(f"manifest {manifest} has a row with an empty path.")
-    p = Path(image)
-    if p.is_absolute():
-        try:
-            return p.relative_to(root.resolve()).as_posix()
-        except ValueError:
-            return p.as_posix()
-    return p.as_posix()
+    image = os.path.normpath(image)
+    if os.path.isabs(image):
+        inside = os.path.relpath(image, root)
+        return image if inside.startswith("..") else inside
+    return image
 
 
-def _stat(file: Path) -> tuple[int, int]:
+def _stat(file: str) -> tuple[int, int]:
     """(size, mtime_ns), or (-1, 0) for a missing file, which extraction then skips."""
     try:
         st = os.stat(file)

@@ -1,7 +1,7 @@
-"""The HDF5 feature store: its format, `FeatureStore`, and bounded row reading."""
+"""The HDF5 feature store: its format, `FeatureStore`, bounded row reading, merging shards."""
 
 from featx._lazy import lazy_exports
 
-_EXPORTS = {"FeatureStore": "feature_store", "LayerRows": "rows"}
+_EXPORTS = {"FeatureStore": "feature_store", "LayerRows": "rows", "merge": "merge"}
 __all__ = list(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
