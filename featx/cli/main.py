@@ -7,6 +7,7 @@ Exit codes: 0 done; 2 bad input (usage, data, weights, store mismatch, store loc
 from __future__ import annotations
 
 import contextlib
+import functools
 import shlex
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from featx.cli.options import AugmentFlags, with_augmentation, with_network
-from featx.errors import EXIT_SKIPPED, FeatxError
+from featx.errors import EXIT_SKIPPED, FeatxError, UsageError
 
 app = typer.Typer(
     help="Extract frozen-backbone features once into HDF5 stores; train classifiers on them.\n\n"
@@ -114,6 +115,30 @@ def extract(
             "`slurm` for the array task's; join the shards with `featx merge`."
         ),
     ] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            help="Run the shards as Ray tasks and merge them: `local` starts a Ray instance "
+            "on this machine, else the cluster's address (auto, ray://HOST:10001). Needs "
+            "featx[ray].",
+            rich_help_panel="Scaling out",
+        ),
+    ] = None,
+    shards: Annotated[
+        int | None,
+        typer.Option(
+            help="With --ray: how many shards (default: one per GPU, else per CPU).",
+            rich_help_panel="Scaling out",
+        ),
+    ] = None,
+    ray_cpus_per_shard: Annotated[
+        float | None,
+        typer.Option(help="With --ray: CPUs per shard task.", rich_help_panel="Scaling out"),
+    ] = None,
+    ray_gpus_per_shard: Annotated[
+        float | None,
+        typer.Option(help="With --ray: GPUs per shard task.", rich_help_panel="Scaling out"),
+    ] = None,
 ) -> None:
     """Run BACKBONE over DATA_DIR once and store the chosen layers' features.
 
@@ -127,9 +152,23 @@ def extract(
     with reported():
         config = augmentation.config()
         if config is not None and not augment:
-            from featx.errors import UsageError
-
             raise UsageError("augmentation settings apply to augmented views; add --augment K.")
+        if ray is not None:
+            if shard:
+                raise UsageError("--ray runs every shard itself; give --ray or --shard, not both.")
+            from featx.extraction.distributed import extract_on_ray
+
+            ray_options = {
+                "address": None if ray == "local" else ray,
+                "shards": shards,
+                "cpus_per_shard": ray_cpus_per_shard,
+                "gpus_per_shard": ray_gpus_per_shard,
+            }
+            run = functools.partial(extract_on_ray, **ray_options)
+        elif shards is not None:
+            raise UsageError("--shards goes with --ray; for one shard use --shard I/N.")
+        else:
+            run = functools.partial(run, shard=parse_shard(shard) if shard else None)
         result = run(
             data_dir,
             backbone,
@@ -149,7 +188,6 @@ def extract(
             augment=augment,
             augment_config=config,
             seed=seed,
-            shard=parse_shard(shard) if shard else None,
             command=_command_line(),
         )
     typer.echo(str(result.store))
