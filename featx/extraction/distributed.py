@@ -111,8 +111,7 @@ def extract_on_ray(
             cpus_per_shard = 1 if gpus else max(1, int(resources.get("CPU", 1) // shards))
         if len([n for n in ray.nodes() if n["Alive"]]) > 1 and not _shared(store.parent):
             log(f"Warning: {store.parent} looks node-local, but the cluster has several nodes.")
-        views = augment if augment else 0
-        per_file = [1 + (views if f.split in AUGMENTED_SPLITS else 0) for f in folder.files]
+        per_file = [1 + (augment if f.split in AUGMENTED_SPLITS else 0) for f in folder.files]
         paths = [shard_store_path(store, (i, shards)) for i in range(shards)]
         sizes = [
             sum(per_file[j] for j in shard_files(len(per_file), (i, shards))) for i in range(shards)
