@@ -4,6 +4,9 @@ shards are refused in one sentence."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import h5py
 import numpy as np
 import pytest
@@ -134,6 +137,7 @@ def test_cli_shards_merge_virtual_then_info_fit_evaluate(dataset, tmp_path):
     assert result.returncode == 0, result.stderr
     info = run_featx("info", tmp_path / "v.h5", cwd=tmp_path)
     assert info.returncode == 0 and "featx merge" in info.stdout, info.stderr
+    assert "virtual" in info.stdout
     for stream in ("--no-stream", "--stream"):
         model = tmp_path / f"m{stream}.joblib"
         fit = run_featx("fit", "--store", tmp_path / "v.h5", "--layer", "avgpool", "--clf",
@@ -142,3 +146,36 @@ def test_cli_shards_merge_virtual_then_info_fit_evaluate(dataset, tmp_path):
         evaluation = run_featx("evaluate", "--model", model, "--store", tmp_path / "v.h5",
                                "--split", "test", cwd=tmp_path)  # fmt: skip
         assert evaluation.returncode == 0 and "accuracy" in evaluation.stdout, evaluation.stderr
+
+
+def test_ray_not_installed_is_one_sentence(dataset, tmp_path):
+    hide_ray = "import sys; sys.modules['ray'] = None; from featx.cli import app; app()"
+    result = subprocess.run(
+        [sys.executable, "-c", hide_ray, "extract", str(dataset), "--backbone", "resnet18",
+         "--layer", "avgpool", "--ray", "local", "--store", str(tmp_path / "r.h5")],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert "pip install featx[ray]" in assert_one_sentence_error(result)
+
+
+def test_shard_options_that_do_not_go_together(dataset, tmp_path):
+    for options, words in (
+        (("--ray", "local", "--shard", "0/2"), "not both"),
+        (
+            (
+                "--shards",
+                "2",
+            ),
+            "--shards goes with --ray",
+        ),
+        (
+            (
+                "--shard",
+                "2/2",
+            ),
+            "does not exist",
+        ),
+    ):
+        result = invoke_featx("extract", dataset, "--backbone", "resnet18", "--layer", "avgpool",
+                              "--store", tmp_path / "x.h5", *options)  # fmt: skip
+        assert words in assert_one_sentence_error(result)

@@ -3,8 +3,8 @@
 
 Ray schedules the tasks (one per GPU when the cluster has GPUs, else sized by CPUs) and
 re-runs a task whose worker died (`max_retries`); a re-run shard resumes from its finished
-chunks, and shards already complete are not submitted again, so running the same command
-after a crash resumes at shard and at chunk level. Progress is the sum of the shards' saved
+chunks, and the task of a shard already complete returns at once, so running the same
+command after a crash resumes at shard and at chunk level. Progress is the sum of the shards' saved
 chunks, polled from their `.partial/` folders, shown as one bar. The shard stores must be on
 storage every node can reach.
 """
@@ -82,10 +82,11 @@ def extract_on_ray(
     folder = open_dataset(data_dir)
     keys = _layer_keys(backbone, layers, pool)
     if store.exists() and not overwrite:
-        if _complete(store, keys, folder.fingerprint):
-            log(f"All requested layers are already in {store}; nothing to compute.")
-            with FeatureStore(store) as done:
-                return ExtractResult(store, reused=keys, n_rows=done.n_rows, skipped=done.skipped)
+        if _has_layers(store, keys):  # the ordinary checks: the same data and settings?
+            return extract(
+                data_dir, backbone, layers, store=store, weights=weights,
+                image_size=image_size, pool=pool, augment=augment, quiet=quiet, **options,
+            )  # fmt: skip
         raise UsageError(
             f"store {store} exists without these layers or for other files; --ray writes new "
             "stores only: use --overwrite, another --store, or extract without --ray."
@@ -116,9 +117,6 @@ def extract_on_ray(
         sizes = [
             sum(per_file[j] for j in shard_files(len(per_file), (i, shards))) for i in range(shards)
         ]
-        todo = [i for i in range(shards) if not _complete(paths[i], keys, folder.fingerprint)]
-        if len(todo) < shards:
-            log(f"{shards - len(todo)} of {shards} shards are already complete.")
         task = ray.remote(_run_shard).options(
             num_cpus=cpus_per_shard,
             num_gpus=gpus_per_shard,
@@ -140,7 +138,9 @@ def extract_on_ray(
         workers = shard_options.pop("workers")  # decoding in the task's own process by default
         shard_options["workers"] = 0 if workers is None else workers
         threads = max(1, int(cpus_per_shard))
-        running = {task.remote((i, shards), threads, args, shard_options): i for i in todo}
+        # a finished shard's task returns at once (its store has the layers), a started one
+        # resumes from its saved chunks: extract's own checks decide, so stale shards are refused
+        running = {task.remote((i, shards), threads, args, shard_options): i for i in range(shards)}
         _wait(ray, running, paths, sizes, quiet)
     finally:
         if started:
@@ -155,7 +155,7 @@ def extract_on_ray(
 
 def _wait(ray, running: dict, paths: list[Path], sizes: list[int], quiet: bool) -> None:
     """Wait for the shard tasks, showing the job's progress; raise the first failure."""
-    finished = [i for i in range(len(paths)) if i not in running.values()]
+    finished: list[int] = []
     bar = tqdm(total=sum(sizes), unit="img", desc="extract (ray)", disable=quiet, file=sys.stderr)
     pending = list(running)
     try:
@@ -200,14 +200,9 @@ def _layer_keys(backbone: str, layers: Sequence[str], pool: str) -> list[str]:
     return [layer_key(record.layer_name(record.module_path(n)), pool) for n in layers]
 
 
-def _complete(path: Path, keys: list[str], fingerprint: str) -> bool:
-    """Whether the store at `path` holds `keys` for the dataset with `fingerprint`."""
-    if not path.exists():
-        return False
+def _has_layers(path: Path, keys: list[str]) -> bool:
     with FeatureStore(path) as store:
-        return store.meta["dataset"]["fingerprint"] == fingerprint and set(keys) <= set(
-            store.layers
-        )
+        return set(keys) <= set(store.layers)
 
 
 def _shared(folder: Path) -> bool:

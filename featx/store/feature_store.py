@@ -250,6 +250,12 @@ class FeatureStore:
                 f"augment     {m['augment']['views']} views per training image, "
                 f"seed {m['augment']['seed']}"
             )
+        if m.get("shard"):
+            shard = m["shard"]
+            lines.append(
+                f"shard       {shard['index']} of {shard['count']}: rows from "
+                f"{shard['first_row']} of {shard['n_rows_total']} (join with `featx merge`)"
+            )
         lines.append(
             f"created     {m['created']}  featx {m['versions'].get('featx')}, "
             f"torch {m['versions'].get('torch')}"
@@ -258,9 +264,11 @@ class FeatureStore:
         lines.append(f"layers ({len(self.layers)}):")
         for key in self.layers:
             info = self.layer(key)
+            virtual = self._file["features"][key].is_virtual
+            size = "virtual" if virtual else human_size(info.nbytes)
             lines.append(
                 f"  {key:<28} {'x'.join(map(str, info.shape)):<14} {info.dtype:<8} "
-                f"{human_size(info.nbytes):>9}  {info.attrs.get('precision', '')}"
+                f"{size:>9}  {info.attrs.get('precision', '')}"
             )
         lines.append("")
         labels = self._file["rows"]["label"][()]
