@@ -1,7 +1,7 @@
 """What the Ray engine costs on one machine: `featx extract --ray local --shards 2` against
 one ordinary `featx extract` process using the same cores.
 
-    python benchmarks/bench_ray.py --images 960 --repeats 2     # about 5 minutes on 2 cores
+    python benchmarks/bench_ray.py --images 320 --repeats 1     # about 5 minutes on 2 idle cores
 
 Writes --images photo-sized JPEGs (as bench_extract.py), then runs, alternating, the two
 commands in fresh processes (ResNet-50, random weights, `avgpool` at 224, batch 16, float32):
@@ -32,7 +32,9 @@ RAY_START = (
 def timed(command: list[str]) -> float:
     start = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    print(f"{seconds:8.1f} s  {' '.join(command[3:])}", flush=True)
+    return seconds
 
 
 def main() -> None:
