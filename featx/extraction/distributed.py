@@ -92,15 +92,22 @@ def extract_on_ray(
             "stores only: use --overwrite, another --store, or extract without --ray."
         )
 
+    if shards is not None and shards < 1:
+        raise UsageError("--shards must be at least 1.")
     started = not ray.is_initialized()
     if started:
-        ray.init(
-            address=address,
-            num_cpus=None if address else os.cpu_count(),
-            include_dashboard=False,
-            logging_level=logging.ERROR,
-            log_to_driver=False,
-        )
+        try:
+            ray.init(
+                address=address,
+                num_cpus=None if address else os.cpu_count(),
+                include_dashboard=False,
+                logging_level=logging.ERROR,
+                log_to_driver=False,
+            )
+        except (ConnectionError, RuntimeError, ValueError) as error:
+            where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+            reason = (str(error).splitlines() or [type(error).__name__])[0].rstrip(".")
+            raise UsageError(f"could not start or join {where} ({reason}).") from None
     try:
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
@@ -132,11 +139,9 @@ def extract_on_ray(
             "augment": augment,
             "overwrite": overwrite,
             "command": command,
-            "workers": 0,
             **options,
+            "workers": options.get("workers") or 0,  # by default, decode in the task's process
         }
-        workers = shard_options.pop("workers")  # decoding in the task's own process by default
-        shard_options["workers"] = 0 if workers is None else workers
         threads = max(1, int(cpus_per_shard))
         # a finished shard's task returns at once (its store has the layers), a started one
         # resumes from its saved chunks: extract's own checks decide, so stale shards are refused
