@@ -7,6 +7,7 @@ Exit codes: 0 done; 2 bad input (usage, data, weights, store mismatch, store loc
 from __future__ import annotations
 
 import contextlib
+import functools
 import shlex
 import signal
 import sys
@@ -28,7 +29,7 @@ from featx.cli.options import (
     with_augmentation,
     with_network,
 )
-from featx.errors import EXIT_SKIPPED, FeatxError
+from featx.errors import EXIT_SKIPPED, FeatxError, UsageError
 
 __all__ = [
     "augment_preview",
@@ -110,7 +111,8 @@ def extract(
     data_dir: Annotated[
         Path,
         typer.Argument(
-            help="Image folder: DATA/CLASS/*.jpg or DATA/{train,validation,test}/CLASS/*.jpg."
+            help="Image folder (DATA/CLASS/*.jpg or DATA/{train,validation,test}/CLASS/*.jpg) "
+            "or a manifest (.csv, .tsv, .parquet with columns path, label[, split])."
         ),
     ],
     backbone: Annotated[
@@ -180,6 +182,37 @@ def extract(
         bool, typer.Option(help="Replace a store that was made differently.")
     ] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar or messages.")] = False,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            help="Compute only shard I/N (0-based) of the rows into STORE.shard-IofN.h5, or "
+            "`slurm` for the array task's; join the shards with `featx merge`."
+        ),
+    ] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            help="Run the shards as Ray tasks and merge them: `local` starts a Ray instance "
+            "on this machine, else the cluster's address (auto, ray://HOST:10001). Needs "
+            "featx[ray].",
+            rich_help_panel="Scaling out",
+        ),
+    ] = None,
+    shards: Annotated[
+        int | None,
+        typer.Option(
+            help="With --ray: how many shards (default: one per GPU, else per CPU).",
+            rich_help_panel="Scaling out",
+        ),
+    ] = None,
+    ray_cpus_per_shard: Annotated[
+        float | None,
+        typer.Option(help="With --ray: CPUs per shard task.", rich_help_panel="Scaling out"),
+    ] = None,
+    ray_gpus_per_shard: Annotated[
+        float | None,
+        typer.Option(help="With --ray: GPUs per shard task.", rich_help_panel="Scaling out"),
+    ] = None,
 ) -> None:
     """Run BACKBONE over DATA_DIR once and store the chosen layers' features.
 
@@ -188,13 +221,28 @@ def extract(
     Example: featx extract data/flowers --backbone vgg16 --layer block4_pool --layer block5_pool
     """
     from featx.extraction.run import extract as run
+    from featx.extraction.shard import parse_shard
 
     with reported():
         config = augmentation.config()
         if config is not None and not augment:
-            from featx.errors import UsageError
-
             raise UsageError("augmentation settings apply to augmented views; add --augment K.")
+        if ray is not None:
+            if shard:
+                raise UsageError("--ray runs every shard itself; give --ray or --shard, not both.")
+            from featx.extraction.distributed import extract_on_ray
+
+            ray_options = {
+                "address": None if ray == "local" else ray,
+                "shards": shards,
+                "cpus_per_shard": ray_cpus_per_shard,
+                "gpus_per_shard": ray_gpus_per_shard,
+            }
+            run = functools.partial(extract_on_ray, **ray_options)
+        elif shards is not None:
+            raise UsageError("--shards goes with --ray; for one shard use --shard I/N.")
+        else:
+            run = functools.partial(run, shard=parse_shard(shard) if shard else None)
         result = run(
             data_dir,
             backbone,
@@ -225,6 +273,29 @@ def extract(
         if len(result.skipped) > 20:
             typer.echo(f"  ... and {len(result.skipped) - 20} more (see `featx info`)", err=True)
         raise typer.Exit(EXIT_SKIPPED)
+
+
+@app.command()
+def merge(
+    out: Annotated[Path, typer.Argument(help="The merged store to write.")],
+    shards: Annotated[list[Path], typer.Argument(help="Every shard store of one extraction.")],
+    virtual: Annotated[
+        bool,
+        typer.Option(
+            help="Map the shards' features in place (HDF5 virtual datasets) instead of "
+            "copying them; the shard files must then stay where they are."
+        ),
+    ] = False,
+) -> None:
+    """Join the shard stores of `featx extract --shard I/N` into one store.
+
+    Example: featx merge stores/flowers.h5 stores/flowers.shard-*.h5
+    """
+    from featx.store.merge import merge as run
+
+    with reported():
+        path = run(out, shards, virtual=virtual, command=_command_line())
+    typer.echo(str(path))
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""Data in: image folders, decoding, seeded augmentation and its preview."""
+"""Data in: image folders and manifests, decoding, seeded augmentation and its preview."""
 
 from featx._lazy import lazy_exports
 
@@ -10,6 +10,8 @@ _EXPORTS = {
     "load_image": "folders",
     "list_images": "folders",
     "printable": "folders",
+    "open_dataset": "manifest",
+    "read_manifest": "manifest",
     "AugmentConfig": "augment",
     "Augmenter": "augment",
     "augment_preview": "preview",

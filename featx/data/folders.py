@@ -25,6 +25,7 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", 
 SPLIT_DIRS = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
 SPLITS = ("train", "validation", "test")
 UNSPLIT = "unsplit"
+SPLIT_ORDER = {s: i for i, s in enumerate((*SPLITS, UNSPLIT))}  # the row order of splits
 
 
 @dataclass(frozen=True)
@@ -40,12 +41,16 @@ class ImageFile:
 
 @dataclass(frozen=True)
 class ImageFolder:
-    """The listing of an image-folder dataset."""
+    """The listing of an image-folder dataset (or of a manifest, see `featx.data.manifest`).
+
+    `meta` holds a manifest's extra columns, one value per file in `files` order.
+    """
 
     root: Path
     class_names: tuple[str, ...]
     files: tuple[ImageFile, ...]
     skipped: tuple[tuple[str, str], ...] = ()  # entries left out when listing, with the reason
+    meta: dict[str, tuple] = field(default_factory=dict, compare=False)
 
     @property
     def fingerprint(self) -> str:
@@ -207,8 +212,7 @@ def scan_image_folder(root: str | os.PathLike) -> ImageFolder:
         return text if len(text) <= 160 else f"{text[:100]}...{text[-50:]}"
 
     files, skipped = [], []
-    order = {s: i for i, s in enumerate((*SPLITS, UNSPLIT))}
-    for split in sorted(per_split, key=order.__getitem__):
+    for split in sorted(per_split, key=SPLIT_ORDER.__getitem__):
         for label, name in enumerate(class_names):
             listing = per_split[split].get(name, ImageListing())
             for path, st in sorted(listing.files, key=lambda f: relative(f[0])):
@@ -235,6 +239,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Decode an image file as RGB with its EXIF orientation applied; raise BadImage if it can't."""
     try:
+        if not os.path.exists(path):
+            raise BadImage("missing file")
         if os.path.getsize(path) == 0:
             raise BadImage("empty file")
         with warnings.catch_warnings():

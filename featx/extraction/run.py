@@ -24,9 +24,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from featx.backbones.registry import POOLS, Backbone, LoadedBackbone, Preprocessing, get_backbone
-from featx.data.folders import UNSPLIT, BadImage, ImageFolder, load_image, scan_image_folder
+from featx.data.folders import UNSPLIT, BadImage, ImageFolder, load_image
+from featx.data.manifest import is_manifest, open_dataset
 from featx.errors import Interrupted, UsageError, check_choice, check_range
 from featx.extraction.partial import ChunkWriter, Partial, remove_finished_partial, write_lock
+from featx.extraction.shard import check_shard, shard_files, shard_store_path
 from featx.runtime import (
     ENGINES,
     PRECISIONS,
@@ -73,10 +75,13 @@ def default_store_path(
     weights: str = "default",
     image_size: int | None = None,
 ) -> Path:
-    """stores/<dataset>-<backbone>-<weights>-<input size>.h5, one per preprocessing."""
+    """stores/<dataset>-<backbone>-<weights>-<input size>.h5, one per preprocessing; the
+    dataset is the folder's name, or the manifest's without its suffix."""
     weights_tag = weights if weights in ("default", "none") else _slug(Path(weights).stem)
     size = f"s{image_size}" if image_size else "std"
-    name = f"{_slug(Path(data_dir).resolve().name)}-{_slug(backbone)}-{weights_tag}-{size}.h5"
+    data = Path(data_dir).resolve()
+    dataset = _slug(data.stem if is_manifest(data) else data.name)
+    name = f"{dataset}-{_slug(backbone)}-{weights_tag}-{size}.h5"
     return Path("stores") / name
 
 
@@ -86,14 +91,33 @@ class _Work:
     """The rows to compute: (file index, view) pairs in store order."""
 
     items: list[tuple[int, int]]
+    shard: dict[str, int] | None = None  # where the items sit among the whole dataset's
 
     @classmethod
-    def plan(cls, folder: ImageFolder, views: int) -> _Work:
-        items = []
+    def plan(cls, folder: ImageFolder, views: int, shard: tuple[int, int] | None = None) -> _Work:
+        files = shard_files(len(folder.files), shard) if shard else range(len(folder.files))
+        items, first_row, n_rows_total = [], 0, 0
         for index, f in enumerate(folder.files):
             n = 1 + (views if f.split in AUGMENTED_SPLITS else 0)
-            items.extend((index, view) for view in range(n))
-        return cls(items)
+            if index in files:
+                items.extend((index, view) for view in range(n))
+            elif index < files.start:
+                first_row += n
+            n_rows_total += n
+        if shard is None:
+            return cls(items)
+        return cls(
+            items,
+            {
+                "index": shard[0],
+                "count": shard[1],
+                "first_row": first_row,  # rows are work items: a store row unless skipped
+                "n_rows": len(items),
+                "n_rows_total": n_rows_total,
+                "first_file": files.start,
+                "n_files": len(files),
+            },
+        )
 
 
 class _Images:
@@ -159,6 +183,7 @@ def _identity(
     preprocessing: Preprocessing,
     folder: ImageFolder,
     augment: dict | None,
+    shard: dict | None,
 ) -> dict[str, Any]:
     """What makes a store the store it is; a store that differs in any of these is refused."""
     identity = {
@@ -167,6 +192,7 @@ def _identity(
         "preprocessing": preprocessing.to_dict(),
         "dataset_fingerprint": folder.fingerprint,
         "augment": augment,
+        "shard": shard,
     }
     return json.loads(json.dumps(identity))  # as it reads back from a store: lists, not tuples
 
@@ -175,7 +201,7 @@ def _differences(
     stored: dict[str, Any], wanted: dict[str, Any], folder: ImageFolder, store: FeatureStore
 ) -> list[str]:
     out = []
-    for name in ("backbone", "weights", "preprocessing", "augment"):
+    for name in ("backbone", "weights", "preprocessing", "augment", "shard"):
         if stored.get(name) != wanted[name]:
             old, new = stored.get(name), wanted[name]
             if name == "preprocessing":
@@ -224,6 +250,7 @@ def extract(
     augment: int = 0,
     augment_config: Any = None,
     seed: int = 0,
+    shard: tuple[int, int] | None = None,
     command: str | None = None,
 ) -> ExtractResult:
     """Extract `layers` of `backbone` for every image under `data_dir` into a feature store.
@@ -234,6 +261,9 @@ def extract(
     `augment` > 0 adds that many augmented views of each training
     image (`augment_config`: a `featx.data.augment.AugmentConfig`, classic Keras ranges by
     default).
+
+    `shard=(i, n)` computes only shard i (0-based) of n contiguous slices of the rows into
+    `<store stem>.shard-IofN.h5` next to `store`; `featx.merge` joins the shards.
     """
     for name, value, choices in (
         ("pool", pool, POOLS),
@@ -250,13 +280,16 @@ def extract(
     check_range("augment", augment, 0)
     check_range("workers", workers, 0)
     record = get_backbone(backbone)
-    folder = scan_image_folder(data_dir)
+    folder = open_dataset(data_dir)
     preprocessing = record.default_preprocessing(weights)
     if image_size:
         preprocessing = preprocessing.with_image_size(image_size)
     augmenter, augment_meta = _augmentation(augment, augment_config, seed)
-    wanted = _identity(record, weights, preprocessing, folder, augment_meta)
+    work = _Work.plan(folder, augment, check_shard(shard) if shard else None)
+    wanted = _identity(record, weights, preprocessing, folder, augment_meta, work.shard)
     store = Path(store) if store else default_store_path(data_dir, backbone, weights, image_size)
+    if shard:
+        store = shard_store_path(store, shard)
     with disk_errors(store.parent):
         store.parent.mkdir(parents=True, exist_ok=True)
     given, store = store, Path(os.path.realpath(store))  # lock and write a link's target
@@ -309,7 +342,7 @@ def extract(
                 augment_meta=augment_meta,
             )
             result = _compute(
-                record, folder, store, existing, layers, preprocessing, wanted, settings, log
+                record, folder, work, store, existing, layers, preprocessing, wanted, settings, log
             )
             result.store = given
             return result
@@ -392,6 +425,7 @@ class _Job:
 def _compute(
     record: Backbone,
     folder: ImageFolder,
+    work: _Work,
     store: Path,
     existing: FeatureStore | None,
     layers: Sequence[str],
@@ -429,7 +463,6 @@ def _compute(
     present = set(existing.layers) if existing else set()
     todo = [i for i in infos if layer_key(i.name, pool) not in present]
     keys = [layer_key(i.name, pool) for i in todo]
-    work = _Work.plan(folder, settings.augment_meta["views"] if settings.augment_meta else 0)
 
     row_bytes = sum(math.prod(pooled_shape(i.shape, pool)) for i in todo) * np.dtype(dtype).itemsize
     per_chunk = max(1, CHUNK_BYTES // max(1, row_bytes * batch_size))
@@ -686,6 +719,7 @@ def _columns(
         "split": np.array([files[s].split for s in sources], dtype=object),
         "source": sources,
         "view": views.astype(np.int32),
+        **{f"meta/{name}": np.array(values)[sources] for name, values in folder.meta.items()},
     }
 
 
@@ -709,6 +743,7 @@ def _store_meta(job: _Job) -> dict[str, Any]:
                 "n_files": len(job.folder.files),
             },
             "augment": job.settings.augment_meta,
+            **({"shard": job.work.shard} if job.work.shard else {}),
             "created": created,
             "history": [],
         }

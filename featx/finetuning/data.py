@@ -22,8 +22,8 @@ from featx.data.folders import (
     ImageFile,
     ImageFolder,
     load_image,
-    scan_image_folder,
 )
+from featx.data.manifest import open_dataset
 from featx.errors import UsageError
 from featx.finetuning.config import FinetuneConfig
 
@@ -184,7 +184,7 @@ class TrainingData:
         workers: int,
         pin_memory: bool,
     ):
-        self.folder = scan_image_folder(data_dir)
+        self.folder = open_dataset(data_dir)
         self.class_names = list(self.folder.class_names)
         if len(self.class_names) < 2:
             raise UsageError(f"{self.folder.root} has one class; fine-tuning needs at least two.")

@@ -1,4 +1,4 @@
-"""The HDF5 feature store: its format, `FeatureStore`, and bounded row reading."""
+"""The HDF5 feature store: its format, `FeatureStore`, bounded row reading, merging shards."""
 
 from featx._lazy import lazy_exports
 
@@ -7,6 +7,7 @@ _EXPORTS = {
     "LayerRows": "rows",
     "ConcatRows": "rows",
     "open_rows": "rows",
+    "merge": "merge",
 }
 __all__ = list(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -9,10 +9,16 @@ Layout (format version 1), readable with plain h5py:
     /rows/split         (rows,) str               train | validation | test | unsplit
     /rows/source        (rows,) int64             index of the source image in /files
     /rows/view          (rows,) int32             0 for the original, 1..K for augmented views
+    /rows/meta/<column> (rows,) str|int64|float64 a manifest's extra columns (absent for folders)
     /features/<key>     (rows, ...) float32|16    one dataset per layer, chunked by rows
                         attrs: layer, module, pool, precision
     /files/{path,label,split,size,mtime_ns}       every image file of the dataset when extracted
     /skipped/{path,reason}                        files that could not be decoded
+
+A store made by `featx extract --shard I/N` holds the rows of its slice only, with the whole
+dataset's /files; its meta has `shard: {index, count, first_row, n_rows, n_rows_total, ...}`.
+A store made by `featx merge --virtual` holds HDF5 virtual datasets under /features that read
+the shard files in place.
 
 `<key>` is the layer name, with `@avg`, `@max` or `@avgmax` appended when the layer was pooled.
 
@@ -192,6 +198,19 @@ class FeatureStore:
     def views(self, split: str | None = None) -> np.ndarray:
         return self._column("view", split)
 
+    @property
+    def row_meta_columns(self) -> list[str]:
+        """The names of the per-row metadata columns (a manifest's extra columns)."""
+        group = self._file["rows"].get("meta")
+        return sorted(group) if group is not None else []
+
+    def row_meta(self, name: str, split: str | None = None) -> np.ndarray:
+        """A manifest's extra column `name`, one value per row (of a split)."""
+        if name not in self.row_meta_columns:
+            have = ", ".join(self.row_meta_columns) or "none"
+            raise UsageError(f"store {self.path} has no row metadata {name!r}; it has: {have}.")
+        return self._column(f"meta/{name}", split)
+
     def split_of_rows(self, split: str | None = None) -> np.ndarray:
         return self.splits_[self.rows(split)]
 
@@ -285,6 +304,12 @@ class FeatureStore:
                 f"augment     {m['augment']['views']} views per training image, "
                 f"seed {m['augment']['seed']}"
             )
+        if m.get("shard"):
+            shard = m["shard"]
+            lines.append(
+                f"shard       {shard['index']} of {shard['count']}: rows from "
+                f"{shard['first_row']} of {shard['n_rows_total']} (join with `featx merge`)"
+            )
         lines.append(
             f"created     {m.get('created')}  featx {versions.get('featx')}, "
             f"torch {versions.get('torch')}"
@@ -293,9 +318,11 @@ class FeatureStore:
         lines.append(f"layers ({len(self.layers)}):")
         for key in self.layers:
             info = self.layer(key)
+            virtual = self._file["features"][key].is_virtual
+            size = "virtual" if virtual else human_size(info.nbytes)
             lines.append(
                 f"  {key:<28} {'x'.join(map(str, info.shape)):<14} {info.dtype:<8} "
-                f"{human_size(info.nbytes):>9}  {info.attrs.get('precision', '')}"
+                f"{size:>9}  {info.attrs.get('precision', '')}"
             )
         lines.append("")
         labels = self._file["rows"]["label"][()]

@@ -1,0 +1,225 @@
+"""Extraction on a Ray cluster: one Ray task per shard, each calling the ordinary
+`extract(..., shard=(i, n))` into `STORE.shard-IofN.h5`, then one merge.
+
+Ray schedules the tasks (one per GPU when the cluster has GPUs, else sized by CPUs) and
+re-runs a task whose worker died (`max_retries`); a re-run shard resumes from its finished
+chunks, and the task of a shard already complete returns at once, so running the same
+command after a crash resumes at shard and at chunk level. Progress is the sum of the shards' saved
+chunks, polled from their `.partial/` folders, shown as one bar. The shard stores must be on
+storage every node can reach.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from featx.data.manifest import open_dataset
+from featx.errors import UsageError
+from featx.extraction.run import AUGMENTED_SPLITS, ExtractResult, default_store_path, extract
+from featx.extraction.shard import shard_files, shard_store_path
+from featx.store.feature_store import FeatureStore, layer_key
+from featx.store.merge import merge
+
+__all__ = ["extract_on_ray"]
+
+NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb", "smbfs", "lustre", "gpfs", "beegfs", "ceph")
+POLL_SECONDS = 0.5
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise UsageError(
+            "--ray needs Ray, which is not installed: pip install featx[ray]."
+        ) from None
+    return ray
+
+
+def _run_shard(shard: tuple[int, int], threads: int, args: tuple, options: dict) -> dict:
+    """The Ray task: one shard with the ordinary library call, in a Ray worker process."""
+    import torch
+
+    torch.set_num_threads(threads)
+    result = extract(*args, shard=shard, quiet=True, **options)
+    return {"n_rows": result.n_rows, "skipped": result.skipped}
+
+
+def extract_on_ray(
+    data_dir: str | os.PathLike,
+    backbone: str,
+    layers: Sequence[str],
+    *,
+    shards: int | None = None,
+    address: str | None = None,
+    cpus_per_shard: float | None = None,
+    gpus_per_shard: float | None = None,
+    max_retries: int = 3,
+    store: str | os.PathLike | None = None,
+    weights: str = "default",
+    image_size: int | None = None,
+    pool: str = "none",
+    augment: int = 0,
+    overwrite: bool = False,
+    quiet: bool = False,
+    command: str | None = None,
+    **options: Any,
+) -> ExtractResult:
+    """`featx.extract` split into `shards` Ray tasks on the cluster at `address` (a local
+    Ray instance when None), merged into `store` at the end. `options` are `extract`'s."""
+    ray = _ray()
+    store = Path(store) if store else default_store_path(data_dir, backbone, weights, image_size)
+    log = (lambda *_: None) if quiet else (lambda text: print(text, file=sys.stderr))
+    folder = open_dataset(data_dir)
+    keys = _layer_keys(backbone, layers, pool)
+    if store.exists() and not overwrite:
+        if _has_layers(store, keys):  # the ordinary checks: the same data and settings?
+            return extract(
+                data_dir, backbone, layers, store=store, weights=weights,
+                image_size=image_size, pool=pool, augment=augment, quiet=quiet, **options,
+            )  # fmt: skip
+        raise UsageError(
+            f"store {store} exists without these layers or for other files; --ray writes new "
+            "stores only: use --overwrite, another --store, or extract without --ray."
+        )
+
+    if shards is not None and shards < 1:
+        raise UsageError("--shards must be at least 1.")
+    started = not ray.is_initialized()
+    if started:
+        try:
+            ray.init(
+                address=address,
+                num_cpus=None if address else os.cpu_count(),
+                include_dashboard=False,
+                logging_level=logging.ERROR,
+                log_to_driver=False,
+            )
+        except (ConnectionError, RuntimeError, ValueError) as error:
+            where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+            reason = (str(error).splitlines() or [type(error).__name__])[0].rstrip(".")
+            raise UsageError(f"could not start or join {where} ({reason}).") from None
+    try:
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        if gpus_per_shard is None:
+            gpus_per_shard = 1 if gpus else 0
+        if shards is None:
+            shards = gpus or max(1, int(resources.get("CPU", 1) // (cpus_per_shard or 1)))
+        if cpus_per_shard is None:
+            cpus_per_shard = 1 if gpus else max(1, int(resources.get("CPU", 1) // shards))
+        if len([n for n in ray.nodes() if n["Alive"]]) > 1 and not _shared(store.parent):
+            log(f"Warning: {store.parent} looks node-local, but the cluster has several nodes.")
+        per_file = [1 + (augment if f.split in AUGMENTED_SPLITS else 0) for f in folder.files]
+        paths = [shard_store_path(store, (i, shards)) for i in range(shards)]
+        sizes = [
+            sum(per_file[j] for j in shard_files(len(per_file), (i, shards))) for i in range(shards)
+        ]
+        task = ray.remote(_run_shard).options(
+            num_cpus=cpus_per_shard,
+            num_gpus=gpus_per_shard,
+            max_retries=max_retries,
+            retry_exceptions=False,
+        )
+        args = (str(Path(data_dir).resolve()), backbone, list(layers))
+        shard_options = {
+            "store": str(store.resolve()),
+            "weights": weights,
+            "image_size": image_size,
+            "pool": pool,
+            "augment": augment,
+            "overwrite": overwrite,
+            "command": command,
+            **options,
+            "workers": options.get("workers") or 0,  # by default, decode in the task's process
+        }
+        threads = max(1, int(cpus_per_shard))
+        # a finished shard's task returns at once (its store has the layers), a started one
+        # resumes from its saved chunks: extract's own checks decide, so stale shards are refused
+        running = {task.remote((i, shards), threads, args, shard_options): i for i in range(shards)}
+        _wait(ray, running, paths, sizes, quiet)
+    finally:
+        if started:
+            ray.shutdown()
+    merged = merge(store, paths, command=command)
+    for path in paths:
+        path.unlink()
+    log(f"Merged {shards} shards into {merged}.")
+    with FeatureStore(merged) as done:
+        return ExtractResult(merged, computed=keys, n_rows=done.n_rows, skipped=done.skipped)
+
+
+def _wait(ray, running: dict, paths: list[Path], sizes: list[int], quiet: bool) -> None:
+    """Wait for the shard tasks, showing the job's progress; raise the first failure."""
+    finished: list[int] = []
+    bar = tqdm(total=sum(sizes), unit="img", desc="extract (ray)", disable=quiet, file=sys.stderr)
+    pending = list(running)
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, timeout=POLL_SECONDS)
+            for ref in ready:
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayTaskError as error:
+                    cause = error.as_instanceof_cause()
+                    if isinstance(cause, UsageError):
+                        raise UsageError(str(cause.args[0] if cause.args else cause)) from None
+                    raise
+                finished.append(running[ref])
+            done = sum(sizes[i] for i in finished)
+            done += sum(_saved(paths[i], sizes[i]) for i in running.values() if i not in finished)
+            if done != bar.n:
+                bar.update(done - bar.n)
+            time.sleep(0 if ready else 0.05)
+    except KeyboardInterrupt:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise
+    finally:
+        bar.close()
+
+
+def _saved(shard_store: Path, size: int) -> int:
+    """Work items a running shard has saved, from its `.partial/` chunk files."""
+    partial = shard_store.with_name(shard_store.name + ".partial")
+    try:
+        chunk_items = json.loads((partial / "run.json").read_text())["chunk_items"]
+    except (OSError, ValueError, KeyError):
+        return 0
+    return min(size, chunk_items * len(list(partial.glob("chunk-*.npz"))))
+
+
+def _layer_keys(backbone: str, layers: Sequence[str], pool: str) -> list[str]:
+    from featx.backbones.registry import get_backbone
+
+    record = get_backbone(backbone)
+    return [layer_key(record.layer_name(record.module_path(n)), pool) for n in layers]
+
+
+def _has_layers(path: Path, keys: list[str]) -> bool:
+    with FeatureStore(path) as store:
+        return set(keys) <= set(store.layers)
+
+
+def _shared(folder: Path) -> bool:
+    """Whether `folder` is on a network filesystem (by the longest mount point above it)."""
+    folder = folder.resolve()
+    best, kind = "", ""
+    try:
+        with open("/proc/mounts") as mounts:
+            for line in mounts:
+                _, point, fs = line.split()[:3]
+                if folder.as_posix().startswith(point) and len(point) > len(best):
+                    best, kind = point, fs
+    except OSError:
+        return True  # unknown: do not warn
+    return kind.split(".")[0] in NETWORK_FILESYSTEMS or kind.startswith("fuse")
