@@ -48,7 +48,7 @@ def test_a_vit_fine_tuning_network_builds_its_groups():
     model = backbone.load("none").model
     with pytest.raises(UsageError, match="token sequence"):
         build_network(backbone, model, 224, 3)
-    net, _ = build_network(backbone, model, 224, 3, pool="flatten")
+    net, _ = build_network(backbone, model, 224, 3, pool="none")  # the token map flattened
     net.set_trainable(0)  # the root owns pos_embed and cls_token without running as a module
     assert any(p.requires_grad for p in net.head.parameters())
 
