@@ -604,7 +604,10 @@ def runs(
 ) -> None:
     """Print the leaderboard of every logged fit, finetune and evaluate run, best first
     (validation accuracy, else test accuracy). fit's validation scores are those that chose
-    the hyper-parameters, measured before any --refit all."""
+    the hyper-parameters, measured before any --refit all.
+
+    Example: featx runs --store stores/flowers-vgg16-default-std.h5
+    """
     from featx.report import runs_command
 
     with reported():
@@ -622,7 +625,10 @@ def report(
 ) -> None:
     """Write one self-contained HTML page of the logged runs: leaderboard, per-class metrics,
     confusion matrices, training histories, LR-finder curves, augmentation previews and each
-    store's provenance. It needs no network to view."""
+    store's provenance. It needs no network to view.
+
+    Example: featx report report.html --store stores/flowers-vgg16-default-std.h5
+    """
     from featx.report import report_command
 
     with reported():
