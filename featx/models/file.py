@@ -26,15 +26,17 @@ import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sklearn.pipeline import Pipeline
 
 from featx.backbones.registry import Preprocessing
 from featx.errors import UsageError
 from featx.runtime import atomic_write, human_size, library_versions, now, to_json
 from featx.store.feature_store import LAYER_JOIN, FeatureStore
+
+if TYPE_CHECKING:  # scikit-learn loads with a model, not for `featx info STORE`
+    from sklearn.pipeline import Pipeline
 
 __all__ = [
     "FeatxModel",
@@ -72,6 +74,7 @@ def _trusted_types() -> list[str]:
     from sklearn.linear_model import LogisticRegression, RidgeClassifier, SGDClassifier
     from sklearn.metrics import DistanceMetric
     from sklearn.neighbors import BallTree, KDTree, KNeighborsClassifier
+    from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import LabelBinarizer, Normalizer, StandardScaler
     from sklearn.svm import SVC, LinearSVC
     from sklearn.tree import DecisionTreeClassifier
@@ -636,6 +639,8 @@ def _load_zip(path: Path) -> FeatxModel:
         raise UsageError(
             f"model file {path} has a damaged {PIPELINE} ({_reason(error)})."
         ) from None
+    from sklearn.pipeline import Pipeline
+
     if not isinstance(pipeline, Pipeline):
         raise UsageError(f"model file {path} holds a {type(pipeline).__name__}, not a Pipeline.")
     return FeatxModel(pipeline, provenance, path)
@@ -652,6 +657,8 @@ def _load_pickle(path: Path) -> FeatxModel:
         raise UsageError(f"{path} is not a featx model file.")
     if payload.get("format_version") != LEGACY_FORMAT_VERSION:
         raise UsageError(f"{path} is a pickle with an unknown featx model format version.")
+    from sklearn.pipeline import Pipeline
+
     if not isinstance(payload.get("pipeline"), Pipeline):
         raise UsageError(f"{path} holds no scikit-learn Pipeline.")
     return FeatxModel(payload["pipeline"], check_provenance(payload.get("provenance"), path), path)
