@@ -542,6 +542,19 @@ def _run_network(job: _Job, start: int) -> None:
     modules = [i.module for i in job.todo]
     device, size = job.settings.device, job.preprocessing.input_size
     tap = prepare_tap(job.loaded.model, modules, job.settings.pool, device, size)
+    images = _Images(job.folder, job.work.items, job.preprocessing, job.settings.augmenter)
+    loader = DataLoader(
+        images,
+        batch_sampler=_Batches(start, len(job.work.items), job.batch_size, job.chunk_items),
+        num_workers=job.settings.workers,
+        collate_fn=_collate,
+        pin_memory=job.settings.device.type == "cuda",
+        prefetch_factor=4 if job.settings.workers else None,
+        persistent_workers=False,
+    )
+    # The decoding workers fork here, before an engine starts its own thread pool (OpenVINO's
+    # does not survive a fork beside it).
+    batches = iter(loader)
     engine = build_engine(
         tap,
         job.engine,
@@ -553,16 +566,6 @@ def _run_network(job: _Job, start: int) -> None:
     if engine.fallback_reason and not job.settings.quiet:
         print(f"Engine: {engine.describe()}.", file=sys.stderr)
     job.engine_text = engine.describe()
-    images = _Images(job.folder, job.work.items, job.preprocessing, job.settings.augmenter)
-    loader = DataLoader(
-        images,
-        batch_sampler=_Batches(start, len(job.work.items), job.batch_size, job.chunk_items),
-        num_workers=job.settings.workers,
-        collate_fn=_collate,
-        pin_memory=job.settings.device.type == "cuda",
-        prefetch_factor=4 if job.settings.workers else None,
-        persistent_workers=False,
-    )
     writer = ChunkWriter(job.partial)
     writer.start()
 
@@ -590,7 +593,7 @@ def _run_network(job: _Job, start: int) -> None:
     done = start
     try:
         with torch.inference_mode():
-            for batch_index, batch, batch_bad in loader:
+            for batch_index, batch, batch_bad in batches:
                 bad.extend(batch_bad)
                 if batch is not None:
                     outputs = engine(batch)
