@@ -16,6 +16,7 @@ from clfdata import synthetic_store
 # peak over the fork.
 CHILD = """
 import json, resource, sys
+import sklearn.linear_model, torch, torchvision  # featx imports them lazily: count them before
 from featx.classify.fit import fit
 
 def peak():

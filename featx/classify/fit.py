@@ -469,7 +469,7 @@ def fit(
     try:
         keys = list(dict.fromkeys(_resolve(store, layer) for layer in request.layers))
         for key in keys:
-            store.check_finite(key)
+            store.check_finite(key, chunk_bytes=request.chunk_bytes)
             if LAYER_JOIN not in key:
                 _check_pool(store, key, request.config.pool)
         selection = select_rows(store, cv=cv, val_fraction=val_fraction, seed=seed)

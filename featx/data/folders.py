@@ -218,7 +218,7 @@ def scan_image_folder(root: str | os.PathLike) -> ImageFolder:
             for path, st in sorted(listing.files, key=lambda f: relative(f[0])):
                 files.append(ImageFile(relative(path), label, split, st.st_size, st.st_mtime_ns))
             skipped.extend((shortened(path), reason) for path, reason in listing.skipped)
-    return ImageFolder(root, tuple(class_names), tuple(files), tuple(skipped))
+    return ImageFolder(root, tuple(class_names), tuple(files), skipped=tuple(skipped))
 
 
 class BadImage(Exception):

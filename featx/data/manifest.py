@@ -136,7 +136,7 @@ def read_manifest(path: str | os.PathLike) -> ImageFolder:
         for name, values in columns.items()
         if name not in (*REQUIRED, "split")
     }
-    return ImageFolder(root, tuple(class_names), tuple(files), meta)
+    return ImageFolder(root, tuple(class_names), tuple(files), meta=meta)
 
 
 def _relative(image: str, root: str, manifest: Path) -> str:

@@ -260,19 +260,21 @@ class FeatureStore:
             )
         }
 
-    def check_finite(self, layer: str, split: str | None = None) -> None:
+    def check_finite(
+        self, layer: str, split: str | None = None, chunk_bytes: int = 64 << 20
+    ) -> None:
         """UsageError naming the first row of `layer` (all rows, or one split) that holds a
-        NaN or infinite value; scans the layer in chunks of about 64 MB. A `+`-joined key
-        checks each of its layers."""
+        NaN or infinite value; scans the layer in chunks of about `chunk_bytes`. A `+`-joined
+        key checks each of its layers."""
         if LAYER_JOIN in layer:
             for part in layer.split(LAYER_JOIN):
-                self.check_finite(part, split)
+                self.check_finite(part, split, chunk_bytes)
             return
         key = self.resolve(layer)
         ds = self._file["features"][key]
         index = np.arange(self.n_rows)[self.rows(split)]
         row_bytes = max(1, int(np.prod(ds.shape[1:])) * ds.dtype.itemsize)
-        chunk_rows = max(1, (64 << 20) // row_bytes)
+        chunk_rows = max(1, chunk_bytes // row_bytes)
         for start in range(0, len(index), chunk_rows):
             part = index[start : start + chunk_rows]
             contiguous = part[-1] - part[0] + 1 == len(part)
