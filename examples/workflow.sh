@@ -21,5 +21,8 @@ featx info stores/fashion-lite0.h5
 featx fit --store stores/fashion-lite0.h5 \
     --layer forward_features@avg --layer blocks.5@avg \
     --clf logreg --clf linearsvm --clf knn --clf mlp \
-    --model stores/fashion-lite0-best.joblib --report stores/fashion-lite0-report.json
-featx evaluate --model stores/fashion-lite0-best.joblib --store stores/fashion-lite0.h5 --split test
+    --model stores/fashion-lite0-best.featx --report stores/fashion-lite0-report.json
+featx evaluate --model stores/fashion-lite0-best.featx --store stores/fashion-lite0.h5 --split test
+# Every fit and evaluate above is in the store's experiment log.
+featx runs --store stores/fashion-lite0.h5
+featx report stores/fashion-lite0-report.html --store stores/fashion-lite0.h5
