@@ -92,6 +92,7 @@ def test_an_augmented_row_is_the_backbone_on_its_seeded_view(augmented, photos):
         np.testing.assert_allclose(features[row], expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_views_reproduce_for_a_seed_and_change_with_it(augmented, photos, tmp_path):
     again = run(photos, tmp_path / "again.h5").store
     other = run(photos, tmp_path / "other.h5", seed=8).store
@@ -141,6 +142,7 @@ SMALL_CHUNKS = (
 )
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
     data = tmp_path / "pets"
     make_folder(data, {"cat": 4, "dog": 4}, split="train", size=(320, 240))

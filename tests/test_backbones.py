@@ -38,6 +38,7 @@ KERAS_VGG16_SHAPES = {
 
 
 # ---- layer names --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_vgg16_keras_layer_names():
     vgg16 = get_backbone("vgg16")
     assert list(vgg16.aliases) == KERAS_VGG16
@@ -62,6 +63,7 @@ def test_vgg16_keras_layer_names():
         assert infos[name].shape == shape, name
 
 
+@pytest.mark.slow
 def test_vgg19_keras_layer_names():
     vgg19 = get_backbone("vgg19")
     assert vgg19.module_path("block5_pool") == "features.36"
@@ -74,6 +76,7 @@ def test_vgg19_keras_layer_names():
     )
 
 
+@pytest.mark.slow
 def test_featx_layers_vgg16_lists_keras_names_shapes_and_sizes(tmp_path):
     result = invoke_featx("layers", "vgg16")
     assert result.returncode == 0, result.stderr
@@ -96,6 +99,7 @@ def test_featx_layers_timm_model_offers_forward_features(tmp_path):
     assert "1280x3x3" in ff
 
 
+@pytest.mark.slow
 def test_unknown_layer_names_close_matches(small_photos, tmp_path):
     result = invoke_featx(
         "extract", small_photos, "--backbone", "vgg16", "--weights", "none",
@@ -158,6 +162,7 @@ def modules_after(model: nn.Module, deepest: str, x: torch.Tensor) -> list[str]:
     ],
     ids=["vgg16", "resnet18", "efficientnet_lite0"],
 )
+@pytest.mark.slow
 def test_tap_stops_after_the_deepest_requested_layer(builder, requested, deepest):
     model = seeded(builder)
     x = torch.randn(2, 3, 64, 64)
@@ -226,6 +231,7 @@ def resnet18_files(tmp_path_factory):
     return model, files
 
 
+@pytest.mark.slow
 def test_weights_files_in_every_form_load_the_same_tensors(resnet18_files):
     model, files = resnet18_files
     want = state_dict_sha256(model)
@@ -237,6 +243,7 @@ def test_weights_files_in_every_form_load_the_same_tensors(resnet18_files):
         assert not loaded.model.training
 
 
+@pytest.mark.slow
 def test_safetensors_and_prefixed_files_extract_equal_features(
     small_photos, tmp_path, resnet18_files
 ):
@@ -272,6 +279,7 @@ def test_mismatched_weights_file_is_one_sentence(small_photos, tmp_path):
         get_backbone("resnet18").load(str(tmp_path / "missing.pth"))
 
 
+@pytest.mark.slow
 def test_resnet34_tensors_do_not_fit_resnet18(tmp_path):
     path = tmp_path / "r34.pth"
     torch.save(seeded(torchvision.models.resnet34).state_dict(), path)
@@ -283,6 +291,7 @@ def test_resnet34_tensors_do_not_fit_resnet18(tmp_path):
         get_backbone("resnet18").load(str(path))
 
 
+@pytest.mark.slow
 def test_torchvision_weights_not_cached_offline(small_photos, tmp_path):
     cache = tmp_path / "torch-home"
     cache.mkdir()
@@ -299,6 +308,7 @@ def test_torchvision_weights_not_cached_offline(small_photos, tmp_path):
     assert not checkpoints.exists() or not any(checkpoints.iterdir())  # no partial download
 
 
+@pytest.mark.slow
 def test_timm_weights_not_cached_offline(small_photos, tmp_path):
     hf_home, torch_home = tmp_path / "hf-home", tmp_path / "torch-home"
     result = run_featx(

@@ -123,6 +123,7 @@ def test_exif_orientation_is_applied(tmp_path):
     assert red_bottom[0] > 180 and red_bottom[2] < 70
 
 
+@pytest.mark.slow
 def test_exif_rotated_file_gives_the_features_of_the_upright_image(tmp_path):
     upright = photo(3, size=(60, 80))
     exif = Image.Exif()
@@ -222,6 +223,7 @@ def test_unreadable_file(tmp_path):
         load_image(tmp_path / "k" / "img-000.jpg")
 
 
+@pytest.mark.slow
 def test_bad_files_are_skipped_listed_and_exit_3(tmp_path):
     clean = tmp_path / "clean"
     make_folder(clean, {"cat": 3}, split="train")
@@ -270,6 +272,7 @@ def test_all_files_bad_still_writes_an_empty_store(tmp_path):
 
 
 # ---- unusable data directories ------------------------------------------------------------
+@pytest.mark.slow
 def test_unusable_data_directories_exit_2(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "hollow" / "cat").mkdir(parents=True)

@@ -176,6 +176,7 @@ print(json.dumps(out))
 
 
 @needs_openvino
+@pytest.mark.slow
 def test_openvino_matches_eager_and_converts_once(cache):
     import json
     import os

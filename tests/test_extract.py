@@ -75,6 +75,7 @@ def stored(store_path, key: str) -> tuple[np.ndarray, list[str]]:
 
 
 # ---- torchvision --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_vgg16_block4_and_block5_pool_at_150_in_one_run(small_photos, tmp_path):
     result = run(
         small_photos, "vgg16", ["block4_pool", "block5_pool"], tmp_path / "v.h5",
@@ -98,6 +99,7 @@ def test_vgg16_block4_and_block5_pool_at_150_in_one_run(small_photos, tmp_path):
     assert_close(b5, ref["features.30"])
 
 
+@pytest.mark.slow
 def test_resnet18_layer3_and_avgpool_standard_preprocessing(small_photos, tmp_path):
     model, path = weights_file(tmp_path, torchvision.models.resnet18, "resnet18-seeded")
     result = run(small_photos, "resnet18", ["layer3", "avgpool"], tmp_path / "r.h5", weights=path)
@@ -126,6 +128,7 @@ def mobilenet(small_photos, tmp_path_factory):
     return tmp, path, paths, ref
 
 
+@pytest.mark.slow
 def test_mobilenet_v3_small_features6(small_photos, mobilenet):
     tmp, path, paths, ref = mobilenet
     result = run(small_photos, "mobilenet_v3_small", ["features.6"], tmp / "m.h5", weights=path)
@@ -135,6 +138,7 @@ def test_mobilenet_v3_small_features6(small_photos, mobilenet):
     assert_close(features, ref)
 
 
+@pytest.mark.slow
 def test_pools_equal_the_reduced_reference(small_photos, mobilenet):
     tmp, path, _, ref = mobilenet
     expected = {
@@ -212,6 +216,7 @@ def test_efficientnet_lite0_blocks4_and_forward_features_match_timm(small_photos
     assert_close(blocks4, ref_b4[0].numpy())
 
 
+@pytest.mark.slow
 def test_timm_model_by_name_with_weights_file(small_photos, tmp_path):
     model = seeded(timm.create_model, model_name="resnet18", pretrained=False)
     path = tmp_path / "timm-resnet18.pth"
@@ -253,12 +258,14 @@ def test_featx_help_has_an_example(tmp_path):
 
 
 @pytest.mark.parametrize("command", _commands())
+@pytest.mark.slow
 def test_every_command_help_has_an_example(command):
     result = invoke_featx(command, "--help")
     assert result.returncode == 0, result.stderr
     assert "Example" in result.stdout
 
 
+@pytest.mark.slow
 def test_default_store_path(small_photos, tmp_path):
     result = run_featx(
         "extract", small_photos, "--backbone", "resnet18", "--weights", "none",

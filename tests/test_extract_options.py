@@ -44,6 +44,7 @@ def featx_cli(*args: object, cwd: Path, env: dict[str, str]) -> subprocess.Compl
 
 # ---- dtype --------------------------------------------------------------------------------
 @pytest.mark.parametrize(("stored", "asked"), [("float32", "float16"), ("float16", "float32")])
+@pytest.mark.slow
 def test_a_layer_is_not_reused_in_another_dtype(pets, tmp_path, stored, asked):
     store = tmp_path / "s.h5"
     options = dict(weights="none", image_size=48, workers=0, device="cpu", quiet=True)
@@ -97,6 +98,7 @@ def extract_args(data: Path, store: Path, batch: int) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_interrupted_runs_batch_size(tmp_path):
     assert CHUNK_ITEMS == BATCH  # a chunk of one batch (and of one batch of 8 for OTHER_BATCH)
     data = tmp_path / "photos"
@@ -158,6 +160,7 @@ offline_only = pytest.mark.skipif(_online(), reason="needs a machine without a n
 
 
 @offline_only
+@pytest.mark.slow
 def test_uncached_timm_weights_fail_at_once_offline(pets, tmp_path):
     hf_home, torch_home = tmp_path / "hf", tmp_path / "torch"
     hf_home.mkdir()
@@ -179,6 +182,7 @@ def test_uncached_timm_weights_fail_at_once_offline(pets, tmp_path):
 
 
 @offline_only
+@pytest.mark.slow
 def test_timm_weights_in_the_hugging_face_cache_are_used_offline(pets, tmp_path):
     from huggingface_hub import try_to_load_from_cache
     from safetensors.torch import save_file

@@ -39,6 +39,7 @@ def data(tmp_path):
     return root
 
 
+@pytest.mark.slow
 def test_identical_command_does_not_load_the_network(data, tmp_path):
     """The store is made with `--weights default` from a torch cache holding a (seeded)
     resnet18 checkpoint; the cache is then emptied. Loading the network would now fail
@@ -87,6 +88,7 @@ def test_identical_call_reuses_every_layer(data, tmp_path):
     assert file_digest(store) == before
 
 
+@pytest.mark.slow
 def test_new_layer_is_added_and_old_values_stay_bit_identical(data, tmp_path, capsys):
     store = tmp_path / "s.h5"
     first = quick(data, store, layers=["layer1"], pool="avg")
@@ -114,6 +116,7 @@ def test_new_layer_is_added_and_old_values_stay_bit_identical(data, tmp_path, ca
 
 
 @pytest.mark.parametrize("change", ["added", "modified", "removed"])
+@pytest.mark.slow
 def test_changed_dataset_is_refused(data, tmp_path, change):
     store = tmp_path / "s.h5"
     quick(data, store, quiet=True)
@@ -143,6 +146,7 @@ def test_changed_dataset_is_refused(data, tmp_path, change):
     assert file_digest(store) == before
 
 
+@pytest.mark.slow
 def test_other_weights_or_preprocessing_are_refused_then_overwritten(data, tmp_path):
     store = tmp_path / "s.h5"
     quick(data, store, quiet=True)
@@ -182,6 +186,7 @@ def test_other_weights_or_preprocessing_are_refused_then_overwritten(data, tmp_p
         assert s.read("layer2").shape == (6, 128, 6, 6)
 
 
+@pytest.mark.slow
 def test_overwrite_of_a_matching_store_recomputes(data, tmp_path):
     store = tmp_path / "s.h5"
     quick(data, store, quiet=True)

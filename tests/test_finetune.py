@@ -95,6 +95,7 @@ def assert_same(a, b, where="") -> None:
 
 
 # ---- stage 1: the frozen base ----------------------------------------------------------------
+@pytest.mark.slow
 def test_head_stage_leaves_the_base_bit_for_bit_and_trains_the_head(tiny, tmp_path):
     c = config(epochs_head=2, epochs=0)
     before = snapshot(session(tiny, c).net)
@@ -119,6 +120,7 @@ def test_head_stage_runs_the_base_in_eval_mode_without_gradients(tiny):
 
 
 # ---- stage 2: exactly the layers from --unfreeze-from ------------------------------------------
+@pytest.mark.slow
 def test_full_stage_trains_exactly_from_the_keras_layer_on(tiny, tmp_path):
     """vgg16 `block5_conv1` is the conv features.24 and its ReLU: block5's three convs train."""
     c = config(backbone="vgg16", epochs_head=0, unfreeze_from="block5_conv1", augment=None)
@@ -132,6 +134,7 @@ def test_full_stage_trains_exactly_from_the_keras_layer_on(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("bn", ["frozen", "train"])
+@pytest.mark.slow
 def test_full_stage_from_a_module_path_and_batchnorm_modes(tiny, tmp_path, bn):
     c = config(backbone="resnet18", epochs_head=0, unfreeze_from="layer3.1", bn=bn)
     before = base_state(snapshot(session(tiny, c).net))
@@ -151,6 +154,7 @@ def test_unfreeze_from_after_the_feature_layer_is_refused(tiny):
 
 
 # ---- learning rates ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_parameter_groups_carry_the_learning_rates_the_flags_ask_for(tiny, tmp_path):
     run = tmp_path / "run"
     code, out, err = invoke(
@@ -186,6 +190,7 @@ def test_one_cycle_peaks_at_the_requested_rates(tiny):
 
 
 # ---- lr-find -----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_lr_find_restores_weights_optimizer_state_and_rng(tiny):
     c = config(backbone="resnet18", unfreeze_from="layer4", bn="train", dropout=0.3, batch_size=4)
 
@@ -226,6 +231,7 @@ def test_lr_find_restores_weights_optimizer_state_and_rng(tiny):
     assert changed(snapshot(a.net), snapshot(b.net)) == set()
 
 
+@pytest.mark.slow
 def test_lr_find_command_suggests_a_rate_and_writes_the_curve(tiny, tmp_path):
     png = tmp_path / "curve.png"
     code, out, err = invoke(
@@ -263,6 +269,7 @@ def test_range_test_stops_on_divergence_and_suggests_the_steepest_descent():
 
 
 # ---- resume ------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_resume_after_a_real_kill_continues_from_the_last_checkpoint(shapes, tmp_path):
     run = tmp_path / "run"
     args = [
@@ -299,6 +306,7 @@ def test_resume_after_a_real_kill_continues_from_the_last_checkpoint(shapes, tmp
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_options_and_a_missing_checkpoint(shapes, tmp_path):
     code, _, err = invoke(
         "finetune", shapes, "--backbone", "resnet18", "--out", tmp_path / "nothing", "--resume"
@@ -334,6 +342,7 @@ def test_without_a_validation_folder_the_split_is_seeded_and_stratified(shapes, 
     assert kept.how == "validation folder"
 
 
+@pytest.mark.slow
 def test_bf16_autocast_trains_on_the_cpu(tiny, tmp_path):
     c = config(precision="bf16", epochs_head=1, epochs=1)
     result = finetune(tiny, c, out=tmp_path / "run", device="cpu", workers=0, quiet=True)
@@ -360,6 +369,7 @@ def finished(shapes_split, tmp_path_factory):
     return c, finetune(shapes_split, c, out=out, workers=0, quiet=True)
 
 
+@pytest.mark.slow
 def test_a_run_writes_its_files(finished):
     c, result = finished
     out = result.out
@@ -410,6 +420,7 @@ def test_the_model_file_evaluates_a_store_of_the_fine_tuned_weights(finished, sh
     assert evaluation.metrics["log_loss"] == pytest.approx(wanted["log_loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_a_fitted_mlp_starts_the_head_with_its_pipeline_folded_in(shapes, tmp_path):
     from featx.classify.fit import fit
     from featx.extraction.run import extract
@@ -449,6 +460,7 @@ def test_a_fitted_mlp_starts_the_head_with_its_pipeline_folded_in(shapes, tmp_pa
          ["conv_stem", *(f"blocks.{i}" for i in range(7)), "conv_head"], "blocks.6"),
     ],
 )  # fmt: skip
+@pytest.mark.slow
 def test_blocks_follow_the_architecture(backbone, blocks, default):
     record = get_backbone(backbone)
     with torch.random.fork_rng(devices=[]):
@@ -476,6 +488,7 @@ def test_blocks_follow_the_architecture(backbone, blocks, default):
         (["--precision", "fp16", "--device", "cpu"], "--precision fp16 needs a CUDA or MPS"),
     ],
 )  # fmt: skip
+@pytest.mark.slow
 def test_bad_options_are_one_sentence_with_exit_code_2(tiny, tmp_path, options, message):
     code, _, err = invoke(
         "finetune", tiny, "--backbone", "vgg16", "--weights", "none", "--out", tmp_path / "r",

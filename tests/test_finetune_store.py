@@ -39,6 +39,7 @@ def cached_run(with_test, store, tmp_path_factory):
     return finetune(with_test, c, out=out, workers=0, quiet=True, store=store)
 
 
+@pytest.mark.slow
 def test_stage_one_trains_the_head_on_the_cached_rows(cached_run):
     out = cached_run.out
     history = json.loads((out / "history.json").read_text())

@@ -66,6 +66,7 @@ def model_path(split_store, tmp_path_factory):
 
 
 # ---- sweeps -------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sweep_runs_every_layer_and_classifier_and_ranks_them(aug_store):
     sweep = featx.fit(aug_store, ["layer3", "layer4"], ["logreg", "ridge", "knn"])
     pairs = {(r.layer, r.classifier) for r in sweep.results}
@@ -87,6 +88,7 @@ def test_sweep_runs_every_layer_and_classifier_and_ranks_them(aug_store):
     assert logreg.metrics["validation"]["log_loss"] >= 0
 
 
+@pytest.mark.slow
 def test_all_classifiers_fit(split_store):
     names = ["logreg", "linearsvm", "svm", "knn", "rf", "ridge", "sgd", "mlp"]
     sweep = featx.fit(split_store, "layer4", names, params=["rf.n_estimators=20"])
@@ -283,6 +285,7 @@ def test_evaluate_refuses_a_store_with_other_features(model_path, split_data, tm
 
 
 # ---- out-of-core --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_streamed_fit_on_a_small_store(split_store):
     sweep = featx.fit(
         split_store, "layer4", ["sgd", "mlp"], stream=True, chunk_bytes=8 * 2048 * 4, seed=3
@@ -333,6 +336,7 @@ def _one_sentence(result) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_usage_errors_are_one_sentence(split_store, aug_store, model_path, tmp_path):
     fit = ["fit", "--store", split_store]
     vectors = synthetic_store(tmp_path / "vectors.h5", 40, 8)
@@ -383,6 +387,7 @@ def test_a_store_without_training_rows_is_refused(tmp_path):
     assert "has no training rows (its splits: test)" in message
 
 
+@pytest.mark.slow
 def test_cli_fit_evaluate_and_info(split_store, tmp_path):
     """The real `featx` entry point in a fresh interpreter: exit codes and files."""
     model, report = tmp_path / "cli.joblib", tmp_path / "cli.json"

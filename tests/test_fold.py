@@ -91,6 +91,7 @@ def test_a_batchnormact_submodule_stays_tappable(lite0, photos, part):
     assert_outputs_close(got, want)
 
 
+@pytest.mark.slow
 def test_a_kept_conv_is_not_folded_and_gives_the_same_output(photos):
     reference = seeded(torchvision.models.resnet18)
     model = copy.deepcopy(reference)

@@ -270,6 +270,7 @@ IMAGE_CASES = {
 
 
 @pytest.mark.parametrize("case", list(IMAGE_CASES))
+@pytest.mark.slow
 def test_bad_data_entry(case, good, tmp_path):
     make, code, unprivileged = IMAGE_CASES[case]
     data = tmp_path / "data"
@@ -298,6 +299,7 @@ def test_bad_data_entry(case, good, tmp_path):
     assert good.digests() == before
 
 
+@pytest.mark.slow
 def test_predict_on_bad_entries(good, tmp_path):
     """predict lists unreadable files and folders, broken links and FIFOs, and exits 3."""
     folder = tmp_path / "photos"
@@ -405,6 +407,7 @@ ARGUMENT_CASES: dict[str, Callable[[Good, Path], tuple]] = {
 
 
 @pytest.mark.parametrize("case", list(ARGUMENT_CASES))
+@pytest.mark.slow
 def test_bad_argument(case, good, tmp_path):
     args = ARGUMENT_CASES[case](good, tmp_path)
     before = good.digests()

@@ -22,6 +22,7 @@ def photos(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_pooling_tokens_is_refused_and_tokens_are_stored_unpooled(photos, tmp_path):
     store = tmp_path / "vit.h5"
     args = ("extract", photos, "--backbone", VIT, "--weights", "none", "--layer",

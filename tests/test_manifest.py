@@ -75,6 +75,7 @@ def test_folder_and_manifest_give_the_same_store(split_folder, tmp_path):
         assert raw["rows/meta/source"].asstr()[()].shape == (len(folder.files),)
 
 
+@pytest.mark.slow
 def test_parquet_manifest_and_missing_file_is_skipped(split_folder, tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq

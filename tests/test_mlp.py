@@ -45,6 +45,7 @@ def _weights(clf: MLPClassifier) -> list[np.ndarray]:
         MLPClassifier(epochs=10, early_stopping=False, optimizer="adam", hidden_sizes=(32, 16)),
     ]
 )
+@pytest.mark.slow
 def test_sklearn_compatible(estimator, check):
     check(estimator)
 

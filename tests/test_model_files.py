@@ -86,6 +86,7 @@ def _no_pickle(monkeypatch) -> None:
 
 # ---- round trips -------------------------------------------------------------------------
 @pytest.mark.parametrize("clf", sorted(CLASSIFIERS))
+@pytest.mark.slow
 def test_every_classifier_survives_save_and_load(world, clf, tmp_path, audited_loads, monkeypatch):
     params = {"epochs": 5} if clf == "mlp" else None
     path = tmp_path / f"{clf}.featx"
@@ -279,6 +280,7 @@ HOSTILE = {
 
 
 @pytest.mark.parametrize("case", list(HOSTILE))
+@pytest.mark.slow
 def test_a_crafted_model_file_is_refused_without_running_code(world, case, tmp_path):
     maker, expected, expected_info = HOSTILE[case]
     pwned = tmp_path / "pwned"
@@ -313,6 +315,7 @@ def test_untrusted_types_are_listed(world, tmp_path):
     assert "system" in message and not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.slow
 def test_a_fresh_interpreter_never_unpickles(world, tmp_path):
     pwned = tmp_path / "pwned"
     hostile = _pickle(world["good"], tmp_path / "old.joblib", pwned)

@@ -71,6 +71,7 @@ def _compare(model, store, data, split="test", atol=1e-6):
     return evaluation, predictions
 
 
+@pytest.mark.slow
 def test_predict_gives_the_classes_evaluate_gives(store32, data):
     model = _fit(store32)
     evaluation, predictions = _compare(model, store32, data)
@@ -79,6 +80,7 @@ def test_predict_gives_the_classes_evaluate_gives(store32, data):
     np.testing.assert_allclose(predictions.scores.sum(axis=1), 1, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_predict_matches_a_float16_store_and_pooled_spatial_layer(store16, data):
     """Features are cast through the stored dtype, and --pool is part of the pipeline."""
     model = _fit(store16, "mlp", layer="layer3", pool="max", params={"epochs": 15})
@@ -114,6 +116,7 @@ def test_csv_lists_top_k_classes_best_first(store32, data, tmp_path):
     assert wide.splitlines()[0].endswith("top3,top3_probability")  # at most every class
 
 
+@pytest.mark.slow
 def test_bad_images_are_reported_and_skipped(store32, data, tmp_path):
     model = _fit(store32)
     folder = tmp_path / "mixed"
@@ -147,6 +150,7 @@ def test_bad_images_are_reported_and_skipped(store32, data, tmp_path):
     assert "empty.png: empty file" in cli.stderr and "Traceback" not in cli.stderr
 
 
+@pytest.mark.slow
 def test_cli_predict_writes_the_csv(store32, data, tmp_path):
     model = _fit(store32)
     out = tmp_path / "predictions.csv"

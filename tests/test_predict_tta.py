@@ -59,6 +59,7 @@ def _csv(text: str) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO(text)))
 
 
+@pytest.mark.slow
 def test_tta_zero_is_plain_prediction_which_matches_evaluate(logreg, store, data):
     plain = featx.predict(logreg, [data / "test"])
     zero = featx.predict(logreg, [data / "test"], tta=0)
@@ -76,6 +77,7 @@ def test_tta_zero_is_plain_prediction_which_matches_evaluate(logreg, store, data
         )
 
 
+@pytest.mark.slow
 def test_tta_changes_scores_keeps_probabilities_and_is_reproducible(logreg, data):
     plain = featx.predict(logreg, [data / "test"])
     tta = featx.predict(logreg, [data / "test"], tta=2)
@@ -92,6 +94,7 @@ def test_tta_changes_scores_keeps_probabilities_and_is_reproducible(logreg, data
     assert not np.array_equal(featx.predict(logreg, [data / "test"], tta=1).scores, tta.scores)
 
 
+@pytest.mark.slow
 def test_tta_scores_are_the_mean_over_the_image_and_its_seeded_views(logreg, data):
     """Recompute by hand: the plain input plus `tta_inputs(..., 2, key=crc32(file name))` with the
     default augmentation (the store was not augmented), through the unfolded backbone, cast to
@@ -154,6 +157,7 @@ def test_negative_tta_is_refused(logreg, data):
     assert result.stdout == ""
 
 
+@pytest.mark.slow
 def test_cli_tta_end_to_end(logreg, data, tmp_path):
     api = featx.predict(logreg, [data / "test"], tta=2)
     out = tmp_path / "tta.csv"

@@ -191,6 +191,7 @@ def _chromium() -> str:
     return path
 
 
+@pytest.mark.slow
 def test_report_in_a_headless_browser(logged: dict) -> None:
     from playwright.sync_api import sync_playwright
 

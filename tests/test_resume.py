@@ -141,6 +141,7 @@ def reference(workspace):
     return {"store": store, "first": (first.pid, code, stdout, stderr), "second": second}
 
 
+@pytest.mark.slow
 def test_second_concurrent_extract_is_refused_and_the_first_completes(reference):
     pid, code, stdout, stderr = reference["first"]
     second = reference["second"]
@@ -195,6 +196,7 @@ def resume(tmp: Path, data: Path, store: Path, done: int) -> None:
     assert result.stdout.strip() == str(store)
 
 
+@pytest.mark.slow
 def test_sigkill_while_adding_layers_keeps_the_old_store_and_resumes_equal(workspace, reference):
     tmp, data = workspace
     store = tmp / "killed.h5"
@@ -228,6 +230,7 @@ def test_sigkill_while_adding_layers_keeps_the_old_store_and_resumes_equal(works
     assert leftovers(store) == []
 
 
+@pytest.mark.slow
 def test_ctrl_c_then_a_kill_while_assembling_then_resume_equal(workspace, reference):
     tmp, data = workspace
     store = tmp / "interrupted.h5"

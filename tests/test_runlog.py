@@ -219,6 +219,7 @@ def _integrity(path: Path) -> str:
         return conn.execute("PRAGMA integrity_check").fetchone()[0]
 
 
+@pytest.mark.slow
 def test_four_processes_appending_at_once_lose_nothing(store: Path) -> None:
     procs = [_writer(store, f"w{k}", 50) for k in range(4)]
     for proc in procs:

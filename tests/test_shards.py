@@ -55,6 +55,7 @@ def sharded(dataset, tmp_path_factory):
     return whole, [r.store for r in shards], out
 
 
+@pytest.mark.slow
 def test_shards_cover_the_rows_with_views_together(sharded):
     whole, shards, out = sharded
     assert shards[1] == out / "s.shard-0of3.h5"
@@ -95,6 +96,7 @@ def test_a_shard_resumes_and_is_reused(dataset, sharded):
         extract(dataset, store=out / "s.h5", shard=(1, 3), layers=["avgpool"], **TINY, **FAST)
 
 
+@pytest.mark.slow
 def test_merge_refuses_mismatched_shards(dataset, sharded, tmp_path):
     whole, shards, out = sharded
     refusals = [

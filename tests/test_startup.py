@@ -57,12 +57,14 @@ def cached(tmp_path_factory) -> tuple[Path, Path]:
     ],
     ids=lambda a: " ".join(a),
 )
+@pytest.mark.slow
 def test_listings_import_no_torch(args, tmp_path):
     result = probe(*args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "torch-not-imported" in result.stderr
 
 
+@pytest.mark.slow
 def test_info_and_a_cached_rerun_import_no_torch(cached, tmp_path):
     data, store = cached
     info = probe("info", store, cwd=tmp_path)
@@ -86,6 +88,7 @@ def test_info_and_a_cached_rerun_import_no_torch(cached, tmp_path):
     ],
     ids=["missing-data", "unknown-backbone", "missing-store", "info-missing"],
 )
+@pytest.mark.slow
 def test_usage_errors_import_no_torch(args, tmp_path):
     result = probe(*args, cwd=tmp_path)
     assert result.returncode == 2, result.stderr

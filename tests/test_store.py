@@ -42,6 +42,7 @@ def built(tmp_path_factory):
     return tmp, data, result
 
 
+@pytest.mark.slow
 def test_layout_readable_with_plain_h5py(built):
     tmp, data, _ = built
     with h5py.File(tmp / "birds.h5", "r") as f:
@@ -187,6 +188,7 @@ def test_files_that_are_not_stores(tmp_path):
     assert "does not exist" in assert_one_sentence_error(result)
 
 
+@pytest.mark.slow
 def test_compression_round_trips_identical_values(small_photos, tmp_path):
     arrays = {}
     for compression in ("none", "gzip", "lzf"):

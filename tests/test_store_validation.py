@@ -164,6 +164,7 @@ def corrupted(request, built, tmp_path) -> tuple[Path, str, bool]:
     return copy, expected, at_open
 
 
+@pytest.mark.slow
 def test_every_command_names_the_problem_and_changes_nothing(built, corrupted):
     data, good = built
     store, expected, at_open = corrupted
@@ -185,6 +186,7 @@ def test_every_command_names_the_problem_and_changes_nothing(built, corrupted):
     assert _sha256(good) == good_before
 
 
+@pytest.mark.slow
 def test_the_cli_in_a_fresh_interpreter_refuses_a_broken_store(built, tmp_path):
     data, store = built
     copy = tmp_path / "short.h5"
