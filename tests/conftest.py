@@ -153,3 +153,13 @@ def seeded(builder, seed: int = 7, **kwargs):
 def file_digest(path: Path) -> tuple[str, int]:
     """The sha256 of a file's bytes and its modification time: equal when it was untouched."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest(), Path(path).stat().st_mtime_ns
+
+
+@pytest.fixture(autouse=True, scope="session")
+def engine_cache(tmp_path_factory) -> Path:
+    """An empty engine cache for the session (inherited by the featx subprocesses): `auto`
+    then never finds a conversion cached by other work on the machine, so the small runs of
+    the tests stay eager unless a test asks for an engine."""
+    path = tmp_path_factory.mktemp("engine-cache")
+    os.environ["FEATX_CACHE"] = str(path)
+    return path

@@ -192,9 +192,10 @@ def features_for_images(
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from featx.backbones.layers import as_input, prepare_tap
+    from featx.backbones.layers import prepare_tap
     from featx.backbones.registry import Preprocessing, get_backbone
-    from featx.runtime import autocast, resolve_device
+    from featx.extraction.engines import build_engine
+    from featx.runtime import resolve_device
 
     check_range("batch-size", batch_size, 1)
     check_range("workers", workers, 0)
@@ -221,7 +222,14 @@ def features_for_images(
     dev = resolve_device(device)
     preprocessing = Preprocessing.from_dict(p["preprocessing"])
     modules = [layer["module"] for layer in layers]
-    tap = prepare_tap(loaded.model, modules, layers[0]["pool"], dev, preprocessing.input_size)
+    size, precision = preprocessing.input_size, layers[0]["precision"]
+    if precision == "fp16" and dev.type == "cpu":
+        raise UsageError(
+            "the model's features were computed in fp16, which needs a CUDA or MPS device."
+        )
+    tap = prepare_tap(loaded.model, modules, layers[0]["pool"], dev, size)
+    # the engine extraction ran by default, in the stored precision (bf16 weights for bf16)
+    engine = build_engine(tap, "eager", dev, precision, example=torch.zeros(1, 3, size, size))
     loader = DataLoader(
         _Images(files, preprocessing, tta, _tta_augmentation(p) if tta else None),
         batch_size=batch_size,
@@ -232,8 +240,7 @@ def features_for_images(
     for index, batch, bad in loader:
         rows = None
         if batch is not None:
-            with torch.inference_mode(), autocast(dev, layers[0]["precision"]):
-                outputs = tap(as_input(batch.flatten(0, 1), dev))
+            outputs = engine(batch.flatten(0, 1))
             parts = [
                 outputs[layer["module"]].float().cpu().numpy().astype(layer["dtype"])
                 for layer in layers
