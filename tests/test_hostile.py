@@ -366,6 +366,13 @@ ARGUMENT_CASES: dict[str, Callable[[Good, Path], tuple]] = {
     "extract-bad-pool": lambda g, t: _extract(g, t, "--pool", "median"),
     "extract-bad-dtype": lambda g, t: _extract(g, t, "--dtype", "int8"),
     "extract-bad-device": lambda g, t: _extract(g, t, "--device", "tpu"),
+    "extract-bad-engine": lambda g, t: _extract(g, t, "--engine", "tensorrt"),
+    "extract-shard-out-of-range": lambda g, t: _extract(g, t, "--shard", "3/2"),
+    "extract-shard-not-a-fraction": lambda g, t: _extract(g, t, "--shard", "half"),
+    "extract-bad-manifest": lambda g, t: (
+        (t / "m.csv").write_text("path,label\n"),
+        ("extract", t / "m.csv", *TINY, "--layer", "avgpool"),
+    )[1],
     "extract-huge-image": lambda g, t: _extract(g, t, "--image-size", "40000"),
     "timm-unknown-weights": lambda g, t: (
         "extract",
