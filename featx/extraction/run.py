@@ -497,7 +497,7 @@ def _compute(
     if partial.run["batch_size"] != batch_size:
         batch_size = partial.run["batch_size"]
         log(f"Resuming with the interrupted run's batch size, {batch_size}, for identical values.")
-    if partial.run["engine"] != engine:
+    if partial.run.get("engine", engine) != engine:
         engine, why = partial.run["engine"], "the interrupted run's engine, for identical values"
     n_chunks = math.ceil(len(work.items) / chunk_items)
     first = partial.done()
