@@ -31,6 +31,7 @@ __all__ = [
     "check_output_file",
     "disk_errors",
     "autocast",
+    "check_precision",
     "available_memory",
     "default_workers",
     "human_size",
@@ -66,15 +67,20 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def check_precision(device: torch.device, precision: str) -> None:
+    """UsageError unless `precision` is known and runs on `device` (fp16 needs CUDA or MPS)."""
+    check_choice("precision", precision, PRECISIONS)
+    if precision == "fp16" and device.type == "cpu":
+        raise UsageError("--precision fp16 needs a CUDA or MPS device; use bf16 on a CPU.")
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """The autocast context for a precision: fp32 (none), bf16, or fp16 (CUDA/MPS only)."""
     import torch
 
-    check_choice("precision", precision, PRECISIONS)
+    check_precision(device, precision)
     if precision == "fp32":
         return contextlib.nullcontext()
-    if precision == "fp16" and device.type == "cpu":
-        raise UsageError("--precision fp16 needs a CUDA or MPS device; use bf16 on a CPU.")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)
 

@@ -12,6 +12,7 @@ import torch
 
 from featx.backbones import get_backbone
 from featx.backbones.layers import prepare_tap
+from featx.errors import UsageError
 from featx.extraction import engines
 from featx.extraction.engines import build_engine, choose_engine
 
@@ -120,7 +121,7 @@ def test_unconvertible_model_falls_back_to_eager(batch):
 def test_unknown_engine_and_cpu_fp16_are_refused(tap, batch):
     with pytest.raises(ValueError, match="engine must be one of"):
         build_engine(tap, "tensorrt", CPU, "fp32", batch)
-    with pytest.raises(ValueError, match="fp16 runs on cuda or mps"):
+    with pytest.raises(UsageError, match="fp16 needs a CUDA or MPS device"):
         build_engine(tap, "eager", CPU, "fp16", batch)
 
 
@@ -141,6 +142,7 @@ OPENVINO_CHECKS = """
 import json, sys, torch
 from featx.backbones import get_backbone
 from featx.backbones.layers import prepare_tap
+from featx.errors import UsageError
 from featx.extraction import engines
 from featx.extraction.engines import CONVERSIONS, build_engine
 

@@ -367,6 +367,7 @@ ARGUMENT_CASES: dict[str, Callable[[Good, Path], tuple]] = {
     "extract-bad-dtype": lambda g, t: _extract(g, t, "--dtype", "int8"),
     "extract-bad-device": lambda g, t: _extract(g, t, "--device", "tpu"),
     "extract-bad-engine": lambda g, t: _extract(g, t, "--engine", "tensorrt"),
+    "extract-fp16-on-cpu": lambda g, t: _extract(g, t, "--precision", "fp16", "--device", "cpu"),
     "extract-shard-out-of-range": lambda g, t: _extract(g, t, "--shard", "3/2"),
     "extract-shard-not-a-fraction": lambda g, t: _extract(g, t, "--shard", "half"),
     "extract-bad-manifest": lambda g, t: (

@@ -195,7 +195,7 @@ def features_for_images(
     from featx.backbones.layers import prepare_tap
     from featx.backbones.registry import Preprocessing, get_backbone
     from featx.extraction.engines import build_engine
-    from featx.runtime import resolve_device
+    from featx.runtime import check_precision, resolve_device
 
     check_range("batch-size", batch_size, 1)
     check_range("workers", workers, 0)
@@ -223,10 +223,7 @@ def features_for_images(
     preprocessing = Preprocessing.from_dict(p["preprocessing"])
     modules = [layer["module"] for layer in layers]
     size, precision = preprocessing.input_size, layers[0]["precision"]
-    if precision == "fp16" and dev.type == "cpu":
-        raise UsageError(
-            "the model's features were computed in fp16, which needs a CUDA or MPS device."
-        )
+    check_precision(dev, precision)
     tap = prepare_tap(loaded.model, modules, layers[0]["pool"], dev, size)
     # the engine extraction ran by default, in the stored precision (bf16 weights for bf16)
     engine = build_engine(tap, "eager", dev, precision, example=torch.zeros(1, 3, size, size))

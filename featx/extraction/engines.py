@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from featx.runtime import ENGINES
+from featx.runtime import ENGINES, check_precision
 
 __all__ = ["ENGINES", "Engine", "build_engine", "cache_key", "choose_engine", "resolve_engine"]
 
@@ -144,20 +144,13 @@ def _to_float(outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in outputs.items()}
 
 
-def _check_precision(device: torch.device, precision: str) -> None:
-    if precision not in ENGINE_PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(ENGINE_PRECISIONS)}")
-    if precision == "fp16" and device.type == "cpu":
-        raise ValueError("fp16 runs on cuda or mps only; use bf16 or fp32 on the CPU")
-
-
 # ---- engines --------------------------------------------------------------------------------
 
 
 def eager_engine(tap: nn.Module, device: torch.device, precision: str = "fp32") -> Engine:
     """Today's path: the tap as it is (channels_last), weights cast to bf16/fp16 when asked
     (real low-precision weights, not autocast), under inference_mode."""
-    _check_precision(device, precision)
+    check_precision(device, precision)
     model = _cast(tap, precision)
     dtype = _DTYPES[precision]
 
@@ -186,7 +179,7 @@ def compile_engine(
     from torch._inductor import config as inductor_config
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    _check_precision(device, precision)
+    check_precision(device, precision)
     _enable_inductor_cache(cache_root())
     model = _cast(tap, precision)
     dtype = _DTYPES[precision]
@@ -330,7 +323,7 @@ def build_engine(
     `key` (see `cache_key`) names the cached conversion, None disables the cache."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}")
-    _check_precision(device, precision)
+    check_precision(device, precision)
     if engine == "eager":
         return eager_engine(tap, device, precision)
     try:

@@ -33,6 +33,7 @@ from featx.runtime import (
     ENGINES,
     PRECISIONS,
     available_memory,
+    check_precision,
     default_workers,
     disk_errors,
     library_versions,
@@ -335,7 +336,7 @@ def extract(
                 engine=engine,
                 batch_size=batch_size,
                 workers=default_workers() if workers is None else workers,
-                device=resolve_device(device),
+                device=_device_for(device, precision),
                 quiet=quiet,
                 command=command,
                 augmenter=augmenter,
@@ -354,6 +355,13 @@ def extract(
         finally:
             if existing is not None:
                 existing.close()
+
+
+def _device_for(device: str, precision: str) -> torch.device:
+    """The resolved device, once `precision` is known to run on it."""
+    resolved = resolve_device(device)
+    check_precision(resolved, precision)
+    return resolved
 
 
 def _augmentation(views: int, config: Any, seed: int):
