@@ -520,8 +520,10 @@ def test_sigterm_stops_cleanly_and_resumes(tmp_path):
     make_folder(data, {"a": 40, "b": 40}, size=(64, 48))
     store = tmp_path / "s.h5"
     args = [*FEATX, "extract", str(data), "--backbone", "resnet18", "--weights", "none"]
-    args += ["--image-size", "160", "--batch-size", "2", "--workers", "0", "--quiet"]
-    args += ["--layer", "layer3", "--store", str(store)]
+    # layer1 at 320 px is 1.6 MB a row: chunks of 18 images, so the run has five and the
+    # signal lands between them, not during the final assembly
+    args += ["--image-size", "320", "--batch-size", "2", "--workers", "0", "--quiet"]
+    args += ["--layer", "layer1", "--store", str(store)]
     process = subprocess.Popen(
         args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
