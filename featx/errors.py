@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 __all__ = [
+    "first_line",
     "FeatxError",
     "Interrupted",
     "StoreLocked",
@@ -18,6 +19,16 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_SKIPPED = 3
 EXIT_INTERRUPTED = 130
+
+
+def first_line(error: BaseException | str, limit: int = 160) -> str:
+    """The first line of an error's message (the error's type name when it has none), cut at
+    `limit` characters: what featx quotes inside its one-sentence messages."""
+    lines = str(error).strip().splitlines()
+    text = lines[0].strip() if lines else ""
+    if not text:
+        return type(error).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class FeatxError(Exception):

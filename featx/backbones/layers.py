@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from featx.backbones.registry import FORWARD_FEATURES, Backbone
-from featx.errors import UsageError, check_range
+from featx.errors import UsageError, check_range, first_line
 
 __all__ = [
     "LayerInfo",
@@ -282,7 +282,7 @@ def trace_layers(backbone: Backbone, model: nn.Module, input_size: int) -> list[
                 (lambda out: record(FORWARD_FEATURES, out)) if backbone.source == "timm" else None,
             )
     except (AssertionError, RuntimeError, ValueError) as error:  # e.g. a fixed input size
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
+        first = first_line(error).rstrip(".")
         raise UsageError(
             f"{backbone.name} cannot run on {input_size}x{input_size} inputs ({first})."
         ) from None

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from featx.errors import UsageError, WeightsUnavailable
+from featx.errors import UsageError, WeightsUnavailable, first_line
 
 if TYPE_CHECKING:  # torch and torchvision load only when a network is built or run
     import torch
@@ -312,11 +312,6 @@ def _is_named(weights: str) -> bool:
     )
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(getattr(error, "reason", None) or error).strip().splitlines()
-    return text[0][:120] if text else type(error).__name__
-
-
 def _timm_pretrained_cfg(name: str):
     """timm's pretrained config of `ARCH[.TAG]`; UsageError listing the tags for a wrong tag."""
     import timm
@@ -390,7 +385,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise UsageError(f"cannot read weights file {path}: {_first_line(error)}.") from None
+        reason = first_line(getattr(error, "reason", None) or error, 120)
+        raise UsageError(f"cannot read weights file {path}: {reason}.") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

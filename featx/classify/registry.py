@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from featx.errors import UsageError
+from featx.errors import UsageError, first_line
 
 if TYPE_CHECKING:  # scikit-learn loads when an estimator is made, not for `featx classifiers`
     from sklearn.base import BaseEstimator
@@ -273,5 +273,5 @@ def check_params(estimator: BaseEstimator, params: Mapping[str, Any], classifier
             warnings.simplefilter("ignore")
             est.fit(rows, np.arange(8) % 2)
     except (ValueError, TypeError) as error:
-        text = str(error).strip().splitlines()[0].rstrip(".")
+        text = first_line(error).rstrip(".")
         raise UsageError(f"bad parameter for {classifier}: {text}.") from None

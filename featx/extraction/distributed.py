@@ -23,7 +23,7 @@ from typing import Any
 from tqdm import tqdm
 
 from featx.data.manifest import open_dataset
-from featx.errors import UsageError
+from featx.errors import UsageError, first_line
 from featx.extraction.run import AUGMENTED_SPLITS, ExtractResult, default_store_path, extract
 from featx.extraction.shard import shard_files, shard_store_path
 from featx.store.feature_store import FeatureStore, layer_key
@@ -106,7 +106,7 @@ def extract_on_ray(
             )
         except (ConnectionError, RuntimeError, ValueError) as error:
             where = f"the Ray cluster at {address}" if address else "a local Ray instance"
-            reason = (str(error).splitlines() or [type(error).__name__])[0].rstrip(".")
+            reason = first_line(error).rstrip(".")
             raise UsageError(f"could not start or join {where} ({reason}).") from None
     try:
         resources = ray.cluster_resources()

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from featx.errors import first_line
 from featx.runtime import ENGINES, check_precision
 
 __all__ = ["ENGINES", "Engine", "build_engine", "cache_key", "choose_engine", "resolve_engine"]
@@ -123,9 +124,9 @@ def _enable_inductor_cache(root: Path) -> None:
 
 
 def _one_line(error: BaseException) -> str:
-    text = (str(error).strip().splitlines() or [""])[0].strip()
-    text = text[:160] + ("..." if len(text) > 160 else "")
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+    if not str(error).strip():
+        return type(error).__name__
+    return f"{type(error).__name__}: {first_line(error)}"
 
 
 def _cast(tap: nn.Module, precision: str) -> nn.Module:
