@@ -1,0 +1,144 @@
+"""featx against the classic Keras transfer-learning notebook, on the same photo-sized JPEGs.
+
+The notebook's pipeline: VGG16 without its top at 150 px, images rescaled by 1/255 and read
+in batches of 20 from the class folders, `conv_base.predict` per batch, features collected in
+memory and saved. featx: `featx extract DATA --backbone vgg16 --layer block5_pool
+--image-size 150`. Each run is a fresh process (imports, model set-up, decoding, inference
+and saving included), the two alternate, and the peak resident memory of each process tree
+(the process and its DataLoader workers, PSS so shared pages count once) is sampled every
+0.05 s.
+
+Keras runs from its own environment, given by --keras-python (a Python with tensorflow-cpu
+and keras installed, e.g. `python -m venv kv && kv/bin/pip install tensorflow-cpu keras
+pillow scipy`). Neither side can download ImageNet weights offline: Keras builds VGG16 with
+random weights (its 58 MB no-top file is never read), featx reads a 528 MB torchvision VGG16
+state dict saved by this script (the size of the real file; the speed is the same).
+
+    python benchmarks/bench_keras.py --keras-python kv/bin/python --images 200 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_extract import make_photos  # noqa: E402
+
+KERAS_PIPELINE = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    import keras
+    from keras.applications import VGG16
+
+    data, out, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    conv_base = VGG16(weights=None, include_top=False, input_shape=(size, size, 3))
+    try:
+        from keras.preprocessing.image import ImageDataGenerator
+
+        generator = ImageDataGenerator(rescale=1.0 / 255).flow_from_directory(
+            data, target_size=(size, size), batch_size=20, class_mode="binary", shuffle=False
+        )
+        batches = (generator[i] for i in range(len(generator)))
+    except ImportError:  # Keras 3 dropped ImageDataGenerator: its tf.data successor
+        dataset = keras.utils.image_dataset_from_directory(
+            data, image_size=(size, size), batch_size=20, shuffle=False, verbose=False
+        )
+        batches = ((x.numpy() / 255.0, y.numpy()) for x, y in dataset)
+    features = [conv_base.predict(x, verbose=0) for x, _ in batches]
+    np.save(out, np.concatenate(features))
+    """
+)
+
+
+def run_measured(command: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak PSS of the process tree in bytes) of one fresh process."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    root = psutil.Process(process.pid)
+    peak = 0
+    while process.poll() is None:
+        total = 0
+        try:
+            for p in [root, *root.children(recursive=True)]:
+                try:
+                    total += p.memory_full_info().pss
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    pass
+        except psutil.NoSuchProcess:
+            break
+        peak = max(peak, total)
+        time.sleep(0.05)
+    seconds = time.perf_counter() - start
+    if process.returncode != 0:
+        sys.exit(f"{' '.join(command)} failed:\n{process.stderr.read().decode()[-2000:]}")
+    return seconds, peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--keras-python", required=True, help="a Python with tensorflow+keras")
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--image-size", type=int, default=150)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--engine", nargs="+", default=["auto"], help="featx engines to time")
+    args = parser.parse_args()
+
+    import torch
+    import torchvision
+
+    work = Path(tempfile.mkdtemp(prefix="bench_keras-"))
+    try:
+        data = work / "photos"
+        make_photos(data, args.images)
+        weights = work / "vgg16.pth"
+        torch.manual_seed(0)
+        torch.save(torchvision.models.vgg16().state_dict(), weights)
+        keras_script = work / "keras_pipeline.py"
+        keras_script.write_text(KERAS_PIPELINE)
+        runs = {"keras": [args.keras_python, str(keras_script), str(data), str(work / "k.npy"),
+                          str(args.image_size)]}  # fmt: skip
+        for engine in args.engine:
+            runs[f"featx {engine}"] = [
+                sys.executable, "-m", "featx.cli", "extract", str(data), "--backbone", "vgg16",
+                "--weights", str(weights), "--layer", "block5_pool",
+                "--image-size", str(args.image_size), "--engine", engine,
+                "--store", str(work / "f.h5"), "--overwrite", "--quiet",
+            ]  # fmt: skip
+        results: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+        for _ in range(args.repeats):
+            for name, command in runs.items():
+                results[name].append(run_measured(command))
+        keras_seconds = statistics.median(s for s, _ in results["keras"])
+        keras_peak = statistics.median(p for _, p in results["keras"])
+        print(
+            f"VGG16 block5_pool at {args.image_size} px, {args.images} 640x480 JPEGs, fresh "
+            f"processes, medians of {args.repeats} alternating runs; torch "
+            f"{torch.__version__}, {torch.get_num_threads()} threads\n"
+        )
+        print("| pipeline | seconds | images/s | vs Keras | peak PSS | vs Keras |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for name, measured in results.items():
+            seconds = statistics.median(s for s, _ in measured)
+            peak = statistics.median(p for _, p in measured)
+            print(
+                f"| {name} | {seconds:.1f} | {args.images / seconds:.1f} | "
+                f"{keras_seconds / seconds:.2f}x | {peak / 2**20:.0f} MB | "
+                f"{peak / keras_peak:.2f}x |"
+            )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
