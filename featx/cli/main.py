@@ -747,7 +747,8 @@ def finetune(
     epochs_head: Annotated[
         int | None,
         typer.Option(
-            help="Epochs of stage 1, base frozen (default 5; 1 with --head MODEL).",
+            help="Epochs of stage 1, base frozen (default 5; 1 with --head MODEL; with "
+            "--store up to 100 on the cached rows, 0 with --head MODEL).",
             callback=NOT_NEGATIVE,
         ),
     ] = None,
@@ -789,8 +790,9 @@ def finetune(
     store: Annotated[
         Path | None,
         typer.Option(
-            help="Train the head (stage 1) on this store's cached rows of the feature layer; "
-            "the run is logged in the store's experiment log."
+            help="Train the head (stage 1) on this store's cached rows of the feature layer "
+            "(with --head MODEL, the fitted head is stage 1 as it is); the run is logged in the "
+            "store's experiment log."
         ),
     ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars or per-epoch lines.")] = False,
@@ -813,6 +815,11 @@ def finetune(
 
     Example: featx finetune data/cats_dogs --backbone vgg16 --image-size 150 --unfreeze-from
     block5_conv1 --epochs-head 5 --epochs 10 --lr 1e-4 --out runs/cats-dogs
+
+    From the best model of a sweep (a logreg or mlp on one layer):
+    featx fit --store S.h5 --layer block5_pool@avg --clf logreg --clf mlp --model best.featx
+    featx finetune data/cats_dogs --backbone vgg16 --image-size 150 --head best.featx
+    --store S.h5
     """
     from featx.finetuning.run import finetune as run
 
