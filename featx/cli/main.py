@@ -105,6 +105,15 @@ def _command_line() -> str:
     return "featx " + shlex.join(sys.argv[1:])
 
 
+EngineOption = Annotated[
+    str,
+    typer.Option(
+        help="What runs the network: auto (picked by measured speed and run length), eager, "
+        "compile (torch.compile) or openvino."
+    ),
+]
+
+
 @app.command()
 @with_augmentation
 def extract(
@@ -153,13 +162,7 @@ def extract(
         str,
         typer.Option(help="Compute precision: fp32, bf16 (bf16 weights; CPU or GPU), fp16 (GPU)."),
     ] = "fp32",
-    engine: Annotated[
-        str,
-        typer.Option(
-            help="What runs the network: auto (picked by measured speed and run length), "
-            "eager, compile (torch.compile) or openvino."
-        ),
-    ] = "auto",
+    engine: EngineOption = "auto",
     batch_size: Annotated[
         int, typer.Option(help="Images per forward pass.", callback=AT_LEAST_ONE)
     ] = 32,
@@ -556,6 +559,7 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(help="Images per forward pass (DATA).")] = 32,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps (DATA).")] = "auto",
     workers: Annotated[int, typer.Option(help="Decoding processes (DATA; 0: in-process).")] = 0,
+    engine: EngineOption = "auto",
 ) -> None:
     """Score a model on a split of a store made with the same backbone, weights,
     preprocessing and layer (any other store is refused, saying what differs), or on a split
@@ -583,7 +587,7 @@ def evaluate(
         else:
             result = evaluate_images(
                 loaded, data, split, report=report, batch_size=batch_size, device=device,
-                workers=workers, quiet=False, command=_command_line(),
+                workers=workers, quiet=False, command=_command_line(), engine=engine,
             )  # fmt: skip
     typer.echo(result.table())
     if report is not None:
@@ -660,7 +664,8 @@ def predict(
             callback=NOT_NEGATIVE,
         ),
     ] = 0,
-    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    engine: EngineOption = "auto",
+    quiet: Annotated[bool, typer.Option(help="No progress bar or engine line.")] = False,
     trust_pickle: Annotated[
         bool,
         typer.Option(
@@ -695,6 +700,7 @@ def predict(
             workers=workers,
             tta=tta,
             quiet=quiet,
+            engine=engine,
         )
     if out is None:
         typer.echo(result.to_csv(top_k), nl=False)
