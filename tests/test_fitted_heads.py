@@ -126,3 +126,27 @@ def test_a_fitted_logreg_with_the_store_is_stage_one_and_stage_two_starts_from_i
     assert last["full_start"] == pytest.approx(expected, rel=1e-4)
     assert result.metrics["validation"]["log_loss"] <= last["full_start"] * (1 + 1e-6)
     assert "as fitted (0 epochs)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_head_fitted_on_the_validation_images_is_not_kept_for_its_loss(tmp_path, capsys):
+    """Without a validation folder `featx fit` refits on every training image (--refit all),
+    among them the images fine-tuning holds out: the head's validation loss is then no
+    baseline, so the run says so and keeps stage 2's best epoch."""
+    from test_finetune import config
+
+    from featx.finetuning.run import finetune, load_checkpoint
+
+    folder = shapes_folder(tmp_path / "shapes", 8, seed=4)
+    store = tiny_store(folder, tmp_path / "s.h5")
+    model = tmp_path / "best.featx"
+    fit(store, "layer4@avg", "logreg", model=model, log=False)
+    assert load_model(model).provenance["trained_on"]["refit"] == "all"
+    c = config(backbone="resnet18", head=str(model), epochs_head=None, epochs=1, patience=0)
+    result = finetune(folder, c, out=tmp_path / "run", workers=0, store=store)
+
+    last = load_checkpoint(result.out / "last.pt")
+    assert result.best_epoch == 1 and last["full_start"] is None
+    err = capsys.readouterr().err
+    assert "Note: --head" in err and "among them this run's validation images" in err
+    assert "it saw them, so the run keeps stage 2's best epoch." in err

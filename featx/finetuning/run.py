@@ -28,7 +28,7 @@ from featx.errors import Interrupted, UsageError, check_range
 from featx.finetuning.config import STAGES, FinetuneConfig, FinetuneResult
 from featx.finetuning.network import Network
 from featx.finetuning.session import Session
-from featx.models.heads import load_fitted_head
+from featx.models.heads import FittedHead, load_fitted_head
 from featx.runtime import (
     atomic_write,
     library_versions,
@@ -113,10 +113,17 @@ def finetune(
     )
     state = _start(out, config, resume, overwrite)
     session = Session(data_dir, config, workers=workers, device=device, quiet=quiet, fitted=fitted)
+    seen = _validation_seen(fitted, session) if fitted is not None else None
+    if seen:
+        log(
+            f"Note: {seen}, so its validation loss is optimistic; give the data a validation/ "
+            "folder and fit with --refit train for an honest one."
+        )
     try:
         return _run(
-            session, out, state, log, command or " ".join(sys.argv), Path(store) if store else None
-        )
+            session, out, state, log, command or " ".join(sys.argv), Path(store) if store else None,
+            seen,
+        )  # fmt: skip
     except KeyboardInterrupt:
         raise Interrupted(
             "interrupted; add --resume to the same command to continue from the last "
@@ -157,8 +164,32 @@ def _start(out: Path, config: FinetuneConfig, resume: bool, overwrite: bool) -> 
     return None
 
 
+def _validation_seen(fitted: FittedHead, session: Session) -> str | None:
+    """Why a fitted head's validation loss is no honest baseline, or None: its model was
+    fitted on rows of the split this run validates on (`trained_on` in the model file; a
+    hold-out that fit carved is not the one fine-tuning carves)."""
+    seen = fitted.provenance.get("trained_on") or {}
+    split = session.split
+    where = "validation" if split.how == "validation folder" else None
+    if where is None and split.validation:
+        where = session.folder.files[split.validation[0]].split
+    if where not in seen.get("splits", []):
+        return None
+    return (
+        f"--head {fitted.path} was fitted on {seen['n_rows']} rows of "
+        f"{' + '.join(seen['splits'])} (--refit {seen['refit']}), among them this run's "
+        "validation images"
+    )
+
+
 def _run(
-    session: Session, out: Path, state: dict | None, log, command: str, store: Path | None
+    session: Session,
+    out: Path,
+    state: dict | None,
+    log,
+    command: str,
+    store: Path | None,
+    seen: str | None = None,
 ) -> FinetuneResult:
     config, net = session.config, session.net
     plan = config.stage_epochs
@@ -193,7 +224,7 @@ def _run(
         plan["head"] = len(history)  # early stopping ended it; epoch lines count what ran
         position = (0, True)
     elif state is None and config.fitted_head and not plan["head"]:
-        best = _fitted_head_as_stage_one(session, out, log)
+        best = _fitted_head_as_stage_one(session, out, log, unfair=bool(seen and plan["full"]))
         position = (0, True)
     for index, stage in enumerate(STAGES):
         n = plan[stage]
@@ -279,11 +310,13 @@ def _head_from_rows(session: Session, rows, epochs: int, out: Path, log):
     return history, best
 
 
-def _fitted_head_as_stage_one(session: Session, out: Path, log) -> dict[str, Any]:
+def _fitted_head_as_stage_one(session: Session, out: Path, log, unfair: bool) -> dict[str, Any]:
     """With no stage-1 epochs, the fitted head as it came is stage 1: scored on the
-    validation images (the loss stage 2 has to beat), saved as best.pt and last.pt."""
+    validation images (the loss stage 2 has to beat), saved as best.pt and last.pt. When the
+    head saw those images (`unfair`), its score is not a candidate: the run keeps stage 2's
+    best epoch."""
     scores = session.evaluate()
-    best = {"val_loss": scores["val_loss"], "epoch": 0}
+    best = {"val_loss": math.inf if unfair else scores["val_loss"], "epoch": 0}
     save_atomic(_best_state(session.net, {"epoch": 0, **scores}), out / BEST)
     _save_last(
         session, out, [], best, None, stage="head", stage_epoch=0, stage_done=True,
@@ -291,7 +324,8 @@ def _fitted_head_as_stage_one(session: Session, out: Path, log) -> dict[str, Any
     )  # fmt: skip
     log(
         f"Stage 1: the head of {session.config.head} as fitted (0 epochs), on the validation "
-        f"images: loss {scores['val_loss']:.4f}, accuracy {scores['val_accuracy']:.4f}."
+        f"images: loss {scores['val_loss']:.4f}, accuracy {scores['val_accuracy']:.4f}"
+        + ("; it saw them, so the run keeps stage 2's best epoch." if unfair else ".")
     )
     return best
 
