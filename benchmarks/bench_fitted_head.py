@@ -60,7 +60,8 @@ def main() -> None:
         history = json.loads((out_dir / "history.json").read_text())
         last = load_checkpoint(out_dir / "last.pt")
         full = " ".join(f"{h['val_loss']:.3f}" for h in history if h["stage"] == "full")
-        vals = f"{last['full_start']:.3f} | {full} | kept epoch {last['best']['epoch']}"
+        start = "-" if last["full_start"] is None else f"{last['full_start']:.3f}"
+        vals = f"{start} | {full} | kept epoch {last['best']['epoch']}"
         rows.append((name, metrics["test"]["accuracy"], vals, seconds))
     print(
         f"{'run':<42} {'test accuracy':>13} {'seconds':>8}  validation loss: stage 2 start "
