@@ -116,14 +116,14 @@ def finetune(
     seen = _validation_seen(fitted, session) if fitted is not None else None
     if seen:
         log(
-            f"Note: {seen}, so its validation loss is optimistic; give the data a validation/ "
-            "folder and fit with --refit train for an honest one."
+            f"Note: {seen}, so its validation loss is optimistic and stage 2 is kept only if "
+            "it beats that; give the data a validation/ folder and fit with --refit train for "
+            "an honest comparison."
         )
     try:
         return _run(
-            session, out, state, log, command or " ".join(sys.argv), Path(store) if store else None,
-            seen,
-        )  # fmt: skip
+            session, out, state, log, command or " ".join(sys.argv), Path(store) if store else None
+        )
     except KeyboardInterrupt:
         raise Interrupted(
             "interrupted; add --resume to the same command to continue from the last "
@@ -183,13 +183,7 @@ def _validation_seen(fitted: FittedHead, session: Session) -> str | None:
 
 
 def _run(
-    session: Session,
-    out: Path,
-    state: dict | None,
-    log,
-    command: str,
-    store: Path | None,
-    seen: str | None = None,
+    session: Session, out: Path, state: dict | None, log, command: str, store: Path | None
 ) -> FinetuneResult:
     config, net = session.config, session.net
     plan = config.stage_epochs
@@ -224,7 +218,7 @@ def _run(
         plan["head"] = len(history)  # early stopping ended it; epoch lines count what ran
         position = (0, True)
     elif state is None and config.fitted_head and not plan["head"]:
-        best = _fitted_head_as_stage_one(session, out, log, unfair=bool(seen and plan["full"]))
+        best = _fitted_head_as_stage_one(session, out, log)
         position = (0, True)
     for index, stage in enumerate(STAGES):
         n = plan[stage]
@@ -310,13 +304,11 @@ def _head_from_rows(session: Session, rows, epochs: int, out: Path, log):
     return history, best
 
 
-def _fitted_head_as_stage_one(session: Session, out: Path, log, unfair: bool) -> dict[str, Any]:
+def _fitted_head_as_stage_one(session: Session, out: Path, log) -> dict[str, Any]:
     """With no stage-1 epochs, the fitted head as it came is stage 1: scored on the
-    validation images (the loss stage 2 has to beat), saved as best.pt and last.pt. When the
-    head saw those images (`unfair`), its score is not a candidate: the run keeps stage 2's
-    best epoch."""
+    validation images (the loss stage 2 has to beat), saved as best.pt and last.pt."""
     scores = session.evaluate()
-    best = {"val_loss": math.inf if unfair else scores["val_loss"], "epoch": 0}
+    best = {"val_loss": scores["val_loss"], "epoch": 0}
     save_atomic(_best_state(session.net, {"epoch": 0, **scores}), out / BEST)
     _save_last(
         session, out, [], best, None, stage="head", stage_epoch=0, stage_done=True,
@@ -324,8 +316,7 @@ def _fitted_head_as_stage_one(session: Session, out: Path, log, unfair: bool) ->
     )  # fmt: skip
     log(
         f"Stage 1: the head of {session.config.head} as fitted (0 epochs), on the validation "
-        f"images: loss {scores['val_loss']:.4f}, accuracy {scores['val_accuracy']:.4f}"
-        + ("; it saw them, so the run keeps stage 2's best epoch." if unfair else ".")
+        f"images: loss {scores['val_loss']:.4f}, accuracy {scores['val_accuracy']:.4f}."
     )
     return best
 
