@@ -444,10 +444,10 @@ def test_a_fitted_mlp_starts_the_head_with_its_pipeline_folded_in(shapes, tmp_pa
 
     with pytest.raises(UsageError, match="use --image-size 32"):
         session(shapes, config(backbone="resnet18", head=str(model_path), image_size=48))
-    logreg = tmp_path / "logreg.joblib"
-    fit(store, "layer4@avg", "logreg", model=logreg)
-    with pytest.raises(UsageError, match="only an MLP"):
-        session(shapes, config(backbone="resnet18", head=str(logreg)))
+    svm = tmp_path / "svm.joblib"
+    fit(store, "layer4@avg", "svm", model=svm)
+    with pytest.raises(UsageError, match="only a model of `featx fit --clf logreg`"):
+        session(shapes, config(backbone="resnet18", head=str(svm)))
 
 
 # ---- network structure -------------------------------------------------------------------------

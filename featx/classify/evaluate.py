@@ -170,10 +170,12 @@ def evaluate_images(
     workers: int = 0,
     quiet: bool = True,
     command: str | None = None,
+    engine: str = "auto",
 ) -> Evaluation:
     """Score `model` on the images of `split` of the image folder `data` (DATA/SPLIT/CLASS/ or,
     as split "unsplit", DATA/CLASS/), computing the features the model reads as `featx
-    predict` does. Image files that cannot be decoded are left out and listed in `skipped`."""
+    predict` does (`engine`: auto, eager, compile or openvino). Image files that cannot be
+    decoded are left out and listed in `skipped`."""
     from featx.classify.predict import features_for_images
     from featx.data.folders import scan_image_folder
 
@@ -198,7 +200,7 @@ def evaluate_images(
     skipped: list[tuple[str, str]] = []
     for index, X, bad in features_for_images(
         model, files, batch_size=batch_size, device=device, workers=workers, quiet=quiet,
-        desc="evaluate",
+        desc="evaluate", engine=engine,
     ):  # fmt: skip
         skipped.extend((str(files[i]), reason) for i, reason in bad)
         if X is not None:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from featx.data.folders import BadImage, list_images, load_image, printable
-from featx.errors import UsageError, check_range
+from featx.errors import UsageError, check_choice, check_range
 from featx.models.file import FeatxModel, load_model
 from featx.runtime import atomic_write, check_output_file
 
@@ -178,11 +178,16 @@ def features_for_images(
     tta: int = 0,
     quiet: bool = True,
     desc: str = "predict",
+    engine: str = "auto",
 ) -> Iterator[tuple[list[int], np.ndarray | None, list[tuple[int, str]]]]:
     """The model's input rows for image `files`, made as the model's store made them: its
     backbone and weights (checked by sha256), preprocessing, every layer it reads tapped in
     one pass with the same pooling, precision and dtype cast (several layers flattened and
     concatenated, as `featx.store.ConcatRows` reads them).
+
+    `engine` runs the network as `featx extract --engine` does: eager, compile, openvino, or
+    auto (chosen by `resolve_engine` for this many images); an engine that cannot take the
+    model falls back to eager. Unless `quiet`, the engine chosen is printed in one line.
 
     Yields (indices into `files`, rows of shape (n * (1 + tta), ...) or None, [(index,
     reason)] of files that could not be decoded) per batch; with `tta`, each image's rows are
@@ -194,11 +199,12 @@ def features_for_images(
 
     from featx.backbones.layers import prepare_tap
     from featx.backbones.registry import Preprocessing, get_backbone
-    from featx.extraction.engines import build_engine
+    from featx.extraction.engines import ENGINES, build_engine, cache_key, resolve_engine
     from featx.runtime import check_precision, resolve_device
 
     check_range("batch-size", batch_size, 1)
     check_range("workers", workers, 0)
+    check_choice("engine", engine, ("auto", *ENGINES))
     p, layers = model.provenance, model.layers
     if not p.get("weights_spec"):
         raise UsageError(
@@ -225,19 +231,31 @@ def features_for_images(
     size, precision = preprocessing.input_size, layers[0]["precision"]
     check_precision(dev, precision)
     tap = prepare_tap(loaded.model, modules, layers[0]["pool"], dev, size)
-    # the engine extraction ran by default, in the stored precision (bf16 weights for bf16)
-    engine = build_engine(tap, "eager", dev, precision, example=torch.zeros(1, 3, size, size))
+    # The tap is the one extraction builds for these modules: extraction's cache key, so a
+    # conversion that `featx extract` cached is reused here.
+    key = cache_key(loaded.name, loaded.weights_sha256, modules, layers[0]["pool"], size,
+                    precision, "extract")  # fmt: skip
+    name, why = resolve_engine(engine, dev, precision, len(files) * (1 + tta), key)
+    if not quiet:
+        print(f"Engine: {name}" + (f" ({why})." if why else "."), file=sys.stderr)
     loader = DataLoader(
         _Images(files, preprocessing, tta, _tta_augmentation(p) if tta else None),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=_collate,
     )
+    # The decoding workers fork here, before an engine starts its own thread pool (OpenVINO's
+    # does not survive a fork beside it). The engine runs in the stored precision.
+    batches = iter(loader)
+    example = torch.zeros(batch_size * (1 + tta), 3, size, size)
+    run = build_engine(tap, name, dev, precision, example=example, key=key)
+    if run.fallback_reason and not quiet:
+        print(f"Engine: {run.describe()}.", file=sys.stderr)
     bar = tqdm(total=len(files), unit="img", disable=quiet, desc=desc, file=sys.stderr)
-    for index, batch, bad in loader:
+    for index, batch, bad in batches:
         rows = None
         if batch is not None:
-            outputs = engine(batch.flatten(0, 1))
+            outputs = run(batch.flatten(0, 1))
             parts = [
                 outputs[layer["module"]].float().cpu().numpy().astype(layer["dtype"])
                 for layer in layers
@@ -263,12 +281,14 @@ def predict(
     workers: int = 0,
     tta: int = 0,
     quiet: bool = True,
+    engine: str = "auto",
 ) -> Predictions:
     """Classify the images in `paths` (files or folders) with `model`.
 
     Files that cannot be decoded are skipped and listed in `Predictions.skipped`. `out` writes
     the CSV (see `Predictions.to_csv`). `tta` > 0 averages the scores of the image and that many
     augmented views of it (test-time augmentation, with the model's training augmentation).
+    `engine` runs the network: auto, eager, compile or openvino (see `features_for_images`).
     """
     check_range("top-k", top_k, 1)
     check_range("batch-size", batch_size, 1)
@@ -286,8 +306,9 @@ def predict(
     predicted: list[np.ndarray] = []
     scores: list[np.ndarray] = []
     batches = features_for_images(
-        model, files, batch_size=batch_size, device=device, workers=workers, tta=tta, quiet=quiet
-    )
+        model, files, batch_size=batch_size, device=device, workers=workers, tta=tta,
+        quiet=quiet, engine=engine,
+    )  # fmt: skip
     for index, features, bad in batches:
         skipped.extend((str(files[i]), reason) for i, reason in bad)
         if features is not None:

@@ -105,6 +105,15 @@ def _command_line() -> str:
     return "featx " + shlex.join(sys.argv[1:])
 
 
+EngineOption = Annotated[
+    str,
+    typer.Option(
+        help="What runs the network: auto (picked by measured speed and run length), eager, "
+        "compile (torch.compile) or openvino."
+    ),
+]
+
+
 @app.command()
 @with_augmentation
 def extract(
@@ -153,13 +162,7 @@ def extract(
         str,
         typer.Option(help="Compute precision: fp32, bf16 (bf16 weights; CPU or GPU), fp16 (GPU)."),
     ] = "fp32",
-    engine: Annotated[
-        str,
-        typer.Option(
-            help="What runs the network: auto (picked by measured speed and run length), "
-            "eager, compile (torch.compile) or openvino."
-        ),
-    ] = "auto",
+    engine: EngineOption = "auto",
     batch_size: Annotated[
         int, typer.Option(help="Images per forward pass.", callback=AT_LEAST_ONE)
     ] = 32,
@@ -556,6 +559,7 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(help="Images per forward pass (DATA).")] = 32,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps (DATA).")] = "auto",
     workers: Annotated[int, typer.Option(help="Decoding processes (DATA; 0: in-process).")] = 0,
+    engine: EngineOption = "auto",
 ) -> None:
     """Score a model on a split of a store made with the same backbone, weights,
     preprocessing and layer (any other store is refused, saying what differs), or on a split
@@ -583,7 +587,7 @@ def evaluate(
         else:
             result = evaluate_images(
                 loaded, data, split, report=report, batch_size=batch_size, device=device,
-                workers=workers, quiet=False, command=_command_line(),
+                workers=workers, quiet=False, command=_command_line(), engine=engine,
             )  # fmt: skip
     typer.echo(result.table())
     if report is not None:
@@ -660,7 +664,8 @@ def predict(
             callback=NOT_NEGATIVE,
         ),
     ] = 0,
-    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    engine: EngineOption = "auto",
+    quiet: Annotated[bool, typer.Option(help="No progress bar or engine line.")] = False,
     trust_pickle: Annotated[
         bool,
         typer.Option(
@@ -695,6 +700,7 @@ def predict(
             workers=workers,
             tta=tta,
             quiet=quiet,
+            engine=engine,
         )
     if out is None:
         typer.echo(result.to_csv(top_k), nl=False)
@@ -747,7 +753,8 @@ def finetune(
     epochs_head: Annotated[
         int | None,
         typer.Option(
-            help="Epochs of stage 1, base frozen (default 5; 1 with --head MODEL).",
+            help="Epochs of stage 1, base frozen (default 5; 1 with --head MODEL; with "
+            "--store up to 100 on the cached rows, 0 with --head MODEL).",
             callback=NOT_NEGATIVE,
         ),
     ] = None,
@@ -789,8 +796,9 @@ def finetune(
     store: Annotated[
         Path | None,
         typer.Option(
-            help="Train the head (stage 1) on this store's cached rows of the feature layer; "
-            "the run is logged in the store's experiment log."
+            help="Train the head (stage 1) on this store's cached rows of the feature layer "
+            "(with --head MODEL, the fitted head is stage 1 as it is); the run is logged in the "
+            "store's experiment log."
         ),
     ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars or per-epoch lines.")] = False,
@@ -813,6 +821,11 @@ def finetune(
 
     Example: featx finetune data/cats_dogs --backbone vgg16 --image-size 150 --unfreeze-from
     block5_conv1 --epochs-head 5 --epochs 10 --lr 1e-4 --out runs/cats-dogs
+
+    From the best model of a sweep (a logreg or mlp on one layer):
+    featx fit --store S.h5 --layer block5_pool@avg --clf logreg --clf mlp --model best.featx
+    featx finetune data/cats_dogs --backbone vgg16 --image-size 150 --head best.featx
+    --store S.h5
     """
     from featx.finetuning.run import finetune as run
 

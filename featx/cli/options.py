@@ -308,8 +308,9 @@ NETWORK_OPTIONS = [
         "head",
         str,
         "mlp",
-        "mlp, linear, or a model file from `featx fit` (an MLP on this backbone's features) "
-        "to start from.",
+        "mlp, linear, or a model file to start from: the best model of a `featx fit` sweep "
+        "(`--model best.featx`; a logreg or mlp on one layer of this backbone's features) or a "
+        "fine-tuned model.",
         panel=_NET,
     ),
     _option(

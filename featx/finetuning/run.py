@@ -28,7 +28,7 @@ from featx.errors import Interrupted, UsageError, check_range
 from featx.finetuning.config import STAGES, FinetuneConfig, FinetuneResult
 from featx.finetuning.network import Network
 from featx.finetuning.session import Session
-from featx.models.heads import load_fitted_head
+from featx.models.heads import FittedHead, load_fitted_head
 from featx.runtime import (
     atomic_write,
     library_versions,
@@ -113,6 +113,13 @@ def finetune(
     )
     state = _start(out, config, resume, overwrite)
     session = Session(data_dir, config, workers=workers, device=device, quiet=quiet, fitted=fitted)
+    seen = _validation_seen(fitted, session) if fitted is not None else None
+    if seen:
+        log(
+            f"Note: {seen}, so its validation loss is optimistic and stage 2 is kept only if "
+            "it beats that; give the data a validation/ folder and fit with --refit train for "
+            "an honest comparison."
+        )
     try:
         return _run(
             session, out, state, log, command or " ".join(sys.argv), Path(store) if store else None
@@ -157,12 +164,37 @@ def _start(out: Path, config: FinetuneConfig, resume: bool, overwrite: bool) -> 
     return None
 
 
+def _validation_seen(fitted: FittedHead, session: Session) -> str | None:
+    """Why a fitted head's validation loss is no honest baseline, or None: its model was
+    fitted on rows of the split this run validates on (`trained_on` in the model file; a
+    hold-out that fit carved is not the one fine-tuning carves)."""
+    seen = fitted.provenance.get("trained_on") or {}
+    split = session.split
+    where = "validation" if split.how == "validation folder" else None
+    if where is None and split.validation:
+        where = session.folder.files[split.validation[0]].split
+    if where not in seen.get("splits", []):
+        return None
+    return (
+        f"--head {fitted.path} was fitted on {seen['n_rows']} rows of "
+        f"{' + '.join(seen['splits'])} (--refit {seen['refit']}), among them this run's "
+        "validation images"
+    )
+
+
 def _run(
     session: Session, out: Path, state: dict | None, log, command: str, store: Path | None
 ) -> FinetuneResult:
     config, net = session.config, session.net
+    plan = config.stage_epochs
+    if store is not None and config.epochs_head is None:
+        from featx.finetuning.cached import DEFAULT_EPOCHS_CACHED
+
+        # A fitted head (--head MODEL) was trained on these cached features already: it is
+        # stage 1, and training a new head on the rows would throw it away.
+        plan["head"] = 0 if config.fitted_head else DEFAULT_EPOCHS_CACHED
     rows = None
-    if store is not None and state is None and config.stage_epochs["head"]:
+    if store is not None and state is None and plan["head"] and not config.fitted_head:
         from featx.finetuning.cached import cached_rows
 
         rows = cached_rows(session, store)  # refuses a mismatched store before any training
@@ -172,11 +204,6 @@ def _run(
             f"the images in {session.folder.root} changed since run {out} started; "
             "start a new run (--overwrite or another --out)."
         )
-    plan = config.stage_epochs
-    if store is not None and config.epochs_head is None:
-        from featx.finetuning.cached import DEFAULT_EPOCHS_CACHED
-
-        plan["head"] = DEFAULT_EPOCHS_CACHED
     write_json(out / "config.json", _describe(session, command, plan, store))
     history: list[dict[str, Any]] = list(state["history"]) if state else []
     best = dict(state["best"]) if state else {"val_loss": math.inf, "epoch": 0}
@@ -189,6 +216,9 @@ def _run(
     if rows is not None:
         history, best = _head_from_rows(session, rows, plan["head"], out, log)
         plan["head"] = len(history)  # early stopping ended it; epoch lines count what ran
+        position = (0, True)
+    elif state is None and config.fitted_head and not plan["head"]:
+        best = _fitted_head_as_stage_one(session, out, log)
         position = (0, True)
     for index, stage in enumerate(STAGES):
         n = plan[stage]
@@ -274,6 +304,23 @@ def _head_from_rows(session: Session, rows, epochs: int, out: Path, log):
     return history, best
 
 
+def _fitted_head_as_stage_one(session: Session, out: Path, log) -> dict[str, Any]:
+    """With no stage-1 epochs, the fitted head as it came is stage 1: scored on the
+    validation images (the loss stage 2 has to beat), saved as best.pt and last.pt."""
+    scores = session.evaluate()
+    best = {"val_loss": scores["val_loss"], "epoch": 0}
+    save_atomic(_best_state(session.net, {"epoch": 0, **scores}), out / BEST)
+    _save_last(
+        session, out, [], best, None, stage="head", stage_epoch=0, stage_done=True,
+        bad_epochs=0, optimizer=None, scheduler=None,
+    )  # fmt: skip
+    log(
+        f"Stage 1: the head of {session.config.head} as fitted (0 epochs), on the validation "
+        f"images: loss {scores['val_loss']:.4f}, accuracy {scores['val_accuracy']:.4f}."
+    )
+    return best
+
+
 def _best_state(net: Network, entry: dict[str, Any]) -> dict[str, Any]:
     return {
         "format": CHECKPOINT_FORMAT,
@@ -324,6 +371,8 @@ def _finish(
         _record(session, store, out, metrics, history, model, command)
     skipped = sorted(session.skipped.items())
     stage = next((h["stage"] for h in history if h["epoch"] == best["epoch"]), "head")
+    if best["epoch"] == 0:
+        stage = "the fitted head, untrained"
     since = (
         f" (stage 2 began at {full_start:.4f}; the model is never worse on validation than that)"
         if full_start is not None

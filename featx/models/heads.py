@@ -1,9 +1,10 @@
 """Torch classification heads to and from featx model files.
 
-- `load_fitted_head(path)`: the head of a `featx fit` model whose classifier is an MLP (or a
-  fine-tuned head), with the pipeline's linear preprocessing (StandardScaler, PCA) folded into
-  its first Linear layer, so it runs directly on the layer's pooled features. An L2 Normalizer
-  is not linear and is refused.
+- `load_fitted_head(path)`: the head of a `featx fit` model whose classifier is an MLP, a
+  fine-tuned head, or a linear model whose probabilities are exactly a softmax of its linear
+  map (logreg; sgd on two classes), with the pipeline's linear preprocessing (StandardScaler,
+  PCA) folded into its first Linear layer, so it runs directly on the layer's pooled features.
+  An L2 Normalizer is not linear and is refused.
 - `TorchHead`: a trained head as a fitted scikit-learn classifier, so a fine-tuned network is
   exported as an ordinary featx model file: the backbone with the fine-tuned weights (a
   state-dict file), the feature layer, and `Pipeline([features, TorchHead])`.
@@ -38,6 +39,7 @@ __all__ = [
     "head_spec",
     "head_tensors",
     "is_head_reference",
+    "linear_head_spec",
     "load_fitted_head",
     "make_head",
     "probabilities",
@@ -329,26 +331,29 @@ class FittedHead:
 
 
 def load_fitted_head(path: str | Path, *, trust_pickle: bool = False) -> FittedHead:
-    """The torch head of a featx model file whose classifier can give one (an MLP or a
-    fine-tuned head), with StandardScaler and PCA steps folded into its first layer. The file
-    is read by `load_model` (a legacy pickle only with `trust_pickle`)."""
+    """The torch head of a featx model file whose classifier can give one (an MLP, a
+    fine-tuned head, or a linear model as `linear_head_spec` takes it), with StandardScaler and
+    PCA steps folded into its first layer: its softmax on the layer's features is the model's
+    `predict_proba`. The file is read by `load_model` (a legacy pickle only with
+    `trust_pickle`)."""
     from featx.models.file import load_model
 
     model = load_model(path, trust_pickle=trust_pickle)
     steps = dict(model.pipeline.steps)
     clf = model.pipeline.steps[-1][1]
     where = f"--head {path}"
-    if not hasattr(clf, "head_spec"):
+    spec = clf.head_spec() if hasattr(clf, "head_spec") else linear_head_spec(clf)
+    if spec is None:
         raise UsageError(
-            f"{where} holds a {type(clf).__name__}; only an MLP (`featx fit --clf mlp`) or a "
-            "fine-tuned model can start the head."
+            f"{where} holds a {type(clf).__name__}, which is neither a network nor a softmax "
+            "of a linear map; only a model of `featx fit --clf logreg` or `--clf mlp` (or sgd "
+            "on two classes) or of `featx finetune` can start the head."
         )
     if len(model.layers) > 1:
         raise UsageError(
             f"{where} reads several joined layers ({model.layer['key']}); a head starts from "
-            "one layer, so fit the MLP on one layer."
+            "one layer, so fit the model on one layer."
         )
-    spec = clf.head_spec()
     n_classes = len(model.class_names)
     if list(spec["classes"]) != list(range(n_classes)):
         raise UsageError(f"{where} was not trained on every class of its data.")
@@ -369,6 +374,47 @@ def load_fitted_head(path: str | Path, *, trust_pickle: bool = False) -> FittedH
         model.provenance,
         Path(path),
     )
+
+
+def linear_head_spec(clf: Any) -> dict[str, Any] | None:
+    """The head spec (one Linear layer, one logit per class) of a fitted scikit-learn
+    classifier whose `predict_proba` is exactly the softmax of `X @ coef_.T + intercept_`:
+    LogisticRegression (multinomial, or on two classes) and SGDClassifier with log loss on two
+    classes (one-vs-rest probabilities are normalised sigmoids, not a softmax). None for any
+    other classifier. A binary model's single logit z becomes the pair (0, z), whose softmax
+    is (1 - sigmoid(z), sigmoid(z))."""
+    from sklearn.linear_model import LogisticRegression, SGDClassifier
+
+    n_classes = len(getattr(clf, "classes_", ()))
+    if isinstance(clf, LogisticRegression):
+        ovr = getattr(clf, "multi_class", "auto") == "ovr" or (  # sklearn < 1.8 could do OvR
+            getattr(clf, "multi_class", None) == "auto" and clf.solver == "liblinear"
+        )
+        exact = n_classes == 2 or (n_classes > 2 and not ovr)
+    elif isinstance(clf, SGDClassifier):
+        exact = n_classes == 2 and clf.loss == "log_loss"
+    else:
+        return None
+    if not exact:
+        return None
+    weight = np.asarray(clf.coef_, dtype=np.float64)
+    bias = np.array(np.broadcast_to(clf.intercept_, (len(weight),)), dtype=np.float64)
+    if n_classes == 2:
+        weight = np.vstack([np.zeros_like(weight), weight])
+        bias = np.concatenate([[0.0], bias])
+    return {
+        "in_features": weight.shape[1],
+        "hidden_sizes": [],
+        "dropout": 0.0,
+        "input_dropout": 0.0,
+        "n_outputs": n_classes,
+        "binary": False,
+        "classes": clf.classes_.tolist(),
+        "state_dict": {
+            "0.weight": torch.from_numpy(weight).float(),
+            "0.bias": torch.from_numpy(bias).float(),
+        },
+    }
 
 
 def fold_linear_steps(head: nn.Sequential, steps: dict[str, Any]) -> nn.Sequential:
