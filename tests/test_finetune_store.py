@@ -126,3 +126,44 @@ def test_fine_tuning_augments_lightly_by_default_and_flags_change_that():
     assert flags.config(default=True, base=FINETUNE_AUGMENT) == replace(
         FINETUNE_AUGMENT, rotation=20.0
     )
+
+
+@pytest.fixture(scope="module")
+def two_layer_store(with_test, tmp_path_factory) -> Path:
+    return extract(
+        with_test, "resnet18", ["layer3", "layer4"], weights="none", image_size=32, pool="avg",
+        store=tmp_path_factory.mktemp("two") / "s.h5", workers=0, quiet=True,
+    ).store  # fmt: skip
+
+
+@pytest.mark.slow
+def test_without_layer_the_store_chooses_the_layer_of_the_best_head(
+    with_test, two_layer_store, tmp_path, capsys
+):
+    """A head trains on each stored layer; the lowest validation loss wins, the run says so,
+    records the layer, and a resumed run keeps it."""
+    c = config(backbone="resnet18", epochs_head=None, epochs=1, lr=3e-3, patience=0)
+    out = tmp_path / "run"
+    result = finetune(with_test, c, out=out, workers=0, store=two_layer_store)
+    said = capsys.readouterr().err
+    line = next(x for x in said.splitlines() if x.startswith("Feature layer from the store"))
+    chosen = line.split(": ")[1].split(" ")[0]
+    losses = dict(
+        (part.split(" ")[0], float(part.split(" ")[1]))
+        for part in line.split("on each: ")[1].rstrip(").").split(", ")
+    )
+    assert set(losses) == {"layer3", "layer4"} and chosen == min(losses, key=losses.get)
+    recorded = json.loads((out / "config.json").read_text())["config"]["layer"]
+    assert recorded == chosen
+    head = [h for h in result.history if h["stage"] == "head"]
+    assert min(h["val_loss"] for h in head) == pytest.approx(losses[chosen], abs=5e-5)
+    again = finetune(with_test, c, out=out, workers=0, quiet=True, resume=True)
+    assert json.loads((out / "config.json").read_text())["config"]["layer"] == chosen
+    assert again.history[: len(result.history)] == result.history
+
+
+@pytest.mark.slow
+def test_a_given_layer_or_a_one_layer_store_chooses_nothing(with_test, store, tmp_path, capsys):
+    c = config(backbone="resnet18", epochs_head=None, epochs=0, lr=3e-3, patience=0)
+    finetune(with_test, c, out=tmp_path / "run", workers=0, store=store)
+    assert "Feature layer from the store" not in capsys.readouterr().err

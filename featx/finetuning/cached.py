@@ -9,6 +9,9 @@ run's training and validation images by path; augmented views of a training imag
 (`featx.classify.mlp.MLPClassifier`) on standardised rows, one `partial_fit` pass per epoch,
 keeping the epoch of lowest validation loss; the standardisation is then folded into its first
 Linear layer so the network's head runs on the raw features.
+
+Without `--layer`, a store also chooses the layer the head sits on (`best_stored_layer`): a head
+trains on every stored layer of the run's pooling, and the one of lowest validation loss wins.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from torch import nn
 from featx.errors import UsageError
 from featx.finetuning.session import Session
 
-__all__ = ["CachedRows", "cached_rows", "train_head_on_rows"]
+__all__ = ["CachedRows", "best_stored_layer", "cached_rows", "train_head_on_rows"]
 
 DEFAULT_EPOCHS_CACHED = 100  # stage 1 epochs on cached rows (cheap: early stopping ends it)
 PATIENCE_CACHED = 5
@@ -63,20 +66,31 @@ def _differences(meta: dict[str, Any], session: Session) -> list[str]:
     return found
 
 
-def cached_rows(session: Session, store: str | os.PathLike) -> CachedRows:
-    """Read the rows of the network's feature layer for the run's images from `store`;
-    UsageError in one sentence when the store does not hold what the frozen base computes."""
-    from featx.store.feature_store import FeatureStore, layer_key
+def _open_matching(session: Session, store: str | os.PathLike):
+    """The store, open, after checking that it holds what the frozen base computes."""
+    from featx.store.feature_store import FeatureStore
+
+    fs = FeatureStore(store)
+    differences = _differences(fs.meta, session)
+    if differences:
+        fs.close()
+        raise UsageError(
+            f"store {fs.path} was extracted with {'; '.join(differences)}; extract a store "
+            "with this run's backbone, weights and preprocessing, or leave out --store."
+        )
+    return fs
+
+
+def cached_rows(session: Session, store: str | os.PathLike, key: str | None = None) -> CachedRows:
+    """Read the rows of the network's feature layer (or of the stored layer `key`) for the
+    run's images from `store`; UsageError in one sentence when the store does not hold what
+    the frozen base computes."""
+    from featx.store.feature_store import layer_key
 
     info, pool = session.layer_info, session.net.pool
-    with FeatureStore(store) as fs:
-        differences = _differences(fs.meta, session)
-        if differences:
-            raise UsageError(
-                f"store {fs.path} was extracted with {'; '.join(differences)}; extract a store "
-                "with this run's backbone, weights and preprocessing, or leave out --store."
-            )
-        key = layer_key(info.name, pool)
+    with _open_matching(session, store) as fs:
+        if key is None:
+            key = layer_key(info.name, pool)
         if key not in fs.layers:
             module_key = layer_key(info.module, pool)
             if module_key not in fs.layers:
@@ -104,12 +118,54 @@ def cached_rows(session: Session, store: str | os.PathLike) -> CachedRows:
         return CachedRows(str(fs.path), key, x_train, labels[train_rows], x_val, labels[val_rows])
 
 
+def best_stored_layer(session: Session, store: str | os.PathLike, log) -> str:
+    """The stored layer (of the run's pooling, and not above the network's default feature
+    layer) whose head, trained on its cached rows as stage 1 trains it, reaches the lowest
+    validation loss; the network's own layer when the store holds no other."""
+    with _open_matching(session, store) as fs:
+        pool = session.net.pool
+        candidates = [
+            (key, fs.layer(key).attrs.get("layer") or fs.layer(key).attrs.get("module"))
+            for key in fs.layers
+            if fs.layer(key).attrs.get("pool", "none") == pool
+        ]
+    reachable = set(session.reachable_layers())
+    candidates = [(key, layer) for key, layer in candidates if layer in reachable]
+    if len(candidates) < 2:
+        return session.layer_info.name
+    losses = {}
+    for key, layer in candidates:
+        rows = cached_rows(session, store, key)
+        _, history = _fit_head_on_rows(session, rows, DEFAULT_EPOCHS_CACHED)
+        losses[layer] = min(h["val_loss"] for h in history)
+    best = min(losses, key=losses.get)
+    ranked = ", ".join(f"{layer} {losses[layer]:.4f}" for layer in sorted(losses, key=losses.get))
+    log(f"Feature layer from the store: {best} (validation loss of a head on each: {ranked}).")
+    return best
+
+
 def train_head_on_rows(
     session: Session, rows: CachedRows, epochs: int, log
 ) -> list[dict[str, Any]]:
     """Train the network's head on cached rows for up to `epochs` epochs (early stopping on
     the validation rows); the head ends with the weights of the best epoch. Returns one
     history entry per epoch."""
+    head, history = _fit_head_on_rows(session, rows, epochs)
+    _copy_linears(head, session.net.head)
+    best = min(history, key=lambda h: h["val_loss"])
+    log(
+        f"Stage 1 on the cached rows of {rows.key} in {rows.store}: {len(history)} epochs in "
+        f"{sum(h['seconds'] for h in history):.1f} s, best epoch {best['epoch']} "
+        f"(validation loss {best['val_loss']:.4f}, accuracy {best['val_accuracy']:.4f})."
+    )
+    return history
+
+
+def _fit_head_on_rows(
+    session: Session, rows: CachedRows, epochs: int
+) -> tuple[nn.Sequential, list[dict[str, Any]]]:
+    """A head shaped like the network's, trained on `rows`: its best epoch by validation
+    loss, with the standardisation folded in, and one history entry per epoch."""
     from sklearn.preprocessing import StandardScaler
 
     from featx.classify.mlp import MLPClassifier
@@ -170,14 +226,7 @@ def train_head_on_rows(
     best_head = _as_network_head(mlp.module_, n_classes)
     best_head.load_state_dict(best_state)
     fold_linear_steps(best_head, {"scale": scaler})
-    _copy_linears(best_head, session.net.head)
-    best = min(history, key=lambda h: h["val_loss"])
-    log(
-        f"Stage 1 on the cached rows of {rows.key} in {rows.store}: {len(history)} epochs in "
-        f"{sum(h['seconds'] for h in history):.1f} s, best epoch {best['epoch']} "
-        f"(validation loss {best['val_loss']:.4f}, accuracy {best['val_accuracy']:.4f})."
-    )
-    return history
+    return best_head, history
 
 
 @contextlib.contextmanager

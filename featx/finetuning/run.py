@@ -15,6 +15,7 @@ Output folder: `config.json`, `last.pt`, `best.pt` (lowest validation loss), `hi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -111,8 +112,17 @@ def finetune(
     fitted = (
         load_fitted_head(config.head, trust_pickle=trust_pickle) if config.fitted_head else None
     )
-    state = _start(out, config, resume, overwrite)
+    state, config = _start(out, config, resume, overwrite)
     session = Session(data_dir, config, workers=workers, device=device, quiet=quiet, fitted=fitted)
+    if store is not None and state is None and config.layer is None and fitted is None:
+        from featx.finetuning.cached import best_stored_layer
+
+        layer = best_stored_layer(session, store, log)
+        if layer != session.layer_info.name:
+            session.close()
+            config = dataclasses.replace(config, layer=layer)
+            session = Session(data_dir, config, workers=workers, device=device, quiet=quiet)
+        session.layer_from_store = True
     seen = _validation_seen(fitted, session) if fitted is not None else None
     if seen:
         log(
@@ -133,8 +143,11 @@ def finetune(
         session.close()
 
 
-def _start(out: Path, config: FinetuneConfig, resume: bool, overwrite: bool) -> dict | None:
-    """The checkpoint to resume from (None for a new run), after checking the folder."""
+def _start(
+    out: Path, config: FinetuneConfig, resume: bool, overwrite: bool
+) -> tuple[dict | None, FinetuneConfig]:
+    """The checkpoint to resume from (None for a new run), after checking the folder, and the
+    config to run: a resumed run keeps the feature layer its store chose."""
     last = out / LAST
     if resume:
         if not last.is_file():
@@ -142,6 +155,8 @@ def _start(out: Path, config: FinetuneConfig, resume: bool, overwrite: bool) -> 
                 f"cannot resume: {out} has no checkpoint {LAST}; run without --resume to start."
             )
         state = load_checkpoint(last)
+        if state.get("layer_from_store") and config.layer is None:
+            config = dataclasses.replace(config, layer=state["config"]["layer"])
         differences = [
             f"--{k.replace('_', '-')} was {state['config'].get(k)!r}, now {v!r}"
             for k, v in config.to_dict().items()
@@ -152,7 +167,7 @@ def _start(out: Path, config: FinetuneConfig, resume: bool, overwrite: bool) -> 
                 f"run {out} was started with other options ({'; '.join(differences)}); resume "
                 "with the same options, or start a new run with another --out."
             )
-        return state
+        return state, config
     if any((out / name).exists() for name in RUN_FILES):
         if not overwrite:
             raise UsageError(
@@ -161,7 +176,7 @@ def _start(out: Path, config: FinetuneConfig, resume: bool, overwrite: bool) -> 
             )
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
-    return None
+    return None, config
 
 
 def _validation_seen(fitted: FittedHead, session: Session) -> str | None:
@@ -270,6 +285,7 @@ def _save_last(session: Session, out: Path, history, best, full_start, **positio
             "format": CHECKPOINT_FORMAT,
             "version": CHECKPOINT_VERSION,
             "config": session.config.to_dict(),
+            "layer_from_store": session.layer_from_store,
             "dataset_fingerprint": session.folder.fingerprint,
             **position,
             "best": best,

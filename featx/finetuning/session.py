@@ -56,6 +56,7 @@ class Session:
     ):
         self.config = config
         self.quiet = quiet
+        self.layer_from_store = False  # set when a --store chose the feature layer
         self.device = resolve_device(device)
         autocast(self.device, config.precision)  # refuses fp16 on a CPU before any work
         self.record: Backbone = get_backbone(config.backbone)
@@ -93,6 +94,7 @@ class Session:
         hidden = [config.hidden] if config.hidden and config.head == "mlp" else []
         input_size = self.preprocessing.input_size
         infos = trace_layers(self.record, self.loaded.model, input_size)
+        self.layer_infos = infos
         self.net, self.layer_info = build_network(
             self.record,
             self.loaded.model,
@@ -115,6 +117,10 @@ class Session:
         self.net.to(self.device)
         if self.device.type != "mps":
             self.net.to(memory_format=torch.channels_last)
+
+    def reachable_layers(self) -> list[str]:
+        """Names (and module paths) of the backbone's spatial layers a head could sit on."""
+        return [n for i in self.layer_infos if len(i.shape) == 3 for n in (i.name, i.module)]
 
     # ---- the data, as the rest of featx reads it ------------------------------------------
     @property
