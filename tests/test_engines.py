@@ -130,7 +130,12 @@ def test_choose_engine_pays_setup_only_when_it_pays_back():
     assert choose_engine(CPU, "fp32", 1, flags=avx2)[0] == "eager"
     name, reason = choose_engine(CPU, "fp32", 10**7, flags=avx2)
     assert name != "eager", reason
-    assert choose_engine(CPU, "fp32", 10**7, flags=frozenset({"amx_bf16"}))[0] == "eager"
+    amx = frozenset({"avx2", "avx512f", "amx_bf16"})
+    assert choose_engine(CPU, "bf16", 10**7, flags=amx)[0] == "compile"
+    assert choose_engine(CPU, "bf16", 100, flags=amx)[0] == "eager"  # bf16 weights, no setup
+    unmeasured = frozenset({"avx2", "avx512f"})
+    name, reason = choose_engine(CPU, "fp32", 10**7, flags=unmeasured)
+    assert name == "eager" and reason == "no engine measurements for cpu/avx512/fp32"
     name, reason = choose_engine(CPU, "fp32", 10**7, flags=avx2, available=frozenset())
     assert name == "eager", reason
 

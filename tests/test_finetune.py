@@ -504,3 +504,17 @@ def test_an_empty_class_folder_is_an_error(shapes, tmp_path):
     code, _, err = invoke("finetune", data, "--backbone", "resnet18", "--out", tmp_path / "r")
     assert code == 2
     assert err == f"featx: class folder {data / 'empty'} holds no images.\n"
+
+
+def test_the_command_line_defaults_are_the_configs():
+    """The CLI spells its defaults out (importing the config would import torch at start-up);
+    they must stay the measured defaults of FinetuneConfig."""
+    import dataclasses
+
+    import typer.main
+
+    command = typer.main.get_command(app).commands["finetune"]
+    cli = {p.name: p.default for p in command.params}
+    for field in dataclasses.fields(FinetuneConfig):
+        if field.name in cli and field.default is not dataclasses.MISSING:
+            assert cli[field.name] == field.default, field.name
