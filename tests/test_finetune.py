@@ -378,7 +378,7 @@ def test_a_run_writes_its_files(finished):
     assert (out / "history.png").read_bytes()[:4] == b"\x89PNG"
     described = json.loads((out / "config.json").read_text())
     assert described["config"]["augment"] == c.augment.to_dict()
-    assert described["network"]["unfreeze_from"] == "layer4"
+    assert described["network"]["unfreeze_from"] == "conv1"
     assert described["dataset"]["validation"] == "validation folder"
     history = json.loads((out / "history.json").read_text())
     keys = {"epoch", "stage", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"}
@@ -454,10 +454,10 @@ def test_a_fitted_mlp_starts_the_head_with_its_pipeline_folded_in(shapes, tmp_pa
 @pytest.mark.parametrize(
     ("backbone", "blocks", "default"),
     [
-        ("vgg16", ["block1", "block2", "block3", "block4", "block5"], "block5_conv1"),
-        ("resnet18", ["conv1", "layer1", "layer2", "layer3", "layer4"], "layer4"),
+        ("vgg16", ["block1", "block2", "block3", "block4", "block5"], "block1_conv1"),
+        ("resnet18", ["conv1", "layer1", "layer2", "layer3", "layer4"], "conv1"),
         ("efficientnet_lite0",
-         ["conv_stem", *(f"blocks.{i}" for i in range(7)), "conv_head"], "blocks.6"),
+         ["conv_stem", *(f"blocks.{i}" for i in range(7)), "conv_head"], "conv_stem"),
     ],
 )  # fmt: skip
 @pytest.mark.slow

@@ -763,7 +763,7 @@ def finetune(
         typer.Option(
             help="Epochs of stage 2, unfrozen from --unfreeze-from.", callback=NOT_NEGATIVE
         ),
-    ] = 3,
+    ] = 15,
     lr: Annotated[
         float,
         typer.Option(help="Learning rate of the head (peak, with onecycle).", callback=POSITIVE),
@@ -780,10 +780,11 @@ def finetune(
     patience: Annotated[
         int,
         typer.Option(
-            help="Stop a stage after N epochs without a better validation loss (0: never).",
+            help="Stop a stage after N epochs without a better validation loss (0: never; "
+            "the best checkpoint is kept either way).",
             callback=NOT_NEGATIVE,
         ),
-    ] = 5,
+    ] = 0,
     out: Annotated[
         Path | None, typer.Option(help="Run folder (default runs/<data>-<backbone>).")
     ] = None,

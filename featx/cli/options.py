@@ -334,13 +334,13 @@ NETWORK_OPTIONS = [
         str | None,
         None,
         "First layer that trains in the full stage (as `featx layers` names it); default: "
-        "the last blocks holding a fifth of the weights (vgg16: block5_conv1).",
+        "the whole base, each earlier block at --lr-mult times the next one's rate.",
         panel=_NET,
     ),
     _option(
         "lr_mult",
         float,
-        0.3,
+        0.7,
         "Each earlier block's learning rate is this times the next later one's.",
         panel=_NET,
         callback=POSITIVE,
