@@ -112,7 +112,9 @@ def finetune(
         load_fitted_head(config.head, trust_pickle=trust_pickle) if config.fitted_head else None
     )
     state = _start(out, config, resume, overwrite)
-    session = Session(data_dir, config, workers=workers, device=device, quiet=quiet, fitted=fitted)
+    session = Session(
+        data_dir, config, workers=workers, device=device, quiet=quiet, fitted=fitted, store=store
+    )
     try:
         return _run(
             session, out, state, log, command or " ".join(sys.argv), Path(store) if store else None
