@@ -146,3 +146,22 @@ def test_a_run_description_from_before_the_field_resumes_as_full(tmp_path):
     assert Partial(store, run, upgrade=_upgraded_run).done() == 1  # resumed, not discarded
     reduced = {"identity": {**identity, "preprocessing": REDUCED.to_dict()}, "keys": ["layer1"]}
     assert Partial(store, json.loads(json.dumps(reduced)), upgrade=_upgraded_run).done() == 0
+
+
+def test_fine_tuning_keeps_a_fitted_heads_or_stores_decoding(tmp_path):
+    from types import SimpleNamespace
+
+    from clfdata import synthetic_store
+
+    from featx.finetuning.config import FinetuneConfig
+    from featx.finetuning.session import _decode
+
+    old_store = synthetic_store(tmp_path / "old.h5", 20, 4)  # its preprocessing has no decode field
+    head = SimpleNamespace(provenance={"preprocessing": REDUCED.to_dict()})
+    config = FinetuneConfig(backbone="resnet18")
+    assert _decode(config, None, None) == "reduced"
+    assert _decode(config, None, old_store) == "full"
+    assert _decode(config, head, old_store) == "reduced"
+    assert _decode(FinetuneConfig(backbone="resnet18", decode="full"), head, None) == "full"
+    with pytest.raises(UsageError, match="decode"):
+        FinetuneConfig(backbone="resnet18", decode="half")
