@@ -1,14 +1,17 @@
-"""Reduced-size JPEG decoding (`decode_reduced` below, PIL's `Image.draft`) against
-full decoding, on photo-sized JPEGs: images/s of decode + resize + crop + normalise, and how
-close the backbone's features stay (cosine per image against the full decode).
+"""Reduced-size JPEG decoding (`Preprocessing.load` with `decode="reduced"`, PIL's
+`Image.draft` inside `featx.data.folders.load_image`) against full decoding, on photo-sized
+JPEGs: images/s of decode + resize + crop + normalise, and how close EfficientNet-Lite0's
+features (its real offline weights; a random-init network's cosine says nothing) stay to the
+full decode's, as cosine per image. `--factors` also measures drafting to other multiples K of
+the resize target than featx's DRAFT_FACTOR, through the same `load_image`.
 
-    python benchmarks/bench_decode.py --images 24 --repeats 5
+    OMP_NUM_THREADS=1 python benchmarks/bench_decode.py --images 16 --repeats 5 --factors 1 2 4
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import functools
 import statistics
 import tempfile
 import time
@@ -16,28 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from featx.backbones import Preprocessing, get_backbone
 from featx.backbones.layers import prepare_tap
+from featx.backbones.registry import DRAFT_FACTOR
 from featx.data.folders import load_image
 
-SIZES = ((1600, 1200), (640, 480))
-
-
-def decode_reduced(path: str | os.PathLike, target_size: int) -> Image.Image:
-    """Decode `path` as RGB with EXIF orientation applied, at the smallest JPEG scale whose
-    sides are both still at least `target_size` (the later resize's shorter side, or square
-    side). Non-JPEGs, and JPEGs smaller than twice `target_size` on their shorter side, decode
-    at full size."""
-    with Image.open(path) as image:
-        if image.format == "JPEG" and 2 * target_size <= min(image.size):
-            # draft keeps both sides >= the requested size, so no detail the resize would keep
-            # is lost; it works on the still-undecoded file only.
-            image.draft("RGB", (target_size, target_size))
-        image.load()
-        image = ImageOps.exif_transpose(image)
-        return image.convert("RGB")
+SIZES = ((1600, 1200), (4000, 3000), (640, 480))
 
 
 def make_jpegs(folder: Path, n: int, size: tuple[int, int]) -> list[Path]:
@@ -63,64 +52,71 @@ def make_jpegs(folder: Path, n: int, size: tuple[int, int]) -> list[Path]:
     return paths
 
 
-def full(path: Path, prep: Preprocessing) -> torch.Tensor:
-    return prep(load_image(path))
+def drafted(prep: Preprocessing, factor: int, path: Path) -> torch.Tensor:
+    """The network input with JPEGs drafted to `factor` x the resize target: featx's own
+    `prep.load` for its DRAFT_FACTOR, the same `load_image` with another draft size else."""
+    if factor == DRAFT_FACTOR:
+        return prep(prep.with_decode("reduced").load(path))
+    return prep(load_image(path, draft=factor * prep.resize))
 
 
-def draft(path: Path, prep: Preprocessing) -> torch.Tensor:
-    return prep(decode_reduced(path, prep.resize))
-
-
-def rate(fn, paths: list[Path], prep: Preprocessing) -> float:
+def rate(fn, paths: list[Path]) -> float:
     start = time.perf_counter()
     for path in paths:
-        fn(path, prep)
+        fn(path)
     return len(paths) / (time.perf_counter() - start)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=24, help="JPEGs per size")
+    parser.add_argument("--images", type=int, default=16, help="JPEGs per size")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--factors", type=int, nargs="+", default=[DRAFT_FACTOR])
     args = parser.parse_args()
     torch.set_num_threads(1)  # decoding runs in one DataLoader worker per core
     print(f"{time.strftime('%Y-%m-%d %H:%M')}  PIL {Image.__version__}, torch {torch.__version__}")
     print(f"{args.images} JPEGs per size, quality 90; medians of {args.repeats} interleaved runs")
 
-    models = []
-    for name, weights in (("resnet50", "none"), ("efficientnet_lite0", "default")):
-        record = get_backbone(name)
-        loaded = record.load(weights)
-        prep = loaded.preprocessing
-        module = "avgpool" if name == "resnet50" else "forward_features"
-        module = record.module_path(module)
-        tap = prepare_tap(loaded.model, [module], "avg", torch.device("cpu"), prep.input_size)
-        models.append((f"{name} ({weights} weights)", prep, tap, module))
+    record = get_backbone("efficientnet_lite0")
+    loaded = record.load("default")
+    prep = loaded.preprocessing.with_decode("full")
+    module = record.module_path("forward_features")
+    tap = prepare_tap(loaded.model, [module], "avg", torch.device("cpu"), prep.input_size)
+    print(f"efficientnet_lite0 (default weights), {prep.describe().split(', normalise')[0]}")
+    print(f"featx's reduced decoding: DRAFT_FACTOR = {DRAFT_FACTOR}")
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return tap(x.contiguous(memory_format=torch.channels_last))[module].flatten(1)
 
     with tempfile.TemporaryDirectory() as tmp:
         for size in SIZES:
             paths = make_jpegs(Path(tmp), args.images, size)
-            with Image.open(paths[0]) as probe:
-                reduced = decode_reduced(paths[0], models[0][1].resize).size
-                print(f"\n== {size[0]}x{size[1]} ({probe.format}); draft decodes to {reduced} "
-                      f"for resize {models[0][1].resize} ==")  # fmt: skip
-            for label, prep, tap, module in models:
-                rates: dict[str, list[float]] = {"full": [], "draft": []}
-                for _ in range(args.repeats):
-                    rates["full"].append(rate(full, paths, prep))
-                    rates["draft"].append(rate(draft, paths, prep))
-                a = torch.stack([full(p, prep) for p in paths])
-                b = torch.stack([draft(p, prep) for p in paths])
-                pixel = (a - b).abs().mean().item()
-                with torch.inference_mode():
-                    fa = tap(a.contiguous(memory_format=torch.channels_last))[module]
-                    fb = tap(b.contiguous(memory_format=torch.channels_last))[module]
-                cos = torch.nn.functional.cosine_similarity(fa.flatten(1), fb.flatten(1), dim=1)
-                rf, rd = statistics.median(rates["full"]), statistics.median(rates["draft"])
+            print(f"\n== {size[0]}x{size[1]} JPEG ==")
+            ways = {"full": lambda p: prep(prep.load(p))}
+            for k in args.factors:
+                ways[f"K={k}"] = functools.partial(drafted, prep, k)
+            rates: dict[str, list[float]] = {name: [] for name in ways}
+            for _ in range(args.repeats):  # interleaved: the machine's load hits every way alike
+                for name, fn in ways.items():
+                    rates[name].append(rate(fn, paths))
+            full_rate = statistics.median(rates["full"])
+            reference = torch.stack([ways["full"](p) for p in paths])
+            reference_features = features(reference)
+            print(f"full decode        {full_rate:6.1f} img/s")
+            for k in args.factors:
+                with Image.open(paths[0]) as probe:
+                    if min(probe.size) >= 2 * k * prep.resize:
+                        probe.draft(probe.mode, (k * prep.resize,) * 2)
+                    decoded = probe.size
+                x = torch.stack([ways[f"K={k}"](p) for p in paths])
+                cos = torch.nn.functional.cosine_similarity(features(x), reference_features, dim=1)
+                r = statistics.median(rates[f"K={k}"])
+                pixel = (x - reference).abs().mean().item()
                 print(
-                    f"{label:<36} {prep.describe().split(',')[0]}: full {rf:6.1f} img/s, "
-                    f"draft {rd:6.1f} img/s ({rd / rf:.2f}x); mean |input diff| {pixel:.4f}; "
-                    f"feature cosine min {cos.min().item():.5f} median {cos.median().item():.5f}"
+                    f"draft K={k} to {decoded[0]}x{decoded[1]}: {r:6.1f} img/s "
+                    f"({r / full_rate:.2f}x full); mean |input diff| {pixel:.4f}; feature "
+                    f"cosine min {cos.min().item():.5f} median {cos.median().item():.5f}"
                 )
 
 

@@ -3,10 +3,14 @@
 The plain loop is what one writes by hand: PIL decode, the weights' torchvision transforms,
 the model in batches under inference_mode, np.save. featx runs the same model (to `avgpool`)
 with DataLoader workers, channels_last and a background writer; `--precision bf16` adds
-bfloat16 autocast. The machine's matmul rate (best of a few torch.mm runs) is measured in the
-same run, so the fraction of it that extraction reaches is comparable across machines.
+bfloat16 autocast. Every featx run decodes at full size, as the plain loop does, except the
+`--decode reduced` row (JPEGs drafted to at least twice the resize: only photos at least four
+times the resize on their shorter side are affected, so use `--photo-size 1600x1200`). The
+machine's matmul rate (best of a few torch.mm runs) is measured in the same run, so the
+fraction of it that extraction reaches is comparable across machines.
 
     python benchmarks/bench_extract.py --backbone resnet50 --images 320 --repeats 3
+    python benchmarks/bench_extract.py --images 96 --repeats 2 --photo-size 1600x1200
 """
 
 from __future__ import annotations
@@ -31,20 +35,22 @@ from featx.backbones.registry import get_backbone
 GMACS = {"resnet50": 4.09, "vgg16": 15.47, "resnet18": 1.81, "efficientnet_b0": 0.39}
 
 
-def make_photos(folder: Path, n: int) -> None:
-    """`n` 640x480 JPEGs cut from scikit-image's bundled photos, in two classes."""
+def make_photos(folder: Path, n: int, size: tuple[int, int] = (640, 480)) -> None:
+    """`n` JPEGs of `size` cut from scikit-image's bundled photos, in two classes."""
     from skimage import data
 
     photos = [data.chelsea(), data.coffee(), data.astronaut(), data.rocket()]
     rng = np.random.default_rng(0)
+    width, height = size
     for i in range(n):
         photo = Image.fromarray(photos[i % len(photos)])
-        scale = 640 / min(photo.size) * rng.uniform(1.0, 1.3)
+        scale = max(width / photo.width, height / photo.height) * rng.uniform(1.0, 1.3)
         photo = photo.resize((int(photo.width * scale) + 1, int(photo.height * scale) + 1))
-        x, y = rng.integers(0, photo.width - 640 + 1), rng.integers(0, photo.height - 480 + 1)
+        x = rng.integers(0, photo.width - width + 1)
+        y = rng.integers(0, photo.height - height + 1)
         target = folder / f"class{i % 2}"
         target.mkdir(parents=True, exist_ok=True)
-        photo.crop((x, y, x + 640, y + 480)).save(target / f"{i:04d}.jpg", quality=90)
+        photo.crop((x, y, x + width, y + height)).save(target / f"{i:04d}.jpg", quality=90)
 
 
 def plain_loop(backbone: str, files: list[Path], batch_size: int, out: Path) -> float:
@@ -65,7 +71,13 @@ def plain_loop(backbone: str, files: list[Path], batch_size: int, out: Path) -> 
 
 
 def featx_run(
-    data: Path, store: Path, backbone: str, batch_size: int, precision: str, engine: str = "auto"
+    data: Path,
+    store: Path,
+    backbone: str,
+    batch_size: int,
+    precision: str,
+    engine: str = "auto",
+    decode: str = "full",
 ):
     """Images per second of `featx.extract` (end to end, model set-up and any conversion
     included), and the stored features."""
@@ -80,6 +92,7 @@ def featx_run(
         batch_size=batch_size,
         precision=precision,
         engine=engine,
+        decode=decode,
         quiet=True,
     )
     seconds = time.perf_counter() - start
@@ -121,30 +134,34 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--eager-bf16", action="store_true", help="also time eager bf16")
+    parser.add_argument("--photo-size", default="640x480", help="JPEG size, WIDTHxHEIGHT")
     args = parser.parse_args()
+    photo_size = tuple(int(v) for v in args.photo_size.split("x"))
 
     work = Path(tempfile.mkdtemp(prefix="featx-bench-"))
     try:
-        make_photos(work / "data", args.images)
+        make_photos(work / "data", args.images, photo_size)
         files = sorted((work / "data").rglob("*.jpg"))
         paths = [("eager", "fp32"), ("openvino", "fp32"), ("auto", "fp32"), ("auto", "bf16")]
         if args.eager_bf16:  # very slow on CPUs without bf16 units (0.15x fp32 measured)
             paths.append(("eager", "bf16"))
+        paths.append(("auto", "fp32", "reduced"))
         rates: dict[str, list[float]] = {"plain": []}
         features: dict[str, np.ndarray] = {}
         for _ in range(args.repeats):  # interleaved, so load changes hit every path alike
             rates["plain"].append(
                 plain_loop(args.backbone, files, args.batch_size, work / "plain.npy")
             )
-            for engine, precision in paths:
-                name = f"{engine} {precision}"
+            for engine, precision, *decode in paths:
+                name = f"{engine} {precision}" + (" --decode reduced" if decode else "")
                 rate, feats = featx_run(
                     work / "data",
-                    work / f"{engine}-{precision}.h5",
+                    work / f"{engine}-{precision}-{'-'.join(decode)}.h5",
                     args.backbone,
                     args.batch_size,
                     precision,
                     engine,
+                    *decode,
                 )
                 rates.setdefault(name, []).append(rate)
                 features[name] = feats
@@ -153,12 +170,12 @@ def main() -> None:
             f"{engine} {precision}": model_only(
                 args.backbone, engine, precision, args.batch_size, args.repeats * 3
             )
-            for engine, precision in paths
+            for engine, precision, *_ in paths
             if engine != "auto"
         }
         gflop = 2 * GMACS.get(args.backbone, float("nan"))
         print(
-            f"{args.backbone}, {args.images} JPEGs 640x480, batch {args.batch_size}, "
+            f"{args.backbone}, {args.images} JPEGs {args.photo_size}, batch {args.batch_size}, "
             f"medians of {args.repeats} interleaved runs, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, {os.cpu_count()} cores"
         )

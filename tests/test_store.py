@@ -94,7 +94,7 @@ def test_provenance(built):
     assert re.fullmatch(r"[0-9a-f]{64}", meta["weights_sha256"])
     assert meta["preprocessing"] == {
         "resize": 40, "crop": 0, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-        "interpolation": "bilinear", "square": True,
+        "interpolation": "bilinear", "square": True, "decode": "reduced",
     }  # fmt: skip
     assert "resize to 40x40" in meta["preprocessing_text"]
     versions = meta["versions"]

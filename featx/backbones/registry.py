@@ -16,7 +16,7 @@ import os
 import socket
 import urllib.error
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -51,6 +51,10 @@ TORCHVISION_BACKBONES = (
     "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3",
     "densenet121", "densenet169", "inception_v3", "convnext_tiny",
 )  # fmt: skip
+# Reduced-size decoding keeps a JPEG at least this many times the resize target a side: at 2x
+# EfficientNet-Lite0's features keep cosine >= 0.999 to full decoding (README, "Decoding").
+DRAFT_FACTOR = 2
+DECODE_POLICIES = ("full", "reduced")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -69,10 +73,34 @@ class Preprocessing:
     std: tuple[float, float, float]
     interpolation: str = "bilinear"
     square: bool = False
+    # "full", or "reduced": JPEGs at least twice DRAFT_FACTOR x `resize` on their shorter side
+    # are decoded at a reduced size (libjpeg DCT scaling) still DRAFT_FACTOR x `resize` or more
+    # on each side. A record without the field (made before it existed) reads as "full".
+    decode: str = "full"
+
+    def __post_init__(self) -> None:
+        if self.decode not in DECODE_POLICIES:
+            raise UsageError(f"decode must be {' or '.join(DECODE_POLICIES)}, not {self.decode!r}.")
 
     @property
     def input_size(self) -> int:
         return self.crop or self.resize
+
+    @property
+    def draft_size(self) -> int | None:
+        """The smallest side a JPEG may be decoded to (None: full-size decoding)."""
+        return DRAFT_FACTOR * self.resize if self.decode == "reduced" else None
+
+    def load(self, path: str | os.PathLike) -> Image.Image:
+        """Decode the image file at `path` as this preprocessing's decode policy says (BadImage
+        if it cannot be decoded); every path from an image file to `__call__` goes through here."""
+        from featx.data.folders import load_image
+
+        return load_image(path, draft=self.draft_size)
+
+    def with_decode(self, decode: str) -> Preprocessing:
+        """The same preprocessing with the decode policy `decode` ("full" or "reduced")."""
+        return replace(self, decode=decode)
 
     def __call__(
         self, image: Image.Image, augment: Callable[[Image.Image], Image.Image] | None = None
@@ -103,8 +131,9 @@ class Preprocessing:
         return TF.normalize(tensor, list(self.mean), list(self.std))
 
     def with_image_size(self, size: int) -> Preprocessing:
-        """The same normalisation, with a direct resize to size x size and no crop."""
-        return Preprocessing(size, 0, self.mean, self.std, self.interpolation, square=True)
+        """The same normalisation and decoding, with a direct resize to size x size and no
+        crop."""
+        return replace(self, resize=size, crop=0, square=True)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,6 +142,7 @@ class Preprocessing:
     def from_dict(cls, values: Mapping[str, Any]) -> Preprocessing:
         values = dict(values)
         values["mean"], values["std"] = tuple(values["mean"]), tuple(values["std"])
+        values.setdefault("decode", "full")  # recorded before reduced decoding existed
         return cls(**values)
 
     def describe(self) -> str:
@@ -122,7 +152,15 @@ class Preprocessing:
             else (f"resize shorter side to {self.resize}")
         )
         crop = f", centre crop {self.crop}" if self.crop else ""
-        return f"{resize} ({self.interpolation}){crop}, normalise mean={self.mean} std={self.std}"
+        decode = (
+            f", JPEGs decoded at reduced size (at least {self.draft_size} px a side)"
+            if self.decode == "reduced"
+            else ""
+        )
+        return (
+            f"{resize} ({self.interpolation}){crop}, normalise mean={self.mean} std={self.std}"
+            f"{decode}"
+        )
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from featx.data.folders import BadImage, list_images, load_image, printable
+from featx.data.folders import BadImage, list_images, printable
 from featx.errors import UsageError, check_choice, check_range
 from featx.models.file import FeatxModel, load_model
 from featx.runtime import atomic_write, check_output_file
@@ -114,7 +114,7 @@ class _Images:
         import torch
 
         try:
-            image = load_image(self.files[i])
+            image = self.preprocessing.load(self.files[i])
         except BadImage as bad:
             return i, None, str(bad)
         views = self.preprocessing(image).unsqueeze(0)

@@ -163,6 +163,15 @@ def extract(
         typer.Option(help="Compute precision: fp32, bf16 (bf16 weights; CPU or GPU), fp16 (GPU)."),
     ] = "fp32",
     engine: EngineOption = "auto",
+    decode: Annotated[
+        str | None,
+        typer.Option(
+            help="reduced: decode large JPEGs at a reduced size (still 2x the resize or "
+            "more; 3x faster on 1600x1200 photos), or full. Default: an existing store's "
+            "decoding, else reduced.",
+            metavar="full|reduced",
+        ),
+    ] = None,
     batch_size: Annotated[
         int, typer.Option(help="Images per forward pass.", callback=AT_LEAST_ONE)
     ] = 32,
@@ -266,6 +275,7 @@ def extract(
             augment=augment,
             augment_config=config,
             seed=seed,
+            decode=decode,
             command=_command_line(),
         )
     typer.echo(str(result.store))

@@ -291,6 +291,14 @@ NETWORK_OPTIONS = [
         callback=IMAGE_SIZE,
     ),
     _option(
+        "decode",
+        str | None,
+        None,
+        "reduced: decode large JPEGs at a reduced size (still 2x the resize or more), or full. "
+        "Default: the --head model's or --store's decoding, else reduced.",
+        panel=_NET,
+    ),
+    _option(
         "layer",
         str | None,
         None,

@@ -236,8 +236,12 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Decode an image file as RGB with its EXIF orientation applied; raise BadImage if it can't."""
+def load_image(path: str | os.PathLike, draft: int | None = None) -> Image.Image:
+    """Decode an image file as RGB with its EXIF orientation applied; raise BadImage if it can't.
+
+    With `draft`, a JPEG whose shorter side is at least twice `draft` is decoded at a reduced
+    size (libjpeg's DCT scaling by 1/2, 1/4 or 1/8, PIL's `Image.draft`) whose sides both stay
+    at least `draft` pixels; other images decode at full size."""
     try:
         if not os.path.exists(path):
             raise BadImage("missing file")
@@ -246,6 +250,11 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Corrupt EXIF data": decoded anyway
             with Image.open(path) as image:
+                if draft and image.format == "JPEG" and min(image.size) >= 2 * draft:
+                    # on the stored (unrotated) pixels; the request is square, so the EXIF
+                    # rotation below cannot make a side fall short of `draft`. The mode is kept:
+                    # only the scale changes, not the colour conversion.
+                    image.draft(image.mode, (draft, draft))
                 image.load()
                 image = ImageOps.exif_transpose(image)
                 return _to_rgb(image)

@@ -10,7 +10,7 @@ import os
 import queue
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,14 +66,21 @@ class Partial:
 
     BATCHING = ("batch_size", "chunk_items", "engine")  # a resumed run keeps the interrupted run's
 
-    def __init__(self, store: Path, run: dict[str, Any], log=lambda _: None):
+    def __init__(
+        self,
+        store: Path,
+        run: dict[str, Any],
+        log=lambda _: None,
+        upgrade: Callable[[dict[str, Any]], dict[str, Any]] = lambda before: before,
+    ):
+        """`upgrade` fills in what an older run.json did not record, as that run did it."""
         self.dir = store.with_name(store.name + ".partial")
         self.run = run
         description = self.dir / "run.json"
         if self.dir.exists():
             try:
-                before = json.loads(description.read_text())
-            except (OSError, ValueError):
+                before = upgrade(json.loads(description.read_text()))
+            except (OSError, ValueError, TypeError, AttributeError):
                 before = {}
             if all(before.get(k) == v for k, v in run.items() if k not in self.BATCHING):
                 self.run = before

@@ -23,8 +23,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from featx.backbones.registry import POOLS, Backbone, LoadedBackbone, Preprocessing, get_backbone
-from featx.data.folders import UNSPLIT, BadImage, ImageFolder, load_image
+from featx.backbones.registry import (
+    DECODE_POLICIES,
+    POOLS,
+    Backbone,
+    LoadedBackbone,
+    Preprocessing,
+    get_backbone,
+)
+from featx.data.folders import UNSPLIT, BadImage, ImageFolder
 from featx.data.manifest import is_manifest, open_dataset
 from featx.errors import Interrupted, UsageError, check_choice, check_range
 from featx.extraction.partial import ChunkWriter, Partial, remove_finished_partial, write_lock
@@ -134,7 +141,7 @@ class _Images:
     def __getitem__(self, i: int):
         file_index, view = self.items[i]
         try:
-            image = load_image(self.root / self.files[file_index].path)
+            image = self.preprocessing.load(self.root / self.files[file_index].path)
         except BadImage as bad:
             return i, None, str(bad)
         augment = None
@@ -202,12 +209,13 @@ def _differences(
     stored: dict[str, Any], wanted: dict[str, Any], folder: ImageFolder, store: FeatureStore
 ) -> list[str]:
     out = []
-    for name in ("backbone", "weights", "preprocessing", "augment", "shard"):
+    for name in ("backbone", "weights", "augment", "shard"):
         if stored.get(name) != wanted[name]:
-            old, new = stored.get(name), wanted[name]
-            if name == "preprocessing":
-                old, new = (Preprocessing.from_dict(p).describe() for p in (old, new))
-            out.append(f"{name} is {old} in the store, {new} now")
+            out.append(f"{name} is {stored.get(name)} in the store, {wanted[name]} now")
+    old = Preprocessing.from_dict(stored["preprocessing"])
+    new = Preprocessing.from_dict(wanted["preprocessing"])
+    if old != new:  # as objects: a store from before a field existed reads with its default
+        out.append(f"preprocessing is {old.describe()} in the store, {new.describe()} now")
     if stored["dataset"]["fingerprint"] != wanted["dataset_fingerprint"]:
         out.append(_dataset_change(store, folder))
     return out
@@ -252,6 +260,7 @@ def extract(
     augment_config: Any = None,
     seed: int = 0,
     shard: tuple[int, int] | None = None,
+    decode: str | None = None,
     command: str | None = None,
 ) -> ExtractResult:
     """Extract `layers` of `backbone` for every image under `data_dir` into a feature store.
@@ -265,6 +274,10 @@ def extract(
 
     `shard=(i, n)` computes only shard i (0-based) of n contiguous slices of the rows into
     `<store stem>.shard-IofN.h5` next to `store`; `featx.merge` joins the shards.
+
+    `decode` is "reduced" (large JPEGs decoded at a reduced size, see `Preprocessing.decode`)
+    or "full"; None keeps an existing store's decoding (full for a store that predates the
+    choice) and is "reduced" for a new one. The decoding is part of the store's preprocessing.
     """
     for name, value, choices in (
         ("pool", pool, POOLS),
@@ -272,6 +285,7 @@ def extract(
         ("compression", compression, COMPRESSIONS),
         ("precision", precision, PRECISIONS),
         ("engine", engine, ("auto", *ENGINES)),
+        ("decode", decode or "full", DECODE_POLICIES),
     ):
         check_choice(name, value, choices)
     if not layers:
@@ -287,7 +301,6 @@ def extract(
         preprocessing = preprocessing.with_image_size(image_size)
     augmenter, augment_meta = _augmentation(augment, augment_config, seed)
     work = _Work.plan(folder, augment, check_shard(shard) if shard else None)
-    wanted = _identity(record, weights, preprocessing, folder, augment_meta, work.shard)
     store = Path(store) if store else default_store_path(data_dir, backbone, weights, image_size)
     if shard:
         store = shard_store_path(store, shard)
@@ -304,6 +317,12 @@ def extract(
         elif store.exists():
             existing = FeatureStore(store)
             remove_finished_partial(store, set(existing.layers), log)
+        if decode is None:
+            stored = existing.meta["preprocessing"] if existing else {"decode": "reduced"}
+            decode = stored.get("decode", "full")  # a store from before the choice: full
+        preprocessing = preprocessing.with_decode(decode)
+        wanted = _identity(record, weights, preprocessing, folder, augment_meta, work.shard)
+        if existing is not None:
             differences = _differences(existing.meta, wanted, folder, existing)
             if differences:
                 existing.close()
@@ -430,6 +449,15 @@ class _Job:
     engine_text: str = ""  # what ran, as the engine describes itself
 
 
+def _upgraded_run(before: dict[str, Any]) -> dict[str, Any]:
+    """An interrupted run's run.json as this version records it: one written before the
+    decode policy was recorded decoded every image at full size."""
+    preprocessing = before.get("identity", {}).get("preprocessing")
+    if isinstance(preprocessing, dict):
+        preprocessing.setdefault("decode", "full")
+    return before
+
+
 def _compute(
     record: Backbone,
     folder: ImageFolder,
@@ -500,7 +528,7 @@ def _compute(
         "batch_size": batch_size,
         "chunk_items": batch_size * per_chunk,
     }
-    partial = Partial(store, run, log)
+    partial = Partial(store, run, log, upgrade=_upgraded_run)
     chunk_items = partial.run["chunk_items"]
     if partial.run["batch_size"] != batch_size:
         batch_size = partial.run["batch_size"]

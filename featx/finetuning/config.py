@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from featx.backbones.registry import POOLS
+from featx.backbones.registry import DECODE_POLICIES, POOLS
 from featx.data.augment import AugmentConfig
 from featx.errors import UsageError, check_choice
 from featx.finetuning.network import BN_MODES
@@ -77,6 +77,7 @@ class FinetuneConfig:
     val_fraction: float = 0.2
     seed: int = 0
     precision: str = "fp32"
+    decode: str | None = None  # "full" or "reduced"; None: a --head's or --store's, else reduced
 
     def __post_init__(self) -> None:
         for name, choices in (
@@ -91,6 +92,8 @@ class FinetuneConfig:
             object.__setattr__(self, "pool", "none")
         if self.pool is not None:
             check_choice("pool", self.pool, POOLS)
+        if self.decode is not None:
+            check_choice("decode", self.decode, DECODE_POLICIES)
         checks = (
             ("epochs", self.epochs >= 0, "0 or more"),
             ("epochs-head", self.epochs_head is None or self.epochs_head >= 0, "0 or more"),

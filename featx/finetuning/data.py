@@ -21,7 +21,6 @@ from featx.data.folders import (
     BadImage,
     ImageFile,
     ImageFolder,
-    load_image,
 )
 from featx.data.manifest import open_dataset
 from featx.errors import UsageError
@@ -112,7 +111,7 @@ class _Images(Dataset):
         file_index = self.index[position]
         f = self.files[file_index]
         try:
-            image = load_image(self.root / f.path)
+            image = self.transform.preprocessing.load(self.root / f.path)
         except BadImage as bad:
             return position, None, f.label, f"{f.path}: {bad}"
         seed = None if epoch is None else view_seed(self.seed, file_index, epoch)

@@ -113,7 +113,9 @@ def finetune(
         load_fitted_head(config.head, trust_pickle=trust_pickle) if config.fitted_head else None
     )
     state, config = _start(out, config, resume, overwrite)
-    session = Session(data_dir, config, workers=workers, device=device, quiet=quiet, fitted=fitted)
+    session = Session(
+        data_dir, config, workers=workers, device=device, quiet=quiet, fitted=fitted, store=store
+    )
     if store is not None and state is None and config.layer is None and fitted is None:
         from featx.finetuning.cached import best_stored_layer
 
@@ -121,7 +123,9 @@ def finetune(
         if layer != session.layer_info.name:
             session.close()
             config = dataclasses.replace(config, layer=layer)
-            session = Session(data_dir, config, workers=workers, device=device, quiet=quiet)
+            session = Session(
+                data_dir, config, workers=workers, device=device, quiet=quiet, store=store
+            )
         session.layer_from_store = True
     seen = _validation_seen(fitted, session) if fitted is not None else None
     if seen:

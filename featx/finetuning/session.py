@@ -39,6 +39,23 @@ from featx.runtime import (
 __all__ = ["Session"]
 
 
+def _decode(
+    config: FinetuneConfig, fitted: FittedHead | None, store: str | os.PathLike | None
+) -> str:
+    """The run's decode policy: as asked, else the fitted head's, else the store's (full for
+    one recorded before the choice existed), else reduced."""
+    if config.decode is not None:
+        return config.decode
+    if fitted is not None:
+        return fitted.provenance["preprocessing"].get("decode", "full")
+    if store is not None:
+        from featx.store.feature_store import FeatureStore
+
+        with FeatureStore(store) as features:
+            return features.meta["preprocessing"].get("decode", "full")
+    return "reduced"
+
+
 class Session:
     """A network on its device with its training data: what both fine-tuning and the
     learning-rate finder work on. The data is `self.data` (`TrainingData`), the network
@@ -53,24 +70,27 @@ class Session:
         device: str = "auto",
         quiet: bool = False,
         fitted: FittedHead | None = None,
+        store: str | os.PathLike | None = None,
     ):
+        """`store`: the feature store the head trains on, whose decoding the run keeps unless
+        `config.decode` says otherwise (as it keeps a fitted head's)."""
         self.config = config
         self.quiet = quiet
         self.layer_from_store = False  # set when a --store chose the feature layer
         self.device = resolve_device(device)
         autocast(self.device, config.precision)  # refuses fp16 on a CPU before any work
         self.record: Backbone = get_backbone(config.backbone)
+        if fitted is None and config.fitted_head:
+            fitted = load_fitted_head(config.head)
         preprocessing = self.record.default_preprocessing(config.weights)
         if config.image_size:
             preprocessing = preprocessing.with_image_size(config.image_size)
-        self.preprocessing = preprocessing
+        self.preprocessing = preprocessing.with_decode(_decode(config, fitted, store))
         self.workers = default_workers() if workers is None else workers
         self.data = TrainingData(
-            data_dir, config, preprocessing, self.workers, self.device.type == "cuda"
+            data_dir, config, self.preprocessing, self.workers, self.device.type == "cuda"
         )
         self.loaded: LoadedBackbone = self.record.load(config.weights)
-        if fitted is None and config.fitted_head:
-            fitted = load_fitted_head(config.head)
         self._build_network(fitted)
         weights = self.data.class_weights() if config.class_weights == "balanced" else None
         self.class_weights = (

@@ -320,6 +320,8 @@ class FittedHead:
         wanted = Preprocessing.from_dict(p["preprocessing"])
         if wanted != preprocessing:
             hint = f"--image-size {wanted.resize}" if wanted.square else "no --image-size"
+            if wanted.decode != preprocessing.decode:
+                hint += f" and --decode {wanted.decode}"
             raise UsageError(
                 f"{where} was trained with preprocessing '{wanted.describe()}'; use {hint}."
             )
