@@ -472,7 +472,7 @@ class _Checkpoint:
     ):
         self.path = path
         self.rename = rename  # (file keys, model keys) -> the model key of each file key
-        self._files: dict[str, str] = {}  # model key -> file key, once fitted
+        self._files: dict[str, str | None] = {}  # model key -> file key, once fitted
         self._layout: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
         self._state: dict[str, torch.Tensor] | None = None
         self._safetensors = None
@@ -507,7 +507,9 @@ class _Checkpoint:
         self._state = state
         self._keys = {k.removeprefix("module."): k for k in state}
 
-    def _shape(self, key: str) -> tuple[int, ...]:
+    def _shape(self, key: str | None) -> tuple[int, ...]:
+        if key is None:  # a BatchNorm count the file lacks
+            return ()
         if self._state is not None:
             return tuple(self._state[key].shape)
         return tuple(self._safetensors.get_slice(key).get_shape())
@@ -523,6 +525,10 @@ class _Checkpoint:
         files = {
             model_key: self._keys[key] for model_key, key in zip(names, self._keys, strict=True)
         }
+        for key in expected:
+            # Files saved before torch 0.4.1 have no BatchNorm counts; torch loads them as 0.
+            if key.rpartition(".")[2] == "num_batches_tracked" and key not in files:
+                files[key] = None
         missing = [k for k in expected if k not in files]
         unexpected = [k for k in files if k not in expected]
         if missing or unexpected:
@@ -559,6 +565,10 @@ class _Checkpoint:
 
     def _tensor(self, key: str, rows: slice | None) -> torch.Tensor:
         file_key = self._files[key]
+        if file_key is None:
+            import torch
+
+            return torch.zeros((), dtype=torch.long)
         if self._state is not None:
             tensor = self._state[file_key]
             return tensor if rows is None else tensor[rows]
