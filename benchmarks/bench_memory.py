@@ -18,6 +18,8 @@ the same 528 MB as the real file), before and after a change, interleaved, three
 
 Each checkout runs with PYTHONPATH set to it and its own FEATX_CACHE; with `--fresh-cache`
 that cache is emptied before every run (a first run on a new weights file hashes the file).
+`--load-only` runs only what extraction does before its first batch (load the backbone for the
+layer, prepare the tap), to separate the weights' memory from the forward pass's.
 """
 
 from __future__ import annotations
@@ -61,6 +63,22 @@ def random_weights(backbone: str, path: Path) -> None:
     subprocess.run([sys.executable, "-c", code, backbone, str(path)], check=True)
 
 
+# `--load-only`: what extraction does before its first batch, in any featx version: load the
+# backbone for one layer (the whole model where `load` takes no layers) and prepare the tap.
+LOAD_ONLY = """
+import sys, torch
+from featx.backbones.layers import prepare_tap
+from featx.backbones.registry import get_backbone
+record, size = get_backbone(sys.argv[1]), int(sys.argv[4])
+module = record.module_path(sys.argv[2])
+try:
+    loaded = record.load(sys.argv[3], [module], size)
+except TypeError:
+    loaded = record.load(sys.argv[3])
+prepare_tap(loaded.model, [module], "avg", torch.device("cpu"), size)
+"""
+
+
 def run_once(checkout: Path, cache: Path, command: list[str], fresh: bool) -> tuple[float, ...]:
     """(seconds, peak main RSS, peak PSS of main + workers) of one `featx extract`."""
     if fresh:
@@ -76,7 +94,7 @@ def run_once(checkout: Path, cache: Path, command: list[str], fresh: bool) -> tu
         peak_main, peak_tree = max(peak_main, main_rss), max(peak_tree, tree_pss)
         time.sleep(0.1)
     if process.returncode:
-        raise SystemExit(f"featx extract failed with exit code {process.returncode}")
+        raise SystemExit(f"featx failed with exit code {process.returncode}")
     return time.perf_counter() - start, peak_main, peak_tree
 
 
@@ -88,8 +106,12 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--weights", default="none", help="none, random-file, or a file")
     parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--batch-size", type=int, help="featx's default when not given")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--fresh-cache", action="store_true")
+    parser.add_argument(
+        "--load-only", action="store_true", help="only load the weights and prepare the tap"
+    )
     parser.add_argument(
         "--checkout",
         action="append",
@@ -114,10 +136,16 @@ def main() -> None:
             "--image-size", str(args.image_size), "--weights", weights,
             "--precision", args.precision, "--store", str(work / "s.h5"), "--quiet",
         ]  # fmt: skip
+        if args.batch_size:
+            command += ["--batch-size", str(args.batch_size)]
+        if args.load_only:
+            size = str(args.image_size)
+            command = [sys.executable, "-c", LOAD_ONLY, args.backbone, args.layer, weights, size]
         print(
             f"{args.backbone} {args.layer} at {args.image_size}, {args.images} images, "
-            f"{args.precision}, weights {args.weights}"
+            f"{args.precision}, weights {args.weights}, batch size {args.batch_size or 'default'}"
             + (", featx cache emptied before every run" if args.fresh_cache else "")
+            + (", loading only" if args.load_only else "")
         )
         results: dict[str, list[tuple[float, ...]]] = {label: [] for label, _ in checkouts}
         for round_ in range(args.rounds):
