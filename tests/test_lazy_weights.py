@@ -179,3 +179,18 @@ def _legacy_densenet_name(key: str) -> str:
     import re
 
     return re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", key)
+
+
+@pytest.mark.slow
+def test_timm_weights_file_loads_only_the_needed_tensors(tmp_path):
+    import timm
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        model = timm.create_model("resnet18").eval()
+    path = tmp_path / "timm-r18.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    loaded = get_backbone("timm:resnet18").load(str(path), ["layer1"], SIZE)
+    assert loaded.weights_sha256 == state_dict_sha256(model)
+    assert sum(p.numel() for p in loaded.model.layer4.parameters()) == 0
+    assert torch.equal(_features(loaded.model, "layer1"), _features(model, "layer1"))
