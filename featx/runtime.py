@@ -31,6 +31,7 @@ __all__ = [
     "check_output_file",
     "disk_errors",
     "autocast",
+    "cache_root",
     "check_precision",
     "available_memory",
     "default_workers",
@@ -46,6 +47,13 @@ __all__ = [
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("fp32", "bf16", "fp16")
 ENGINES = ("eager", "compile", "openvino")  # featx.extraction.engines; "auto" picks one
+
+
+def cache_root() -> Path:
+    """featx's cache on this machine (engine conversions, weights hashes): `$FEATX_CACHE` or
+    ~/.cache/featx/engines."""
+    env = os.environ.get("FEATX_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "featx" / "engines"
 
 
 # ---- device and precision -------------------------------------------------------------------

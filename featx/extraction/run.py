@@ -479,26 +479,29 @@ def _compute(
     )
     from featx.extraction.engines import cache_key, resolve_engine
 
-    loaded = record.load(settings.weights)
     pool, dtype, batch_size = settings.pool, settings.dtype, settings.batch_size
+    # Layers are traced on the weightless skeleton; only what they run is then loaded.
+    skeleton = record.skeleton(settings.weights)
+    fitting = batch_size_for_memory(
+        record, skeleton, preprocessing.input_size, batch_size, available_memory()
+    )
+    infos = resolve_layers(
+        record, trace_layers(record, skeleton, preprocessing.input_size), list(layers)
+    )
+    check_poolable(skeleton, infos, pool)
+    present = set(existing.layers) if existing else set()
+    todo = [i for i in infos if layer_key(i.name, pool) not in present]
+    keys = [layer_key(i.name, pool) for i in todo]
+    del skeleton
+    loaded = record.load(settings.weights, [i.module for i in todo], preprocessing.input_size)
     if existing is not None and existing.meta["weights_sha256"] != loaded.weights_sha256:
         raise UsageError(
             f"the {loaded.weights} weights now hash to {loaded.weights_sha256[:16]}, but store "
             f"{store} was made with {existing.meta['weights_sha256'][:16]}; use --overwrite."
         )
-    fitting = batch_size_for_memory(
-        record, loaded.model, preprocessing.input_size, batch_size, available_memory()
-    )
     if fitting < batch_size:
         log(f"Lowering the batch size from {batch_size} to {fitting} so its activations fit.")
         batch_size = fitting
-    infos = resolve_layers(
-        record, trace_layers(record, loaded.model, preprocessing.input_size), list(layers)
-    )
-    check_poolable(loaded.model, infos, pool)
-    present = set(existing.layers) if existing else set()
-    todo = [i for i in infos if layer_key(i.name, pool) not in present]
-    keys = [layer_key(i.name, pool) for i in todo]
 
     row_bytes = sum(math.prod(pooled_shape(i.shape, pool)) for i in todo) * np.dtype(dtype).itemsize
     per_chunk = max(1, CHUNK_BYTES // max(1, row_bytes * batch_size))

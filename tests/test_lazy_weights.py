@@ -1,0 +1,196 @@
+"""Loading only the weights the requested layers use: the same features and weights_sha256 as
+a full load, nothing above the deepest layer materialised, and stores made before still match."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import save_file
+
+from featx.backbones import registry
+from featx.backbones.layers import LayerTap
+from featx.backbones.registry import get_backbone, state_dict_sha256
+from featx.errors import UsageError
+from featx.runtime import cache_root
+from tests.conftest import assert_one_sentence_error, invoke_featx, seeded
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SIZE = 48
+BATCH = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
+
+
+@pytest.fixture(scope="module")
+def resnet18_file(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
+    """resnet18 with seeded random weights (BatchNorms not the identity), saved as a .pth."""
+    model = seeded(torchvision.models.resnet18)
+    path = tmp_path_factory.mktemp("weights") / "r18.pth"
+    torch.save(model.state_dict(), path)
+    return model, path
+
+
+def _features(model: torch.nn.Module, layer: str) -> torch.Tensor:
+    with torch.inference_mode():
+        return LayerTap(model, [layer])(BATCH)[layer]
+
+
+def _forget_hashes() -> None:
+    shutil.rmtree(cache_root() / "weights-sha256", ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_early_layer_load_matches_the_full_load(resnet18_file, tmp_path):
+    model, path = resnet18_file
+    safetensors = tmp_path / "r18.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(safetensors))
+    record = get_backbone("resnet18")
+    for weights in (path, safetensors):
+        _forget_hashes()
+        full = record.load(str(weights))
+        part = record.load(str(weights), ["layer2"], SIZE)
+        assert part.weights_sha256 == full.weights_sha256 == state_dict_sha256(model)
+        assert torch.equal(_features(part.model, "layer2"), _features(model, "layer2"))
+        assert torch.equal(_features(full.model, "layer2"), _features(model, "layer2"))
+
+
+def test_modules_above_the_deepest_layer_hold_nothing(resnet18_file):
+    _, path = resnet18_file
+    for weights in (str(path), "none"):
+        model = get_backbone("resnet18").load(weights, ["layer1"], SIZE).model
+        for above in ("layer2", "layer3", "layer4", "fc"):
+            module = model.get_submodule(above)
+            assert sum(p.numel() for p in module.parameters()) == 0, (weights, above)
+        kept = list(model.layer1.parameters()) + list(model.conv1.parameters())
+        assert kept and not any(t.is_meta for t in model.state_dict().values())
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/maps")
+def test_the_weights_file_is_unmapped_after_loading(resnet18_file):
+    _, path = resnet18_file
+    _forget_hashes()
+    loaded = get_backbone("resnet18").load(str(path), ["layer1"], SIZE)
+    assert str(path.resolve()) not in Path("/proc/self/maps").read_text()
+    assert loaded.weights_sha256 == state_dict_sha256(resnet18_file[0])
+
+
+@pytest.mark.slow
+def test_reading_in_small_windows_hashes_and_loads_the_same(resnet18_file, monkeypatch):
+    model, path = resnet18_file
+    monkeypatch.setattr(registry, "READ_WINDOW", 1 << 20)  # 45 remaps, large tensors in rows
+    _forget_hashes()
+    loaded = get_backbone("resnet18").load(str(path))
+    assert loaded.weights_sha256 == state_dict_sha256(model)
+    assert torch.equal(_features(loaded.model, "layer4"), _features(model, "layer4"))
+
+
+@pytest.mark.slow
+def test_a_rewritten_file_is_hashed_again(tmp_path):
+    path = tmp_path / "r18.pth"
+    record = get_backbone("resnet18")
+    hashes = []
+    for seed in (1, 2):  # same size, new bytes and mtime
+        model = seeded(torchvision.models.resnet18, seed=seed)
+        torch.save(model.state_dict(), path)
+        hashes.append(record.load(str(path), ["layer1"], SIZE).weights_sha256)
+        assert hashes[-1] == state_dict_sha256(model)
+    assert hashes[0] != hashes[1]
+
+
+def test_half_precision_file_hashes_as_the_float_model(resnet18_file, tmp_path):
+    model, _ = resnet18_file
+    path = tmp_path / "r18-half.pth"
+    half = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    torch.save(half, path)
+    reference = torchvision.models.resnet18().eval()
+    reference.load_state_dict(torch.load(path, weights_only=True))  # what featx did before
+    loaded = get_backbone("resnet18").load(str(path), ["layer2"], SIZE)
+    assert loaded.weights_sha256 == state_dict_sha256(reference)
+    assert torch.equal(_features(loaded.model, "layer2"), _features(reference, "layer2"))
+
+
+def test_file_missing_a_needed_tensor_is_one_sentence(resnet18_file, small_photos, tmp_path):
+    model, _ = resnet18_file
+    state = model.state_dict()
+    del state["layer1.0.conv1.weight"]
+    path = tmp_path / "holed.pth"
+    torch.save(state, path)
+    result = invoke_featx(
+        "extract", small_photos, "--backbone", "resnet18", "--weights", path,
+        "--layer", "layer1", "--image-size", "32", "--workers", "0",
+        "--store", tmp_path / "s.h5",
+    )  # fmt: skip
+    message = assert_one_sentence_error(result)
+    assert "does not fit resnet18: 1 missing keys such as 'layer1.0.conv1.weight'" in message
+    assert not (tmp_path / "s.h5").exists()
+    with pytest.raises(UsageError, match="does not fit"):
+        get_backbone("resnet18").load(str(path), ["layer1"], 32)
+
+
+@pytest.mark.slow
+def test_a_store_made_before_is_still_reused(resnet18_file, small_photos, tmp_path):
+    from featx import FeatureStore, extract
+
+    model, path = resnet18_file
+    store = tmp_path / "s.h5"
+    common = dict(weights=str(path), image_size=32, workers=0, device="cpu", quiet=True)
+    extract(small_photos, "resnet18", ["layer1"], store=store, **common)
+    with FeatureStore(store) as s:
+        # the value featx wrote before it loaded lazily: the hash of the whole loaded model
+        assert s.meta["weights_sha256"] == state_dict_sha256(model)
+        before = s.read("layer1")
+    _forget_hashes()  # hashed from the file again, not read from the cache
+    result = extract(small_photos, "resnet18", ["layer1", "layer3"], store=store, **common)
+    assert result.reused == ["layer1"]
+    with FeatureStore(store) as s:
+        assert (s.read("layer1") == before).all()
+        assert "layer3" in s.layers
+
+
+@pytest.mark.slow
+def test_torchvision_cached_checkpoints_load_as_torchvision_does(tmp_path, monkeypatch):
+    """A checkpoint in torch's cache (random weights under the real file names, saved as
+    before torch 0.4.1 without BatchNorm counts; densenet's in the old key names torchvision
+    renames) gives what torchvision's own loading gives."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    for name, layer in (("resnet18", "layer2"), ("densenet121", "features.denseblock1")):
+        enum = torchvision.models.get_model_weights(name).DEFAULT
+        state = seeded(getattr(torchvision.models, name)).state_dict()
+        state = {
+            _legacy_densenet_name(k) if name.startswith("densenet") else k: v
+            for k, v in state.items()
+            if not k.endswith("num_batches_tracked")
+        }
+        torch.save(state, cache / Path(enum.url).name)
+        reference = torchvision.models.get_model(name, weights=enum).eval()
+        loaded = get_backbone(name).load("default", [layer], SIZE)
+        assert loaded.weights_sha256 == state_dict_sha256(reference), name
+        assert torch.equal(_features(loaded.model, layer), _features(reference, layer)), name
+
+
+def _legacy_densenet_name(key: str) -> str:
+    """torchvision's old DenseNet names: `denselayer1.norm1.weight` -> `...norm.1.weight`."""
+    import re
+
+    return re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", key)
+
+
+@pytest.mark.slow
+def test_timm_weights_file_loads_only_the_needed_tensors(tmp_path):
+    import timm
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        model = timm.create_model("resnet18").eval()
+    path = tmp_path / "timm-r18.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    loaded = get_backbone("timm:resnet18").load(str(path), ["layer1"], SIZE)
+    assert loaded.weights_sha256 == state_dict_sha256(model)
+    assert sum(p.numel() for p in loaded.model.layer4.parameters()) == 0
+    assert torch.equal(_features(loaded.model, "layer1"), _features(model, "layer1"))
