@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-from bench_ladder import NETWORK, ROOT, run, test_accuracy
+from bench_ladder import NETWORK, make_fashion, run, test_accuracy
 
 from featx.finetuning.run import load_checkpoint
 
@@ -32,14 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     work = args.work.resolve()
     data = work / "fashion"
-    if not data.is_dir():
-        subprocess.run(
-            [sys.executable, str(ROOT / "examples" / "make_dataset.py"), str(data),
-             "--train-per-class", str(args.train_per_class),
-             "--per-class", str(args.test_per_class)],
-            check=True,
-        )  # fmt: skip
-        shutil.rmtree(data / "validation")
+    make_fashion(data, args.train_per_class, args.test_per_class)
     store, model = work / "fashion.h5", work / "best.featx"
     run("extract", data, *NETWORK, "--layer", "forward_features", "--pool", "avg",
         "--store", store, cwd=work)  # fmt: skip
