@@ -84,11 +84,12 @@ def main() -> None:
         _, seconds = run("finetune", data, *NETWORK, "--store", store, "--out", out_dir,
                          "--overwrite", "--quiet", *extra, cwd=work)  # fmt: skip
         metrics = json.loads((out_dir / "metrics.json").read_text())
-        rows.append((name, metrics["test"]["accuracy"], seconds))
-    print(f"{'rung':<46} {'test accuracy':>13} {'seconds':>8}")
+        layer = json.loads((out_dir / "config.json").read_text())["config"]["layer"]
+        rows.append((f"{name} (head on {layer})", metrics["test"]["accuracy"], seconds))
+    print("| rung | test accuracy | seconds |\n|---|---:|---:|")
     for name, accuracy, seconds in rows:
         shown = "" if accuracy is None else f"{accuracy:.3f}"
-        print(f"{name:<46} {shown:>13} {seconds:>8.1f}")
+        print(f"| {name} | {shown} | {seconds:.1f} |")
 
 
 if __name__ == "__main__":
