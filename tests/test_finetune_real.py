@@ -71,6 +71,7 @@ def test_fine_tuning_beats_logistic_regression_on_frozen_features(tmp_path):
         lr=2e-3,
         lr_mult=0.5,
         unfreeze_from="blocks.2",
+        patience=5,
         dropout=0.2,
         augment=AugmentConfig(rotation=10, shift=0.1, shear=0.1, zoom=0.1, hflip=False),
     )
