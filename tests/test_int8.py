@@ -83,3 +83,17 @@ def test_int8_store_records_precision_and_calibration(tmp_path):
         assert run["precision"] == "int8" and run["calibration"]["images"] == 12
         assert "calibrated on 12 images (seed 3)" in run["engine"]
     assert len(list((tmp_path / "cache" / "openvino").glob("*.xml"))) == 1
+
+    # predict runs the quantized model extraction cached (it has no calibration images)
+    for args in (
+        ("fit", "--store", "int8.h5", "--layer", "avgpool@avg", "--clf", "logreg", "--model",
+         "m.featx"),
+        ("predict", "--model", "m.featx", "data", "--out", "p.csv", "--workers", "0"),
+    ):  # fmt: skip
+        done = run_featx(*args, cwd=tmp_path, env=env)
+        assert done.returncode == 0, done.stderr
+    assert "Engine: openvino (int8" in done.stderr, done.stderr
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == 13
+    done = run_featx("predict", "--model", "m.featx", "data", "--engine", "eager", cwd=tmp_path,
+                     env=env)  # fmt: skip
+    assert "--precision int8 runs only on the openvino engine" in assert_one_sentence_error(done)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import json
 import os
 import tempfile
 import time
@@ -67,6 +68,8 @@ class Engine:
     setup_seconds: float = 0.0  # conversion + compilation (or cache load) at construction
     fallback_reason: str | None = None  # set when the requested engine could not be built
     details: str = ""
+    # int8: its features' cosine to fp32 on the calibration images (cosine_min, cosine_median)
+    quality: dict[str, float] | None = None
 
     def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.run(batch)
@@ -269,6 +272,30 @@ def _quantize(model, calibration: Calibration):
     return nncf.quantize(model, nncf.Dataset(Samples()), subset_size=calibration.n_images)
 
 
+def _agreement(fp32_model, int8_model, calibration: Calibration) -> dict[str, float]:
+    """How close int8 stays to fp32 on the calibration images: each image's cosine between
+    the two models' outputs (the lowest over the outputs), its min and median."""
+    import openvino as ov
+
+    core = ov.Core()
+    fp32, int8 = (
+        core.compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        for m in (fp32_model, int8_model)
+    )
+    cosines = []
+    for batch in calibration.batches():
+        x = batch.float().numpy()
+        a, b = fp32(x), int8(x)
+        per_output = []
+        for i in range(len(fp32.outputs)):
+            u, v = (np.asarray(r[i], np.float64).reshape(len(x), -1) for r in (a, b))
+            norms = np.linalg.norm(u, axis=1) * np.linalg.norm(v, axis=1)
+            per_output.append((u * v).sum(1) / np.maximum(norms, 1e-30))
+        cosines.append(np.min(per_output, axis=0))
+    c = np.concatenate(cosines)
+    return {"cosine_min": round(float(c.min()), 5), "cosine_median": round(float(np.median(c)), 5)}
+
+
 def _ov_model(
     tap: nn.Module, example: torch.Tensor, key: str | None, calibration: Calibration | None = None
 ):
@@ -279,13 +306,20 @@ def _ov_model(
 
     path = cache_root() / "openvino" / f"{_digest(key)}.xml" if key else None
     if path is not None and path.exists():
-        return ov.Core().read_model(str(path)), True
+        quality = path.with_suffix(".json")
+        return (
+            ov.Core().read_model(str(path)),
+            True,
+            json.loads(quality.read_text()) if quality.exists() else None,
+        )
     x = example.float().contiguous()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace, used inside
         model = ov.convert_model(tap, example_input=x, input=[(-1, *x.shape[1:])])
+    quality = None
     if calibration is not None:
-        model = _quantize(model, calibration)
+        fp32, model = model, _quantize(model, calibration)
+        quality = _agreement(fp32, model, calibration)
     CONVERSIONS["openvino"] += 1
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -295,7 +329,9 @@ def _ov_model(
             os.replace(Path(tmp) / "model.bin", path.with_suffix(".bin"))
             os.replace(Path(tmp) / "model.xml", path)
         (path.with_suffix(".key")).write_text(key + "\n")
-    return model, False
+        if quality is not None:
+            path.with_suffix(".json").write_text(json.dumps(quality) + "\n")
+    return model, False, quality
 
 
 def openvino_engine(
@@ -315,10 +351,10 @@ def openvino_engine(
 
     if precision not in ("fp32", "bf16", "int8"):
         raise ValueError("the openvino engine runs fp32, bf16 or int8")
-    if precision == "int8" and calibration is None and not is_cached("openvino", key or ""):
-        raise ValueError("int8 quantization needs calibration images")
     start = time.perf_counter()
-    model, cached = _ov_model(tap, example, key, calibration if precision == "int8" else None)
+    model, cached, quality = _ov_model(
+        tap, example, key, calibration if precision == "int8" else None
+    )
     core = ov.Core()
     if key:
         # OpenVINO's own cache of compiled blobs: skips re-optimising the graph next time.
@@ -364,9 +400,16 @@ def openvino_engine(
         details += f" (this CPU has no {_OV_PRECISION[precision]})"
     if precision == "int8" and calibration is not None:
         details += f", calibrated on {calibration.n_images} images (seed {calibration.seed})"
+    if quality:
+        details += (
+            f", cosine to fp32 on them min {quality['cosine_min']:.4f}, "
+            f"median {quality['cosine_median']:.4f}"
+        )
     if cached:
         details += ", cached model"
-    return Engine("openvino", precision, torch.device("cpu"), run, setup, details=details)
+    return Engine(
+        "openvino", precision, torch.device("cpu"), run, setup, details=details, quality=quality
+    )
 
 
 def build_engine(
@@ -420,6 +463,12 @@ def _int8_engine(
     streams: int | None,
     calibration: Calibration | None,
 ) -> Engine:
+    if calibration is None and not is_cached("openvino", key or ""):
+        raise UsageError(
+            "the int8 model of these layers is not in this machine's engine cache and there are "
+            "no calibration images here; run featx extract --precision int8 on this machine "
+            "first (it calibrates on the dataset)."
+        )
     try:
         return openvino_engine(tap, "int8", example, key, hint, streams, calibration)
     except ImportError as error:

@@ -55,6 +55,7 @@ DTYPES = ("float32", "float16")
 COMPRESSIONS = ("none", "lzf", "gzip")
 CHUNK_BYTES = 32 << 20  # features held in memory per chunk before it is written
 AUGMENTED_SPLITS = ("train", UNSPLIT)
+INT8_COSINE = 0.99  # int8 features below this cosine to fp32 get a warning (issue 8's goal)
 
 
 @dataclass
@@ -464,13 +465,20 @@ class _Job:
     engine_key: str  # names the engine's cached conversion
     calibration: Calibration | None = None  # int8's
     engine_text: str = ""  # what ran, as the engine describes itself
+    engine_quality: dict[str, float] | None = None  # int8's cosine to fp32 (Engine.quality)
 
     def calibration_record(self) -> dict[str, Any]:
         """What the store records of int8's calibration (empty for other precisions)."""
         c = self.calibration
         if c is None:
             return {}
-        return {"images": c.n_images, "seed": c.seed, "identity": c.identity}
+        return {
+            "images": c.n_images,
+            "seed": c.seed,
+            "identity": c.identity,
+            "engine_key": self.engine_key,  # predict runs this cached quantized model
+            **(self.engine_quality or {}),
+        }
 
 
 def _compute(
@@ -623,7 +631,15 @@ def _run_network(job: _Job, start: int) -> None:
     )
     if engine.fallback_reason and not job.settings.quiet:
         print(f"Engine: {engine.describe()}.", file=sys.stderr)
-    job.engine_text = engine.describe()
+    job.engine_text, job.engine_quality = engine.describe(), engine.quality
+    if engine.quality and engine.quality["cosine_min"] < INT8_COSINE and not job.settings.quiet:
+        print(
+            f"Warning: int8 features are below cosine {INT8_COSINE} to fp32 on some calibration "
+            f"images (min {engine.quality['cosine_min']:.4f}, median "
+            f"{engine.quality['cosine_median']:.4f}); compare with an fp32 store before relying "
+            "on them.",
+            file=sys.stderr,
+        )
     writer = ChunkWriter(job.partial)
     writer.start()
 
