@@ -43,6 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True, help="folder for data and stores")
     parser.add_argument("--seed", type=int, default=0, help="int8 calibration seed")
+    parser.add_argument("--repeats", type=int, default=7, help="model-only timing repeats")
     args = parser.parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -80,6 +81,52 @@ def main() -> None:
     ok = cos.min() >= 0.99 and loss < 1
     print(f"accuracy loss {loss:+.2f} points; goal (cosine >= 0.99, loss < 1 point) "
           f"{'holds' if ok else 'does not hold'}")  # fmt: skip
+    model_speed(work, str(attrs["calibration_engine_key"]), args.repeats)
+
+
+def model_speed(work: Path, int8_key: str, repeats: int) -> None:
+    """Model-only images/s of eager fp32, OpenVINO fp32 and the cached int8 model, on one batch
+    of 32 real test images, interleaved (after the fits: OpenVINO's threads and forks clash)."""
+    import statistics
+
+    import torch
+
+    from featx.backbones import get_backbone
+    from featx.backbones.layers import prepare_tap
+    from featx.data.folders import load_image
+    from featx.data.manifest import open_dataset
+    from featx.extraction.engines import build_engine
+
+    record = get_backbone("efficientnet_lite0")
+    loaded = record.load("default")
+    preprocessing = record.default_preprocessing("default").with_image_size(96)
+    folder = open_dataset(work / "data" / "fashion")
+    test = [f for f in folder.files if f.split == "test"][:32]
+    batch = torch.stack([preprocessing(load_image(folder.root / f.path)) for f in test])
+    cpu = torch.device("cpu")
+    tap = prepare_tap(loaded.model, [record.module_path(LAYER)], "avg", cpu, 96)
+    engines = {
+        "eager fp32": build_engine(tap, "eager", cpu, "fp32", batch),
+        "openvino fp32": build_engine(tap, "openvino", cpu, "fp32", batch),
+        "openvino int8": build_engine(tap, "openvino", cpu, "int8", batch, int8_key),
+    }
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    for _ in range(repeats):
+        for name, engine in engines.items():
+            start = time.perf_counter()
+            for _ in range(3):
+                engine(batch)
+            times[name].append((time.perf_counter() - start) / 3)
+    print(f"model-only, batch {len(batch)}, {repeats} interleaved repeats, "
+          f"{torch.get_num_threads()} torch threads:")  # fmt: skip
+    for name in engines:
+        rate = len(batch) / statistics.median(times[name])
+        vs = {
+            base: statistics.median([b / a for a, b in zip(times[name], times[base], strict=True)])
+            for base in ("eager fp32", "openvino fp32")
+        }
+        print(f"  {name:<14} {rate:7.1f} img/s  {vs['eager fp32']:.2f}x eager fp32, "
+              f"{vs['openvino fp32']:.2f}x openvino fp32")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from featx.runtime import ENGINES, check_precision
 __all__ = [
     "CALIBRATION_IMAGES",
     "ENGINES",
+    "INT8_COSINE",
     "Calibration",
     "Engine",
     "build_engine",
@@ -45,6 +46,7 @@ __all__ = [
 
 ENGINE_VERSION = "1"  # part of every cache key: bump when a conversion changes
 CALIBRATION_IMAGES = 300  # int8 calibration set: NNCF's default subset size
+INT8_COSINE = 0.99  # int8 keeps each calibration image's features within this cosine of fp32
 
 # How many conversions/compilations actually ran in this process, per engine; the cache tests
 # read it to see that a second build reused the cached model.
@@ -256,11 +258,14 @@ def compile_engine(
 
 
 def _quantize(model, calibration: Calibration):
-    """`model` quantized to int8 by NNCF's post-training quantization, its activation ranges
-    (and bias corrections) estimated on the calibration images, one image per sample."""
+    """`model` quantized to int8 by NNCF's post-training quantization with accuracy control:
+    activation ranges (and bias corrections) estimated on the calibration images, one image per
+    sample, then the layers that cost most reverted to fp32 until every calibration image's
+    features keep cosine >= INT8_COSINE to the fp32 model's."""
     import logging
 
     import nncf
+    import openvino as ov
 
     class Samples:  # NNCF iterates once per statistics pass: decoded again each time
         def __iter__(self):
@@ -268,8 +273,34 @@ def _quantize(model, calibration: Calibration):
                 for image in batch.float().numpy():
                     yield image[None]
 
-    logging.getLogger("nncf").setLevel(logging.ERROR)  # its progress bars and notes
-    return nncf.quantize(model, nncf.Dataset(Samples()), subset_size=calibration.n_images)
+    # (index, image): the validation function gets raw items, maybe a subset, in any order
+    items = list(enumerate(Samples()))
+    fp32 = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    references = [[np.asarray(out) for out in fp32(image).values()] for _, image in items]
+
+    def lowest_cosine(compiled, data) -> float:
+        lowest = 1.0
+        for index, image in data:
+            for out, ref in zip(compiled(image).values(), references[index], strict=True):
+                lowest = min(lowest, _cosine(np.asarray(out), ref).min())
+        return float(lowest)
+
+    logging.getLogger("nncf").setLevel(logging.ERROR)  # its notes
+    return nncf.quantize_with_accuracy_control(
+        model,
+        nncf.Dataset(Samples()),
+        nncf.Dataset(items, lambda item: item[1]),
+        validation_fn=lowest_cosine,
+        max_drop=1 - INT8_COSINE,
+        drop_type=nncf.DropType.ABSOLUTE,
+        subset_size=calibration.n_images,
+    )
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Each row's cosine between a and b (flattened per row)."""
+    u, v = (np.asarray(x, np.float64).reshape(len(x), -1) for x in (a, b))
+    return (u * v).sum(1) / np.maximum(np.linalg.norm(u, axis=1) * np.linalg.norm(v, axis=1), 1e-30)
 
 
 def _agreement(fp32_model, int8_model, calibration: Calibration) -> dict[str, float]:
@@ -286,11 +317,7 @@ def _agreement(fp32_model, int8_model, calibration: Calibration) -> dict[str, fl
     for batch in calibration.batches():
         x = batch.float().numpy()
         a, b = fp32(x), int8(x)
-        per_output = []
-        for i in range(len(fp32.outputs)):
-            u, v = (np.asarray(r[i], np.float64).reshape(len(x), -1) for r in (a, b))
-            norms = np.linalg.norm(u, axis=1) * np.linalg.norm(v, axis=1)
-            per_output.append((u * v).sum(1) / np.maximum(norms, 1e-30))
+        per_output = [_cosine(a[i], b[i]) for i in range(len(fp32.outputs))]
         cosines.append(np.min(per_output, axis=0))
     c = np.concatenate(cosines)
     return {"cosine_min": round(float(c.min()), 5), "cosine_median": round(float(np.median(c)), 5)}

@@ -55,7 +55,6 @@ DTYPES = ("float32", "float16")
 COMPRESSIONS = ("none", "lzf", "gzip")
 CHUNK_BYTES = 32 << 20  # features held in memory per chunk before it is written
 AUGMENTED_SPLITS = ("train", UNSPLIT)
-INT8_COSINE = 0.99  # int8 features below this cosine to fp32 get a warning (issue 8's goal)
 
 
 @dataclass
@@ -264,7 +263,8 @@ def extract(
     resumes where it stopped. `engine` runs the network: eager PyTorch, `compile`
     (torch.compile) or `openvino`; `auto` picks by measured speed and run length.
     `precision="int8"` runs OpenVINO's post-training quantization, calibrated on up to 300
-    training images of the dataset chosen with `seed`.
+    training images of the dataset chosen with `seed`, with the layers that cost most kept in
+    fp32 until those images' features keep cosine >= 0.99 to fp32.
     `augment` > 0 adds that many augmented views of each training
     image (`augment_config`: a `featx.data.augment.AugmentConfig`, classic Keras ranges by
     default).
@@ -602,7 +602,7 @@ def _run_network(job: _Job, start: int) -> None:
     from tqdm import tqdm
 
     from featx.backbones.layers import pooled_shape, prepare_tap
-    from featx.extraction.engines import build_engine
+    from featx.extraction.engines import INT8_COSINE, build_engine
 
     modules = [i.module for i in job.todo]
     device, size = job.settings.device, job.preprocessing.input_size
