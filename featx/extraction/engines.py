@@ -46,7 +46,10 @@ __all__ = [
 
 ENGINE_VERSION = "1"  # part of every cache key: bump when a conversion changes
 CALIBRATION_IMAGES = 300  # int8 calibration set: NNCF's default subset size
-INT8_COSINE = 0.99  # int8 keeps each calibration image's features within this cosine of fp32
+INT8_COSINE = 0.99  # issue 8's goal for int8 features' cosine to fp32; below it featx warns
+# What accuracy control demands on the calibration images: a margin for the images it never saw
+# (measured on Fashion-MNIST: demanding 0.99 there left 6 of 1,600 images at 0.984-0.99).
+INT8_CALIBRATION_COSINE = 0.995
 
 # How many conversions/compilations actually ran in this process, per engine; the cache tests
 # read it to see that a second build reused the cached model.
@@ -261,7 +264,7 @@ def _quantize(model, calibration: Calibration):
     """`model` quantized to int8 by NNCF's post-training quantization with accuracy control:
     activation ranges (and bias corrections) estimated on the calibration images, one image per
     sample, then the layers that cost most reverted to fp32 until every calibration image's
-    features keep cosine >= INT8_COSINE to the fp32 model's."""
+    features keep cosine >= INT8_CALIBRATION_COSINE to the fp32 model's."""
     import logging
 
     import nncf
@@ -291,7 +294,7 @@ def _quantize(model, calibration: Calibration):
         nncf.Dataset(Samples()),
         nncf.Dataset(items, lambda item: item[1]),
         validation_fn=lowest_cosine,
-        max_drop=1 - INT8_COSINE,
+        max_drop=1 - INT8_CALIBRATION_COSINE,
         drop_type=nncf.DropType.ABSOLUTE,
         subset_size=calibration.n_images,
     )
