@@ -504,7 +504,7 @@ def _int8_engine(
     except ImportError as error:
         raise UsageError(
             f"--precision int8 needs {error.name or 'openvino'} (OpenVINO and NNCF); "
-            "pip install openvino nncf."
+            'pip install "featx[int8]".'
         ) from None
     except Exception as error:  # conversion or quantization errors
         raise UsageError(
