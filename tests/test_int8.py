@@ -75,6 +75,7 @@ def test_int8_store_records_precision_and_calibration(tmp_path):
             attrs = int8.layer(key).attrs
             assert attrs["precision"] == "int8" and attrs["engine"] == "openvino"
             assert attrs["calibration_images"] == 12 and attrs["calibration_seed"] == 3
+            assert 0.9 < attrs["calibration_cosine_min"] <= attrs["calibration_cosine_median"]
             x, y = fp32.read(key), int8.read(key)
             assert x.shape == y.shape == (12, *fp32.layer(key).shape)
             cosine = (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))

@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -260,11 +261,12 @@ def compile_engine(
     return Engine("compile", precision, device, run, setup, details=f"mode={mode}, batch={size}")
 
 
-def _quantize(model, calibration: Calibration):
+def _quantize(model, calibration: Calibration) -> tuple[Any, dict[str, float]]:
     """`model` quantized to int8 by NNCF's post-training quantization with accuracy control:
     activation ranges (and bias corrections) estimated on the calibration images, one image per
     sample, then the layers that cost most reverted to fp32 until every calibration image's
-    features keep cosine >= INT8_CALIBRATION_COSINE to the fp32 model's."""
+    features keep cosine >= INT8_CALIBRATION_COSINE to the fp32 model's. Also returns how close
+    it stayed: each calibration image's cosine (the lowest over the outputs), min and median."""
     import logging
 
     import nncf
@@ -276,54 +278,42 @@ def _quantize(model, calibration: Calibration):
                 for image in batch.float().numpy():
                     yield image[None]
 
+    def compiled(m):
+        return ov.Core().compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+
     # (index, image): the validation function gets raw items, maybe a subset, in any order
     items = list(enumerate(Samples()))
-    fp32 = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    fp32 = compiled(model)
     references = [[np.asarray(out) for out in fp32(image).values()] for _, image in items]
 
-    def lowest_cosine(compiled, data) -> float:
-        lowest = 1.0
-        for index, image in data:
-            for out, ref in zip(compiled(image).values(), references[index], strict=True):
-                lowest = min(lowest, _cosine(np.asarray(out), ref).min())
-        return float(lowest)
+    def cosines(net, data) -> list[float]:
+        return [
+            min(
+                float(_cosine(np.asarray(out), ref)[0])
+                for out, ref in zip(net(image).values(), references[index], strict=True)
+            )
+            for index, image in data
+        ]
 
     logging.getLogger("nncf").setLevel(logging.ERROR)  # its notes
-    return nncf.quantize_with_accuracy_control(
+    quantized = nncf.quantize_with_accuracy_control(
         model,
         nncf.Dataset(Samples()),
         nncf.Dataset(items, lambda item: item[1]),
-        validation_fn=lowest_cosine,
+        validation_fn=lambda net, data: min(cosines(net, data)),
         max_drop=1 - INT8_CALIBRATION_COSINE,
         drop_type=nncf.DropType.ABSOLUTE,
         subset_size=calibration.n_images,
     )
+    final = cosines(compiled(quantized), items)
+    quality = {"cosine_min": min(final), "cosine_median": float(np.median(final))}
+    return quantized, {k: round(v, 5) for k, v in quality.items()}
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Each row's cosine between a and b (flattened per row)."""
     u, v = (np.asarray(x, np.float64).reshape(len(x), -1) for x in (a, b))
     return (u * v).sum(1) / np.maximum(np.linalg.norm(u, axis=1) * np.linalg.norm(v, axis=1), 1e-30)
-
-
-def _agreement(fp32_model, int8_model, calibration: Calibration) -> dict[str, float]:
-    """How close int8 stays to fp32 on the calibration images: each image's cosine between
-    the two models' outputs (the lowest over the outputs), its min and median."""
-    import openvino as ov
-
-    core = ov.Core()
-    fp32, int8 = (
-        core.compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-        for m in (fp32_model, int8_model)
-    )
-    cosines = []
-    for batch in calibration.batches():
-        x = batch.float().numpy()
-        a, b = fp32(x), int8(x)
-        per_output = [_cosine(a[i], b[i]) for i in range(len(fp32.outputs))]
-        cosines.append(np.min(per_output, axis=0))
-    c = np.concatenate(cosines)
-    return {"cosine_min": round(float(c.min()), 5), "cosine_median": round(float(np.median(c)), 5)}
 
 
 def _ov_model(
@@ -348,8 +338,7 @@ def _ov_model(
         model = ov.convert_model(tap, example_input=x, input=[(-1, *x.shape[1:])])
     quality = None
     if calibration is not None:
-        fp32, model = model, _quantize(model, calibration)
-        quality = _agreement(fp32, model, calibration)
+        model, quality = _quantize(model, calibration)
     CONVERSIONS["openvino"] += 1
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
