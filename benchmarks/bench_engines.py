@@ -6,6 +6,12 @@ same random batch, round-robin, so a noisy machine slows all of them alike. Setu
 compilation, or cache load) is timed separately. Features are compared with eager fp32 on a
 full batch and on a short one (the last batch of a run).
 
+int8 (OpenVINO + NNCF post-training quantization) is calibrated here on the random timing batch:
+with random-init weights only its speed means something; its quality on real images and
+weights is benchmarks/bench_int8.py's.
+
+    python benchmarks/bench_engines.py --only "eager fp32" "openvino fp32 THROUGHPUT" int8
+
     python benchmarks/bench_engines.py --repeats 5
     python benchmarks/bench_engines.py --cache /tmp/featx-cache   # run twice: cold, then warm
 """
@@ -23,7 +29,13 @@ import torch
 
 from featx.backbones import get_backbone
 from featx.backbones.layers import prepare_tap
-from featx.extraction.engines import build_engine, cache_key, cpu_class, cpu_features
+from featx.extraction.engines import (
+    Calibration,
+    build_engine,
+    cache_key,
+    cpu_class,
+    cpu_features,
+)
 
 AUTOTUNE = {"compile_mode": "max-autotune-no-cudagraphs"}
 # (label, engine, precision, options)
@@ -42,6 +54,7 @@ VARIANTS = [
         {"ov_hint": "THROUGHPUT", "ov_streams": 1},
     ),
     ("openvino bf16 LATENCY", "openvino", "bf16", {"ov_hint": "LATENCY"}),
+    ("openvino int8 THROUGHPUT", "openvino", "int8", {"ov_hint": "THROUGHPUT"}),
 ]
 
 
@@ -69,7 +82,12 @@ def bench_model(args, backbone: str, layers: list[str], size: int) -> None:
     engines, setups = {}, {}
     chosen = [v for v in VARIANTS if not args.only or any(s in v[0] for s in args.only)]
     for label, name, precision, options in chosen:
-        key = cache_key(backbone, loaded.weights_sha256, layers, "avg", size, precision, name)
+        calibrated = ""
+        if precision == "int8":
+            calibration = Calibration(lambda: [batch], len(batch), 0, "random-batch")
+            options, calibrated = {**options, "calibration": calibration}, calibration.key()
+        key = cache_key(backbone, loaded.weights_sha256, layers, "avg", size, precision, name,
+                        calibrated)  # fmt: skip
         start = time.perf_counter()
         engine = build_engine(tap, name, torch.device("cpu"), precision, batch, key, **options)
         engine(batch)  # first call (eager: allocator warm-up; others compiled already)
@@ -102,6 +120,11 @@ def bench_model(args, backbone: str, layers: list[str], size: int) -> None:
             f"{name:<34} {rate:7.2f} {min(rates):6.2f}-{max(rates):<6.2f} {rate / base:6.2f} "
             f"{setups[label]:8.1f} {rel:9.2e} {cos:9.6f} {srel:9.2e}"
         )
+    int8, ov32 = "openvino int8 THROUGHPUT", "openvino fp32 THROUGHPUT"
+    if int8 in times and ov32 in times:  # per repeat: both ran within the same round
+        ratios = [b / a for a, b in zip(times[int8], times[ov32], strict=True)]
+        print(f"\n{int8} / {ov32}: {statistics.median(ratios):.2f}x "
+              f"(per-repeat {min(ratios):.2f}-{max(ratios):.2f})")  # fmt: skip
 
 
 def main() -> None:

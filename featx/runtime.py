@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEVICES",
     "ENGINES",
+    "INFERENCE_PRECISIONS",
     "PRECISIONS",
     "atomic_write",
     "check_output_file",
@@ -45,7 +46,9 @@ __all__ = [
 ]
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16")  # what a network computes in, training included
+# Inference adds int8: OpenVINO's post-training quantization (NNCF), calibrated on the dataset.
+INFERENCE_PRECISIONS = (*PRECISIONS, "int8")
 ENGINES = ("eager", "compile", "openvino")  # featx.extraction.engines; "auto" picks one
 
 
@@ -75,11 +78,22 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def check_precision(device: torch.device, precision: str) -> None:
-    """UsageError unless `precision` is known and runs on `device` (fp16 needs CUDA or MPS)."""
-    check_choice("precision", precision, PRECISIONS)
+def check_precision(device: torch.device, precision: str, engine: str | None = None) -> None:
+    """UsageError unless `precision` is known and runs on `device` (fp16 needs CUDA or MPS).
+
+    `engine` (auto, eager, compile or openvino) is given by inference, which alone takes int8:
+    only OpenVINO's quantized model on the CPU runs it."""
+    check_choice("precision", precision, PRECISIONS if engine is None else INFERENCE_PRECISIONS)
     if precision == "fp16" and device.type == "cpu":
         raise UsageError("--precision fp16 needs a CUDA or MPS device; use bf16 on a CPU.")
+    if precision == "int8":
+        if engine not in ("auto", "openvino"):
+            raise UsageError(
+                f"--precision int8 runs only on the openvino engine (post-training "
+                f"quantization), not on {engine}; use --engine openvino or auto."
+            )
+        if device.type != "cpu":
+            raise UsageError("--precision int8 runs on the CPU (OpenVINO); use --device cpu.")
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

@@ -225,16 +225,26 @@ def features_for_images(
             "predict taps them with one pooling, so it cannot reproduce their features."
         )
     # the same network set-up, precision and dtype cast as extraction
-    dev = resolve_device(device)
     preprocessing = Preprocessing.from_dict(p["preprocessing"])
     modules = [layer["module"] for layer in layers]
     size, precision = preprocessing.input_size, layers[0]["precision"]
-    check_precision(dev, precision)
+    dev = resolve_device("cpu" if precision == "int8" and device == "auto" else device)
+    check_precision(dev, precision, engine)
     tap = prepare_tap(loaded.model, modules, layers[0]["pool"], dev, size)
     # The tap is the one extraction builds for these modules: extraction's cache key, so a
     # conversion that `featx extract` cached is reused here.
     key = cache_key(loaded.name, loaded.weights_sha256, modules, layers[0]["pool"], size,
                     precision, "extract")  # fmt: skip
+    if precision == "int8":
+        # the quantized model extraction calibrated and cached: predict has no calibration
+        # images; it runs that model (which may output more layers) and reads its own
+        keys = {layer.get("calibration_engine_key", "") for layer in layers}
+        if len(keys) > 1:
+            raise UsageError(
+                "the model's int8 layers were quantized in different extraction runs; predict "
+                "runs one network, so extract them in one run."
+            )
+        key = keys.pop() or key
     name, why = resolve_engine(engine, dev, precision, len(files) * (1 + tta), key)
     if not quiet:
         print(f"Engine: {name}" + (f" ({why})." if why else "."), file=sys.stderr)

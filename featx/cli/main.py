@@ -160,7 +160,11 @@ def extract(
     compression: Annotated[str, typer.Option(help="HDF5 compression: none, lzf or gzip.")] = "none",
     precision: Annotated[
         str,
-        typer.Option(help="Compute precision: fp32, bf16 (bf16 weights; CPU or GPU), fp16 (GPU)."),
+        typer.Option(
+            help="Compute precision: fp32, bf16 (bf16 weights; CPU or GPU), fp16 (GPU), int8 "
+            "(OpenVINO post-training quantization on the CPU, calibrated on up to 300 training "
+            "images chosen with --seed)."
+        ),
     ] = "fp32",
     engine: EngineOption = "auto",
     decode: Annotated[
@@ -189,7 +193,9 @@ def extract(
             help="Also store K augmented views of each training image.", callback=NOT_NEGATIVE
         ),
     ] = 0,
-    seed: Annotated[int, typer.Option(help="Seed of the augmented views.")] = 0,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the augmented views and of int8's calibration images.")
+    ] = 0,
     overwrite: Annotated[
         bool, typer.Option(help="Replace a store that was made differently.")
     ] = False,

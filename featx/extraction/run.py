@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import glob
+import hashlib
 import json
 import math
 import os
@@ -38,7 +39,7 @@ from featx.extraction.partial import ChunkWriter, Partial, remove_finished_parti
 from featx.extraction.shard import check_shard, shard_files, shard_store_path
 from featx.runtime import (
     ENGINES,
-    PRECISIONS,
+    INFERENCE_PRECISIONS,
     available_memory,
     check_precision,
     default_workers,
@@ -52,6 +53,8 @@ from featx.store.feature_store import FeatureStore, add_layer, layer_key, write_
 if TYPE_CHECKING:  # torch loads only when the network runs: a cached re-run never imports it
     import torch
     from PIL import Image
+
+    from featx.extraction.engines import Calibration
 
 __all__ = ["ExtractResult", "default_store_path", "extract"]
 
@@ -268,6 +271,9 @@ def extract(
     Layers already in the store are reused; new ones are added in one pass. An interrupted run
     resumes where it stopped. `engine` runs the network: eager PyTorch, `compile`
     (torch.compile) or `openvino`; `auto` picks by measured speed and run length.
+    `precision="int8"` runs OpenVINO's post-training quantization, calibrated on up to 300
+    training images of the dataset chosen with `seed`, with the layers that cost most kept in
+    fp32 until those images' features keep cosine >= 0.99 to fp32.
     `augment` > 0 adds that many augmented views of each training
     image (`augment_config`: a `featx.data.augment.AugmentConfig`, classic Keras ranges by
     default).
@@ -283,7 +289,7 @@ def extract(
         ("pool", pool, POOLS),
         ("dtype", dtype, DTYPES),
         ("compression", compression, COMPRESSIONS),
-        ("precision", precision, PRECISIONS),
+        ("precision", precision, INFERENCE_PRECISIONS),
         ("engine", engine, ("auto", *ENGINES)),
         ("decode", decode or "full", DECODE_POLICIES),
     ):
@@ -355,7 +361,8 @@ def extract(
                 engine=engine,
                 batch_size=batch_size,
                 workers=default_workers() if workers is None else workers,
-                device=_device_for(device, precision),
+                device=_device_for(device, precision, engine),
+                seed=seed,
                 quiet=quiet,
                 command=command,
                 augmenter=augmenter,
@@ -376,11 +383,39 @@ def extract(
                 existing.close()
 
 
-def _device_for(device: str, precision: str) -> torch.device:
-    """The resolved device, once `precision` is known to run on it."""
-    resolved = resolve_device(device)
-    check_precision(resolved, precision)
+def _device_for(device: str, precision: str, engine: str) -> torch.device:
+    """The resolved device, once `precision` is known to run on it with `engine` (int8 runs
+    on the CPU: `auto` resolves to it)."""
+    resolved = resolve_device("cpu" if precision == "int8" and device == "auto" else device)
+    check_precision(resolved, precision, engine)
     return resolved
+
+
+def _calibration(folder: ImageFolder, preprocessing: Preprocessing, seed: int) -> Calibration:
+    """int8's calibration images: up to CALIBRATION_IMAGES of the training images (of all the
+    images when there is no train split), chosen with `seed`, preprocessed as extraction does,
+    without augmentation. Shards of one dataset choose the same images."""
+    from featx.extraction.engines import CALIBRATION_IMAGES, Calibration
+
+    train = [i for i, f in enumerate(folder.files) if f.split in AUGMENTED_SPLITS]
+    candidates = train or list(range(len(folder.files)))
+    n = min(len(candidates), CALIBRATION_IMAGES)
+    chosen = np.random.default_rng(seed).choice(candidates, size=n, replace=False)
+    images = _Images(folder, [(int(i), 0) for i in np.sort(chosen)], preprocessing)
+
+    def batches():
+        import torch
+
+        for begin in range(0, len(images), 32):
+            tensors = [images[i][1] for i in range(begin, min(begin + 32, len(images)))]
+            tensors = [x for x in tensors if x is not None]  # unreadable files
+            if tensors:
+                yield torch.stack(tensors)
+
+    identity = json.dumps(
+        [folder.fingerprint, preprocessing.to_dict(), seed, n], sort_keys=True, default=str
+    )
+    return Calibration(batches, n, seed, hashlib.sha256(identity.encode()).hexdigest()[:16])
 
 
 def _augmentation(views: int, config: Any, seed: int):
@@ -422,6 +457,7 @@ class _Settings:
     batch_size: int
     workers: int
     device: torch.device
+    seed: int  # augmentation's and int8 calibration's
     quiet: bool
     command: str
     augmenter: Any
@@ -446,7 +482,22 @@ class _Job:
     chunk_items: int
     engine: str  # resolved: eager, compile or openvino
     engine_key: str  # names the engine's cached conversion
+    calibration: Calibration | None = None  # int8's
     engine_text: str = ""  # what ran, as the engine describes itself
+    engine_quality: dict[str, float] | None = None  # int8's cosine to fp32 (Engine.quality)
+
+    def calibration_record(self) -> dict[str, Any]:
+        """What the store records of int8's calibration (empty for other precisions)."""
+        c = self.calibration
+        if c is None:
+            return {}
+        return {
+            "images": c.n_images,
+            "seed": c.seed,
+            "identity": c.identity,
+            "engine_key": self.engine_key,  # predict runs this cached quantized model
+            **(self.engine_quality or {}),
+        }
 
 
 def _upgraded_run(before: dict[str, Any]) -> dict[str, Any]:
@@ -505,6 +556,9 @@ def _compute(
 
     row_bytes = sum(math.prod(pooled_shape(i.shape, pool)) for i in todo) * np.dtype(dtype).itemsize
     per_chunk = max(1, CHUNK_BYTES // max(1, row_bytes * batch_size))
+    calibration = (
+        _calibration(folder, preprocessing, settings.seed) if settings.precision == "int8" else None
+    )
     key = cache_key(
         loaded.name,
         loaded.weights_sha256,
@@ -513,6 +567,7 @@ def _compute(
         preprocessing.input_size,
         settings.precision,
         "extract",
+        calibration.key() if calibration else "",
     )
     engine, why = resolve_engine(
         settings.engine, settings.device, settings.precision, len(work.items), key
@@ -525,6 +580,7 @@ def _compute(
         "pool": pool,
         "dtype": dtype,
         "precision": settings.precision,
+        **({"calibration": calibration.identity} if calibration else {}),
         "device": settings.device.type,  # devices differ in the last bits: never mix them
         "n_items": len(work.items),
         "engine": engine,
@@ -558,6 +614,7 @@ def _compute(
         chunk_items=chunk_items,
         engine=engine,
         engine_key=key,
+        calibration=calibration,
     )
     if first < n_chunks:
         log(f"Engine: {engine}" + (f" ({why})." if why else "."))
@@ -576,7 +633,7 @@ def _run_network(job: _Job, start: int) -> None:
     from tqdm import tqdm
 
     from featx.backbones.layers import pooled_shape, prepare_tap
-    from featx.extraction.engines import build_engine
+    from featx.extraction.engines import INT8_COSINE, build_engine
 
     modules = [i.module for i in job.todo]
     device, size = job.settings.device, job.preprocessing.input_size
@@ -601,10 +658,19 @@ def _run_network(job: _Job, start: int) -> None:
         job.settings.precision,
         example=torch.zeros(job.batch_size, 3, size, size),
         key=job.engine_key,
+        calibration=job.calibration,
     )
     if engine.fallback_reason and not job.settings.quiet:
         print(f"Engine: {engine.describe()}.", file=sys.stderr)
-    job.engine_text = engine.describe()
+    job.engine_text, job.engine_quality = engine.describe(), engine.quality
+    if engine.quality and engine.quality["cosine_min"] < INT8_COSINE and not job.settings.quiet:
+        print(
+            f"Warning: int8 features are below cosine {INT8_COSINE} to fp32 on some calibration "
+            f"images (min {engine.quality['cosine_min']:.4f}, median "
+            f"{engine.quality['cosine_median']:.4f}); compare with an fp32 store before relying "
+            "on them.",
+            file=sys.stderr,
+        )
     writer = ChunkWriter(job.partial)
     writer.start()
 
@@ -697,6 +763,7 @@ def _assemble(job: _Job, n_chunks: int) -> ExtractResult:
                         "pool": job.settings.pool,
                         "precision": job.settings.precision,
                         "engine": job.engine,
+                        **{f"calibration_{k}": v for k, v in job.calibration_record().items()},
                     },
                     (job.partial.load(k)[f"layer{i}"] for k in range(n_chunks)),
                 )
@@ -800,6 +867,8 @@ def _store_meta(job: _Job) -> dict[str, Any]:
                 "command": job.settings.command,
                 "layers": job.keys,
                 "engine": job.engine_text or job.engine,
+                "precision": job.settings.precision,
+                **({"calibration": job.calibration_record()} if job.calibration else {}),
             },
         ],
     }

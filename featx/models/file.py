@@ -154,7 +154,7 @@ def combined_layer_record(layers: list[dict[str, Any]]) -> dict[str, Any]:
 def layer_provenance(store: FeatureStore, key: str) -> dict[str, Any]:
     """The `layer_record` of layer `key` of `store`."""
     info = store.layer(key)
-    return layer_record(
+    record = layer_record(
         key=info.key,
         name=info.attrs.get("layer", info.key),
         module=info.attrs.get("module", info.key),
@@ -163,6 +163,9 @@ def layer_provenance(store: FeatureStore, key: str) -> dict[str, Any]:
         dtype=info.dtype,
         row_shape=info.shape,
     )
+    if "calibration_engine_key" in info.attrs:  # int8: the quantized model predict runs
+        record["calibration_engine_key"] = str(info.attrs["calibration_engine_key"])
+    return record
 
 
 def feature_identity(
