@@ -53,11 +53,13 @@ def make_photos(folder: Path, n: int, size: tuple[int, int] = (640, 480)) -> Non
         photo.crop((x, y, x + width, y + height)).save(target / f"{i:04d}.jpg", quality=90)
 
 
-def plain_loop(backbone: str, files: list[Path], batch_size: int, out: Path) -> float:
+def plain_loop(
+    backbone: str, files: list[Path], batch_size: int, out: Path, device: torch.device
+) -> float:
     """Images per second of the hand-written loop."""
     record = get_backbone(backbone)
     torch.manual_seed(0)
-    model = record.build().eval()
+    model = record.build().eval().to(device)
     model.fc = torch.nn.Identity()
     transform = torchvision.models.get_model_weights(backbone).DEFAULT.transforms()
     start = time.perf_counter()
@@ -65,7 +67,7 @@ def plain_loop(backbone: str, files: list[Path], batch_size: int, out: Path) -> 
     with torch.inference_mode():
         for i in range(0, len(files), batch_size):
             batch = [transform(Image.open(f).convert("RGB")) for f in files[i : i + batch_size]]
-            features.append(model(torch.stack(batch)).numpy())
+            features.append(model(torch.stack(batch).to(device)).cpu().numpy())
     np.save(out, np.concatenate(features))
     return len(files) / (time.perf_counter() - start)
 
@@ -78,6 +80,7 @@ def featx_run(
     precision: str,
     engine: str = "auto",
     decode: str = "full",
+    device: str = "cpu",
 ):
     """Images per second of `featx.extract` (end to end, model set-up and any conversion
     included), and the stored features."""
@@ -93,6 +96,7 @@ def featx_run(
         precision=precision,
         engine=engine,
         decode=decode,
+        device=device,
         quiet=True,
     )
     seconds = time.perf_counter() - start
@@ -106,14 +110,15 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(per_row.min())
 
 
-def model_only(backbone: str, engine: str, precision: str, batch_size: int, runs: int) -> float:
+def model_only(
+    backbone: str, engine: str, precision: str, batch_size: int, runs: int, device: torch.device
+) -> float:
     """Images per second of the engine on random batches: the tapped network featx runs, no
     decoding or writing (the practical limit of this machine for that path)."""
     from featx.backbones.layers import prepare_tap
     from featx.extraction.engines import build_engine, cache_key
 
     loaded = get_backbone(backbone).load("none")
-    device = torch.device("cpu")
     tap = prepare_tap(loaded.model, ["avgpool"], "none", device, 224)
     x = torch.randn(batch_size, 3, 224, 224)
     key = cache_key(backbone, loaded.weights_sha256, ["avgpool"], "none", 224, precision, "bench")
@@ -123,6 +128,8 @@ def model_only(backbone: str, engine: str, precision: str, batch_size: int, runs
     for _ in range(runs):
         start = time.perf_counter()
         run(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return batch_size / statistics.median(times)
 
@@ -135,22 +142,28 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--eager-bf16", action="store_true", help="also time eager bf16")
     parser.add_argument("--photo-size", default="640x480", help="JPEG size, WIDTHxHEIGHT")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
+    device = torch.device(args.device)
     photo_size = tuple(int(v) for v in args.photo_size.split("x"))
 
     work = Path(tempfile.mkdtemp(prefix="featx-bench-"))
     try:
         make_photos(work / "data", args.images, photo_size)
         files = sorted((work / "data").rglob("*.jpg"))
-        paths = [("eager", "fp32"), ("openvino", "fp32"), ("auto", "fp32"), ("auto", "bf16")]
-        if args.eager_bf16:  # very slow on CPUs without bf16 units (0.15x fp32 measured)
-            paths.append(("eager", "bf16"))
-        paths.append(("auto", "fp32", "reduced"))
+        if device.type == "cuda":
+            paths = [("eager", "fp32"), ("eager", "fp16"), ("eager", "bf16"), ("compile", "fp16")]
+            paths += [("auto", "fp16"), ("auto", "fp16", "reduced")]
+        else:
+            paths = [("eager", "fp32"), ("openvino", "fp32"), ("auto", "fp32"), ("auto", "bf16")]
+            if args.eager_bf16:  # very slow on CPUs without bf16 units (0.15x fp32 measured)
+                paths.append(("eager", "bf16"))
+            paths.append(("auto", "fp32", "reduced"))
         rates: dict[str, list[float]] = {"plain": []}
         features: dict[str, np.ndarray] = {}
         for _ in range(args.repeats):  # interleaved, so load changes hit every path alike
             rates["plain"].append(
-                plain_loop(args.backbone, files, args.batch_size, work / "plain.npy")
+                plain_loop(args.backbone, files, args.batch_size, work / "plain.npy", device)
             )
             for engine, precision, *decode in paths:
                 name = f"{engine} {precision}" + (" --decode reduced" if decode else "")
@@ -161,14 +174,15 @@ def main() -> None:
                     args.batch_size,
                     precision,
                     engine,
-                    *decode,
+                    *(decode or ["full"]),
+                    device=args.device,
                 )
                 rates.setdefault(name, []).append(rate)
                 features[name] = feats
         median = {name: statistics.median(v) for name, v in rates.items()}
         limits = {
             f"{engine} {precision}": model_only(
-                args.backbone, engine, precision, args.batch_size, args.repeats * 3
+                args.backbone, engine, precision, args.batch_size, args.repeats * 3, device
             )
             for engine, precision, *_ in paths
             if engine != "auto"
@@ -177,7 +191,8 @@ def main() -> None:
         print(
             f"{args.backbone}, {args.images} JPEGs {args.photo_size}, batch {args.batch_size}, "
             f"medians of {args.repeats} interleaved runs, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, {os.cpu_count()} cores"
+            f"{torch.get_num_threads()} threads, {os.cpu_count()} cores, device "
+            f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}"
         )
         print()
         print("| run | images/s | vs plain | model-only images/s | end-to-end share | cosine |")
