@@ -368,6 +368,8 @@ ARGUMENT_CASES: dict[str, Callable[[Good, Path], tuple]] = {
     "extract-bad-device": lambda g, t: _extract(g, t, "--device", "tpu"),
     "extract-bad-engine": lambda g, t: _extract(g, t, "--engine", "tensorrt"),
     "extract-fp16-on-cpu": lambda g, t: _extract(g, t, "--precision", "fp16", "--device", "cpu"),
+    "extract-bad-decode": lambda g, t: _extract(g, t, "--decode", "half"),
+    "extract-int8-eager": lambda g, t: _extract(g, t, "--precision", "int8", "--engine", "eager"),
     "extract-shard-out-of-range": lambda g, t: _extract(g, t, "--shard", "3/2"),
     "extract-shard-not-a-fraction": lambda g, t: _extract(g, t, "--shard", "half"),
     "extract-bad-manifest": lambda g, t: (
@@ -395,6 +397,7 @@ ARGUMENT_CASES: dict[str, Callable[[Good, Path], tuple]] = {
     "predict-tta-negative": lambda g, t: _predict(g, "--tta", "-1"),
     "predict-top-k-zero": lambda g, t: _predict(g, "--top-k", "0"),
     "predict-batch-size-zero": lambda g, t: _predict(g, "--batch-size", "0"),
+    "predict-bad-engine": lambda g, t: _predict(g, "--engine", "tensorrt"),
     "fit-knn-too-many-neighbours": lambda g, t: _fit(
         g, "--clf", "knn", "--param", "n_neighbors=100"
     ),
@@ -409,6 +412,7 @@ ARGUMENT_CASES: dict[str, Callable[[Good, Path], tuple]] = {
     "finetune-epochs-negative": lambda g, t: _finetune(g, t, "--epochs", "-2"),
     "finetune-lr-zero": lambda g, t: _finetune(g, t, "--lr", "0"),
     "finetune-dropout-above-one": lambda g, t: _finetune(g, t, "--dropout", "1.5"),
+    "finetune-bad-decode": lambda g, t: _finetune(g, t, "--decode", "half"),
     "lr-find-num-iter-zero": lambda g, t: ("lr-find", g.data, *TINY, "--num-iter", "0"),
     "preview-n-zero": lambda g, t: ("augment-preview", g.data, "--n", "0", "--out", t / "p.png"),
 }
