@@ -124,10 +124,11 @@ def best_stored_layer(session: Session, store: str | os.PathLike, log) -> str:
     validation loss; the network's own layer when the store holds no other."""
     with _open_matching(session, store) as fs:
         pool = session.net.pool
+        attrs = {key: fs.layer(key).attrs for key in fs.layers}
         candidates = [
-            (key, fs.layer(key).attrs.get("layer") or fs.layer(key).attrs.get("module"))
-            for key in fs.layers
-            if fs.layer(key).attrs.get("pool", "none") == pool
+            (key, a.get("layer") or a.get("module"))
+            for key, a in attrs.items()
+            if a.get("pool", "none") == pool
         ]
     reachable = set(session.reachable_layers())
     candidates = [(key, layer) for key, layer in candidates if layer in reachable]
