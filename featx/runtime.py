@@ -37,6 +37,7 @@ __all__ = [
     "available_memory",
     "default_workers",
     "human_size",
+    "inference_device",
     "library_versions",
     "now",
     "parse_size",
@@ -94,6 +95,14 @@ def check_precision(device: torch.device, precision: str, engine: str | None = N
             )
         if device.type != "cpu":
             raise UsageError("--precision int8 runs on the CPU (OpenVINO); use --device cpu.")
+
+
+def inference_device(device: str, precision: str, engine: str) -> torch.device:
+    """The device a network runs `precision` on with `engine`, checked: `device` resolved as
+    `resolve_device` does, except that int8 (OpenVINO, CPU only) resolves `auto` to the CPU."""
+    resolved = resolve_device("cpu" if precision == "int8" and device == "auto" else device)
+    check_precision(resolved, precision, engine)
+    return resolved
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

@@ -200,7 +200,7 @@ def features_for_images(
     from featx.backbones.layers import prepare_tap
     from featx.backbones.registry import Preprocessing, get_backbone
     from featx.extraction.engines import ENGINES, build_engine, cache_key, resolve_engine
-    from featx.runtime import check_precision, resolve_device
+    from featx.runtime import inference_device
 
     check_range("batch-size", batch_size, 1)
     check_range("workers", workers, 0)
@@ -228,8 +228,7 @@ def features_for_images(
     preprocessing = Preprocessing.from_dict(p["preprocessing"])
     modules = [layer["module"] for layer in layers]
     size, precision = preprocessing.input_size, layers[0]["precision"]
-    dev = resolve_device("cpu" if precision == "int8" and device == "auto" else device)
-    check_precision(dev, precision, engine)
+    dev = inference_device(device, precision, engine)
     tap = prepare_tap(loaded.model, modules, layers[0]["pool"], dev, size)
     # The tap is the one extraction builds for these modules: extraction's cache key, so a
     # conversion that `featx extract` cached is reused here.

@@ -41,12 +41,11 @@ from featx.runtime import (
     ENGINES,
     INFERENCE_PRECISIONS,
     available_memory,
-    check_precision,
     default_workers,
     disk_errors,
+    inference_device,
     library_versions,
     now,
-    resolve_device,
 )
 from featx.store.feature_store import FeatureStore, add_layer, layer_key, write_store
 
@@ -361,7 +360,7 @@ def extract(
                 engine=engine,
                 batch_size=batch_size,
                 workers=default_workers() if workers is None else workers,
-                device=_device_for(device, precision, engine),
+                device=inference_device(device, precision, engine),
                 seed=seed,
                 quiet=quiet,
                 command=command,
@@ -381,14 +380,6 @@ def extract(
         finally:
             if existing is not None:
                 existing.close()
-
-
-def _device_for(device: str, precision: str, engine: str) -> torch.device:
-    """The resolved device, once `precision` is known to run on it with `engine` (int8 runs
-    on the CPU: `auto` resolves to it)."""
-    resolved = resolve_device("cpu" if precision == "int8" and device == "auto" else device)
-    check_precision(resolved, precision, engine)
-    return resolved
 
 
 def _calibration(folder: ImageFolder, preprocessing: Preprocessing, seed: int) -> Calibration:
