@@ -4,9 +4,11 @@ The notebook's pipeline: VGG16 without its top at 150 px, images rescaled by 1/2
 in batches of 20 from the class folders, `conv_base.predict` per batch, features collected in
 memory and saved. featx: `featx extract DATA --backbone vgg16 --layer block5_pool
 --image-size 150`. Each run is a fresh process (imports, model set-up, decoding, inference
-and saving included), the two alternate, and the peak resident memory of each process tree
-(the process and its DataLoader workers, PSS so shared pages count once) is sampled every
-0.05 s.
+and saving included) and the two alternate. Speed and memory come from separate runs: the peak
+resident memory of each process tree (the process and its DataLoader workers, PSS so shared
+pages count once) is sampled every 0.05 s in runs of their own, because reading a process's
+PSS walks its page tables (about 30-40 ms for a 1 GB process, under the process's memory lock)
+and sampling that often takes half a core from the process it measures.
 
 Keras runs from its own environment, given by --keras-python (a Python with tensorflow-cpu
 and keras installed, e.g. `python -m venv kv && kv/bin/pip install tensorflow-cpu keras
@@ -61,9 +63,18 @@ KERAS_PIPELINE = textwrap.dedent(
 )
 
 
-def run_measured(command: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak PSS of the process tree in bytes) of one fresh process."""
+def run_timed(command: list[str]) -> float:
+    """Wall seconds of one fresh process, unobserved."""
     start = time.perf_counter()
+    process = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seconds = time.perf_counter() - start
+    if process.returncode != 0:
+        sys.exit(f"{' '.join(command)} failed:\n{process.stderr.decode()[-2000:]}")
+    return seconds
+
+
+def run_sampled(command: list[str]) -> float:
+    """Peak PSS of the process tree of one fresh process, in bytes."""
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     root = psutil.Process(process.pid)
     peak = 0
@@ -79,10 +90,9 @@ def run_measured(command: list[str]) -> tuple[float, float]:
             break
         peak = max(peak, total)
         time.sleep(0.05)
-    seconds = time.perf_counter() - start
     if process.returncode != 0:
         sys.exit(f"{' '.join(command)} failed:\n{process.stderr.read().decode()[-2000:]}")
-    return seconds, peak
+    return peak
 
 
 def main() -> None:
@@ -90,7 +100,8 @@ def main() -> None:
     parser.add_argument("--keras-python", required=True, help="a Python with tensorflow+keras")
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--image-size", type=int, default=150)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each")
+    parser.add_argument("--memory-repeats", type=int, default=1, help="sampled runs of each")
     parser.add_argument("--engine", nargs="+", default=["auto"], help="featx engines to time")
     args = parser.parse_args()
 
@@ -115,22 +126,26 @@ def main() -> None:
                 "--image-size", str(args.image_size), "--engine", engine,
                 "--store", str(work / "f.h5"), "--overwrite", "--quiet",
             ]  # fmt: skip
-        results: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        peaks: dict[str, list[float]] = {name: [] for name in runs}
         for _ in range(args.repeats):
             for name, command in runs.items():
-                results[name].append(run_measured(command))
-        keras_seconds = statistics.median(s for s, _ in results["keras"])
-        keras_peak = statistics.median(p for _, p in results["keras"])
+                times[name].append(run_timed(command))
+        for _ in range(args.memory_repeats):
+            for name, command in runs.items():
+                peaks[name].append(run_sampled(command))
+        keras_seconds = statistics.median(times["keras"])
+        keras_peak = statistics.median(peaks["keras"])
         print(
             f"VGG16 block5_pool at {args.image_size} px, {args.images} 640x480 JPEGs, fresh "
-            f"processes, medians of {args.repeats} alternating runs; torch "
-            f"{torch.__version__}, {torch.get_num_threads()} threads\n"
+            f"processes; seconds: medians of {args.repeats} alternating unobserved runs, peak "
+            f"PSS: medians of {args.memory_repeats} sampled runs; torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads\n"
         )
         print("| pipeline | seconds | images/s | vs Keras | peak PSS | vs Keras |")
         print("|---|---:|---:|---:|---:|---:|")
-        for name, measured in results.items():
-            seconds = statistics.median(s for s, _ in measured)
-            peak = statistics.median(p for _, p in measured)
+        for name in runs:
+            seconds, peak = statistics.median(times[name]), statistics.median(peaks[name])
             print(
                 f"| {name} | {seconds:.1f} | {args.images / seconds:.1f} | "
                 f"{keras_seconds / seconds:.2f}x | {peak / 2**20:.0f} MB | "

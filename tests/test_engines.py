@@ -138,6 +138,12 @@ def test_choose_engine_pays_setup_only_when_it_pays_back():
     assert name == "eager" and reason == "no engine measurements for cpu/avx512/fp32"
     name, reason = choose_engine(CPU, "fp32", 10**7, flags=avx2, available=frozenset())
     assert name == "eager", reason
+    # a conversion already on disk is won back by a shorter run than a first one
+    short = next(
+        n for n in range(1, 10**5) if choose_engine(CPU, "fp32", n, flags=avx2)[0] != "eager"
+    )
+    cached = frozenset({"openvino"})
+    assert choose_engine(CPU, "fp32", short // 2, flags=avx2, cached=cached)[0] == "openvino"
 
 
 # OpenVINO's thread pool stays alive in the process that loaded it, and later forks of that

@@ -69,6 +69,9 @@ def test_int8_store_records_precision_and_calibration(tmp_path):
                          f"{name}.h5", cwd=tmp_path, env=env)  # fmt: skip
         assert done.returncode == 0, done.stderr
     assert "Engine: openvino (int8" in done.stderr  # auto picks openvino for int8
+    assert "Quantizing to int8 on 12 calibration images" in done.stderr
+    # stdout holds the store's path alone: NNCF's progress bars do not reach it
+    assert done.stdout.strip().splitlines() == ["int8.h5"], done.stdout
     with FeatureStore(tmp_path / "fp32.h5") as fp32, FeatureStore(tmp_path / "int8.h5") as int8:
         assert int8.layers == fp32.layers
         for key in fp32.layers:
@@ -84,6 +87,9 @@ def test_int8_store_records_precision_and_calibration(tmp_path):
         assert run["precision"] == "int8" and run["calibration"]["images"] == 12
         assert "calibrated on 12 images (seed 3)" in run["engine"]
     assert len(list((tmp_path / "cache" / "openvino").glob("*.xml"))) == 1
+    info = run_featx("info", "int8.h5", cwd=tmp_path, env=env)
+    assert "int8 openvino, calibrated on 12 images (seed 3), cosine to fp32 min" in info.stdout
+    assert "fp32 eager" in run_featx("info", "fp32.h5", cwd=tmp_path, env=env).stdout
 
     # predict runs the quantized model extraction cached (it has no calibration images)
     for args in (

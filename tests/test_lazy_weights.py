@@ -3,6 +3,8 @@ a full load, nothing above the deepest layer materialised, and stores made befor
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -194,3 +196,18 @@ def test_timm_weights_file_loads_only_the_needed_tensors(tmp_path):
     assert loaded.weights_sha256 == state_dict_sha256(model)
     assert sum(p.numel() for p in loaded.model.layer4.parameters()) == 0
     assert torch.equal(_features(loaded.model, "layer1"), _features(model, "layer1"))
+
+
+def test_a_weights_file_is_hashed_once_until_it_changes(tmp_path):
+    path = tmp_path / "w.pth"
+    path.write_bytes(b"a" * 1000)
+    assert registry.file_sha256(path) == hashlib.sha256(b"a" * 1000).hexdigest()
+    # The cached digest stands in for the file until its size or mtime changes.
+    entries = {p: p.read_text() for p in (cache_root() / "weights-sha256").iterdir()}
+    mine = [p for p, v in entries.items() if v == hashlib.sha256(b"a" * 1000).hexdigest()]
+    assert mine
+    mine[0].write_text("0" * 64)
+    assert registry.file_sha256(path) == "0" * 64
+    path.write_bytes(b"b" * 1000)
+    os.utime(path, ns=(1, 10**18))
+    assert registry.file_sha256(path) == hashlib.sha256(b"b" * 1000).hexdigest()

@@ -622,30 +622,19 @@ class _Checkpoint:
     def sha256(self) -> str:
         """`state_dict_sha256` of the fitted model once loaded with these tensors, hashed
         window by window; cached per file (path, size, mtime) and model layout."""
-        stat = self.path.stat()
         layout = hashlib.sha256(repr((self._layout, self._files)).encode()).hexdigest()
-        key = f"{self.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{layout}"
-        cached = cache_root() / "weights-sha256" / hashlib.sha256(key.encode()).hexdigest()
-        try:
-            value = cached.read_text().strip()
-            if re.fullmatch(r"[0-9a-f]{64}", value):
-                return value
-        except OSError:
-            pass
-        import torch
 
-        digest = hashlib.sha256()
-        for name, dtype, shape in self._layout:
-            digest.update(f"{name}|{dtype}|{shape}\n".encode())
-            for _, _, rows in self._rows(name, dtype):
-                digest.update(rows.contiguous().reshape(-1).view(torch.uint8).numpy())
-        value = digest.hexdigest()
-        try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(cached, value.encode())
-        except OSError:  # a read-only cache only costs the hash again next time
-            pass
-        return value
+        def compute() -> str:
+            import torch
+
+            digest = hashlib.sha256()
+            for name, dtype, shape in self._layout:
+                digest.update(f"{name}|{dtype}|{shape}\n".encode())
+                for _, _, rows in self._rows(name, dtype):
+                    digest.update(rows.contiguous().reshape(-1).view(torch.uint8).numpy())
+            return digest.hexdigest()
+
+        return _cached_file_digest(self.path, layout, compute)
 
     def load_into(self, model: nn.Module) -> None:
         """Copy the file's tensors into every tensor `model` still has (allocating them first
@@ -679,12 +668,37 @@ def _densenet_names(file_keys: list[str], model_keys: list[str]) -> list[str]:
 
 
 def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """sha256 of a file's bytes, cached per file (path, size, mtime)."""
+
+    def compute() -> str:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+    return _cached_file_digest(path, "bytes", compute)
+
+
+def _cached_file_digest(path: Path, what: str, compute: Callable[[], str]) -> str:
+    """`compute()`, a sha256 hex digest of `what` in the file at `path`, remembered in featx's
+    cache under the file's path, size and mtime, so a large weights file is hashed once."""
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{what}"
+    cached = cache_root() / "weights-sha256" / hashlib.sha256(key.encode()).hexdigest()
+    try:
+        value = cached.read_text().strip()
+        if re.fullmatch(r"[0-9a-f]{64}", value):
+            return value
+    except OSError:
+        pass
+    value = compute()
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(cached, value.encode())
+    except OSError:  # a read-only cache only costs the hash again next time
+        pass
+    return value
 
 
 def state_dict_sha256(model: nn.Module) -> str:

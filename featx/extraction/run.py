@@ -624,7 +624,7 @@ def _run_network(job: _Job, start: int) -> None:
     from tqdm import tqdm
 
     from featx.backbones.layers import pooled_shape, prepare_tap
-    from featx.extraction.engines import INT8_COSINE, build_engine
+    from featx.extraction.engines import INT8_COSINE, build_engine, is_cached
 
     modules = [i.module for i in job.todo]
     device, size = job.settings.device, job.preprocessing.input_size
@@ -642,6 +642,12 @@ def _run_network(job: _Job, start: int) -> None:
     # The decoding workers fork here, before an engine starts its own thread pool (OpenVINO's
     # does not survive a fork beside it).
     batches = iter(loader)
+    if job.calibration and not is_cached(job.engine, job.engine_key) and not job.settings.quiet:
+        print(
+            f"Quantizing to int8 on {job.calibration.n_images} calibration images (once on "
+            "this machine: the quantized model is cached).",
+            file=sys.stderr,
+        )
     engine = build_engine(
         tap,
         job.engine,

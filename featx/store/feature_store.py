@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -324,7 +324,7 @@ class FeatureStore:
             size = "virtual" if virtual else human_size(info.nbytes)
             lines.append(
                 f"  {key:<28} {'x'.join(map(str, info.shape)):<14} {info.dtype:<8} "
-                f"{size:>9}  {info.attrs.get('precision', '')}"
+                f"{size:>9}  {_computed(info.attrs)}"
             )
         lines.append("")
         labels = self._file["rows"]["label"][()]
@@ -347,6 +347,18 @@ class FeatureStore:
             if isinstance(event, dict):
                 lines.append(f"  {event.get('time')}  {event.get('command')}")
         return "\n".join(lines)
+
+
+def _computed(attrs: Mapping[str, Any]) -> str:
+    """How a layer was computed, from its attributes: precision, engine and int8's calibration."""
+    text = " ".join(str(attrs[k]) for k in ("precision", "engine") if k in attrs)
+    if "calibration_images" in attrs:
+        text += (
+            f", calibrated on {attrs['calibration_images']} images (seed "
+            f"{attrs.get('calibration_seed')}), cosine to fp32 min "
+            f"{attrs.get('calibration_cosine_min', float('nan')):.4f}"
+        )
+    return text
 
 
 def _text(value: Any) -> Any:
