@@ -83,7 +83,7 @@ def featx_run(
     device: str = "cpu",
 ):
     """Images per second of `featx.extract` (end to end, model set-up and any conversion
-    included), and the stored features."""
+    included), the stored features, and the engine that ran (auto's choice)."""
     store.unlink(missing_ok=True)
     start = time.perf_counter()
     featx.extract(
@@ -101,7 +101,8 @@ def featx_run(
     )
     seconds = time.perf_counter() - start
     with featx.FeatureStore(store) as s:
-        return s.n_rows / seconds, s.read("avgpool").reshape(s.n_rows, -1)
+        used = str(s.layer("avgpool").attrs["engine"])
+        return s.n_rows / seconds, s.read("avgpool").reshape(s.n_rows, -1), used
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -161,13 +162,14 @@ def main() -> None:
             paths.append(("auto", "fp32", "reduced"))
         rates: dict[str, list[float]] = {"plain": []}
         features: dict[str, np.ndarray] = {}
+        used: dict[str, str] = {}  # the engine each row ran
         for _ in range(args.repeats):  # interleaved, so load changes hit every path alike
             rates["plain"].append(
                 plain_loop(args.backbone, files, args.batch_size, work / "plain.npy", device)
             )
             for engine, precision, *decode in paths:
                 name = f"{engine} {precision}" + (" --decode reduced" if decode else "")
-                rate, feats = featx_run(
+                rate, feats, used[name] = featx_run(
                     work / "data",
                     work / f"{engine}-{precision}-{'-'.join(decode)}.h5",
                     args.backbone,
@@ -180,12 +182,11 @@ def main() -> None:
                 rates.setdefault(name, []).append(rate)
                 features[name] = feats
         median = {name: statistics.median(v) for name, v in rates.items()}
-        limits = {
-            f"{engine} {precision}": model_only(
+        limits = {  # per engine and precision that ran, auto's choices included
+            (engine, precision): model_only(
                 args.backbone, engine, precision, args.batch_size, args.repeats * 3, device
             )
-            for engine, precision, *_ in paths
-            if engine != "auto"
+            for engine, precision in sorted({(used[n], n.split()[1]) for n in used})
         }
         gflop = 2 * GMACS.get(args.backbone, float("nan"))
         print(
@@ -195,20 +196,21 @@ def main() -> None:
             f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}"
         )
         print()
-        print("| run | images/s | vs plain | model-only images/s | end-to-end share | cosine |")
-        print("|---|---:|---:|---:|---:|---:|")
+        print(
+            "| run | engine | images/s | vs plain | engine's model-only images/s | "
+            "end-to-end share | cosine |"
+        )
+        print("|---|---|---:|---:|---:|---:|---:|")
         plain = median["plain"]
         reference = features["eager fp32"]
-        print(f"| plain loop (fp32) | {plain:.1f} | 1.00x | | | |")
+        print(f"| plain loop (fp32) | eager | {plain:.1f} | 1.00x | | | |")
         for name, rate in median.items():
             if name == "plain":
                 continue
-            limit = limits.get(name)
-            share = f"{rate / limit:.2f}" if limit else ""
+            limit = limits[used[name], name.split()[1]]
             print(
-                f"| featx {name} | {rate:.1f} | {rate / plain:.2f}x | "
-                f"{f'{limit:.1f}' if limit else ''} | {share} | "
-                f"{cosine(features[name], reference):.5f} |"
+                f"| featx {name} | {used[name]} | {rate:.1f} | {rate / plain:.2f}x | "
+                f"{limit:.1f} | {rate / limit:.2f} | {cosine(features[name], reference):.5f} |"
             )
         print()
         print(f"GFLOP per image: {gflop:.1f}")

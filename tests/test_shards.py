@@ -4,8 +4,11 @@ shards are refused in one sentence."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -94,6 +97,29 @@ def test_a_shard_resumes_and_is_reused(dataset, sharded):
         shard_store_path(out / "s.h5", (0, 3)).rename(out / "s.shard-1of3.h5.bak")
         (out / "s.shard-1of3.h5.bak").rename(out / "s.shard-0of3.h5")
         extract(dataset, store=out / "s.h5", shard=(1, 3), layers=["avgpool"], **TINY, **FAST)
+
+
+def test_merge_reads_shards_recorded_before_the_decode_field(sharded, tmp_path):
+    """A shard whose preprocessing record predates `decode` (full decoding) merges with shards
+    that say `decode: full`, and not with shards that decoded at reduced size."""
+    _, shards, _ = sharded
+    copies = [Path(shutil.copy(path, tmp_path / path.name)) for path in shards]
+
+    def set_decode(path: Path, decode: str | None) -> None:
+        with h5py.File(path, "r+") as raw:
+            meta = json.loads(raw.attrs["meta"])
+            meta["preprocessing"].pop("decode")
+            if decode is not None:
+                meta["preprocessing"]["decode"] = decode
+            raw.attrs["meta"] = json.dumps(meta)
+
+    set_decode(copies[0], None)
+    for path in copies[1:]:
+        set_decode(path, "full")
+    merge(tmp_path / "m.h5", copies)
+    set_decode(copies[1], "reduced")
+    result = invoke_featx("merge", tmp_path / "m2.h5", *copies)
+    assert "preprocessing" in assert_one_sentence_error(result)
 
 
 @pytest.mark.slow

@@ -211,7 +211,11 @@ def features_for_images(
             "the model does not record how to load its backbone weights (its store predates "
             "weights_spec); predict needs them."
         )
-    loaded = get_backbone(p["backbone"]).load(p["weights_spec"])
+    preprocessing = Preprocessing.from_dict(p["preprocessing"])
+    modules = [layer["module"] for layer in layers]
+    size, precision = preprocessing.input_size, layers[0]["precision"]
+    # only the weights up to the deepest of the model's layers, as extraction loads them
+    loaded = get_backbone(p["backbone"]).load(p["weights_spec"], modules, size)
     if loaded.weights_sha256 != p["weights_sha256"]:
         raise UsageError(
             f"the {loaded.weights} weights now hash to {loaded.weights_sha256[:16]}, but the "
@@ -225,9 +229,6 @@ def features_for_images(
             "predict taps them with one pooling, so it cannot reproduce their features."
         )
     # the same network set-up, precision and dtype cast as extraction
-    preprocessing = Preprocessing.from_dict(p["preprocessing"])
-    modules = [layer["module"] for layer in layers]
-    size, precision = preprocessing.input_size, layers[0]["precision"]
     dev = inference_device(device, precision, engine)
     tap = prepare_tap(loaded.model, modules, layers[0]["pool"], dev, size)
     # The tap is the one extraction builds for these modules: extraction's cache key, so a

@@ -60,7 +60,8 @@ def augment_preview(
     pictures = []
     for p in paths:
         try:
-            pictures.append(load_image(p))
+            # a tile shows no more than this: a large JPEG is decoded at a reduced size
+            pictures.append(load_image(p, draft=2 * tile))
         except BadImage as bad:
             raise UsageError(f"cannot preview {p}: {bad}.") from None
     sheet = preview_grid(pictures, config, n=n, seed=seed, tile=tile)

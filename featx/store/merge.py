@@ -18,6 +18,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from featx.backbones.registry import Preprocessing
 from featx.errors import UsageError
 from featx.runtime import library_versions, now
 from featx.store.feature_store import FeatureStore, add_layer, write_store
@@ -68,6 +69,15 @@ def merge(
     return out
 
 
+def _shared(store: FeatureStore, name: str) -> Any:
+    """A SAME field of a shard's meta, as what it means: a preprocessing record made before a
+    field existed reads as that field's default, as extraction reads it."""
+    value = store.meta.get(name)
+    if name == "preprocessing" and isinstance(value, dict):
+        return Preprocessing.from_dict(value)
+    return value
+
+
 def _in_order(stores: list[FeatureStore]) -> list[FeatureStore]:
     """The shards sorted by index; UsageError unless they are the whole of one extraction."""
     for store in stores:
@@ -76,7 +86,7 @@ def _in_order(stores: list[FeatureStore]) -> list[FeatureStore]:
     first = stores[0]
     for store in stores[1:]:
         for name, what in SAME:
-            if store.meta.get(name) != first.meta.get(name):
+            if _shared(store, name) != _shared(first, name):
                 raise UsageError(
                     f"{store.path} and {first.path} were made with a different {what}; "
                     "shards of one extraction must share it."
