@@ -29,6 +29,7 @@ from torch import nn
 
 from featx.errors import UsageError
 from featx.finetuning.session import Session
+from featx.models.heads import binary_as_pair
 
 __all__ = ["CachedRows", "best_stored_layer", "cached_rows", "train_head_on_rows"]
 
@@ -243,8 +244,8 @@ def _one_thread() -> Iterator[None]:
 
 
 def _as_network_head(head: nn.Sequential, n_classes: int) -> nn.Sequential:
-    """A copy of an MLPClassifier head with one logit per class: a binary head's single logit z
-    becomes the pair (0, z), which has the same softmax as sigmoid(z)."""
+    """A copy of an MLPClassifier head with one logit per class (a binary head's single logit as
+    `binary_as_pair`)."""
     import copy
 
     head = copy.deepcopy(head).cpu()
@@ -253,10 +254,9 @@ def _as_network_head(head: nn.Sequential, n_classes: int) -> nn.Sequential:
         return head
     pair = nn.Linear(last.in_features, n_classes)
     with torch.no_grad():
-        pair.weight.zero_()
-        pair.bias.zero_()
-        pair.weight[1] = last.weight[0]
-        pair.bias[1] = last.bias[0]
+        weight, bias = binary_as_pair(last.weight, last.bias)
+        pair.weight.copy_(weight)
+        pair.bias.copy_(bias)
     head[-1] = pair
     return head
 

@@ -34,6 +34,7 @@ __all__ = [
     "HeadTensors",
     "TorchHead",
     "active_head_tensors",
+    "binary_as_pair",
     "classification_loss",
     "head_from_spec",
     "head_spec",
@@ -384,7 +385,7 @@ def linear_head_spec(clf: Any) -> dict[str, Any] | None:
     LogisticRegression (multinomial, or on two classes) and SGDClassifier with log loss on two
     classes (one-vs-rest probabilities are normalised sigmoids, not a softmax). None for any
     other classifier. A binary model's single logit z becomes the pair (0, z), whose softmax
-    is (1 - sigmoid(z), sigmoid(z))."""
+    is (1 - sigmoid(z), sigmoid(z)) (`binary_as_pair`)."""
     from sklearn.linear_model import LogisticRegression, SGDClassifier
 
     n_classes = len(getattr(clf, "classes_", ()))
@@ -399,11 +400,10 @@ def linear_head_spec(clf: Any) -> dict[str, Any] | None:
         return None
     if not exact:
         return None
-    weight = np.asarray(clf.coef_, dtype=np.float64)
-    bias = np.array(np.broadcast_to(clf.intercept_, (len(weight),)), dtype=np.float64)
+    weight = torch.from_numpy(np.asarray(clf.coef_, dtype=np.float64))
+    bias = torch.from_numpy(np.array(np.broadcast_to(clf.intercept_, (len(weight),)), np.float64))
     if n_classes == 2:
-        weight = np.vstack([np.zeros_like(weight), weight])
-        bias = np.concatenate([[0.0], bias])
+        weight, bias = binary_as_pair(weight, bias)
     return {
         "in_features": weight.shape[1],
         "hidden_sizes": [],
@@ -412,11 +412,14 @@ def linear_head_spec(clf: Any) -> dict[str, Any] | None:
         "n_outputs": n_classes,
         "binary": False,
         "classes": clf.classes_.tolist(),
-        "state_dict": {
-            "0.weight": torch.from_numpy(weight).float(),
-            "0.bias": torch.from_numpy(bias).float(),
-        },
+        "state_dict": {"0.weight": weight.float(), "0.bias": bias.float()},
     }
+
+
+def binary_as_pair(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A binary linear map's single logit z (`weight` (1, d), `bias` (1,)) as one logit per
+    class, the pair (0, z), whose softmax is (1 - sigmoid(z), sigmoid(z))."""
+    return torch.cat([torch.zeros_like(weight), weight]), torch.cat([torch.zeros_like(bias), bias])
 
 
 def fold_linear_steps(head: nn.Sequential, steps: dict[str, Any]) -> nn.Sequential:
