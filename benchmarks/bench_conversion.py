@@ -49,9 +49,9 @@ def main() -> None:
         convert = time.perf_counter() - start
     out = ov.Core().compile_model(model, "CPU")(batch.numpy())
     worst = max(
-        float(np.abs(np.asarray(out[port]) - reference[name].numpy()).max())
+        float(np.abs(np.asarray(out[index]) - reference[name].numpy()).max())
         / float(reference[name].abs().max())
-        for port in model.outputs
+        for index, port in enumerate(model.outputs)
         for name in port.get_names()
     )
     print(f"{args.backbone} {'+'.join(args.layer)} at {args.size} px, batch {args.batch}, "

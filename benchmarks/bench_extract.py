@@ -105,6 +105,19 @@ def featx_run(
         return s.n_rows / seconds, s.read("avgpool").reshape(s.n_rows, -1), used
 
 
+def matmul_gflops(device: torch.device, n: int = 2048, runs: int = 5) -> float:
+    """The machine's fp32 matrix-multiply rate, best of `runs` (what its convolutions approach)."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    best = float("inf")
+    for _ in range(runs + 1):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(np.float64), b.astype(np.float64)
     per_row = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
@@ -213,7 +226,9 @@ def main() -> None:
                 f"{limit:.1f} | {rate / limit:.2f} | {cosine(features[name], reference):.5f} |"
             )
         print()
-        print(f"GFLOP per image: {gflop:.1f}")
+        print(f"GFLOP per image: {gflop:.1f}; fp32 matmul: {matmul_gflops(device):.0f} GFLOP/s")
+        for (engine, precision), limit in limits.items():
+            print(f"model-only {engine} {precision}: {limit * gflop:.0f} GFLOP/s")
         worst = max(
             float(np.abs(features[n] - reference).max() / np.abs(reference).max())
             for n in features

@@ -63,6 +63,63 @@ KERAS_PIPELINE = textwrap.dedent(
 )
 
 
+KERAS_MODEL_ONLY = textwrap.dedent(
+    """
+    import statistics, sys, time
+    import numpy as np
+    from keras.applications import VGG16
+
+    size, batch = int(sys.argv[1]), int(sys.argv[2])
+    conv_base = VGG16(weights=None, include_top=False, input_shape=(size, size, 3))
+    x = np.random.default_rng(0).random((batch, size, size, 3), dtype=np.float32)
+    conv_base.predict(x, verbose=0)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        conv_base.predict(x, verbose=0)
+        times.append(time.perf_counter() - start)
+    print(batch / statistics.median(times))
+    """
+)
+
+
+def model_only(args, work: Path) -> None:
+    """Images/s of the network alone, on random batches of the notebook's 20: Keras'
+    `conv_base.predict`, and featx's eager and OpenVINO taps, with the machine's matmul rate."""
+    import torch
+    from bench_extract import matmul_gflops
+
+    from featx.backbones import get_backbone
+    from featx.backbones.layers import prepare_tap
+    from featx.extraction.engines import build_engine, cache_key
+
+    script = work / "keras_model_only.py"
+    script.write_text(KERAS_MODEL_ONLY)
+    done = subprocess.run([args.keras_python, str(script), str(args.image_size), "20"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    rates = {"keras conv_base.predict": float(done.stdout.split()[-1])}
+    loaded = get_backbone("vgg16").load("none")
+    tap = prepare_tap(loaded.model, ["features.30"], "none", torch.device("cpu"), args.image_size)
+    x = torch.randn(20, 3, args.image_size, args.image_size)
+    for engine in ("eager", "openvino"):
+        key = cache_key("vgg16", loaded.weights_sha256, ["features.30"], "none",
+                        args.image_size, "fp32", "bench-keras")  # fmt: skip
+        run = build_engine(tap, engine, torch.device("cpu"), "fp32", example=x, key=key)
+        run(x)
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            run(x)
+            times.append(time.perf_counter() - start)
+        rates[f"featx {engine}"] = 20 / statistics.median(times)
+    gflop = 2 * 15.47 * (args.image_size / 224) ** 2  # torchvision's GMACs at 224, scaled
+    print(f"\nmodel only, random batches of 20, medians of 5; fp32 matmul "
+          f"{matmul_gflops(torch.device('cpu')):.0f} GFLOP/s")  # fmt: skip
+    for name, rate in rates.items():
+        print(f"{name}: {rate:.1f} img/s, {rate * gflop:.0f} GFLOP/s, "
+              f"{rate / rates['keras conv_base.predict']:.2f}x Keras")  # fmt: skip
+
+
 def run_timed(command: list[str]) -> float:
     """Wall seconds of one fresh process, unobserved."""
     start = time.perf_counter()
@@ -103,12 +160,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each")
     parser.add_argument("--memory-repeats", type=int, default=1, help="sampled runs of each")
     parser.add_argument("--engine", nargs="+", default=["auto"], help="featx engines to time")
+    parser.add_argument(
+        "--model-only", action="store_true", help="only the networks' rates on random batches"
+    )
     args = parser.parse_args()
 
     import torch
     import torchvision
 
     work = Path(tempfile.mkdtemp(prefix="bench_keras-"))
+    if args.model_only:
+        try:
+            model_only(args, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     try:
         data = work / "photos"
         make_photos(data, args.images)
