@@ -211,16 +211,3 @@ def test_a_weights_file_is_hashed_once_until_it_changes(tmp_path):
     path.write_bytes(b"b" * 1000)
     os.utime(path, ns=(1, 10**18))
     assert registry.file_sha256(path) == hashlib.sha256(b"b" * 1000).hexdigest()
-
-
-def test_deferred_weights_are_read_when_materialised(resnet18_file):
-    """Extraction forks its decoding workers between loading (deferred) and materialising, so
-    that they never hold a copy of the weights."""
-    model, path = resnet18_file
-    loaded = get_backbone("resnet18").load(str(path), ["layer2"], SIZE, defer=True)
-    assert all(t.is_meta for t in loaded.model.layer2.state_dict().values())
-    assert loaded.weights_sha256 == state_dict_sha256(model)
-    assert torch.equal(_features(loaded.materialise(), "layer2"), _features(model, "layer2"))
-    assert loaded.materialise() is loaded.model  # read once
-    loaded.release()
-    assert loaded.model is None

@@ -170,29 +170,14 @@ class Preprocessing:
 
 @dataclass
 class LoadedBackbone:
-    """A backbone built with weights: the model in eval mode and what identifies it.
-
-    Loaded with `defer=True`, the model's tensors are read from the weights file only when
-    `materialise()` is called (until then they are on the meta device)."""
+    """A backbone built with weights: the model in eval mode and what identifies it."""
 
     name: str
-    model: nn.Module | None  # None once `release()`d
+    model: nn.Module
     weights: str  # identity, e.g. "torchvision:VGG16_Weights.IMAGENET1K_V1"
     weights_sha256: str
     preprocessing: Preprocessing
     weights_spec: str  # what to pass to Backbone.load to get these weights again
-    pending: _Checkpoint | None = field(default=None, repr=False)  # tensors not yet read
-
-    def materialise(self) -> nn.Module:
-        """The model with its tensors read (once) from the weights file."""
-        if self.pending is not None:
-            self.pending.load_into(self.model)
-            self.pending = None
-        return self.model
-
-    def release(self) -> None:
-        """Drop the model: for a caller whose engine holds its own copy of the weights."""
-        self.model = self.pending = None
 
 
 @dataclass(frozen=True)
@@ -315,14 +300,12 @@ class Backbone:
         weights: str = "default",
         modules: Sequence[str] | None = None,
         input_size: int | None = None,
-        defer: bool = False,
     ) -> LoadedBackbone:
         """Build the model with its weights, in eval mode, on CPU.
 
         With `modules`, only what a forward pass up to the deepest of them runs gets weights:
         the other weighted modules become Identity and their tensors are never read (VGG16's
         500 MB classifier for `block5_pool`). `weights_sha256` covers every tensor either way.
-        With `defer`, a weights file's tensors are read by `LoadedBackbone.materialise()`.
         """
         import torch
 
@@ -345,11 +328,10 @@ class Backbone:
             LayerTap(model, list(modules)).drop_unreached(
                 torch.zeros(1, 3, size, size, device=model_device(model))
             )
+        if checkpoint is not None:
+            checkpoint.load_into(model)
         spec = weights if _is_named(weights) or weights == "none" else str(Path(weights).resolve())
-        loaded = LoadedBackbone(self.name, model, identity, sha256, preprocessing, spec, checkpoint)
-        if not defer:
-            loaded.materialise()
-        return loaded
+        return LoadedBackbone(self.name, model, identity, sha256, preprocessing, spec)
 
     def _checkpoint(self, weights: str, identity: str) -> _Checkpoint:
         """The file holding these weights (downloaded into torch's or Hugging Face's cache

@@ -535,10 +535,7 @@ def _compute(
     todo = [i for i in infos if layer_key(i.name, pool) not in present]
     keys = [layer_key(i.name, pool) for i in todo]
     del skeleton
-    # Deferred: the decoding workers fork before the tensors are read (see _run_network).
-    loaded = record.load(
-        settings.weights, [i.module for i in todo], preprocessing.input_size, defer=True
-    )
+    loaded = record.load(settings.weights, [i.module for i in todo], preprocessing.input_size)
     if existing is not None and existing.meta["weights_sha256"] != loaded.weights_sha256:
         raise UsageError(
             f"the {loaded.weights} weights now hash to {loaded.weights_sha256[:16]}, but store "
@@ -631,6 +628,7 @@ def _run_network(job: _Job, start: int) -> None:
 
     modules = [i.module for i in job.todo]
     device, size = job.settings.device, job.preprocessing.input_size
+    tap = prepare_tap(job.loaded.model, modules, job.settings.pool, device, size)
     images = _Images(job.folder, job.work.items, job.preprocessing, job.settings.augmenter)
     loader = DataLoader(
         images,
@@ -641,11 +639,9 @@ def _run_network(job: _Job, start: int) -> None:
         prefetch_factor=4 if job.settings.workers else None,
         persistent_workers=False,
     )
-    # The decoding workers fork here: before the weights are read, so that they never hold a
-    # copy and decode the first batches while the network is set up, and before an engine
-    # starts its own thread pool (OpenVINO's does not survive a fork beside it).
+    # The decoding workers fork here, before an engine starts its own thread pool (OpenVINO's
+    # does not survive a fork beside it).
     batches = iter(loader)
-    tap = prepare_tap(job.loaded.materialise(), modules, job.settings.pool, device, size)
     if job.calibration and not is_cached(job.engine, job.engine_key) and not job.settings.quiet:
         print(
             f"Quantizing to int8 on {job.calibration.n_images} calibration images (once on "
@@ -661,9 +657,6 @@ def _run_network(job: _Job, start: int) -> None:
         key=job.engine_key,
         calibration=job.calibration,
     )
-    if engine.name == "openvino":  # it holds its own copy of the weights: free torch's
-        del tap
-        job.loaded.release()
     if engine.fallback_reason and not job.settings.quiet:
         print(f"Engine: {engine.describe()}.", file=sys.stderr)
     job.engine_text, job.engine_quality = engine.describe(), engine.quality
