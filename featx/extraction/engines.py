@@ -335,8 +335,8 @@ def _ov_model(
     x = example[:1].float().contiguous()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace is deprecated
-        # Traced here, on one image and unchecked: convert_model's own trace of the module took
-        # 8 s of ResNet-50's 10 s conversion, this one 0.3 s (same graph, same outputs).
+        # Traced here, on one image and unchecked: converting ResNet-50 took 7.2 s when
+        # convert_model traced the module on the batch, 1.9 s so (bench_conversion.py).
         traced = torch.jit.trace(tap, x, strict=False, check_trace=False)
         model = ov.convert_model(traced, example_input=x, input=[(-1, *x.shape[1:])])
     quality = None
@@ -545,7 +545,7 @@ class Measured:
 # avx2 fma f16c; no avx512*, avx512_bf16 or amx), ResNet-50 layer3+avgpool, avg pool, 224px,
 # batch 16, speed-ups interleaved against eager fp32 channels_last, medians of 5.
 # fp32 and the openvino rows: results/engines-2026-11-29-trace.txt, a quiet machine, after
-# featx began tracing the tap itself (OpenVINO's conversion fell from ~10 s to 2 s): eager fp32
+# featx began tracing the tap itself (OpenVINO's conversion fell from 7.2 s to 1.9 s): eager fp32
 # 15.7 img/s, openvino THROUGHPUT 1.25x (2.9 s to convert, compile and run the first batch,
 # 1.2 s from the cache), compile 1.16x (15.2 s). Under load (7-19 on 2 cores,
 # results/engines-2026-11-29.txt) openvino led by more (1.92-1.97x) and compile 1.20-1.46x, with
