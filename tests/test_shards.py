@@ -120,6 +120,13 @@ def test_merge_reads_shards_recorded_before_the_decode_field(sharded, tmp_path):
     set_decode(copies[1], "reduced")
     result = invoke_featx("merge", tmp_path / "m2.h5", *copies)
     assert "preprocessing" in assert_one_sentence_error(result)
+    with h5py.File(copies[1], "r+") as raw:  # a record featx did not write: one sentence
+        meta = json.loads(raw.attrs["meta"])
+        meta["preprocessing"] = {"resize": 32}
+        raw.attrs["meta"] = json.dumps(meta)
+    result = invoke_featx("merge", tmp_path / "m3.h5", *copies)
+    assert "is not one featx writes (it has no field 'mean')" in assert_one_sentence_error(result)
+    assert not (tmp_path / "m3.h5").exists()
 
 
 @pytest.mark.slow

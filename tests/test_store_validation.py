@@ -109,6 +109,11 @@ def _without_backbone(meta: dict) -> dict:
     return meta
 
 
+def _preprocessing_without_mean(meta: dict) -> dict:
+    del meta["preprocessing"]["mean"]
+    return meta
+
+
 # name -> (edit, what the message says, whether opening alone finds it)
 CASES: dict[str, tuple[Callable[[h5py.File], None], str, bool]] = {
     "meta {}": (_meta(lambda m: {}), "lacks meta field backbone", True),
@@ -122,6 +127,11 @@ CASES: dict[str, tuple[Callable[[h5py.File], None], str, bool]] = {
     "meta without dataset.fingerprint": (
         _meta(_without_dataset_fingerprint),
         "lacks meta field dataset.fingerprint",
+        True,
+    ),
+    "meta preprocessing without mean": (
+        _meta(_preprocessing_without_mean),
+        "meta field preprocessing of store",  # ... is not one featx writes (no field 'mean')
         True,
     ),
     "a group where a layer should be": (

@@ -144,11 +144,21 @@ class Preprocessing:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> Preprocessing:
-        values = dict(values)
-        values["mean"], values["std"] = tuple(values["mean"]), tuple(values["std"])
-        values.setdefault("decode", "full")  # recorded before reduced decoding existed
-        return cls(**values)
+    def from_dict(
+        cls, values: Mapping[str, Any], source: str = "a preprocessing record"
+    ) -> Preprocessing:
+        """The preprocessing `to_dict` recorded; UsageError naming `source` and the problem
+        when `values` is not such a record (a file featx did not write as it is)."""
+        try:
+            values = dict(values)
+            values["mean"], values["std"] = tuple(values["mean"]), tuple(values["std"])
+            values.setdefault("decode", "full")  # recorded before reduced decoding existed
+            return cls(**values)
+        except KeyError as missing:
+            problem = f"it has no field {missing}"
+        except (TypeError, ValueError, UsageError) as error:
+            problem = first_line(error).rstrip(".")
+        raise UsageError(f"{source} is not one featx writes ({problem}).")
 
     def describe(self) -> str:
         resize = (

@@ -39,6 +39,7 @@ from typing import Any, NoReturn
 import h5py
 import numpy as np
 
+from featx.backbones.registry import Preprocessing
 from featx.errors import UsageError
 from featx.runtime import human_size
 
@@ -404,6 +405,7 @@ def validate_store(f: h5py.File, path: Path) -> tuple[dict[str, Any], list[str],
             fail(f"has a meta field {key} that is not text")
     if not isinstance(meta["preprocessing"], dict):
         fail("has a meta field preprocessing that is not a JSON object")
+    Preprocessing.from_dict(meta["preprocessing"], f"the meta field preprocessing of {where}")
     if not isinstance(meta["dataset"], dict):
         fail("has a meta field dataset that is not a JSON object")
     for key in DATASET_FIELDS:
