@@ -214,6 +214,13 @@ def features_for_images(
     preprocessing = Preprocessing.from_dict(p["preprocessing"])
     modules = [layer["module"] for layer in layers]
     size, precision = preprocessing.input_size, layers[0]["precision"]
+    pools = {layer["pool"] for layer in layers}
+    if len(pools) > 1:  # one tap applies one pooling to every module
+        raise UsageError(
+            f"the model's layers were pooled differently at extraction ({', '.join(pools)}); "
+            "predict taps them with one pooling, so it cannot reproduce their features."
+        )
+    dev = inference_device(device, precision, engine)  # checked before any weights are read
     # only the weights up to the deepest of the model's layers, as extraction loads them
     loaded = get_backbone(p["backbone"]).load(p["weights_spec"], modules, size)
     if loaded.weights_sha256 != p["weights_sha256"]:
@@ -222,14 +229,7 @@ def features_for_images(
             f"model was trained on features of {p['weights_sha256'][:16]}; predict cannot "
             "reproduce its features."
         )
-    pools = {layer["pool"] for layer in layers}
-    if len(pools) > 1:  # one tap applies one pooling to every module
-        raise UsageError(
-            f"the model's layers were pooled differently at extraction ({', '.join(pools)}); "
-            "predict taps them with one pooling, so it cannot reproduce their features."
-        )
     # the same network set-up, precision and dtype cast as extraction
-    dev = inference_device(device, precision, engine)
     tap = prepare_tap(loaded.model, modules, layers[0]["pool"], dev, size)
     # The tap is the one extraction builds for these modules: extraction's cache key, so a
     # conversion that `featx extract` cached is reused here.
