@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from featx.backbones import get_backbone
-from featx.backbones.layers import prepare_tap
+from featx.backbones.layers import prepare_tap, trace_layers
 from featx.errors import UsageError
 from featx.extraction import engines
 from featx.extraction.engines import build_engine, choose_engine
@@ -146,13 +146,46 @@ def test_choose_engine_pays_setup_only_when_it_pays_back():
     assert choose_engine(CPU, "fp32", short // 2, flags=avx2, cached=cached)[0] == "openvino"
 
 
+def test_layers_carry_the_flops_that_reach_them_and_the_reference_is_resnet50():
+    vgg = get_backbone("vgg16")
+    infos = {i.name: i for i in trace_layers(vgg, vgg.skeleton("none"), 150)}
+    conv1 = 2 * 150 * 150 * 64 * 3 * 9  # multiply-adds of a 3x3 convolution, times two
+    assert infos["block1_conv1"].flops == conv1
+    assert infos["block1_conv2"].flops == conv1 + 2 * 150 * 150 * 64 * 64 * 9
+    assert infos["block5_pool"].flops < infos["classifier"].flops
+    resnet = get_backbone("resnet50")
+    traced = trace_layers(resnet, resnet.skeleton("none"), 224)
+    assert max(i.flops for i in traced if i.module == "avgpool") == pytest.approx(
+        engines.REFERENCE_FLOPS, rel=1e-3
+    )
+
+
+def test_auto_weighs_a_setup_against_this_networks_cost():
+    avx2 = frozenset({"avx2", "fma"})
+
+    def first_converting_run(flops: float) -> int:
+        rate = engines.REFERENCE_EAGER_FP32 * engines.REFERENCE_FLOPS / flops
+        return next(
+            n
+            for n in range(1, 10**6)
+            if choose_engine(CPU, "fp32", n, eager_rate=rate, flags=avx2)[0] != "eager"
+        )
+
+    reference = first_converting_run(engines.REFERENCE_FLOPS)
+    # a network 10x cheaper needs a 10x longer run to win the same setup back, one 2x dearer half
+    assert first_converting_run(engines.REFERENCE_FLOPS / 10) == pytest.approx(10 * reference, 0.01)
+    assert first_converting_run(2 * engines.REFERENCE_FLOPS) == pytest.approx(reference / 2, 0.01)
+    name, why = choose_engine(CPU, "fp32", reference, eager_rate=1.0, flags=avx2)
+    assert name == "openvino" and f"for {reference} images" in why
+
+
 # OpenVINO's thread pool stays alive in the process that loaded it, and later forks of that
 # process (DataLoader workers in other tests) have crashed beside it: its checks run in a
 # process of their own.
 OPENVINO_CHECKS = """
 import json, sys, torch
 from featx.backbones import get_backbone
-from featx.backbones.layers import prepare_tap
+from featx.backbones.layers import prepare_tap, trace_layers
 from featx.errors import UsageError
 from featx.extraction import engines
 from featx.extraction.engines import CONVERSIONS, build_engine

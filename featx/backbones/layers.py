@@ -45,11 +45,14 @@ class _StopForward(Exception):
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """A selectable layer: its name, module path and output shape for one image."""
+    """A selectable layer: its name, module path, output shape for one image, and `flops`: the
+    floating-point operations one image costs from the input up to this layer's output (0 when
+    not traced)."""
 
     name: str
     module: str
     shape: tuple[int, ...]
+    flops: int = 0
 
     def bytes_per_image(self, itemsize: int) -> int:
         n = itemsize
@@ -263,16 +266,21 @@ def as_input(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def trace_layers(backbone: Backbone, model: nn.Module, input_size: int) -> list[LayerInfo]:
     """Every module that runs exactly once and outputs one tensor, in execution order, with its
-    output shape for one image of `input_size` pixels square."""
+    output shape and cumulative FLOPs for one image of `input_size` pixels square."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     calls: dict[str, int] = {}
     shapes: dict[str, tuple[int, ...] | None] = {}
+    flops: dict[str, int] = {}
     order: list[str] = []
+    counter = FlopCounterMode(display=False)
 
     def record(path: str, out) -> None:
         calls[path] = calls.get(path, 0) + 1
         if path not in shapes:
             order.append(path)
         shapes[path] = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else None
+        flops[path] = counter.get_total_flops()
 
     handles = [
         module.register_forward_hook(lambda _m, _i, out, path=path: record(path, out))
@@ -280,7 +288,7 @@ def trace_layers(backbone: Backbone, model: nn.Module, input_size: int) -> list[
         if path
     ]
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), counter:
             x = torch.zeros(1, 3, input_size, input_size, device=model_device(model))
             _run(
                 model,
@@ -296,7 +304,7 @@ def trace_layers(backbone: Backbone, model: nn.Module, input_size: int) -> list[
         for handle in handles:
             handle.remove()
     return [
-        LayerInfo(backbone.layer_name(path), path, shapes[path])
+        LayerInfo(backbone.layer_name(path), path, shapes[path], flops[path])
         for path in order
         if calls[path] == 1 and shapes[path] is not None
     ]

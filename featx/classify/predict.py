@@ -197,7 +197,7 @@ def features_for_images(
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from featx.backbones.layers import prepare_tap
+    from featx.backbones.layers import prepare_tap, trace_layers
     from featx.backbones.registry import Preprocessing, get_backbone
     from featx.extraction.engines import ENGINES, build_engine, cache_key, resolve_engine
     from featx.runtime import inference_device
@@ -245,7 +245,12 @@ def features_for_images(
                 "runs one network, so extract them in one run."
             )
         key = keys.pop() or key
-    name, why = resolve_engine(engine, dev, precision, len(files) * (1 + tta), key)
+    flops = 0
+    if engine == "auto":  # auto weighs a conversion against this network's cost
+        record = get_backbone(p["backbone"])
+        traced = trace_layers(record, record.skeleton(p["weights_spec"]), size)
+        flops = max((i.flops for i in traced if i.module in modules), default=0)
+    name, why = resolve_engine(engine, dev, precision, len(files) * (1 + tta), key, flops)
     if not quiet:
         print(f"Engine: {name}" + (f" ({why})." if why else "."), file=sys.stderr)
     loader = DataLoader(

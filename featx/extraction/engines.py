@@ -556,6 +556,9 @@ class Measured:
 # full setup. Other CPU classes and devices are absent on purpose: `auto` keeps eager until
 # measured there.
 REFERENCE_EAGER_FP32 = 15.7  # images/s, eager fp32, ResNet-50 224px on that machine
+# What that reference network costs an image (torch's FlopCounterMode, `trace_layers`): another
+# network's eager rate is estimated as REFERENCE_EAGER_FP32 scaled by the ratio of the FLOPs.
+REFERENCE_FLOPS = 8.17e9
 # The amx rows are issue 8's measurements on the 2-core CI machine (Xeon with AVX-512 and AMX),
 # ResNet-50 at 224, batch 16, interleaved against eager fp32 channels_last (15.7 img/s in its
 # first quiet run), medians of its three runs (two quiet, one loaded): compile fp32
@@ -641,10 +644,16 @@ def is_cached(engine: str, key: str) -> bool:
 
 
 def resolve_engine(
-    requested: str, device: torch.device, precision: str, n_images: int, key: str
+    requested: str,
+    device: torch.device,
+    precision: str,
+    n_images: int,
+    key: str,
+    flops: int = 0,
 ) -> tuple[str, str]:
     """`requested` ("auto" or an engine name) as an engine name, and the reason for `auto`'s
-    choice ("" when the user named the engine)."""
+    choice ("" when the user named the engine). `flops` is what the tapped network costs an
+    image (see `LayerInfo.flops`); 0 judges it as the reference ResNet-50."""
     if requested != "auto":
         return requested, ""
     import importlib.util
@@ -658,4 +667,7 @@ def resolve_engine(
         if importlib.util.find_spec(module) is not None
     )
     cached = frozenset(name for name in ENGINES if is_cached(name, key))
-    return choose_engine(device, precision, n_images, cached=cached, available=available)
+    rate = REFERENCE_EAGER_FP32 * REFERENCE_FLOPS / flops if flops else None
+    return choose_engine(
+        device, precision, n_images, eager_rate=rate, cached=cached, available=available
+    )

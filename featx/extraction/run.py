@@ -561,7 +561,12 @@ def _compute(
         calibration.key() if calibration else "",
     )
     engine, why = resolve_engine(
-        settings.engine, settings.device, settings.precision, len(work.items), key
+        settings.engine,
+        settings.device,
+        settings.precision,
+        len(work.items),
+        key,
+        flops=max((i.flops for i in todo), default=0),
     )
     run = {
         "identity": wanted,
