@@ -23,8 +23,11 @@ from featx.errors import UsageError, check_range, first_line
 __all__ = [
     "LayerInfo",
     "LayerTap",
+    "activation_bytes",
     "as_input",
     "check_poolable",
+    "cpu_batch_size",
+    "default_batch_size",
     "fold_batchnorm",
     "layer_table",
     "listed_layers",
@@ -34,6 +37,7 @@ __all__ = [
     "prepare_tap",
     "resolve_layers",
     "trace_layers",
+    "traced_activation_bytes",
 ]
 
 LISTED_DEPTH = 2  # `featx layers` lists module paths with at most this many parts
@@ -322,9 +326,49 @@ def activation_bytes(backbone: Backbone, model: nn.Module, input_size: int) -> i
         infos = trace_layers(backbone, model, PROBE_SIZE)
     except UsageError:  # e.g. a fixed input size: the real trace decides
         return 0
+    return int(_peak_outputs(infos) * (input_size / PROBE_SIZE) ** 2) + 3 * 4 * input_size**2
+
+
+def traced_activation_bytes(infos: list[LayerInfo], input_size: int) -> int:
+    """`activation_bytes` from a trace at the input size itself (`trace_layers`), cut at the
+    last layer a tap runs."""
+    return _peak_outputs(infos) + 3 * 4 * input_size**2
+
+
+def _peak_outputs(infos: list[LayerInfo]) -> int:
     sizes = [info.bytes_per_image(4) for info in infos]
-    peak = max((a + b for a, b in zip(sizes, sizes[1:], strict=False)), default=sum(sizes))
-    return int(peak * (input_size / PROBE_SIZE) ** 2) + 3 * 4 * input_size**2
+    return max((a + b for a, b in zip(sizes, sizes[1:], strict=False)), default=sum(sizes))
+
+
+MAX_BATCH = 32  # on a GPU (and everywhere before featx chose the batch)
+MAX_CPU_BATCH = 16
+CPU_BATCH_BYTES = 256 * 2**20  # the activations of one CPU batch stay under this
+
+
+def cpu_batch_size(per_image: int) -> int:
+    """The batch size for a CPU run whose images each need `per_image` bytes of activations
+    (`activation_bytes`): the largest power of two from 2 to MAX_CPU_BATCH whose batch fits in
+    CPU_BATCH_BYTES. On the CPU 16 images run as fast as 32 (benchmarks/bench_batch.py, five
+    networks: OpenVINO 0.95-1.06x, eager 0.93-1.19x) in half the activation memory; 2 keeps
+    OpenVINO's two streams busy."""
+    fits = CPU_BATCH_BYTES // max(1, per_image)
+    return max(2, min(MAX_CPU_BATCH, 1 << max(0, fits.bit_length() - 1)))
+
+
+def default_batch_size(
+    traced: list[LayerInfo], modules: list[str], input_size: int, device: torch.device
+) -> tuple[int, str]:
+    """The batch size for a tap of `modules` when the user gave none, and why: on the CPU,
+    `cpu_batch_size` of the activations up to the deepest of them (`traced`: `trace_layers`
+    at `input_size`); MAX_BATCH on other devices."""
+    from featx.runtime import human_size
+
+    if device.type != "cpu":
+        return MAX_BATCH, f"on {device.type}"
+    deepest = max(i for i, info in enumerate(traced) if info.module in modules)
+    per_image = traced_activation_bytes(traced[: deepest + 1], input_size)
+    why = f"on the CPU, for {human_size(per_image)} of activations per image"
+    return cpu_batch_size(per_image), why
 
 
 def batch_size_for_memory(

@@ -165,7 +165,7 @@ def evaluate_images(
     split: str = "test",
     *,
     report: str | os.PathLike | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     device: str = "auto",
     workers: int = 0,
     quiet: bool = True,

@@ -172,7 +172,7 @@ def features_for_images(
     model: FeatxModel,
     files: list[Path],
     *,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     device: str = "auto",
     workers: int = 0,
     tta: int = 0,
@@ -188,6 +188,8 @@ def features_for_images(
     `engine` runs the network as `featx extract --engine` does: eager, compile, openvino, or
     auto (chosen by `resolve_engine` for this many images); an engine that cannot take the
     model falls back to eager. Unless `quiet`, the engine chosen is printed in one line.
+    `batch_size` None chooses it as extraction does (`default_batch_size`), counting each
+    image's 1 + `tta` views.
 
     Yields (indices into `files`, rows of shape (n * (1 + tta), ...) or None, [(index,
     reason)] of files that could not be decoded) per batch; with `tta`, each image's rows are
@@ -197,7 +199,7 @@ def features_for_images(
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from featx.backbones.layers import prepare_tap, trace_layers
+    from featx.backbones.layers import default_batch_size, prepare_tap, trace_layers
     from featx.backbones.registry import Preprocessing, get_backbone
     from featx.extraction.engines import ENGINES, build_engine, cache_key, resolve_engine
     from featx.runtime import inference_device
@@ -246,10 +248,15 @@ def features_for_images(
             )
         key = keys.pop() or key
     flops = 0
-    if engine == "auto":  # auto weighs a conversion against this network's cost
+    if engine == "auto" or batch_size is None:  # both judge the network on its trace
         record = get_backbone(p["backbone"])
         traced = trace_layers(record, record.skeleton(p["weights_spec"]), size)
         flops = max((i.flops for i in traced if i.module in modules), default=0)
+    if batch_size is None:  # a forward pass runs each image's 1 + tta views
+        views, why_batch = default_batch_size(traced, modules, size, dev)
+        batch_size = max(1, views // (1 + tta))
+        if not quiet:
+            print(f"Batch size {batch_size} ({why_batch}).", file=sys.stderr)
     name, why = resolve_engine(engine, dev, precision, len(files) * (1 + tta), key, flops)
     if not quiet:
         print(f"Engine: {name}" + (f" ({why})." if why else "."), file=sys.stderr)
@@ -291,7 +298,7 @@ def predict(
     *,
     out: str | os.PathLike | None = None,
     top_k: int = 3,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     device: str = "auto",
     workers: int = 0,
     tta: int = 0,

@@ -177,8 +177,13 @@ def extract(
         ),
     ] = None,
     batch_size: Annotated[
-        int, typer.Option(help="Images per forward pass.", callback=AT_LEAST_ONE)
-    ] = 32,
+        int | None,
+        typer.Option(
+            help="Images per forward pass (default: on the CPU, the largest power of two up to "
+            "32 whose activations fit in 64 MB, which the run says; 32 on a GPU).",
+            callback=AT_LEAST_ONE,
+        ),
+    ] = None,
     workers: Annotated[
         int | None,
         typer.Option(
@@ -572,7 +577,13 @@ def evaluate(
             "code stored in the file: only for files you trust."
         ),
     ] = False,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass (DATA).")] = 32,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Images per forward pass (DATA; default: chosen as extract chooses it).",
+            callback=AT_LEAST_ONE,
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps (DATA).")] = "auto",
     workers: Annotated[int, typer.Option(help="Decoding processes (DATA; 0: in-process).")] = 0,
     engine: EngineOption = "auto",
@@ -667,8 +678,12 @@ def predict(
         int, typer.Option(help="Best classes listed per image.", callback=AT_LEAST_ONE)
     ] = 3,
     batch_size: Annotated[
-        int, typer.Option(help="Images per forward pass.", callback=AT_LEAST_ONE)
-    ] = 32,
+        int | None,
+        typer.Option(
+            help="Images per forward pass (default: chosen as extract chooses it).",
+            callback=AT_LEAST_ONE,
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
     workers: Annotated[
         int, typer.Option(help="Decoding processes (0: in-process).", callback=NOT_NEGATIVE)

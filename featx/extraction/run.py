@@ -253,7 +253,7 @@ def extract(
     compression: str = "none",
     precision: str = "fp32",
     engine: str = "auto",
-    batch_size: int = 32,
+    batch_size: int | None = None,
     workers: int | None = None,
     device: str = "auto",
     overwrite: bool = False,
@@ -445,7 +445,7 @@ class _Settings:
     compression: str
     precision: str
     engine: str  # as asked: auto, eager, compile or openvino
-    batch_size: int
+    batch_size: int | None  # None: chosen for the network and device
     workers: int
     device: torch.device
     seed: int  # augmentation's and int8 calibration's
@@ -515,6 +515,7 @@ def _compute(
     from featx.backbones.layers import (
         batch_size_for_memory,
         check_poolable,
+        default_batch_size,
         pooled_shape,
         resolve_layers,
         trace_layers,
@@ -524,11 +525,15 @@ def _compute(
     pool, dtype, batch_size = settings.pool, settings.dtype, settings.batch_size
     # Layers are traced on the weightless skeleton; only what they run is then loaded.
     skeleton = record.skeleton(settings.weights)
+    traced = trace_layers(record, skeleton, preprocessing.input_size)
+    infos = resolve_layers(record, traced, list(layers))
+    if batch_size is None:
+        batch_size, why_batch = default_batch_size(
+            traced, [i.module for i in infos], preprocessing.input_size, settings.device
+        )
+        log(f"Batch size {batch_size} ({why_batch}).")
     fitting = batch_size_for_memory(
         record, skeleton, preprocessing.input_size, batch_size, available_memory()
-    )
-    infos = resolve_layers(
-        record, trace_layers(record, skeleton, preprocessing.input_size), list(layers)
     )
     check_poolable(skeleton, infos, pool)
     present = set(existing.layers) if existing else set()
@@ -765,6 +770,7 @@ def _assemble(job: _Job, n_chunks: int) -> ExtractResult:
                         "pool": job.settings.pool,
                         "precision": job.settings.precision,
                         "engine": job.engine,
+                        "batch_size": job.batch_size,
                         **{f"calibration_{k}": v for k, v in job.calibration_record().items()},
                     },
                     (job.partial.load(k)[f"layer{i}"] for k in range(n_chunks)),
@@ -870,6 +876,7 @@ def _store_meta(job: _Job) -> dict[str, Any]:
                 "layers": job.keys,
                 "engine": job.engine_text or job.engine,
                 "precision": job.settings.precision,
+                "batch_size": job.batch_size,
                 **({"calibration": job.calibration_record()} if job.calibration else {}),
             },
         ],
