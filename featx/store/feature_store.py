@@ -354,14 +354,14 @@ def _computed(attrs: Mapping[str, Any]) -> str:
     """How a layer was computed, from its attributes: precision, engine, batch size and int8's
     calibration."""
     text = " ".join(str(attrs[k]) for k in ("precision", "engine") if k in attrs)
-    if "batch_size" in attrs:
-        text += f", batch {attrs['batch_size']}"
     if "calibration_images" in attrs:
         text += (
             f", calibrated on {attrs['calibration_images']} images (seed "
             f"{attrs.get('calibration_seed')}), cosine to fp32 min "
             f"{attrs.get('calibration_cosine_min', float('nan')):.4f}"
         )
+    if "batch_size" in attrs:
+        text += f", batch {attrs['batch_size']}"
     return text
 
 
