@@ -112,6 +112,14 @@ EngineOption = Annotated[
         "compile (torch.compile) or openvino."
     ),
 ]
+BatchSizeOption = Annotated[
+    int | None,
+    typer.Option(
+        help="Images per forward pass (default: on the CPU, the largest power of two up to 16 "
+        "whose activations fit in 256 MB, which the run says; 32 on a GPU).",
+        callback=AT_LEAST_ONE,
+    ),
+]
 
 
 @app.command()
@@ -176,14 +184,7 @@ def extract(
             metavar="full|reduced",
         ),
     ] = None,
-    batch_size: Annotated[
-        int | None,
-        typer.Option(
-            help="Images per forward pass (default: on the CPU, the largest power of two up to "
-            "32 whose activations fit in 64 MB, which the run says; 32 on a GPU).",
-            callback=AT_LEAST_ONE,
-        ),
-    ] = None,
+    batch_size: BatchSizeOption = None,
     workers: Annotated[
         int | None,
         typer.Option(
@@ -577,13 +578,7 @@ def evaluate(
             "code stored in the file: only for files you trust."
         ),
     ] = False,
-    batch_size: Annotated[
-        int | None,
-        typer.Option(
-            help="Images per forward pass (DATA; default: chosen as extract chooses it).",
-            callback=AT_LEAST_ONE,
-        ),
-    ] = None,
+    batch_size: BatchSizeOption = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps (DATA).")] = "auto",
     workers: Annotated[int, typer.Option(help="Decoding processes (DATA; 0: in-process).")] = 0,
     engine: EngineOption = "auto",
@@ -677,13 +672,7 @@ def predict(
     top_k: Annotated[
         int, typer.Option(help="Best classes listed per image.", callback=AT_LEAST_ONE)
     ] = 3,
-    batch_size: Annotated[
-        int | None,
-        typer.Option(
-            help="Images per forward pass (default: chosen as extract chooses it).",
-            callback=AT_LEAST_ONE,
-        ),
-    ] = None,
+    batch_size: BatchSizeOption = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
     workers: Annotated[
         int, typer.Option(help="Decoding processes (0: in-process).", callback=NOT_NEGATIVE)
