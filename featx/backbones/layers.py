@@ -365,8 +365,8 @@ def default_batch_size(
 
     if device.type != "cpu":
         return MAX_BATCH, f"on {device.type}"
-    deepest = max(i for i, info in enumerate(traced) if info.module in modules)
-    per_image = traced_activation_bytes(traced[: deepest + 1], input_size)
+    reached = [i for i, info in enumerate(traced) if info.module in modules]
+    per_image = traced_activation_bytes(traced[: max(reached, default=len(traced)) + 1], input_size)
     why = f"on the CPU, for {human_size(per_image)} of activations per image"
     return cpu_batch_size(per_image), why
 
