@@ -392,6 +392,7 @@ def test_a_run_writes_its_files(finished):
     assert set(metrics) >= {"balanced_accuracy", "macro_f1", "per_class", "confusion_matrix"}
 
 
+@pytest.mark.slow  # a fine-tuning run end to end (the module fixture)
 def test_the_model_file_works_with_predict(finished, shapes_split):
     from featx.classify.predict import predict
 
@@ -405,6 +406,7 @@ def test_the_model_file_works_with_predict(finished, shapes_split):
     np.testing.assert_allclose(predictions.scores, expected, atol=1e-5)
 
 
+@pytest.mark.slow  # a fine-tuning run end to end (the module fixture)
 def test_the_model_file_evaluates_a_store_of_the_fine_tuned_weights(finished, shapes_split):
     from featx.classify.evaluate import evaluate
     from featx.extraction.run import extract

@@ -49,6 +49,7 @@ def test_stage_one_trains_the_head_on_the_cached_rows(cached_run):
     assert json.loads((out / "config.json").read_text())["head_from_store"]
 
 
+@pytest.mark.slow  # a fine-tuning run end to end (the module fixture)
 def test_the_head_from_the_cache_scores_on_images_as_on_its_rows(cached_run):
     """The folded standardisation and the copied weights give the network's head the loss it
     had on the stored rows (the store's BatchNorm-folded features differ by float noise)."""
@@ -59,6 +60,7 @@ def test_the_head_from_the_cache_scores_on_images_as_on_its_rows(cached_run):
     assert last["full_start"] == pytest.approx(best_on_rows["val_loss"], rel=1e-3)
 
 
+@pytest.mark.slow  # a fine-tuning run end to end (the module fixture)
 def test_the_model_is_the_best_checkpoint_over_both_stages(cached_run):
     last = load_checkpoint(cached_run.out / "last.pt")
     full = [h for h in cached_run.history if h["stage"] == "full"]
