@@ -5,8 +5,8 @@ activations overflow the caches and every layer streams them through memory. Thi
 tap featx runs (`prepare_tap`, fp32, random-init weights, random inputs) at each batch size,
 round-robin over networks, engines and sizes so a noisy machine slows them alike, and prints
 the median images/s of each, relative to batch 32 (featx's batch before it chose one), next to
-the per-image activation estimate that featx's batch choice uses (`activation_bytes`) and the
-batch it chooses (`cpu_batch_size`).
+the per-image activation estimate that featx's batch choice uses (`traced_activation_bytes`
+up to the layer) and the batch it chooses (`cpu_batch_size`).
 
     python benchmarks/bench_batch.py --rounds 5
     python benchmarks/bench_batch.py --networks resnet50:avgpool:224 --engines eager
@@ -23,7 +23,12 @@ import time
 import torch
 
 from featx.backbones import get_backbone
-from featx.backbones.layers import activation_bytes, cpu_batch_size, prepare_tap
+from featx.backbones.layers import (
+    cpu_batch_size,
+    prepare_tap,
+    trace_layers,
+    traced_activation_bytes,
+)
 from featx.extraction.engines import build_engine, cache_key, cpu_class
 
 NETWORKS = [
@@ -51,7 +56,9 @@ def main() -> None:
         module = record.module_path(layer)
         loaded = record.load("none", [module], size)
         tap = prepare_tap(loaded.model, [module], "avg", torch.device("cpu"), size)
-        per_image = activation_bytes(record, record.skeleton("none"), size)
+        traced = trace_layers(record, record.skeleton("none"), size)
+        cut = [i.module for i in traced].index(module) + 1
+        per_image = traced_activation_bytes(traced[:cut], size)
         chosen = cpu_batch_size(per_image)
         for engine in args.engines:
             key = cache_key(name, loaded.weights_sha256, [module], "avg", size, "fp32", "batch")

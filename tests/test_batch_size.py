@@ -12,6 +12,7 @@ from featx.backbones import get_backbone
 from featx.backbones.layers import (
     CPU_BATCH_BYTES,
     MAX_CPU_BATCH,
+    MIN_CPU_BATCH,
     cpu_batch_size,
     trace_layers,
     traced_activation_bytes,
@@ -25,15 +26,15 @@ def test_cpu_batch_is_the_largest_power_of_two_that_fits_the_budget():
     previous = MAX_CPU_BATCH
     for per_image in (1, 2**20, 11 * 2**20, 25 * 2**20, 40 * 2**20, 100 * 2**20, 2**40):
         batch = cpu_batch_size(per_image)
-        assert batch & (batch - 1) == 0 and 2 <= batch <= MAX_CPU_BATCH
-        assert batch == 2 or batch * per_image <= CPU_BATCH_BYTES
+        assert batch & (batch - 1) == 0 and MIN_CPU_BATCH <= batch <= MAX_CPU_BATCH
+        assert batch == MIN_CPU_BATCH or batch * per_image <= CPU_BATCH_BYTES
         assert batch == MAX_CPU_BATCH or 2 * batch * per_image > CPU_BATCH_BYTES
         assert batch <= previous
         previous = batch
-    assert cpu_batch_size(1) == MAX_CPU_BATCH and cpu_batch_size(2**40) == 2
+    assert cpu_batch_size(1) == 16 and cpu_batch_size(2**40) == 4  # OpenVINO halves below 4
 
 
-@pytest.mark.parametrize(("size", "batch"), [(150, 16), (224, 8), (448, 2)])
+@pytest.mark.parametrize(("size", "batch"), [(150, 16), (224, 8), (448, 4)])
 def test_vgg16_gets_fewer_images_a_batch_as_its_inputs_grow(size, batch):
     vgg = get_backbone("vgg16")
     traced = trace_layers(vgg, vgg.skeleton("none"), size)
@@ -50,11 +51,7 @@ def test_the_chosen_batch_is_said_recorded_and_shown(small_photos, tmp_path, cap
         small_photos, "resnet18", ["layer2"], store=store, weights="none", image_size=size,
         pool="avg", workers=0, device="cpu",
     )  # fmt: skip
-    resnet = get_backbone("resnet18")
-    traced = trace_layers(resnet, resnet.skeleton("none"), size)
-    deepest = [i.module for i in traced].index("layer2")
-    per_image = traced_activation_bytes(traced[: deepest + 1], size)
-    expected = cpu_batch_size(per_image)
+    expected = 16  # resnet18 to layer2 at 96 px: about 1.3 MB of activations an image
     said = capsys.readouterr().err
     assert f"Batch size {expected} (on the CPU, for " in said
     with h5py.File(store) as f:

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from featx import extract
 from featx.backbones import get_backbone
 from featx.backbones.layers import prepare_tap, trace_layers
 from featx.errors import UsageError
@@ -179,13 +180,35 @@ def test_auto_weighs_a_setup_against_this_networks_cost():
     assert name == "openvino" and f"for {reference} images" in why
 
 
+def test_extraction_gives_auto_the_rate_of_the_network_it_runs(small_photos, tmp_path, monkeypatch):
+    seen = {}
+
+    def choose(device, precision, n_images, **kwargs):
+        seen.update(kwargs, n_images=n_images)
+        return "eager", "chosen by the test"
+
+    monkeypatch.setattr(engines, "choose_engine", choose)
+    extract(
+        small_photos, "resnet18", ["layer2"], store=tmp_path / "s.h5", weights="none",
+        image_size=64, workers=0, device="cpu", quiet=True,
+    )  # fmt: skip
+    resnet = get_backbone("resnet18")
+    layer2 = next(
+        i for i in trace_layers(resnet, resnet.skeleton("none"), 64) if i.module == "layer2"
+    )
+    assert seen["n_images"] == 10
+    assert seen["eager_rate"] == pytest.approx(
+        engines.REFERENCE_EAGER_FP32 * engines.REFERENCE_FLOPS / layer2.flops
+    )
+
+
 # OpenVINO's thread pool stays alive in the process that loaded it, and later forks of that
 # process (DataLoader workers in other tests) have crashed beside it: its checks run in a
 # process of their own.
 OPENVINO_CHECKS = """
 import json, sys, torch
 from featx.backbones import get_backbone
-from featx.backbones.layers import prepare_tap, trace_layers
+from featx.backbones.layers import prepare_tap
 from featx.errors import UsageError
 from featx.extraction import engines
 from featx.extraction.engines import CONVERSIONS, build_engine

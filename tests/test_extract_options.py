@@ -10,6 +10,7 @@ import signal
 import subprocess
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import timm
@@ -143,6 +144,8 @@ def test_resume_keeps_the_interrupted_runs_batch_size(tmp_path):
         batch_size=BATCH, workers=0, device="cpu", quiet=True,
     )  # fmt: skip
     got, want = datasets(store), datasets(whole)
+    with h5py.File(store) as f:  # the batch that made the values is the one recorded
+        assert {int(d.attrs["batch_size"]) for d in f["features"].values()} == {BATCH}
     assert sorted(got) == sorted(want)
     for name in want:
         assert got[name].dtype == want[name].dtype, name

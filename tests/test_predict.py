@@ -166,10 +166,10 @@ def test_cli_predict_writes_the_csv(store32, data, tmp_path):
 
 def test_predict_chooses_the_batch_as_extraction_does(store32, data, capsys):
     model = _fit(store32)
-    featx.predict(model, [data / "test"], tta=1, quiet=False)
+    featx.predict(model, [data / "test"], tta=1, device="cpu", quiet=False)
     # resnet18 at 64 px: 16 views a pass, i.e. 8 images and their 8 augmented views
     assert "Batch size 8 (on the CPU, for " in capsys.readouterr().err
-    featx.predict(model, [data / "test"], batch_size=3, quiet=False)
+    featx.predict(model, [data / "test"], batch_size=3, device="cpu", quiet=False)
     assert "Batch size" not in capsys.readouterr().err
 
 

@@ -129,6 +129,19 @@ def test_merge_reads_shards_recorded_before_the_decode_field(sharded, tmp_path):
     assert not (tmp_path / "m3.h5").exists()
 
 
+@pytest.mark.parametrize("virtual", [False, True])
+def test_merged_layers_list_the_batch_sizes_and_engines_the_shards_ran(sharded, tmp_path, virtual):
+    _, shards, _ = sharded
+    copies = [Path(shutil.copy(path, tmp_path / path.name)) for path in shards]
+    with h5py.File(copies[1], "r+") as raw:  # as if that shard ran on another kind of node
+        raw["features"]["layer3"].attrs.update({"batch_size": 32, "engine": "openvino"})
+    merge(tmp_path / "m.h5", copies, virtual=virtual)
+    with h5py.File(tmp_path / "m.h5") as merged:
+        assert merged["features"]["layer3"].attrs["batch_size"] == "3, 32"
+        assert merged["features"]["layer3"].attrs["engine"] == "eager, openvino"
+        assert merged["features"]["avgpool"].attrs["batch_size"] == 3
+
+
 @pytest.mark.slow
 def test_merge_refuses_mismatched_shards(dataset, sharded, tmp_path):
     whole, shards, out = sharded

@@ -342,17 +342,19 @@ def _peak_outputs(infos: list[LayerInfo]) -> int:
 
 MAX_BATCH = 32  # on a GPU (and everywhere before featx chose the batch)
 MAX_CPU_BATCH = 16
+MIN_CPU_BATCH = 4
 CPU_BATCH_BYTES = 256 * 2**20  # the activations of one CPU batch stay under this
 
 
 def cpu_batch_size(per_image: int) -> int:
     """The batch size for a CPU run whose images each need `per_image` bytes of activations
-    (`activation_bytes`): the largest power of two from 2 to MAX_CPU_BATCH whose batch fits in
+    (`activation_bytes`): the largest power of two from 4 to MAX_CPU_BATCH whose batch fits in
     CPU_BATCH_BYTES. On the CPU 16 images run as fast as 32 (benchmarks/bench_batch.py, five
-    networks: OpenVINO 0.95-1.06x, eager 0.93-1.19x) in half the activation memory; 2 keeps
-    OpenVINO's two streams busy."""
+    networks: OpenVINO 0.95-1.06x, eager 0.93-1.19x) in half the activation memory. Never
+    fewer than 4: OpenVINO splits a batch across its streams (two on 2 cores) only from twice
+    their number, and ran batches of 2 at half its rate."""
     fits = CPU_BATCH_BYTES // max(1, per_image)
-    return max(2, min(MAX_CPU_BATCH, 1 << max(0, fits.bit_length() - 1)))
+    return max(MIN_CPU_BATCH, min(MAX_CPU_BATCH, 1 << max(0, fits.bit_length() - 1)))
 
 
 def default_batch_size(

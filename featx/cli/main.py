@@ -115,8 +115,9 @@ EngineOption = Annotated[
 BatchSizeOption = Annotated[
     int | None,
     typer.Option(
-        help="Images per forward pass (default: on the CPU, the largest power of two up to 16 "
-        "whose activations fit in 256 MB, which the run says; 32 on a GPU).",
+        help="Images per forward pass, for images decoded (default: on the CPU, the largest "
+        "power of two from 4 to 16 whose activations fit in 256 MB, which the run says; 32 on "
+        "a GPU).",
         callback=AT_LEAST_ONE,
     ),
 ]

@@ -513,6 +513,7 @@ def _compute(
     log,
 ) -> ExtractResult:
     from featx.backbones.layers import (
+        MAX_BATCH,
         batch_size_for_memory,
         check_poolable,
         default_batch_size,
@@ -525,20 +526,20 @@ def _compute(
     pool, dtype, batch_size = settings.pool, settings.dtype, settings.batch_size
     # Layers are traced on the weightless skeleton; only what they run is then loaded.
     skeleton = record.skeleton(settings.weights)
+    fitting = batch_size_for_memory(  # before the full-size trace: it refuses what cannot fit
+        record, skeleton, preprocessing.input_size, batch_size or MAX_BATCH, available_memory()
+    )
     traced = trace_layers(record, skeleton, preprocessing.input_size)
     infos = resolve_layers(record, traced, list(layers))
-    if batch_size is None:
-        batch_size, why_batch = default_batch_size(
-            traced, [i.module for i in infos], preprocessing.input_size, settings.device
-        )
-        log(f"Batch size {batch_size} ({why_batch}).")
-    fitting = batch_size_for_memory(
-        record, skeleton, preprocessing.input_size, batch_size, available_memory()
-    )
     check_poolable(skeleton, infos, pool)
     present = set(existing.layers) if existing else set()
     todo = [i for i in infos if layer_key(i.name, pool) not in present]
     keys = [layer_key(i.name, pool) for i in todo]
+    why_batch = ""
+    if batch_size is None:
+        batch_size, why_batch = default_batch_size(
+            traced, [i.module for i in todo], preprocessing.input_size, settings.device
+        )
     del skeleton
     loaded = record.load(settings.weights, [i.module for i in todo], preprocessing.input_size)
     if existing is not None and existing.meta["weights_sha256"] != loaded.weights_sha256:
@@ -593,6 +594,8 @@ def _compute(
     if partial.run["batch_size"] != batch_size:
         batch_size = partial.run["batch_size"]
         log(f"Resuming with the interrupted run's batch size, {batch_size}, for identical values.")
+    elif why_batch:
+        log(f"Batch size {batch_size} ({why_batch}).")
     if partial.run.get("engine", engine) != engine:
         engine, why = partial.run["engine"], "the interrupted run's engine, for identical values"
     n_chunks = math.ceil(len(work.items) / chunk_items)

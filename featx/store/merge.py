@@ -185,10 +185,29 @@ def _skeleton(
     )
 
 
+VARYING = ("engine", "batch_size")  # shards of one store may differ in these (mixed nodes)
+
+
+def _merged_attrs(key: str, stores: list[FeatureStore]) -> dict:
+    """Layer `key`'s attributes in the first shard, with every value of VARYING that the
+    shards differ in listed ("eager, openvino")."""
+    per_shard = []
+    for store in stores:
+        with h5py.File(store.path, "r") as h5:
+            per_shard.append(dict(h5["features"][key].attrs))
+    attrs = per_shard[0]
+    for name in VARYING:
+        values = sorted({str(a[name]) for a in per_shard if name in a})
+        if len(values) > 1:
+            attrs[name] = ", ".join(values)
+    return attrs
+
+
 def _copy_layer(out: h5py.File, key: str, stores: list[FeatureStore]) -> None:
+    attrs = _merged_attrs(key, stores)
     with h5py.File(stores[0].path, "r") as h5:
         first = h5["features"][key]
-        attrs, row_shape, dtype = dict(first.attrs), first.shape[1:], first.dtype
+        row_shape, dtype = first.shape[1:], first.dtype
         compression = first.compression or "none"
 
     def blocks() -> Iterator[np.ndarray]:
@@ -205,9 +224,10 @@ def _copy_layer(out: h5py.File, key: str, stores: list[FeatureStore]) -> None:
 
 def _map_layer(out: h5py.File, key: str, stores: list[FeatureStore]) -> None:
     """A virtual dataset over the shards' layer `key`, by absolute path."""
+    attrs = _merged_attrs(key, stores)
     with h5py.File(stores[0].path, "r") as h5:
         first = h5["features"][key]
-        attrs, row_shape, dtype = dict(first.attrs), first.shape[1:], first.dtype
+        row_shape, dtype = first.shape[1:], first.dtype
     n_rows = sum(s.n_rows for s in stores)
     layout = h5py.VirtualLayout(shape=(n_rows, *row_shape), dtype=dtype)
     start = 0
