@@ -1,10 +1,11 @@
-"""The batch size featx chooses when none is given: on the CPU, the largest power of two up to
-16 whose activations fit a budget; it is said, recorded on every layer, and shown by `featx
-info`. A given batch size is used as it is."""
+"""The batch size featx chooses when none is given: on the CPU, the largest power of two from 4
+to 16 whose activations fit a budget; it is said, recorded on every layer, and shown by `featx
+info`, whatever a store holds there. A given batch size is used as it is."""
 
 from __future__ import annotations
 
 import h5py
+import numpy as np
 import pytest
 
 from featx import extract
@@ -68,3 +69,18 @@ def test_the_chosen_batch_is_said_recorded_and_shown(small_photos, tmp_path, cap
     assert "Batch size" not in capsys.readouterr().err
     with h5py.File(given) as f:
         assert f["features"]["layer2@avg"].attrs["batch_size"] == 3
+
+
+@pytest.mark.parametrize("odd", ["many", np.array([16, 32]), -1])
+def test_info_shows_a_batch_size_it_did_not_write_without_failing(
+    small_photos, tmp_path, odd, capsys
+):
+    store = tmp_path / "odd.h5"
+    extract(
+        small_photos, "resnet18", ["layer1"], store=store, weights="none", image_size=32,
+        pool="avg", workers=0, device="cpu", quiet=True,
+    )  # fmt: skip
+    with h5py.File(store, "r+") as f:  # a store edited by hand, or sent by someone
+        f["features"]["layer1@avg"].attrs["batch_size"] = odd
+    with FeatureStore(store) as opened:
+        assert f"batch {odd}" in opened.summary()
