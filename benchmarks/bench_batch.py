@@ -5,8 +5,7 @@ activations overflow the caches and every layer streams them through memory. Thi
 tap featx runs (`prepare_tap`, fp32, random-init weights, random inputs) at each batch size,
 round-robin over networks, engines and sizes so a noisy machine slows them alike, and prints
 the median images/s of each, relative to batch 32 (featx's batch before it chose one), next to
-the per-image activation estimate that featx's batch choice uses (`traced_activation_bytes`
-up to the layer) and the batch it chooses (`cpu_batch_size`).
+the batch featx chooses for that network on the CPU and why (`default_batch_size`).
 
     python benchmarks/bench_batch.py --rounds 5
     python benchmarks/bench_batch.py --networks resnet50:avgpool:224 --engines eager
@@ -23,12 +22,7 @@ import time
 import torch
 
 from featx.backbones import get_backbone
-from featx.backbones.layers import (
-    cpu_batch_size,
-    prepare_tap,
-    trace_layers,
-    traced_activation_bytes,
-)
+from featx.backbones.layers import default_batch_size, prepare_tap, trace_layers
 from featx.extraction.engines import build_engine, cache_key, cpu_class
 
 NETWORKS = [
@@ -57,14 +51,12 @@ def main() -> None:
         loaded = record.load("none", [module], size)
         tap = prepare_tap(loaded.model, [module], "avg", torch.device("cpu"), size)
         traced = trace_layers(record, record.skeleton("none"), size)
-        cut = [i.module for i in traced].index(module) + 1
-        per_image = traced_activation_bytes(traced[:cut], size)
-        chosen = cpu_batch_size(per_image)
+        chosen, why = default_batch_size(traced, [module], size, torch.device("cpu"))
         for engine in args.engines:
             key = cache_key(name, loaded.weights_sha256, [module], "avg", size, "fp32", "batch")
             example = torch.zeros(max(args.batches), 3, size, size)
             built = build_engine(tap, engine, torch.device("cpu"), "fp32", example, key)
-            runs[spec, engine] = (built, size, per_image, chosen)
+            runs[spec, engine] = (built, size, why, chosen)
 
     rates: dict[tuple[str, str, int], list[float]] = {}
     for _ in range(args.rounds):
@@ -88,15 +80,15 @@ def main() -> None:
         "(ratio to batch 32)"
     )
     header = " | ".join(f"batch {b}" for b in args.batches)
-    print(f"| network | activations/image | featx picks | engine | {header} |")
-    print("|---|---:|---:|---|" + "---:|" * len(args.batches))
-    for (spec, engine), (_, _, per_image, chosen) in runs.items():
+    print(f"| network | featx picks | why | engine | {header} |")
+    print("|---|---:|---|---|" + "---:|" * len(args.batches))
+    for (spec, engine), (_, _, why, chosen) in runs.items():
         medians = {b: statistics.median(rates[spec, engine, b]) for b in args.batches}
         base = medians.get(32)
         cells = " | ".join(
             f"{m:.1f}" + (f" ({m / base:.2f}x)" if base else "") for m in medians.values()
         )
-        print(f"| {spec} | {per_image / 2**20:.1f} MB | {chosen} | {engine} | {cells} |")
+        print(f"| {spec} | {chosen} | {why} | {engine} | {cells} |")
 
 
 if __name__ == "__main__":
