@@ -10,8 +10,8 @@ import featx
 
 ROOT = Path(featx.__file__).parent
 SHARED = {"errors", "runtime", "_lazy", "runlog", "__init__"}
-STAGES = ["data", "backbones", "store", "extraction", "models", "classify", "finetuning"]
-STAGES += ["report", "cli"]
+STAGES = ["data", "backbones", "store", "inference", "extraction", "models", "classify"]
+STAGES += ["finetuning", "report", "cli"]
 
 
 def stage_of(module: str) -> str:
