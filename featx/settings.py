@@ -28,7 +28,19 @@ from typing import Any
 from featx.errors import UsageError, check_range
 
 __all__ = [
+    "AUGMENTATION",
+    "DATA",
+    "Device",
     "INT64_MAX",
+    "NETWORK",
+    "OUTPUT",
+    "SCALE_OUT",
+    "TRAINING",
+    "batch_size_option",
+    "device_option",
+    "seed_option",
+    "trust_pickle_option",
+    "workers_option",
     "OptionSpec",
     "check_settings",
     "choices_of",
@@ -43,6 +55,14 @@ INT64_MAX = 2**63 - 1
 """The implicit upper bound of every whole-number option: numpy and torch overflow above it."""
 
 _KEY = "featx.option"
+
+# The help panels, in the order `--help` lists them (after the common options).
+DATA = "Data"
+NETWORK = "Network"
+TRAINING = "Training"
+AUGMENTATION = "Augmentation"
+OUTPUT = "Output"
+SCALE_OUT = "Scaling out"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +147,59 @@ def machine_workers() -> int:
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
     return 4 * max(cores, 1)
+
+
+class Device(str, enum.Enum):
+    """Where the network runs."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+    mps = "mps"
+
+
+# ---- options that several commands share: each declared here once ---------------------------
+def device_option() -> Any:
+    return option(
+        Device.auto, "Where the network runs (auto: a GPU if there is one).", panel=NETWORK
+    )
+
+
+def workers_option(default: int | None = None) -> Any:
+    """--workers; None means featx's choice (`featx.runtime.default_workers`)."""
+    return option(
+        default,
+        "Decoding processes (0: decode in this process).",
+        panel=DATA,
+        minimum=0,
+        maximum=machine_workers,
+        default_text="half the cores, at most 4" if default is None else None,
+    )
+
+
+def batch_size_option(help: str = "Images per forward pass.", default: int | None = None) -> Any:
+    """--batch-size; None means featx's choice from the memory the activations need."""
+    return option(
+        default,
+        help,
+        panel=NETWORK,
+        minimum=1,
+        maximum=65536,
+        default_text="chosen by memory (4-16 on the CPU, 32 on a GPU)" if default is None else None,
+    )
+
+
+def trust_pickle_option() -> Any:
+    return option(
+        False,
+        "Also load a pickle-based model file from an older featx; unpickling runs code stored "
+        "in the file: only for files you trust.",
+        panel=DATA,
+    )
+
+
+def seed_option(help: str = "Seed of everything random.") -> Any:
+    return option(0, help, minimum=0, maximum=2**32 - 1)
 
 
 def check_settings(settings: Any) -> None:

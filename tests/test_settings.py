@@ -15,12 +15,18 @@ import pytest
 from featx.errors import UsageError
 from featx.settings import (
     INT64_MAX,
+    Device,
+    batch_size_option,
     check_settings,
     choices_of,
+    device_option,
     flag_of,
     machine_workers,
     option,
     option_spec,
+    seed_option,
+    trust_pickle_option,
+    workers_option,
 )
 
 
@@ -116,3 +122,25 @@ def test_importing_settings_imports_neither_torch_nor_typer():
     code = "import sys, featx.settings; print('torch' in sys.modules, 'typer' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Shared:
+    device: Device = device_option()
+    workers: int | None = workers_option()
+    batch_size: int | None = batch_size_option()
+    trust_pickle: bool = trust_pickle_option()
+    seed: int = seed_option()
+
+
+def test_the_shared_options():
+    check_settings(Shared())
+    check_settings(Shared(device="cuda", workers=0, batch_size=1, seed=2**32 - 1))
+    for changes, start in [
+        ({"device": "tpu"}, "--device must be one of auto, cpu, cuda, mps"),
+        ({"workers": 10**20}, "--workers must be at most"),
+        ({"batch_size": 10**20}, "--batch-size must be at least 1 and at most"),
+        ({"seed": 2**32}, "--seed must be at least 0 and at most"),
+    ]:
+        with pytest.raises(UsageError, match="^" + start):
+            check_settings(dataclasses.replace(Shared(), **changes))
