@@ -5,6 +5,10 @@ The public names load their modules on first use, so `import featx` (and `featx 
 not import torch.
 """
 
+import importlib
+import os
+from typing import Any
+
 from featx._lazy import lazy_exports
 
 __version__ = "0.1.0"
@@ -31,4 +35,22 @@ _EXPORTS = {
     "AugmentConfig": "data.augment",
 }
 __all__ = ["__version__", *_EXPORTS]
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+_exported, _dir = lazy_exports(__name__, _EXPORTS)
+# The subpackages and modules (featx.classify, featx.runlog ...) are attributes too, each
+# imported on first use.
+_SUBMODULES = frozenset(
+    entry.name.removesuffix(".py")
+    for entry in os.scandir(os.path.dirname(__file__))
+    if not entry.name.startswith("_")
+    and (entry.name.endswith(".py") or os.path.isfile(os.path.join(entry.path, "__init__.py")))
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    return _exported(name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*_dir(), *_SUBMODULES, "__version__"})

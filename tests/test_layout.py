@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 import featx
 
 ROOT = Path(featx.__file__).parent
@@ -85,3 +87,156 @@ def test_every_public_module_declares_all():
         and "__all__" not in path.read_text()
     ]
     assert not missing, missing
+
+
+# ---- every public name resolves; no circles; sizes --------------------------------------
+RESOLVE = r"""
+import importlib, pkgutil, sys
+import featx
+
+problems = []
+packages = ["featx"] + [
+    f"featx.{m.name}" for m in pkgutil.iter_modules(featx.__path__) if m.ispkg
+]
+# First the lazy tables, before anything else is imported: a name must not resolve only
+# because another module happened to load first.
+for name in packages:
+    try:
+        package = getattr(featx, name.split(".")[1]) if "." in name else featx
+    except Exception as error:
+        problems.append(f"featx.{name}: {type(error).__name__}: {error}")
+        continue
+    table = getattr(package, "_EXPORTS", {})
+    for attr in dict.fromkeys([*table, *getattr(package, "__all__", [])]):
+        try:
+            getattr(package, attr)
+        except Exception as error:
+            problems.append(f"{name}.{attr}: {type(error).__name__}: {error}")
+# Then every module, and every name in its __all__.
+for info in pkgutil.walk_packages(featx.__path__, "featx."):
+    if info.name.endswith("__main__"):
+        continue
+    try:
+        module = importlib.import_module(info.name)
+    except Exception as error:
+        problems.append(f"import {info.name}: {type(error).__name__}: {error}")
+        continue
+    for attr in getattr(module, "__all__", []):
+        if not hasattr(module, attr):
+            problems.append(f"{info.name}.{attr} is in __all__ but does not exist")
+print("\n".join(problems))
+"""
+
+
+def test_every_exported_name_resolves_in_a_fresh_interpreter():
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", RESOLVE], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "", done.stdout
+
+
+def test_subpackages_are_attributes_of_featx_in_a_fresh_interpreter():
+    import subprocess
+    import sys
+
+    code = (
+        "import featx, sys; "
+        "print(featx.classify.__name__, featx.runlog.__name__, 'torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["featx.classify", "featx.runlog", "False"], done.stderr
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="importing featx.classify.fit binds the module over the lazily exported function",
+)
+def test_an_exported_name_stays_itself_after_its_module_is_imported():
+    import subprocess
+    import sys
+
+    code = (
+        "import featx.classify.fit, featx.classify.predict, featx.classify.evaluate, types\n"
+        "from featx.classify import evaluate, fit, predict\n"
+        "print([type(f).__name__ for f in (fit, predict, evaluate)])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "['function', 'function', 'function']", done.stdout + done.stderr
+
+
+def module_imports(name: str, path: Path) -> set[str]:
+    """Every featx module that `name` imports, at the top, in functions or for type checking:
+    `from featx.a import b` names the module featx.a.b when b is a module, else featx.a."""
+    known = {module for module, _ in modules()}
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}" if base else parent
+            if not base.startswith("featx"):
+                continue
+            for alias in node.names:
+                target = f"{base}.{alias.name}"
+                found.add(target if target in known else base)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("featx")}
+    found = {m if m in known else f"{m}.__init__" for m in found}
+    return {m.removesuffix(".__init__") for m in found if m.removesuffix(".__init__") != name}
+
+
+def test_no_import_circles():
+    graph = {
+        name.removesuffix(".__init__"): module_imports(name.removesuffix(".__init__"), path)
+        for name, path in modules()
+    }
+    circles, state = [], {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = "open"
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == "open":
+                circles.append(" -> ".join([*trail[trail.index(target) :], target]))
+            elif target not in state:
+                visit(target, [*trail, target])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not circles, circles
+
+
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 600, 80
+
+
+@pytest.mark.xfail(
+    strict=False, reason="the large extraction, CLI and backbone modules are still being split"
+)
+def test_no_module_over_600_lines():
+    long = {
+        name: n
+        for name, path in modules()
+        if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES
+    }
+    assert not long, long
+
+
+@pytest.mark.xfail(
+    strict=False, reason="the large extraction, CLI and backbone modules are still being split"
+)
+def test_no_function_body_over_80_lines():
+    long = {}
+    for name, path in modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.body[0].lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long[f"{name}.{node.name}"] = lines
+    assert not long, long

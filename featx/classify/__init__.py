@@ -13,8 +13,8 @@ _EXPORTS = {
     "Predictions": "predict",
     "MLPClassifier": "mlp",
     "classifier_table": "registry",
-    "LayerFeatures": "registry",
-    "ConcatLayers": "registry",
+    "LayerFeatures": "pipeline",
+    "ConcatLayers": "pipeline",
     "evaluate_images": "evaluate",
     "features_for_images": "predict",
 }
