@@ -139,7 +139,7 @@ def test_the_shared_options():
     for changes, start in [
         ({"device": "tpu"}, "--device must be one of auto, cpu, cuda, mps"),
         ({"workers": 10**20}, "--workers must be at most"),
-        ({"batch_size": 10**20}, "--batch-size must be at least 1 and at most"),
+        ({"batch_size": 10**20}, "--batch-size must be at most 65536, not 1000"),
         ({"seed": 2**32}, "--seed must be at least 0 and at most"),
     ]:
         with pytest.raises(UsageError, match="^" + start):
