@@ -21,7 +21,7 @@ _EXPORTS = {
     "extract": "extraction.run",
     "ExtractResult": "extraction.run",
     "fit": "classify.fit",
-    "Sweep": "classify.fit",
+    "Sweep": "classify.sweep",
     "evaluate": "classify.evaluate",
     "Evaluation": "classify.evaluate",
     "predict": "classify.predict",

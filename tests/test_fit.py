@@ -20,7 +20,7 @@ from clfdata import (
 from typer.testing import CliRunner
 
 import featx
-from featx.classify.fit import select_rows
+from featx.classify.selection import select_rows
 from featx.cli import app
 from featx.errors import UsageError
 from featx.models.file import load_model

@@ -5,8 +5,10 @@ from featx._lazy import lazy_exports
 
 _EXPORTS = {
     "fit": "fit",
-    "Sweep": "fit",
-    "FitResult": "fit",
+    "Sweep": "sweep",
+    "FitResult": "sweep",
+    "Selection": "selection",
+    "select_rows": "selection",
     "evaluate": "evaluate",
     "Evaluation": "evaluate",
     "predict": "predict",

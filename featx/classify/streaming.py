@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator
@@ -15,10 +15,8 @@ from sklearn.pipeline import Pipeline
 
 from featx.classify.evaluate import predict_in_chunks
 from featx.classify.metrics import classification_metrics
+from featx.classify.selection import Selection
 from featx.store.rows import LayerRows
-
-if TYPE_CHECKING:
-    from featx.classify.fit import Selection
 
 __all__ = ["fit_streamed"]
 
