@@ -2,13 +2,19 @@
 evaluation, read back as `Run`s for `featx runs` (a text leaderboard) and `featx report`.
 
 For a store `x.h5` the log is `x.h5.runs.sqlite`. Several processes may append at once: the
-database is in WAL mode with a busy timeout, and every record is one short transaction that is
-committed before `record_run` returns, so a killed process loses at most the record it was
-writing.
+database is in WAL mode with a short busy timeout, and every record is one short transaction
+that is committed before `record_run` returns, so a killed process loses at most the record it
+was writing.
+
+A log problem never costs the run it records: a log that cannot be written (read-only, locked
+by another process for longer than the busy timeout, a full disk, a folder in its place, an
+SQLite file that featx did not create) is named in one warning line on stderr and the run goes
+unrecorded; a file featx did not create is never changed. Reading skips rows that do not have
+the documented types, with one warning line per log.
 
 Columns: time (ISO 8601 with offset), kind, store (absolute path), host, pid, featx version,
-settings / scores / details (JSON), model_path, command, and the store's provenance `meta` as it
-was when the run was recorded (JSON, NULL when the store could not be read).
+settings / scores / details (JSON objects), model_path, command, and the store's provenance
+`meta` as it was when the run was recorded (JSON, NULL when the store could not be read).
 
 Conventional keys: settings has "layer", "classifier" and "params" (a dict); scores has
 "validation" and/or "test", each a dict of scalar metrics ("accuracy", "macro_f1", ...).
@@ -21,6 +27,7 @@ import math
 import os
 import socket
 import sqlite3
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -29,20 +36,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import h5py
-
 from featx import __version__
 from featx.errors import UsageError
 
 __all__ = [
     "KINDS",
-    "LEADERBOARD_COLUMNS",
     "LOG_SUFFIX",
     "SCHEMA_VERSION",
     "Run",
     "find_logs",
-    "leaderboard",
-    "leaderboard_rows",
     "log_path",
     "ranked",
     "read_runs",
@@ -51,8 +53,10 @@ __all__ = [
 
 LOG_SUFFIX = ".runs.sqlite"
 SCHEMA_VERSION = 1
+APPLICATION_ID = 0x66785247  # "fxRG" in the SQLite header: this file is a featx run log
 KINDS = ("fit", "finetune", "evaluate")
-BUSY_TIMEOUT_S = 60.0
+# How long a record waits for another process's transaction; past it the run goes unrecorded.
+BUSY_TIMEOUT_S = 5.0
 # Per-split entries of a full classification_metrics() dict that belong in details, not scores.
 LARGE_METRICS = ("per_class", "confusion_matrix", "class_names")
 
@@ -73,6 +77,10 @@ CREATE TABLE runs (
     meta TEXT
 )
 """
+_COLUMNS = (
+    "id", "time", "kind", "store", "host", "pid", "featx_version", "settings", "scores",
+    "details", "model_path", "command", "meta",
+)  # fmt: skip
 
 
 def log_path(store: str | os.PathLike[str]) -> Path:
@@ -102,11 +110,12 @@ class Run:
 
     def metric(self, split: str, name: str) -> float | None:
         """A scalar score of a split ("validation" or "test"), None when absent or not a
-        number."""
-        value = (self.scores.get(split) or {}).get(name)
-        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        finite number."""
+        scores = self.scores.get(split)
+        value = scores.get(name) if isinstance(scores, dict) else None
+        if isinstance(value, bool) or not isinstance(value, int | float):
             return None
-        return float(value)
+        return float(value) if math.isfinite(value) else None
 
     @property
     def best_score(self) -> float | None:
@@ -129,28 +138,20 @@ class Run:
         return str(self.settings.get("classifier") or self.settings.get("backbone") or "-")
 
     @property
-    def params_text(self) -> str:
-        """The key parameters as `k=v, ...`: settings["params"], else every setting other
-        than layer and classifier."""
+    def params(self) -> dict[str, Any]:
+        """The key parameters: settings["params"], else every setting other than layer and
+        classifier."""
         params = self.settings.get("params")
-        if not isinstance(params, dict):
-            params = {
-                k: v for k, v in self.settings.items() if k not in ("layer", "classifier", "params")
-            }
-        return ", ".join(f"{k}={_short(v)}" for k, v in params.items())
+        if isinstance(params, dict):
+            return params
+        return {
+            k: v for k, v in self.settings.items() if k not in ("layer", "classifier", "params")
+        }
 
     @property
     def key(self) -> str:
         """An identifier unique across logs: `<log file stem>-<id>`."""
         return f"{self.log.name.removesuffix(LOG_SUFFIX)}-{self.id}"
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, dict | list):
-        return json.dumps(value, separators=(",", ":"), default=str)
-    return str(value)
 
 
 def _jsonable(value: Any) -> Any:
@@ -171,6 +172,8 @@ def _dumps(value: Any) -> str:
 def _store_meta(store: Path) -> str | None:
     """The store's provenance JSON text, or None when the store cannot be read (missing, not
     HDF5, no meta attribute, locked by a writer): a run is logged regardless."""
+    import h5py
+
     try:
         with h5py.File(store, "r") as f:
             meta = f.attrs["meta"]
@@ -198,6 +201,10 @@ def _split_scores(
     return small, details
 
 
+class _NotOurs(UsageError):
+    """The file is an SQLite database that featx did not create."""
+
+
 def _refuse_newer(path: Path, version: int) -> None:
     if version > SCHEMA_VERSION:
         raise UsageError(
@@ -206,29 +213,63 @@ def _refuse_newer(path: Path, version: int) -> None:
         )
 
 
+def _is_ours(conn: sqlite3.Connection, path: Path) -> bool:
+    """True for a featx run log, False for an empty database (a new log); _NotOurs for any
+    other SQLite file. Only reads."""
+    app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if app_id == 0 and version == 0 and not tables:
+        return False
+    if app_id in (0, APPLICATION_ID):
+        _refuse_newer(path, version)
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(runs)")}
+        if version == SCHEMA_VERSION and columns == set(_COLUMNS):
+            return True
+    raise _NotOurs(f"{path} is an SQLite file that featx did not write, not a featx run log.")
+
+
+def _reason(error: BaseException, path: Path) -> str:
+    """Why a run log could not be used, as a clause."""
+    text = str(error).lower()
+    if isinstance(error, UsageError):
+        return str(error).rstrip(".")
+    if "locked" in text or "busy" in text:
+        return f"{path} is locked by another process (waited {BUSY_TIMEOUT_S:g} s)"
+    if "readonly" in text or "read-only" in text:
+        return f"{path} is read-only"
+    if "disk is full" in text or "no space" in text:
+        return f"the disk holding {path} is full"
+    if "not a database" in text or "malformed" in text:
+        return f"{path} is not a featx run log (not a readable SQLite file)"
+    return f"cannot use the run log {path} ({text.splitlines()[0] if text else 'unknown'})"
+
+
 @contextmanager
-def _connect(path: Path, *, create: bool) -> Iterator[sqlite3.Connection]:
-    """A connection in autocommit mode (transactions are explicit) with a busy timeout."""
-    if not create and not path.is_file():
+def _connect(path: Path, *, write: bool) -> Iterator[sqlite3.Connection]:
+    """A connection in autocommit mode (transactions are explicit) with a short busy timeout:
+    read-write and creating the file for `write`, else read-only. Errors become UsageError."""
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder, not a featx run log.")
+    if not write and not path.is_file():
         raise UsageError(f"{path} does not exist.")
-    mode = "rwc" if create else "rw"
+    query = "mode=rwc" if write else "mode=ro"
+    if not write and not os.access(path.parent, os.W_OK):
+        query += "&immutable=1"  # a read-only folder: nothing can change the file meanwhile
+    conn = None
     try:
         conn = sqlite3.connect(
-            f"{path.resolve().as_uri()}?mode={mode}",
+            f"{path.resolve().as_uri()}?{query}",
             uri=True,
             timeout=BUSY_TIMEOUT_S,
             isolation_level=None,
         )
-    except sqlite3.OperationalError as e:
-        raise UsageError(f"Cannot open the run log {path}: {e}.") from e
-    try:
         yield conn
-    except sqlite3.DatabaseError as e:
-        if "not a database" in str(e) or "malformed" in str(e):
-            raise UsageError(f"{path} is not a featx run log (not a readable SQLite file).") from e
-        raise
+    except sqlite3.Error as e:
+        raise UsageError(_reason(e, path) + ".") from None
     finally:
-        conn.close()
+        if conn is not None:
+            conn.close()
 
 
 def _use_wal(conn: sqlite3.Connection) -> None:
@@ -237,26 +278,43 @@ def _use_wal(conn: sqlite3.Connection) -> None:
     deadline = time.monotonic() + BUSY_TIMEOUT_S
     while conn.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
         if time.monotonic() > deadline:
-            raise sqlite3.OperationalError("could not switch the run log to WAL mode")
+            raise sqlite3.OperationalError("database is locked")
         time.sleep(0.05)
 
 
-def _ensure_schema(conn: sqlite3.Connection, path: Path) -> None:
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    _refuse_newer(path, version)
-    if version == SCHEMA_VERSION:
-        return
+def _create_schema(conn: sqlite3.Connection, path: Path) -> None:
     conn.execute("BEGIN IMMEDIATE")
     try:
-        version = conn.execute("PRAGMA user_version").fetchone()[0]  # another process may
-        if version == 0:  # have created it while we waited for the lock
+        if not _is_ours(conn, path):  # another process may have created it meanwhile
             conn.execute(_SCHEMA)
+            conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
-    _refuse_newer(path, version)
+
+
+def _append(path: Path, row: tuple[Any, ...]) -> int:
+    with _connect(path, write=True) as conn:
+        if not _is_ours(conn, path):
+            _create_schema(conn, path)
+        _use_wal(conn)
+        with conn:  # commits the transaction before returning, rolls it back on an error
+            conn.execute("BEGIN IMMEDIATE")
+            cursor = conn.execute(
+                f"INSERT INTO runs ({', '.join(_COLUMNS[1:])}) VALUES "
+                f"({', '.join('?' * len(_COLUMNS[1:]))})",
+                row,
+            )
+        return int(cursor.lastrowid)
+
+
+_UNUSABLE: dict[Path, str] = {}  # logs that failed in this process: not tried again
+
+
+def _warn(text: str) -> None:
+    print("warning: " + text.replace("\n", "\\n"), file=sys.stderr, flush=True)
 
 
 def record_run(
@@ -268,8 +326,10 @@ def record_run(
     details: dict[str, Any] | None = None,
     model_path: str | None = None,
     command: str | None = None,
-) -> int:
-    """Append one run to the store's log (created if needed) and return its id.
+) -> int | None:
+    """Append one run to the store's log (created if needed) and return its id, or None when
+    the log cannot be written: one warning line says why, and later records for the same log
+    in this process are skipped without waiting again.
 
     `scores` may hold full `classification_metrics` dicts per split: their per-class table,
     confusion matrix and class names are kept in `details[split]` instead.
@@ -278,6 +338,8 @@ def record_run(
         raise UsageError(f"A run's kind must be one of {', '.join(KINDS)}, not {kind!r}.")
     store = Path(store).resolve()
     path = log_path(store)
+    if path in _UNUSABLE:
+        return None
     scores, details = _split_scores(scores, details or {})
     row = (
         datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -293,49 +355,59 @@ def record_run(
         command,
         _store_meta(store),
     )
-    with _connect(path, create=True) as conn:
-        _use_wal(conn)
-        _ensure_schema(conn, path)
-        with conn:  # commits the transaction before returning, rolls it back on an error
-            conn.execute("BEGIN IMMEDIATE")
-            cursor = conn.execute(
-                "INSERT INTO runs (time, kind, store, host, pid, featx_version, settings, "
-                "scores, details, model_path, command, meta) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                row,
-            )
-        return int(cursor.lastrowid)
+    try:
+        return _append(path, row)
+    except (UsageError, sqlite3.Error, OSError) as e:
+        _UNUSABLE[path] = reason = _reason(e, path)
+        _warn(f"the {kind} run was not recorded: {reason}.")
+        return None
+
+
+def _loads(text: Any, *, optional: bool = False) -> dict[str, Any] | None:
+    """A JSON object column; ValueError for anything else (NULL only when `optional`)."""
+    if text is None and optional:
+        return None
+    if not isinstance(text, str):
+        raise ValueError("not text")
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError("not an object")
+    return value
+
+
+def _run_of(row: tuple[Any, ...], path: Path) -> Run | None:
+    """The Run of one row, or None when a column does not have its documented type."""
+    r = dict(zip(_COLUMNS, row, strict=True))
+    texts = ("time", "kind", "store", "host", "featx_version")
+    if not all(isinstance(r[k], str) and "\0" not in r[k] for k in texts):
+        return None
+    if not all(isinstance(r[k], int) for k in ("id", "pid")):
+        return None
+    if not all(r[k] is None or isinstance(r[k], str) for k in ("model_path", "command")):
+        return None
+    try:
+        settings, scores, details = (_loads(r[k]) for k in ("settings", "scores", "details"))
+        meta = _loads(r["meta"], optional=True)
+    except (ValueError, RecursionError):
+        return None
+    return Run(
+        id=r["id"], time=r["time"], kind=r["kind"], store=Path(r["store"]),
+        settings=settings, scores=scores, details=details, model_path=r["model_path"],
+        command=r["command"], meta=meta, host=r["host"], pid=r["pid"],
+        featx_version=r["featx_version"], log=path,
+    )  # fmt: skip
 
 
 def _read_log(path: Path) -> list[Run]:
-    with _connect(path, create=False) as conn:
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        _refuse_newer(path, version)
-        if version == 0:  # created but the schema not yet committed
-            return []
-        rows = conn.execute(
-            "SELECT id, time, kind, store, settings, scores, details, model_path, command, "
-            "meta, host, pid, featx_version FROM runs ORDER BY id"
-        ).fetchall()
-    return [
-        Run(
-            id=r[0],
-            time=r[1],
-            kind=r[2],
-            store=Path(r[3]),
-            settings=json.loads(r[4]),
-            scores=json.loads(r[5]),
-            details=json.loads(r[6]),
-            model_path=r[7],
-            command=r[8],
-            meta=json.loads(r[9]) if r[9] else None,
-            host=r[10],
-            pid=r[11],
-            featx_version=r[12],
-            log=path,
-        )
-        for r in rows
-    ]
+    with _connect(path, write=False) as conn:
+        if not _is_ours(conn, path):
+            return []  # created, but the schema not yet committed
+        rows = conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM runs ORDER BY id").fetchall()
+    runs = [_run_of(row, path) for row in rows]
+    skipped = sum(run is None for run in runs)
+    if skipped:
+        _warn(f"skipped {skipped} of {len(rows)} runs in {path}: not in the run-log format.")
+    return [run for run in runs if run is not None]
 
 
 def find_logs(root: str | os.PathLike[str] = "stores") -> list[Path]:
@@ -351,29 +423,35 @@ def read_runs(
 ) -> list[Run]:
     """The runs logged for `stores` and in `logs`, oldest first.
 
-    A store that exists but has no log yet has no runs; a missing store or log is an error.
-    With neither argument, every log under ./stores is read.
+    A store that exists but has no log yet has no runs; a missing store or log, or a log that
+    cannot be read, is an error. With neither argument, every log under ./stores is read, and
+    one that cannot be read is skipped with a warning.
     """
-    paths: list[Path] = []
-    if stores is None and logs is None:
-        paths = find_logs()
+    named: list[Path] = []
     for store in stores or ():
         store = Path(store)
         if not store.exists() and not log_path(store).exists():
             raise UsageError(f"{store} does not exist.")
         if log_path(store).exists():
-            paths.append(log_path(store))
+            named.append(log_path(store))
     for log in logs or ():
         log = Path(log)
-        if not log.is_file():
+        if not log.exists():
             raise UsageError(f"{log} does not exist.")
-        paths.append(log)
+        named.append(log)
+    found = find_logs() if stores is None and logs is None else []
     seen: set[Path] = set()
     runs: list[Run] = []
-    for path in paths:
-        if path.resolve() not in seen:
-            seen.add(path.resolve())
+    for path in [*named, *found]:
+        if path.resolve() in seen:
+            continue
+        seen.add(path.resolve())
+        try:
             runs.extend(_read_log(path))
+        except UsageError as e:
+            if path in named:
+                raise
+            _warn(f"skipped {str(e).rstrip('.')}.")
     return sorted(runs, key=lambda r: (r.time, str(r.log), r.id))
 
 
@@ -381,59 +459,3 @@ def ranked(runs: Iterable[Run]) -> list[Run]:
     """Best first by `Run.best_score`; runs without a score last, newest first among ties."""
     by_time = sorted(runs, key=lambda r: r.time, reverse=True)
     return sorted(by_time, key=lambda r: (r.best_score is None, -(r.best_score or 0.0)))
-
-
-def _score(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
-LEADERBOARD_COLUMNS = (
-    "rank", "run", "kind", "store", "layer", "classifier", "params",
-    "val acc", "test acc", "macro F1", "time",
-)  # fmt: skip
-MAX_PARAMS_WIDTH = 40
-
-
-def leaderboard_rows(runs: Iterable[Run]) -> list[list[str]]:
-    """The leaderboard as rows of text cells (LEADERBOARD_COLUMNS), best first."""
-    rows = []
-    for rank, run in enumerate(ranked(runs), 1):
-        rows.append(
-            [
-                str(rank),
-                run.key,
-                run.kind,
-                run.store.name,
-                run.layer,
-                run.classifier,
-                run.params_text or "-",
-                _score(run.metric("validation", "accuracy")),
-                _score(run.metric("test", "accuracy")),
-                _score(run.macro_f1),
-                run.time,
-            ]
-        )
-    return rows
-
-
-def leaderboard(runs: Iterable[Run]) -> str:
-    """A text table of the runs, best validation accuracy (else test accuracy) first."""
-    rows = leaderboard_rows(runs)
-    if not rows:
-        return "No runs logged."
-    for row in rows:
-        params = row[6]
-        if len(params) > MAX_PARAMS_WIDTH:
-            row[6] = params[: MAX_PARAMS_WIDTH - 3] + "..."
-    table = [list(LEADERBOARD_COLUMNS), *rows]
-    widths = [max(len(r[i]) for r in table) for i in range(len(LEADERBOARD_COLUMNS))]
-    numeric = {0, 7, 8, 9}
-    lines = [
-        "  ".join(
-            cell.rjust(widths[i]) if i in numeric else cell.ljust(widths[i])
-            for i, cell in enumerate(row)
-        ).rstrip()
-        for row in table
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)

@@ -1,21 +1,19 @@
-"""The HTML report of logged runs: its content, escaping, the `featx runs` / `featx report`
-functions, and the page opened in a real headless chromium with no network."""
+"""The HTML report of logged runs: its content, escaping, sections per store, the `featx runs`
+/ `featx report` functions and their outputs, and what a crafted log or a bad OUT does."""
 
 from __future__ import annotations
 
-import html
 import math
 import os
 import re
-import shutil
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from markupsafe import escape
 from PIL import Image
 from test_runlog import META, REPO, make_store
 
@@ -73,7 +71,7 @@ def logged(tmp_path: Path) -> dict:
     (tmp_path / "stores").mkdir()
     a = make_store(tmp_path / "stores" / "birds.h5")
     b = make_store(tmp_path / "stores" / "pets.h5", {**META, "backbone": "vgg16"})
-    preview = tmp_path / "preview.png"
+    preview = tmp_path / "stores" / "preview.png"
     gradient = np.tile(np.linspace(0, 255, 120, dtype=np.uint8), (60, 1))
     Image.fromarray(np.dstack([gradient, gradient[::-1], gradient])).save(preview)
     record_run(
@@ -118,33 +116,70 @@ def logged(tmp_path: Path) -> dict:
     return {"a": a, "b": b, "tmp": tmp_path, "expected": expected}
 
 
+def _page(logged: dict, **kwargs) -> str:
+    out = write_report(logged["tmp"] / "out" / "report.html", read_runs([logged["a"], logged["b"]]),
+                       **kwargs)  # fmt: skip
+    return out.read_text(encoding="utf-8")
+
+
 def test_report_holds_every_run_escaped_and_self_contained(logged: dict) -> None:
-    runs = read_runs([logged["a"], logged["b"]])
-    out = write_report(logged["tmp"] / "out" / "report.html", runs)
-    page = out.read_text(encoding="utf-8")
-    assert HOSTILE not in page and html.escape(HOSTILE) in page
+    page = _page(logged)
+    assert HOSTILE not in page and str(escape(HOSTILE)) in page
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
-    assert "<link" not in page and "@import" not in page and "url(" not in page
+    assert "<link" not in page and "@import" not in page
+    assert not re.search(r"url\((?!#)", page)  # only references inside the page
     assert page.count('<section class="run"') == 4
     assert page.count("<tr data-run=") == 4
     assert page.count('<table class="cm">') == 4  # fit: validation + test; finetune; evaluate
-    assert page.count("<polyline") >= 4 + 2  # history: 2 charts x 2 series; lr: loss, smoothed
+    assert page.count('<div class="chart history"><svg') == 1
+    assert page.count('<div class="chart lr-find"><svg') == 1
     assert "learning-rate range test" in page and "Suggested learning rate" in page
+    assert "unfrozen" in page and ">validation</text>" in page  # SVG with real text
     assert page.count('src="data:image/png;base64,') == 1
-    assert "gone.png is missing or not a PNG" in page
+    assert "gone.png is missing, not a PNG, or outside the store's folder" in page
     for text in ("resnet18", "vgg16", "resize 256, center crop 224", "f00d" * 16, "2.5.0"):
         assert text in page
     assert "featx extract data" in page  # the store's history
+    assert page.count("<script>") == 1 and "script-src 'sha256-" in page
+
+
+def test_one_section_per_store_and_only_the_best_runs_in_full(logged: dict) -> None:
+    page = _page(logged, best=1)
+    stores = re.findall(r'<section class="store" id="store-\d+">\s*<h2>Store ([^<]+)</h2>', page)
+    assert stores == ["birds.h5", "pets.h5"]  # the store with the best run first
+    birds, pets = page.split('<section class="store"')[1:]
+    assert birds.count("<tr data-run=") == 2 and pets.count("<tr data-run=") == 2
+    assert page.count('<section class="run"') == 2
+    assert page.count('<details class="run"') == 2
+    assert birds.index('<section class="run" id="run-birds.h5-2"') < birds.index(
+        '<details class="run" id="run-birds.h5-1"'
+    )  # the fine-tune (0.9375) in full, the fit (0.8125) collapsed
+    assert "1 more runs" in birds and "1 more runs" in pets
+
+
+def test_leaderboard_params_are_summarised_and_given_in_full_on_expansion(tmp_path: Path) -> None:
+    store = make_store(tmp_path / "s.h5")
+    augment = {"rotation": 0, "shift": 0.1, "shear": 0, "zoom": 0.1, "flip": True, "p": 0.5}
+    params = {"unfreeze_from": "layer3", "epochs_head": 100, "epochs": 20, "lr": 0.001,
+              "augment": augment, "seed": 0}  # fmt: skip
+    record_run(store, "finetune", settings={"classifier": "finetune", "params": params},
+               scores={"validation": {"accuracy": 0.9}})  # fmt: skip
+    page = write_report(tmp_path / "r.html", read_runs([store])).read_text()
+    cell = page[page.index('<td class="params">') : page.index("</td>", page.index('params">'))]
+    summary = re.search(r"<summary>([^<]*)</summary>", cell)[1]
+    assert summary == "unfreeze_from=layer3, epochs_head=100, epochs=20, lr=0.001, +2 more"
+    assert str(escape('"rotation": 0')) in cell  # the whole value, on expansion
+    assert '<a href="#run-s.h5-1" title="s.h5-1">#1</a>' in page
 
 
 def test_runs_and_report_commands_take_stores_logs_or_nothing(
     logged: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     a, b, tmp = logged["a"], logged["b"], logged["tmp"]
-    by_store = runs_command([a, b])
-    assert runs_command([log_path(a), b]) == by_store
+    by_store = runs_command([a, b], fmt="wide")
+    assert runs_command([log_path(a), b], fmt="wide") == by_store
     monkeypatch.chdir(tmp)
-    assert runs_command([]) == by_store  # every log under ./stores
+    assert runs_command([], fmt="wide") == by_store  # every log under ./stores
     body = by_store.splitlines()[2:]
     assert len(body) == 4
     for line, (kind, val, test, f1) in zip(body, logged["expected"], strict=True):
@@ -162,6 +197,65 @@ def test_runs_and_report_commands_take_stores_logs_or_nothing(
         runs_command([])
 
 
+def _long_runs(tmp_path: Path) -> Path:
+    store = make_store(tmp_path / "flowers-vgg16-default-std.h5")
+    augment = {"rotation": 0, "shift": 0.1, "shear": 0, "zoom": 0.1, "flip": True}
+    for i in range(3):
+        record_run(store, "finetune" if i else "fit",
+                   settings={"layer": "features.28+classifier.4", "classifier": "logreg",
+                             "params": {"C": 0.5 + i, "augment": augment, "epochs": 20}},
+                   scores={"validation": {"accuracy": 0.5 + i / 10, "macro_f1": 0.4},
+                           "test": {"accuracy": 0.45}})  # fmt: skip
+    return store
+
+
+def test_runs_fits_the_width_and_wide_gives_every_column(tmp_path: Path) -> None:
+    store = _long_runs(tmp_path)
+    wide = runs_command([store], fmt="wide").splitlines()
+    assert max(map(len, wide)) > 150
+    assert wide[0].split("  ")[0] == "rank" and "time" in wide[0] and "store" in wide[0]
+    assert '"shift":0.1' in wide[2]
+    for width in (100, 80, 60):
+        lines = runs_command([store], width=width).splitlines()
+        assert max(map(len, lines)) <= width, (width, lines)
+        header = lines[0]
+        for column in ("rank", "run", "val acc", "test acc"):
+            assert column in header
+        assert "flowers-vgg16-default-std.h5-3" in lines[2]
+    assert "params" in runs_command([store], width=100).splitlines()[0]
+    # without a terminal the default is 100 columns
+    code = f"from featx.report import runs_command\nprint(runs_command([{str(store)!r}]))\n"
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    done = subprocess.run([sys.executable, "-c", code], env={**env, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 5 and max(map(len, lines)) <= 100 and "params" in lines[0]
+
+
+def test_runs_as_json_and_csv_give_every_field(tmp_path: Path) -> None:
+    import csv
+    import json
+
+    store = _long_runs(tmp_path)
+    record_run(store, "evaluate", settings={"classifier": "=HYPERLINK(\"http://x\")"},
+               scores={"test": {"accuracy": float("nan")}}, command="-2+3")  # fmt: skip
+    records = json.loads(runs_command([store], fmt="json"))
+    assert [r["rank"] for r in records] == [1, 2, 3, 4]
+    first = records[0]
+    assert first["run"] == "flowers-vgg16-default-std.h5-3" and first["val_accuracy"] == 0.7
+    assert first["params"]["augment"]["shift"] == 0.1 and first["meta"] == META
+    assert {"settings", "scores", "details", "command", "host", "pid", "model_path"} <= set(first)
+    assert records[3]["scores"]["test"]["accuracy"] is None  # NaN as null: standard JSON
+    rows = list(csv.DictReader(runs_command([store], fmt="csv").splitlines()))
+    assert len(rows) == 4 and set(rows[0]) == set(first)
+    assert json.loads(rows[0]["params"])["augment"]["zoom"] == 0.1
+    assert rows[3]["classifier"] == '\'=HYPERLINK("http://x")' and rows[3]["command"] == "'-2+3"
+    assert rows[3]["test_accuracy"] == "" and rows[0]["val_accuracy"] == "0.7"
+    with pytest.raises(UsageError, match="--format must be one of table, wide, json, csv"):
+        runs_command([store], fmt="xml")
+
+
 def test_report_of_a_log_whose_store_was_never_readable(tmp_path: Path) -> None:
     record_run(tmp_path / "missing.h5", "fit", settings={}, scores={"test": {"accuracy": 1.0}})
     with sqlite3.connect(log_path(tmp_path / "missing.h5")) as conn:
@@ -170,8 +264,7 @@ def test_report_of_a_log_whose_store_was_never_readable(tmp_path: Path) -> None:
     assert "no provenance was readable" in page.read_text()
 
 
-def test_report_is_written_without_matplotlib(logged: dict) -> None:
-    """Charts are SVG drawn by featx itself, so a report needs no plotting library."""
+def test_report_without_matplotlib_says_so_instead_of_charts(logged: dict) -> None:
     code = (
         "import sys; sys.modules['matplotlib'] = None\n"
         "from featx.report import report_command\n"
@@ -180,69 +273,77 @@ def test_report_is_written_without_matplotlib(logged: dict) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
     page = (logged["tmp"] / "r.html").read_text()
-    assert page.count("<tr data-run=") == 2 and page.count("<polyline") >= 6
+    assert page.count("<tr data-run=") == 2 and "<svg" not in page
+    assert page.count("Charts need matplotlib: pip install featx[plot].") == 2
 
 
-def _chromium() -> str:
-    pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
-    path = shutil.which("chromium")
-    if path is None:
-        pytest.skip("no system chromium on PATH (Debian package 'chromium')")
-    return path
+def test_a_crafted_log_embeds_no_file_outside_the_stores_folder(tmp_path: Path) -> None:
+    (tmp_path / "stores").mkdir()
+    store = make_store(tmp_path / "stores" / "s.h5")
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (7, 5), "red").save(secret)
+    (tmp_path / "stores" / "link.png").symlink_to(secret)
+    inside = tmp_path / "stores" / "inside.png"
+    Image.new("RGB", (3, 3), "blue").save(inside)
+    for name in (str(secret), "../secret.png", "link.png", "/dev/zero", "inside.png"):
+        record_run(store, "finetune", settings={}, scores={"validation": {"accuracy": 0.5}},
+                   details={"augment_preview": name})  # fmt: skip
+    page = write_report(tmp_path / "r.html", read_runs([store])).read_text()
+    embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    import base64
+
+    assert [base64.b64decode(e) for e in embedded] == [inside.read_bytes()]
+    assert page.count("is missing, not a PNG, or outside the store's folder") == 4
+
+
+@pytest.fixture
+def mount(tmp_path: Path):
+    """mount(options) -> a fresh tmpfs folder, unmounted afterwards (skips where mounting is
+    not allowed)."""
+    mounted = []
+
+    def make(options: str) -> Path:
+        path = tmp_path / f"mnt{len(mounted)}"
+        path.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                              capture_output=True, text=True)  # fmt: skip
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(path)
+        return path
+
+    yield make
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def _one_sentence(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("featx: ") and lines[0].endswith("."), lines
+    return lines[0]
 
 
 @pytest.mark.slow
-def test_report_in_a_headless_browser(logged: dict) -> None:
-    from playwright.sync_api import sync_playwright
+def test_report_outputs_that_cannot_be_written_are_one_sentence(logged: dict, mount) -> None:
+    from conftest import run_featx
 
-    chromium = _chromium()
-    out = write_report(logged["tmp"] / "report.html", read_runs([logged["a"], logged["b"]]))
-    errors: list[str] = []
-    requests: list[str] = []
-    started = time.monotonic()
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=chromium,
-            headless=True,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-            ],
-        )
-        try:
-            page = browser.new_page()
-            page.on(
-                "console", lambda m: errors.append(m.text) if m.type in ("error", "warning") else 0
-            )
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.on("dialog", lambda d: (errors.append(f"dialog: {d.message}"), d.dismiss()))
-            page.on("request", lambda r: requests.append(r.url))
-            page.goto(out.resolve().as_uri(), wait_until="load")
-            rows = page.locator("#leaderboard tbody tr")
-            assert rows.count() == 4
-            cells = [rows.nth(i).locator("td").all_inner_texts() for i in range(4)]
-            for row, (kind, val, test, f1) in zip(cells, logged["expected"], strict=True):
-                assert (row[2], row[7], row[8], row[9]) == (kind, val, test, f1)
-            images = page.locator("img")
-            assert images.count() == 1
-            widths = page.eval_on_selector_all("img", "els => els.map(e => e.naturalWidth)")
-            assert widths == [120]
-            assert page.locator("section.run svg polyline").count() >= 6
-            # clicking "test acc" sorts ascending by it, rows without a value last
-            page.locator("#leaderboard th", has_text="test acc").click()
-            kinds = page.locator("#leaderboard tbody tr td:nth-child(3)").all_inner_texts()
-            assert kinds[:2] == ["evaluate", "fit"]
-            assert page.locator("#leaderboard th", has_text="test acc").get_attribute(
-                "aria-sort"
-            ) == ("ascending")
-            # the hostile class name is shown as text, not run
-            assert page.get_by_text(HOSTILE).count() >= 1
-        finally:
-            browser.close()
-    elapsed = time.monotonic() - started
-    assert errors == []
-    assert [u for u in requests if re.match(r"https?:", u)] == []
-    assert requests == [out.resolve().as_uri()]
-    assert elapsed < 60
+    tmp, store = logged["tmp"], logged["a"]
+    (tmp / "folder").mkdir()
+    (tmp / "afile").write_text("x")
+    readonly = mount("size=1m")
+    subprocess.run(["mount", "-o", "remount,ro", str(readonly)], check=True)
+    full = mount("size=64k")
+    (full / "filler").write_bytes(b"\0" * (64 << 10))
+    cases = {
+        tmp / "folder": "is a folder",
+        tmp / "afile" / "r.html": "is not a folder",
+        readonly / "r.html": "read-only",
+        full / "r.html": "disk full",
+    }
+    for out, words in cases.items():
+        done = run_featx("report", out, "--store", store, cwd=tmp)
+        assert words in _one_sentence(done), (out, done.stderr)
+    assert sorted(p.name for p in full.iterdir()) == ["filler"]  # no temporary file left
+    assert sorted(p.name for p in (tmp / "folder").iterdir()) == []
