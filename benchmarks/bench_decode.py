@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from featx.backbones import Preprocessing, get_backbone
+from featx.backbones import get_backbone
 from featx.backbones.layers import prepare_tap
-from featx.backbones.registry import DRAFT_FACTOR
 from featx.data.folders import load_image
+from featx.data.preprocessing import DRAFT_FACTOR, Preprocessing
 
 SIZES = ((1600, 1200), (4000, 3000), (640, 480))
 

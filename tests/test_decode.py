@@ -14,8 +14,8 @@ from conftest import assert_one_sentence_error, invoke_featx, make_folder, photo
 from PIL import Image
 
 from featx import FeatureStore, extract
-from featx.backbones.registry import DRAFT_FACTOR, Preprocessing
 from featx.data.folders import load_image
+from featx.data.preprocessing import DRAFT_FACTOR, Preprocessing
 from featx.errors import UsageError
 from featx.extraction.partial import Partial
 from featx.extraction.run import _upgraded_run

@@ -16,7 +16,8 @@ from timm.layers import BatchNormAct2d, Conv2dSame
 from torch import nn
 
 from featx.backbones.layers import LayerTap, fold_batchnorm, prepare_tap
-from featx.backbones.registry import FORWARD_FEATURES, Preprocessing
+from featx.backbones.registry import FORWARD_FEATURES
+from featx.data.preprocessing import Preprocessing
 
 SIZE = 64
 LITE0_LAYERS = ["blocks.4", FORWARD_FEATURES]

@@ -16,10 +16,11 @@ from conftest import assert_one_sentence_error, invoke_featx, run_featx
 
 import featx
 from featx.backbones.layers import LayerTap
-from featx.backbones.registry import Preprocessing, get_backbone
+from featx.backbones.registry import get_backbone
 from featx.classify.predict import collect_images, tta_inputs
 from featx.data.augment import AugmentConfig
 from featx.data.folders import load_image
+from featx.data.preprocessing import Preprocessing
 from featx.errors import UsageError
 from featx.models.file import FeatxModel, load_model
 

@@ -6,7 +6,6 @@ from featx._lazy import lazy_exports
 _EXPORTS = {
     "Backbone": "registry",
     "LoadedBackbone": "registry",
-    "Preprocessing": "registry",
     "available_backbones": "registry",
     "get_backbone": "registry",
     "LayerInfo": "layers",

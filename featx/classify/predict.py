@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from featx.backbones.registry import Preprocessing
     from featx.data.augment import AugmentConfig
+    from featx.data.preprocessing import Preprocessing
 
 __all__ = ["Predictions", "collect_images", "predict", "tta_inputs"]
 
@@ -200,7 +200,8 @@ def features_for_images(
     from tqdm import tqdm
 
     from featx.backbones.layers import default_batch_size, prepare_tap, trace_layers
-    from featx.backbones.registry import Preprocessing, get_backbone
+    from featx.backbones.registry import get_backbone
+    from featx.data.preprocessing import Preprocessing
     from featx.extraction.engines import ENGINES, build_engine, cache_key, resolve_engine
     from featx.runtime import inference_device
 

@@ -25,15 +25,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from featx.backbones.registry import (
-    DECODE_POLICIES,
     POOLS,
     Backbone,
     LoadedBackbone,
-    Preprocessing,
     get_backbone,
 )
 from featx.data.folders import UNSPLIT, BadImage, ImageFolder
 from featx.data.manifest import is_manifest, open_dataset
+from featx.data.preprocessing import DECODE_POLICIES, Preprocessing
 from featx.errors import Interrupted, UsageError, check_choice, check_range
 from featx.extraction.partial import ChunkWriter, Partial, remove_finished_partial, write_lock
 from featx.extraction.shard import check_shard, shard_files, shard_store_path

@@ -50,7 +50,7 @@ class CachedRows:
 
 
 def _differences(meta: dict[str, Any], session: Session) -> list[str]:
-    from featx.backbones.registry import Preprocessing
+    from featx.data.preprocessing import Preprocessing
 
     wanted = session.loaded
     found = []

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from featx.backbones.registry import DECODE_POLICIES, POOLS
+from featx.backbones.registry import POOLS
 from featx.data.augment import AugmentConfig
+from featx.data.preprocessing import DECODE_POLICIES
 from featx.errors import UsageError, check_choice
 from featx.finetuning.network import BN_MODES
 from featx.runtime import (

@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from featx.backbones.registry import Preprocessing
 from featx.data.augment import AugmentConfig, Augmenter, view_seed
 from featx.data.folders import (
     UNSPLIT,
@@ -23,6 +22,7 @@ from featx.data.folders import (
     ImageFolder,
 )
 from featx.data.manifest import open_dataset
+from featx.data.preprocessing import Preprocessing
 from featx.errors import UsageError
 from featx.finetuning.config import FinetuneConfig
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from featx.backbones.registry import Preprocessing
+from featx.data.preprocessing import Preprocessing
 from featx.errors import UsageError
 from featx.runtime import atomic_write, human_size, library_versions, now, to_json
 from featx.store.feature_store import LAYER_JOIN, FeatureStore

@@ -26,7 +26,8 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from torch import nn
 from torch.nn import functional as F
 
-from featx.backbones.registry import LoadedBackbone, Preprocessing
+from featx.backbones.registry import LoadedBackbone
+from featx.data.preprocessing import Preprocessing
 from featx.errors import UsageError
 
 __all__ = [

@@ -39,7 +39,7 @@ from typing import Any, NoReturn
 import h5py
 import numpy as np
 
-from featx.backbones.registry import Preprocessing
+from featx.data.preprocessing import Preprocessing
 from featx.errors import UsageError
 from featx.runtime import human_size
 

@@ -18,7 +18,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from featx.backbones.registry import Preprocessing
+from featx.data.preprocessing import Preprocessing
 from featx.errors import UsageError
 from featx.runtime import library_versions, now
 from featx.store.feature_store import FeatureStore, add_layer, write_store
