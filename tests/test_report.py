@@ -165,7 +165,8 @@ def test_leaderboard_params_are_summarised_and_given_in_full_on_expansion(tmp_pa
     record_run(store, "finetune", settings={"classifier": "finetune", "params": params},
                scores={"validation": {"accuracy": 0.9}})  # fmt: skip
     page = write_report(tmp_path / "r.html", read_runs([store])).read_text()
-    cell = page[page.index('<td class="params">') : page.index("</td>", page.index('params">'))]
+    cell = page[page.index('<td class="params wrap">') :]
+    cell = cell[: cell.index("</td>")]
     summary = re.search(r"<summary>([^<]*)</summary>", cell)[1]
     assert summary == "unfreeze_from=layer3, epochs_head=100, epochs=20, lr=0.001, +2 more"
     assert str(escape('"rotation": 0')) in cell  # the whole value, on expansion
