@@ -1,5 +1,25 @@
-"""The `featx` command line: thin typer commands over the library."""
+"""The `featx` command line: thin typer commands over the library, one module per stage."""
 
-from featx.cli.main import app
+from featx.cli.app import app  # noqa: I001 (the import order is the order of `featx --help`)
+from featx.cli.extract import extract, merge
+from featx.cli.classify import evaluate, fit, predict
+from featx.cli.finetune import augment_preview, finetune, lr_find
+from featx.cli.show import backbones, classifiers, info, layers, report, runs
 
-__all__ = ["app"]
+__all__ = [
+    "app",
+    "augment_preview",
+    "backbones",
+    "classifiers",
+    "evaluate",
+    "extract",
+    "finetune",
+    "fit",
+    "info",
+    "layers",
+    "lr_find",
+    "merge",
+    "predict",
+    "report",
+    "runs",
+]

@@ -1,3 +1,3 @@
-from featx.cli.main import app
+from featx.cli import app
 
 app()

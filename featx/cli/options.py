@@ -1,114 +1,41 @@
-"""Option groups shared by several `featx` commands: augmentation settings, and the network
-and data options of `finetune` and `lr-find`.
-
-`option_group` adds a list of typer options to a command and hands the command their values as
-one argument, so each group is declared once. Importing this module does not import torch, so
-`featx --help` stays fast.
-"""
+"""Option groups of the augmentation settings and of the network and data options of
+`finetune` and `lr-find`; each command gets the group's values as one argument."""
 
 from __future__ import annotations
 
-import functools
+import enum
 import inspect
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import typer
+from featx.cli.declare import (
+    FRACTION,
+    IMAGE_SIZE,
+    NOT_NEGATIVE,
+    POSITIVE,
+    SEED,
+    Shared,
+    in_range,
+    option_group,
+    partial_settings,
+    plain_option,
+    regular_file,
+    settings_parameters,
+)
+from featx.settings import AUGMENTATION, NETWORK, TRAINING, check_settings
 
-from featx.errors import FeatxError, check_range
+__all__ = [
+    "AUGMENT_DEFAULTS",
+    "FINETUNE_AUGMENT_DEFAULTS",
+    "AugmentFlags",
+    "with_augmentation",
+    "with_finetune_augmentation",
+    "with_network",
+]
 
-__all__ = ["AugmentFlags", "in_range", "option_group"]
-
-
-def in_range(
-    minimum: float | None = None,
-    maximum: float | None = None,
-    *,
-    above: bool = False,
-    below: bool = False,
-) -> Callable:
-    """A typer callback that stops the command, before any work, with one sentence
-    (`featx: --flag must be at least N, not V.`, exit 2) when the value is out of range; the
-    same rule (`featx.errors.check_range`) as the library's own checks."""
-
-    def check(ctx: typer.Context, param: typer.CallbackParam, value: Any) -> Any:
-        if ctx.resilient_parsing:
-            return value
-        flag = max(param.opts, key=len).lstrip("-")
-        try:
-            check_range(flag, value, minimum, maximum, above=above, below=below)
-        except FeatxError as error:
-            typer.echo(f"featx: {error}", err=True)
-            raise typer.Exit(error.exit_code) from None
-        return value
-
-    return check
-
-
-AT_LEAST_ONE = in_range(1)
-NOT_NEGATIVE = in_range(0)
-POSITIVE = in_range(0, above=True)
-FRACTION = in_range(0, 1, above=True, below=True)  # strictly between 0 and 1
-IMAGE_SIZE = in_range(16)
-
-
-def check_n_jobs(value: int) -> int:
-    """--n-jobs: a positive count or -1 (all cores), as scikit-learn reads it."""
-    if value == 0 or value < -1:
-        typer.echo(
-            f"featx: --n-jobs must be at least 1, or -1 for all cores, not {value}.", err=True
-        )
-        raise typer.Exit(2)
-    return value
-
-
-def _option(
-    name: str,
-    kind: Any,
-    default: Any,
-    help: str,
-    *decls: str,
-    panel: str | None = None,
-    callback: Callable | None = None,
-) -> inspect.Parameter:
-    """A keyword-only typer option."""
-    return inspect.Parameter(
-        name,
-        inspect.Parameter.KEYWORD_ONLY,
-        default=default,
-        annotation=Annotated[
-            kind, typer.Option(*decls, help=help, rich_help_panel=panel, callback=callback)
-        ],
-    )
-
-
-def option_group(target: str, options: list[inspect.Parameter], collect: Callable[[dict], Any]):
-    """Decorator: give a command the CLI `options`, and pass `collect(their values)` to it as
-    the argument `target` (which the command declares, and typer never sees)."""
-    names = [p.name for p in options]
-
-    def decorate(func):
-        signature = inspect.signature(func, eval_str=True)
-        own = [p for p in signature.parameters.values() if p.name != target]
-
-        @functools.wraps(func)
-        def command(**kwargs):
-            values = {name: kwargs.pop(name) for name in names}
-            kwargs[target] = collect(values)
-            return func(**kwargs)
-
-        params = own + options
-        command.__signature__ = signature.replace(parameters=params)
-        command.__annotations__ = {p.name: p.annotation for p in params}
-        del command.__wrapped__
-        return command
-
-    return decorate
-
-
-# AugmentConfig's defaults, for the help text (featx.data.augment imports torch; --help should not).
+# AugmentConfig's defaults and finetune's (featx.data.augment imports torch; --help must not);
+# tests/test_cli_help.py holds them equal to the library's.
 AUGMENT_DEFAULTS = {
     "rotation": 40.0,
     "shift": 0.2,
@@ -124,111 +51,73 @@ AUGMENT_DEFAULTS = {
     "fill": "nearest",
     "fill_value": 0,
 }
-_AUG = "Augmentation (a file and/or flags; flags override the file)"
-_D = AUGMENT_DEFAULTS
-AUGMENT_OPTIONS = [
-    _option(
-        "augment_config",
-        Path | None,
-        None,
-        "TOML, JSON or YAML file of augmentation settings (keys as the flags below).",
-        panel=_AUG,
-    ),
-    _option(
-        "rotation",
-        float | None,
-        None,
-        f"Rotation range in degrees, uniform in [-R, R] (default {_D['rotation']:g}).",
-        panel=_AUG,
-    ),
-    _option(
-        "shift",
-        float | None,
-        None,
-        "Horizontal and vertical shift range, as fractions of width and height "
-        f"(default {_D['shift']:g}).",
-        panel=_AUG,
-    ),
-    _option(
-        "shear",
-        float | None,
-        None,
-        f"Shear factor range (default {_D['shear']:g}, about 11 degrees).",
-        panel=_AUG,
-    ),
-    _option(
-        "zoom",
-        float | None,
-        None,
-        f"Zoom range: scale uniform in [1-Z, 1+Z] (default {_D['zoom']:g}).",
-        panel=_AUG,
-    ),
-    _option(
-        "hflip",
-        bool | None,
-        None,
-        "Mirror left-right half of the time (default on).",
-        "--hflip/--no-hflip",
-        panel=_AUG,
-    ),
-    _option(
-        "vflip",
-        bool | None,
-        None,
-        "Mirror top-bottom half of the time (default off).",
-        "--vflip/--no-vflip",
-        panel=_AUG,
-    ),
-    _option(
-        "crop",
-        float | None,
-        None,
-        f"Cut a random fraction up to C off each side, then resize back (default {_D['crop']:g}).",
-        panel=_AUG,
-    ),
-    _option(
-        "contrast",
-        float | None,
-        None,
-        f"Contrast factor range [1-C, 1+C] (default {_D['contrast']:g}).",
-        panel=_AUG,
-    ),
-    _option(
-        "brightness",
-        float | None,
-        None,
-        f"Per-channel brightness factor range [1-B, 1+B] (default {_D['brightness']:g}).",
-        panel=_AUG,
-    ),
-    _option(
-        "noise",
-        float | None,
-        None,
-        f"Gaussian noise std on the 0-1 intensity scale (default {_D['noise']:g}).",
-        panel=_AUG,
-    ),
-    _option(
-        "downsample",
-        float | None,
-        None,
-        f"Shrink by a random factor in [1, 1+D], then resize back (default {_D['downsample']:g}).",
-        panel=_AUG,
-    ),
-    _option(
-        "fill",
-        str | None,
-        None,
-        f"Fill for uncovered pixels: nearest, constant or reflect (default {_D['fill']}).",
-        panel=_AUG,
-    ),
-    _option(
-        "fill_value",
-        int | None,
-        None,
-        f"Grey level 0-255 for --fill constant (default {_D['fill_value']}).",
-        panel=_AUG,
-    ),
-]
+FINETUNE_AUGMENT_DEFAULTS = {**AUGMENT_DEFAULTS, "rotation": 0.0, "shift": 0.1, "shear": 0.0}
+FINETUNE_AUGMENT_DEFAULTS["zoom"] = 0.1
+
+_AUGMENT_HELP = {
+    "rotation": (float, "Rotation range in degrees, uniform in [-R, R].", in_range(0)),
+    "shift": (float, "Shift range, as fractions of width and height.", in_range(0)),
+    "shear": (float, "Shear factor range (0.2: about 11 degrees).", in_range(0)),
+    "zoom": (float, "Zoom range: scale uniform in [1-Z, 1+Z].", in_range(0)),
+    "hflip": (bool, "Mirror left-right half of the time.", None),
+    "vflip": (bool, "Mirror top-bottom half of the time.", None),
+    "crop": (
+        float,
+        "Cut a random fraction up to C off each side, then resize back.",
+        in_range(0),
+    ),  # fmt: skip
+    "contrast": (float, "Contrast factor range [1-C, 1+C].", in_range(0)),
+    "brightness": (float, "Per-channel brightness factor range [1-B, 1+B].", in_range(0)),
+    "noise": (float, "Gaussian noise std on the 0-1 intensity scale.", in_range(0)),
+    "downsample": (
+        float,
+        "Shrink by a random factor in [1, 1+D], then resize back.",
+        in_range(0),
+    ),  # fmt: skip
+    "fill": (str, "Fill for uncovered pixels: nearest, constant or reflect.", None),
+    "fill_value": (int, "Grey level 0-255 for --fill constant.", None),
+}
+
+
+def augmentation_options(defaults: dict[str, Any]) -> list[inspect.Parameter]:
+    """The augmentation flags, each showing the default of the command's base settings; a
+    flag not given keeps the settings file's (or that default) value."""
+    options = [
+        plain_option(
+            "augment_config",
+            Path | None,
+            None,
+            "TOML, JSON or YAML file of augmentation settings (keys as the flags below; "
+            "flags override it).",
+            panel=AUGMENTATION,
+            callback=regular_file,
+            metavar="FILE",
+        )
+    ]
+    for name, (kind, help, check) in _AUGMENT_HELP.items():
+        flag = name.replace("_", "-")
+        decls = (f"--{flag}/--no-{flag}",) if kind is bool else ()
+        value = defaults[name]
+        shown = (
+            ("on" if value else "off")
+            if kind is bool
+            else f"{value:g}"
+            if kind is float
+            else str(value)
+        )
+        options.append(
+            plain_option(
+                name,
+                kind | None,
+                None,
+                help,
+                *decls,
+                panel=AUGMENTATION,
+                callback=check,
+                show_default=shown,
+            )  # fmt: skip
+        )
+    return options
 
 
 @dataclass(frozen=True)
@@ -261,153 +150,168 @@ def _augment_flags(values: dict[str, Any]) -> AugmentFlags:
     return AugmentFlags(values.pop("augment_config"), values)
 
 
-with_augmentation = option_group("augmentation", AUGMENT_OPTIONS, _augment_flags)
+with_augmentation = option_group(
+    "augmentation", augmentation_options(AUGMENT_DEFAULTS), _augment_flags
+)
 """Adds --augment-config FILE, --rotation ... --fill-value; the command gets `augmentation:
 AugmentFlags`."""
 
+with_finetune_augmentation = option_group(
+    "augmentation", augmentation_options(FINETUNE_AUGMENT_DEFAULTS), _augment_flags
+)
+"""The same flags, showing fine-tuning's defaults."""
 
-_NET = "Network and data"
+
 NETWORK_OPTIONS = [
-    _option(
+    plain_option(
         "backbone",
         str,
         inspect.Parameter.empty,
         "Backbone name (see `featx backbones`), or timm:NAME.",
-        panel=_NET,
+        panel=None,
     ),
-    _option(
+    plain_option(
         "weights",
         str,
         "default",
         "default, a named weights set, none (seeded random), or a .pth/.safetensors file.",
-        panel=_NET,
+        panel=None,
     ),
-    _option(
+    plain_option(
         "image_size",
         int | None,
         None,
         "Resize straight to N x N (Keras target_size) instead of the weights' resize and crop.",
-        panel=_NET,
+        panel=NETWORK,
         callback=IMAGE_SIZE,
     ),
-    _option(
+    plain_option(
         "decode",
         str | None,
         None,
         "reduced: decode large JPEGs at a reduced size (still 2x the resize or more), or full. "
         "Default: the --head model's or --store's decoding, else reduced.",
-        panel=_NET,
+        panel=NETWORK,
     ),
-    _option(
+    plain_option(
         "layer",
         str | None,
         None,
         "Feature layer the head sits on (default: the final feature map).",
-        panel=_NET,
+        panel=NETWORK,
     ),
-    _option(
+    plain_option(
         "pool",
         str | None,
         None,
         "avg, max, avgmax, or none (flatten): how the layer's map becomes a vector (default avg).",
-        panel=_NET,
+        panel=NETWORK,
     ),
-    _option(
+    plain_option(
         "head",
         str,
         "mlp",
         "mlp, linear, or a model file to start from: the best model of a `featx fit` sweep "
         "(`--model best.featx`; a logreg or mlp on one layer of this backbone's features) or a "
         "fine-tuned model.",
-        panel=_NET,
+        panel=NETWORK,
     ),
-    _option(
+    plain_option(
         "hidden",
         int,
         256,
         "Hidden units of the mlp head (0: none).",
-        panel=_NET,
-        callback=NOT_NEGATIVE,
+        panel=NETWORK,
+        callback=in_range(0, 65536),
     ),
-    _option(
+    plain_option(
         "dropout",
         float,
         0.5,
         "Dropout before the head's last layer(s).",
-        panel=_NET,
+        panel=NETWORK,
         callback=in_range(0, 1, below=True),
     ),
-    _option(
+    plain_option(
         "unfreeze_from",
         str | None,
         None,
         "First layer that trains in the full stage (as `featx layers` names it); default: "
         "the whole base, each earlier block at --lr-mult times the next one's rate.",
-        panel=_NET,
+        panel=NETWORK,
     ),
-    _option(
+    plain_option(
         "lr_mult",
         float,
         0.7,
         "Each earlier block's learning rate is this times the next later one's.",
-        panel=_NET,
+        panel=TRAINING,
         callback=POSITIVE,
     ),
-    _option("optimizer", str, "adam", "adam, adamw, sgd or rmsprop.", panel=_NET),
-    _option("weight_decay", float, 0.0, "Weight decay.", panel=_NET, callback=NOT_NEGATIVE),
-    _option(
+    plain_option("optimizer", str, "adam", "adam, adamw, sgd or rmsprop.", panel=TRAINING),
+    plain_option(
+        "weight_decay", float, 0.0, "Weight decay.", panel=TRAINING, callback=NOT_NEGATIVE
+    ),
+    plain_option(
         "momentum",
         float,
         0.9,
         "Momentum (sgd; the peak of one-cycle's momentum cycle).",
-        panel=_NET,
+        panel=TRAINING,
         callback=in_range(0, 1),
     ),
-    _option(
+    plain_option(
         "bn",
         str,
         "frozen",
         "frozen: BatchNorm keeps its statistics (eval mode); train: it updates them.",
-        panel=_NET,
+        panel=NETWORK,
     ),
-    _option(
-        "class_weights", str, "none", "none, or balanced (inverse class frequency).", panel=_NET
+    plain_option(
+        "class_weights", str, "none", "none, or balanced (inverse class frequency).", panel=TRAINING
     ),
-    _option("batch_size", int, 32, "Images per step.", panel=_NET, callback=AT_LEAST_ONE),
-    _option(
+    plain_option(
         "val_fraction",
         float,
         0.2,
         "Share of training images held out (seeded, stratified) when there is no "
         "validation folder.",
-        panel=_NET,
+        panel=TRAINING,
         callback=FRACTION,
     ),
-    _option(
-        "seed", int, 0, "Seed of everything random: split, order, augmentation, head.", panel=_NET
+    plain_option(
+        "seed",
+        int,
+        0,
+        "Seed of everything random: split, order, augmentation, head.",
+        panel=TRAINING,
+        callback=SEED,
     ),
-    _option(
-        "precision", str, "fp32", "fp32, bf16 (autocast, CPU or GPU) or fp16 (GPU).", panel=_NET
+    plain_option(
+        "precision", str, "fp32", "fp32, bf16 (autocast, CPU or GPU) or fp16 (GPU).", panel=NETWORK
     ),
-    _option(
+    plain_option(
         "augment",
         bool,
         True,
         "Augment training images (settings below).",
         "--augment/--no-augment",
-        panel=_NET,
+        panel=TRAINING,
     ),
-    _option(
-        "workers",
-        int | None,
-        None,
-        "Decoding processes (default: half the cores, at most 4; 0: in-process).",
-        panel=_NET,
-        callback=NOT_NEGATIVE,
-    ),
-    _option("device", str, "auto", "auto, cpu, cuda or mps.", panel=_NET),
 ]
 
-with_network = option_group("network", NETWORK_OPTIONS, dict)
+NETWORK_OPTIONS += settings_parameters(
+    Shared, only=("batch_size", "workers", "device"), defaults={"batch_size": 32}
+)
+
+
+def _network(values: dict[str, Any]) -> dict[str, Any]:
+    check_settings(
+        partial_settings(Shared, {k: values[k] for k in ("batch_size", "workers", "device")})
+    )
+    return {k: v.value if isinstance(v, enum.Enum) else v for k, v in values.items()}
+
+
+with_network = option_group("network", NETWORK_OPTIONS, _network)
 """Adds the network and data options of finetune and lr-find; the command gets `network: dict`
 (FinetuneConfig fields plus augment, workers and device)."""

@@ -1,0 +1,112 @@
+"""The command line's own behaviour: usage errors and bad numbers as one `featx:` line with
+exit 2 before any work, and help that shows the real defaults. Each case runs the real CLI in
+a fresh process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from featx.settings import machine_workers
+
+
+def featx(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "80"}
+    return subprocess.run(
+        [sys.executable, "-m", "featx.cli", *map(str, args)],
+        capture_output=True, text=True, timeout=300, cwd=cwd, env=env,
+    )  # fmt: skip
+
+
+def one_line(result: subprocess.CompletedProcess, start: str = "featx: ") -> str:
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert result.stderr.startswith(start), result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["extract", "--bogus"],
+        ["extract"],
+        ["extract", "data", "--layer", "x"],
+        ["extract", "data", "--backbone", "b", "--layer", "x", "--batch-size", "abc"],
+        ["extract", "data", "--backbone", "b", "--layer", "x", "--seed", "1e20"],
+        ["fit", "--store"],
+        ["nosuchcommand"],
+        ["layers"],
+        ["predict", "--model", "m.featx", "--top-k", "x", "a.jpg"],
+        ["evaluate", "--model", "m", "--device", "tpu"],
+        ["info", "a", "b"],
+        ["merge"],
+        ["fit", "--store", "s.h5", "--layer", "x", "--chunk-mb", "abc"],
+    ],
+    ids=" ".join,
+)
+def test_parser_errors_are_one_featx_line(args, tmp_path):
+    one_line(featx(*args, cwd=tmp_path))
+
+
+BASE = ["extract", "data", "--backbone", "resnet18", "--layer", "layer1"]
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (BASE + ["--batch-size", 10**20], "--batch-size must be"),
+        (BASE + ["--image-size", 10**20], "--image-size must be"),
+        (BASE + ["--seed", 10**20], "--seed must be"),
+        (BASE + ["--workers", 99999999999999999999], f"at most {machine_workers()}"),
+        (BASE + ["--augment", 10**20], "--augment must be"),
+        (BASE + ["--ray", "local", "--ray-cpus-per-shard", "-1"], "--ray-cpus-per-shard"),
+        (BASE + ["--ray", "local", "--ray-cpus-per-shard", "nan"], "--ray-cpus-per-shard"),
+        (BASE + ["--ray", "local", "--ray-cpus-per-shard", "inf"], "--ray-cpus-per-shard"),
+        (BASE + ["--shard", ""], "--shard"),
+        (["predict", "--model", "m", "--tta", 10**20, "a.jpg"], "--tta must be"),
+        (["fit", "--store", "s", "--layer", "x", "--chunk-mb", "inf"], "--chunk-mb"),
+        (["fit", "--store", "s", "--layer", "x", "--memory-budget", "inf"], "--memory-budget"),
+        (["finetune", "d", "--backbone", "b", "--hidden", 10**20], "--hidden must be"),
+        (["finetune", "d", "--backbone", "b", "--lr", "inf"], "--lr must be a finite"),
+    ],
+)
+def test_bad_numbers_stop_before_any_work(args, says, tmp_path):
+    assert says in one_line(featx(*args, cwd=tmp_path))
+
+
+def test_augment_config_on_a_fifo_is_refused(tmp_path):
+    fifo = tmp_path / "aug.toml"
+    os.mkfifo(fifo)
+    err = one_line(featx("augment-preview", tmp_path, "--augment-config", fifo, cwd=tmp_path))
+    assert "not a regular file" in err
+
+
+def test_a_newline_in_a_path_stays_on_one_line(tmp_path):
+    err = one_line(featx("info", tmp_path / "a\nb.h5", cwd=tmp_path))
+    assert "a\\nb.h5" in err
+
+
+def test_help_shows_the_real_augmentation_defaults():
+    from featx.cli.options import AUGMENT_DEFAULTS, FINETUNE_AUGMENT_DEFAULTS
+    from featx.data.augment import AugmentConfig
+    from featx.finetuning.config import FINETUNE_AUGMENT
+
+    assert AUGMENT_DEFAULTS == AugmentConfig().to_dict()
+    assert FINETUNE_AUGMENT_DEFAULTS == FINETUNE_AUGMENT.to_dict()
+    text = featx("finetune", "--help").stdout
+    assert f"Default: {FINETUNE_AUGMENT.rotation:g}." in " ".join(text.split())
+
+
+def test_help_is_literal_and_has_no_type_placeholders():
+    text = featx("extract", "--help").stdout
+    flat = " ".join(text.replace("│", " ").split())
+    assert "featx[ray]" in flat
+    assert "named after the data, backbone, weights and image size" in flat
+    for placeholder in ("<list[str]>", "<bool>", "{data_dir}", "<str>", "<int>"):
+        assert placeholder not in text
+    assert max(len(line) for line in text.splitlines()) <= 80
