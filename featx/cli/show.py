@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from featx.cli.app import app, reported
+from featx.cli.app import app, printable, reported
 from featx.cli.declare import (
     AT_LEAST_ONE,
     IMAGE_SIZE,
@@ -42,7 +42,7 @@ def info(
         except OSError:  # unreadable: FeatureStore says so
             kind = "hdf5"
         if kind == "zip":
-            typer.echo(load_model(path).summary())
+            typer.echo(printable(load_model(path).summary(), keep="\n\t"))
             return
         if kind == "pickle":
             raise UsageError(
@@ -53,7 +53,7 @@ def info(
         if kind == "other":
             raise UsageError(f"{path} is neither a featx store nor a featx model file.")
         with FeatureStore(path) as store:
-            typer.echo(store.summary())
+            typer.echo(printable(store.summary(), keep="\n\t"))
 
 
 @app.command()
