@@ -11,7 +11,7 @@ import pytest
 import featx
 
 ROOT = Path(featx.__file__).parent
-SHARED = {"errors", "runtime", "_lazy", "runlog", "__init__"}
+SHARED = {"errors", "runtime", "settings", "_lazy", "runlog", "__init__"}
 STAGES = ["data", "backbones", "store", "inference", "extraction", "models", "classify"]
 STAGES += ["finetuning", "report", "cli"]
 
