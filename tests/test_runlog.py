@@ -263,3 +263,195 @@ def test_a_killed_writer_loses_at_most_its_record_in_flight(store: Path) -> None
     assert victim == list(range(len(victim)))
     record_run(store, "fit", settings={"worker": "after", "i": 0}, scores={})
     assert len(read_runs([store])) == len(victim) + 2
+
+
+@pytest.fixture
+def mount(tmp_path: Path):
+    """mount(options) -> a fresh tmpfs folder, unmounted afterwards (skips where mounting is
+    not allowed)."""
+    mounted = []
+
+    def make(options: str) -> Path:
+        path = tmp_path / f"mnt{len(mounted)}"
+        path.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                              capture_output=True, text=True)  # fmt: skip
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(path)
+        return path
+
+    yield make
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def _warned(capfd: pytest.CaptureFixture[str]) -> str:
+    out, err = capfd.readouterr()
+    (line,) = err.splitlines()
+    assert line.startswith("warning: the fit run was not recorded: ") and line.endswith(".")
+    return line
+
+
+def _record(store: Path) -> int | None:
+    return record_run(store, "fit", settings={"layer": "l"}, scores={"validation": {"accuracy": 1}})
+
+
+def test_a_log_that_cannot_be_written_costs_one_warning_and_changes_nothing(
+    tmp_path: Path, mount, capfd: pytest.CaptureFixture[str]
+) -> None:
+    folder = make_store(tmp_path / "folder.h5")
+    log_path(folder).mkdir()
+    assert _record(folder) is None
+    assert "is a folder, not a featx run log" in _warned(capfd)
+
+    foreign = make_store(tmp_path / "foreign.h5")
+    with sqlite3.connect(log_path(foreign)) as conn:
+        conn.execute("CREATE TABLE users (name TEXT, password TEXT)")
+        conn.execute("INSERT INTO users VALUES ('ann', 'secret')")
+    conn.close()
+    lookalike = make_store(tmp_path / "lookalike.h5")
+    with sqlite3.connect(log_path(lookalike)) as conn:
+        conn.execute("CREATE TABLE runs (id INTEGER, what TEXT)")
+        conn.execute("PRAGMA user_version=1")
+    conn.close()
+    for store in (foreign, lookalike):
+        before = _snapshot(tmp_path)
+        assert _record(store) is None
+        assert "an SQLite file that featx did not write" in _warned(capfd)
+        assert _snapshot(tmp_path) == before  # not switched to WAL, no -wal/-shm left
+        with sqlite3.connect(log_path(store)) as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+        conn.close()
+        with pytest.raises(UsageError, match="an SQLite file that featx did not write"):
+            read_runs([store])
+
+    readonly = mount("size=1m")
+    kept = make_store(readonly / "kept.h5")
+    assert _record(kept) == 1
+    capfd.readouterr()
+    subprocess.run(["mount", "-o", "remount,ro", str(readonly)], check=True)
+    assert _record(kept) is None
+    assert "read-only" in _warned(capfd)
+    assert [r.id for r in read_runs([kept])] == [1]  # still readable
+
+    full = mount("size=64k")
+    (full / "filler").write_bytes(b"\0" * (64 << 10))
+    assert _record(full / "s.h5") is None
+    assert "is full" in _warned(capfd)
+
+
+LOCKER = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+sys.stdin.readline()
+conn.execute("COMMIT")
+"""
+
+
+@pytest.mark.slow
+def test_a_log_locked_by_another_process_is_given_up_with_a_warning(
+    store: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    assert _record(store) == 1
+    with sqlite3.connect(log_path(store)) as conn:
+        conn.execute("PRAGMA journal_mode=DELETE")  # so the lock also holds readers off
+    conn.close()
+    capfd.readouterr()
+    locker = subprocess.Popen([sys.executable, "-c", LOCKER, str(log_path(store))],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert locker.stdout is not None and locker.stdout.readline() == "locked\n"
+        assert _record(store) is None
+        assert "is locked by another process (waited 5 s)" in _warned(capfd)
+        assert _record(store) is None  # the same log is not waited for again
+        assert capfd.readouterr().err == ""
+        with pytest.raises(UsageError, match="is locked by another process"):
+            read_runs([store])
+    finally:
+        locker.communicate("\n", timeout=60)
+    assert [r.id for r in read_runs([store])] == [1]
+
+
+GOOD_ROW = {
+    "time": "2026-11-01T10:00:00+00:00", "kind": "fit", "store": "/data/s.h5", "host": "h",
+    "pid": 1, "featx_version": "0.1.0", "settings": '{"layer": "l", "classifier": "svm"}',
+    "scores": '{"validation": {"accuracy": 0.5}}', "details": "{}", "model_path": None,
+    "command": None, "meta": None,
+}  # fmt: skip
+# Rows a crafted or damaged log may hold: each either skipped with the one warning, or shown
+# as far as its values allow; none may stop `runs` or `report`.
+BAD_ROWS = [
+    {"settings": "not json"}, {"settings": "[1, 2]"}, {"settings": b"\x00\xff"},
+    {"scores": "5"}, {"details": '{"a": '}, {"meta": "[1]"}, {"meta": "nan"},
+    {"pid": "many"}, {"time": b"\x00"}, {"kind": 7.5}, {"store": "a\x00b"},
+    {"settings": '{"params": 5, "layer": {"x": [1]}, "classifier": null}'},
+    {"scores": '{"validation": [1], "test": 5}'},
+    {"scores": '{"validation": {"accuracy": "high", "macro_f1": [1]}, "test": {"accuracy": NaN}}'},
+    {"details": '{"history": "x", "lr_find": {"lrs": [0, -1, "a"], "losses": 5}}'},
+    {"details": '{"history": [1, {"epoch": "a"}, {"epoch": 1, "train_loss": "x"}, {"epoch": 2,'
+                ' "stage": 5, "val_loss": 1e999}]}'},
+    {"details": '{"validation": {"confusion_matrix": [[1, 2], [3]], "per_class": [1]},'
+                ' "confusion_matrix": "x", "class_names": 5, "augment_preview": 5}'},
+    {"details": '{"test": {"per_class": {"a": 5, "b": {"f1": "x"}},'
+                ' "confusion_matrix": [[1e308, -1], [true, 2]], "class_names": [1, 2]}}'},
+    {"details": '{"lr_find": {"lrs": [1e-5, 1e-4], "smoothed": [1, 2], "suggestion": "x"}}'},
+    {"meta": '{"dataset": "x", "versions": [1], "history": "x", "augment": {"a": 1}}'},
+    {"meta": '{"history": [5, null], "versions": {"a": {"b": 1}}}'},
+    {"model_path": 5, "command": b"\x01"},
+]  # fmt: skip
+
+
+def _crafted_log(tmp_path: Path) -> Path:
+    """A log holding one good row and every row of BAD_ROWS (SQLite's types are per value)."""
+    store = make_store(tmp_path / "crafted.h5")
+    record_run(store, "fit", settings={"layer": "l0", "classifier": "svm"},
+               scores={"validation": {"accuracy": 0.75}})  # fmt: skip
+    with sqlite3.connect(log_path(store)) as conn:
+        for bad in BAD_ROWS:
+            row = {**GOOD_ROW, **bad}
+            conn.execute(f"INSERT INTO runs ({', '.join(row)}) VALUES "
+                         f"({', '.join('?' * len(row))})", list(row.values()))  # fmt: skip
+    conn.close()
+    return store
+
+
+def test_rows_of_wrong_types_are_skipped_with_one_warning(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from featx.report import format_runs, write_report
+
+    store = _crafted_log(tmp_path)
+    runs = read_runs([store])
+    (warning,) = capfd.readouterr().err.splitlines()
+    assert warning == (
+        f"warning: skipped 11 of {len(BAD_ROWS) + 1} runs in {log_path(store)}: "
+        "not in the run-log format."
+    )
+    assert len(runs) == len(BAD_ROWS) + 1 - 11
+    assert runs[-1].best_score == 0.75
+    for fmt in ("table", "wide", "json", "csv"):
+        assert format_runs(runs, fmt, 100)
+    page = write_report(tmp_path / "r.html", runs).read_text()
+    assert page.count("<tr data-run=") == len(runs)
+
+
+@pytest.mark.slow
+def test_runs_and_report_on_a_crafted_log_in_a_real_process(tmp_path: Path) -> None:
+    store = _crafted_log(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for args in (["runs", "--store", store], ["report", tmp_path / "r.html", "--store", store]):
+        done = subprocess.run([sys.executable, "-m", "featx.cli", *map(str, args)], env=env,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert done.stderr.splitlines() == [
+            f"warning: skipped 11 of {len(BAD_ROWS) + 1} runs in {log_path(store)}: "
+            "not in the run-log format."
+        ]
+    assert (tmp_path / "r.html").read_text().count("<tr data-run=") == len(BAD_ROWS) + 1 - 11
