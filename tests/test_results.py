@@ -143,3 +143,25 @@ def test_version_and_layer_modules(tmp_path):
     modules = [row[23:43].strip() for row in rows]  # the module column
     assert rows and all(modules)
     assert "blocks.6" in modules
+
+
+@pytest.mark.slow
+def test_fit_keeps_its_model_when_the_run_log_is_a_folder(store, tmp_path):
+    """A log problem never costs the fit: one warning line, exit 0, the model written."""
+    import shutil
+
+    from featx.runlog import log_path
+
+    copy = tmp_path / store.name
+    shutil.copy(store, copy)
+    log_path(copy).mkdir()
+    model = tmp_path / "m.featx"
+    done = run_featx("fit", "--store", copy, "--layer", "layer4", "--clf", "logreg",
+                     "--model", model, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    warnings = [line for line in done.stderr.splitlines() if "run was not recorded" in line]
+    assert warnings == [
+        f"warning: the fit run was not recorded: {log_path(copy)} is a folder, not a featx run log."
+    ]
+    assert load_model(model).layer["key"] == "layer4"
