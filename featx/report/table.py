@@ -56,10 +56,10 @@ def _clean(text: str) -> str:
 COLUMNS = (
     Column("rank", lambda i, r: str(i), 0, numeric=True),
     Column("run", lambda i, r: r.key, 1),
-    Column("kind", lambda i, r: r.kind, 3),
+    Column("kind", lambda i, r: r.kind, 6),
     Column("store", lambda i, r: r.store.name, 10),  # also the start of the run id
-    Column("layer", lambda i, r: r.layer, 6),
-    Column("classifier", lambda i, r: r.classifier, 4),
+    Column("layer", lambda i, r: r.layer, 4),
+    Column("classifier", lambda i, r: r.classifier, 3),
     Column("params", lambda i, r: params_text(r), 5),
     Column("val acc", lambda i, r: _score(r.metric("validation", "accuracy")), 2, numeric=True),
     Column("test acc", lambda i, r: _score(r.metric("test", "accuracy")), 2, numeric=True),
