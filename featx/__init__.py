@@ -11,6 +11,10 @@ from typing import Any
 
 from featx._lazy import lazy_exports
 
+# The classifiers register the types their model files hold (`featx.models.trusted`), so that
+# a model file loads in any process that imported featx, whichever stage it started from.
+from featx.classify import registry as _classifiers  # noqa: F401
+
 __version__ = "0.1.0"
 
 _EXPORTS = {

@@ -25,6 +25,7 @@ from featx.classify.registry import (
     check_params,
     classifier_spec,
     param_grids,
+    streaming_classifiers,
 )
 from featx.classify.selection import Selection
 from featx.errors import UsageError, check_choice
@@ -188,7 +189,8 @@ def plan_layer(
     cannot = [name for name in classifiers if not classifier_spec(name).streams]
     if cannot:
         raise UsageError(
-            f"{why}, but only sgd and mlp can train out-of-core, not {', '.join(cannot)}"
+            f"{why}, but only {' and '.join(streaming_classifiers())} can train out-of-core, "
+            f"not {', '.join(cannot)}"
             + ("." if stream else "; raise --memory-budget, or pool or select a smaller layer.")
         )
     return key, True

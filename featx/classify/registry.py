@@ -16,11 +16,12 @@ import difflib
 import importlib
 import re
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from featx.errors import UsageError, first_line
+from featx.models.trusted import TypeSource, trust_types
 
 if TYPE_CHECKING:  # scikit-learn loads when an estimator is made, not for `featx classifiers`
     from sklearn.base import BaseEstimator
@@ -29,6 +30,9 @@ __all__ = [
     "ClassifierSpec",
     "ParamSpec",
     "as_param_specs",
+    "classifier_help",
+    "register_classifier",
+    "streaming_classifiers",
     "check_params",
     "classifier_spec",
     "classifier_table",
@@ -39,93 +43,168 @@ __all__ = [
 
 
 # ---- the registry ------------------------------------------------------------------------
+SEED, N_JOBS = "seed", "n_jobs"  # default values replaced by fit's seed and parallel jobs
+
+
 @dataclass(frozen=True)
 class ClassifierSpec:
-    """One classifier name: what it is and how to make it with featx's defaults."""
+    """One classifier name: what it is, how to make it with featx's defaults, and what a
+    model file holding a fitted one contains.
+
+    `estimator` is the class as `"module:Class"`; `defaults` its parameters, where the values
+    `SEED` and `N_JOBS` stand for fit's seed and parallel jobs. `holds` lists the further types
+    a fitted estimator contains (trees, search structures), as `featx.models.trusted` takes
+    them. `limits` bounds parameters whose size costs memory or time (each number of a tuple
+    too)."""
 
     name: str
     summary: str
-    make: Callable[[int, int], BaseEstimator]  # (seed, n_jobs) -> unfitted estimator
+    estimator_path: str
+    defaults: Mapping[str, Any] = field(default_factory=dict)
     streams: bool = False  # can train out-of-core with partial_fit
+    holds: tuple[TypeSource, ...] = ()
+    limits: Mapping[str, float] = field(default_factory=dict)
 
     def estimator(self, seed: int = 0, n_jobs: int = 1) -> BaseEstimator:
-        return self.make(seed, n_jobs)
-
-
-def _make(path: str, **params: Any) -> Callable[[int, int], BaseEstimator]:
-    """A factory for the estimator class at `path` ("module:Class"); `seed` and `n_jobs` are
-    passed as the parameters named in `params` by the placeholders "seed" and "n_jobs"."""
-    module, name = path.split(":")
-
-    def make(seed: int, n_jobs: int) -> BaseEstimator:
+        module, name = self.estimator_path.split(":")
         cls = getattr(importlib.import_module(module), name)
-        given = {"seed": seed, "n_jobs": n_jobs}
-        return cls(**{k: given.get(v, v) if isinstance(v, str) else v for k, v in params.items()})
+        given = {SEED: seed, N_JOBS: n_jobs}
+        return cls(
+            **{k: given.get(v, v) if isinstance(v, str) else v for k, v in self.defaults.items()}
+        )
 
-    return make
+
+CLASSIFIERS: dict[str, ClassifierSpec] = {}
+
+# The steps `featx.classify.pipeline` puts around every classifier.
+PIPELINE_TYPES = (
+    "sklearn.pipeline:Pipeline",
+    "sklearn.preprocessing:StandardScaler",
+    "sklearn.decomposition:PCA",
+    "sklearn.decomposition:IncrementalPCA",
+    "sklearn.preprocessing:Normalizer",
+    "featx.classify.pipeline:LayerFeatures",
+    "featx.classify.pipeline:ConcatLayers",
+)
+trust_types(*PIPELINE_TYPES)
 
 
+def register_classifier(spec: ClassifierSpec) -> ClassifierSpec:
+    """Add a classifier under `spec.name`: `featx fit --clf NAME` trains it, `featx
+    classifiers` lists it, and model files holding it load (in a process that registered it)."""
+    if ":" not in spec.estimator_path:
+        raise ValueError(f"estimator_path is 'module:Class', not {spec.estimator_path!r}")
+    CLASSIFIERS[spec.name] = spec
+    trust_types(spec.estimator_path, *spec.holds)
+    return spec
+
+
+def _distance_metrics() -> list[type]:
+    """The metric types a fitted knn's search tree holds (private classes behind a factory)."""
+    from sklearn.metrics import DistanceMetric
+
+    return [
+        type(DistanceMetric.get_metric(name, **kwargs))
+        for name, kwargs in (
+            ("euclidean", {}),
+            ("manhattan", {}),
+            ("chebyshev", {}),
+            ("minkowski", {"p": 3}),
+        )
+    ]
+
+
+def _sgd_losses() -> list[type]:
+    from sklearn.linear_model import SGDClassifier
+
+    return [loss for loss, *_ in SGDClassifier.loss_functions.values()]
+
+
+ITERATIONS = 1_000_000  # the most optimiser iterations or epochs a parameter may ask for
 # Defaults are chosen for standardised CNN features: thousands of dimensions, few samples.
-CLASSIFIERS: dict[str, ClassifierSpec] = {
-    spec.name: spec
-    for spec in (
-        ClassifierSpec(
-            "logreg",
-            "multinomial logistic regression (L2, lbfgs)",
-            _make(
-                "sklearn.linear_model:LogisticRegression", C=1.0, max_iter=1000, random_state="seed"
-            ),
-        ),
-        ClassifierSpec(
-            "linearsvm",
-            "linear SVM, one-vs-rest (no probabilities)",
-            _make("sklearn.svm:LinearSVC", C=1.0, dual="auto", max_iter=5000, random_state="seed"),
-        ),
-        ClassifierSpec(
-            "svm",
-            "RBF-kernel SVM (no probabilities)",
-            _make("sklearn.svm:SVC", C=1.0, kernel="rbf", gamma="scale", random_state="seed"),
-        ),
-        ClassifierSpec(
-            "knn",
-            "k nearest neighbours (k=5)",
-            _make("sklearn.neighbors:KNeighborsClassifier", n_neighbors=5, n_jobs="n_jobs"),
-        ),
-        ClassifierSpec(
-            "rf",
-            "random forest (300 trees)",
-            _make(
-                "sklearn.ensemble:RandomForestClassifier",
-                n_estimators=300,
-                random_state="seed",
-                n_jobs="n_jobs",
-            ),
-        ),
-        ClassifierSpec(
-            "ridge",
-            "ridge classifier (no probabilities)",
-            _make("sklearn.linear_model:RidgeClassifier", alpha=1.0),
-        ),
-        ClassifierSpec(
-            "sgd",
-            "logistic regression by SGD; trains out-of-core",
-            _make(
-                "sklearn.linear_model:SGDClassifier",
-                loss="log_loss",
-                alpha=1e-4,
-                random_state="seed",
-                n_jobs="n_jobs",
-            ),
-            streams=True,
-        ),
-        ClassifierSpec(
-            "mlp",
-            "torch MLP head, Dense(256)-Dropout(0.5); trains out-of-core",
-            _make("featx.classify.mlp:MLPClassifier", random_state="seed"),
-            streams=True,
-        ),
-    )
-}
+for _spec in (
+    ClassifierSpec(
+        "logreg",
+        "multinomial logistic regression (L2, lbfgs)",
+        "sklearn.linear_model:LogisticRegression",
+        {"C": 1.0, "max_iter": 1000, "random_state": SEED},
+        limits={"max_iter": ITERATIONS},
+    ),
+    ClassifierSpec(
+        "linearsvm",
+        "linear SVM, one-vs-rest (no probabilities)",
+        "sklearn.svm:LinearSVC",
+        {"C": 1.0, "dual": "auto", "max_iter": 5000, "random_state": SEED},
+        limits={"max_iter": ITERATIONS},
+    ),
+    ClassifierSpec(
+        "svm",
+        "RBF-kernel SVM (no probabilities)",
+        "sklearn.svm:SVC",
+        {"C": 1.0, "kernel": "rbf", "gamma": "scale", "random_state": SEED},
+        limits={"max_iter": ITERATIONS, "cache_size": 1 << 20},
+    ),
+    ClassifierSpec(
+        "knn",
+        "k nearest neighbours (k=5)",
+        "sklearn.neighbors:KNeighborsClassifier",
+        {"n_neighbors": 5, "n_jobs": N_JOBS},
+        holds=("sklearn.neighbors:KDTree", "sklearn.neighbors:BallTree", _distance_metrics),
+        limits={"leaf_size": 1 << 20},
+    ),
+    ClassifierSpec(
+        "rf",
+        "random forest (300 trees)",
+        "sklearn.ensemble:RandomForestClassifier",
+        {"n_estimators": 300, "random_state": SEED, "n_jobs": N_JOBS},
+        holds=("sklearn.tree:DecisionTreeClassifier", "sklearn.tree._tree:Tree"),
+        limits={"n_estimators": 100_000, "max_depth": 10_000, "max_leaf_nodes": 1 << 24},
+    ),
+    ClassifierSpec(
+        "ridge",
+        "ridge classifier (no probabilities)",
+        "sklearn.linear_model:RidgeClassifier",
+        {"alpha": 1.0},
+        holds=("sklearn.preprocessing:LabelBinarizer",),
+        limits={"max_iter": ITERATIONS},
+    ),
+    ClassifierSpec(
+        "sgd",
+        "logistic regression by SGD",
+        "sklearn.linear_model:SGDClassifier",
+        {"loss": "log_loss", "alpha": 1e-4, "random_state": SEED, "n_jobs": N_JOBS},
+        streams=True,
+        holds=(_sgd_losses,),
+        limits={"max_iter": ITERATIONS, "n_iter_no_change": ITERATIONS},
+    ),
+    ClassifierSpec(
+        "mlp",
+        "torch MLP head, Dense(256)-Dropout(0.5)",
+        "featx.classify.mlp:MLPClassifier",
+        {"random_state": SEED},
+        streams=True,
+        holds=("featx.models.heads:TorchHead",),
+        limits={
+            "hidden_sizes": 65_536,
+            "epochs": ITERATIONS,
+            "batch_size": 1 << 20,
+            "patience": ITERATIONS,
+        },
+    ),
+):
+    register_classifier(_spec)
+
+
+def streaming_classifiers() -> list[str]:
+    """The classifiers that can train out-of-core."""
+    return [name for name, spec in CLASSIFIERS.items() if spec.streams]
+
+
+def classifier_help() -> str:
+    """The `--clf` help, from the registry."""
+    names = list(CLASSIFIERS)
+    listed = f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
+    return f"Classifier: {listed} (see `featx classifiers`); repeat to compare. Default: logreg."
 
 
 def classifier_spec(name: str) -> ClassifierSpec:
@@ -140,7 +219,9 @@ def classifier_spec(name: str) -> ClassifierSpec:
 def classifier_table() -> str:
     """Name, streaming support and summary of every classifier, one per line."""
     return "\n".join(
-        f"{s.name:<10} {'stream' if s.streams else '':<7} {s.summary}" for s in CLASSIFIERS.values()
+        f"{s.name:<10} {'stream' if s.streams else '':<7} {s.summary}"
+        + ("; trains out-of-core" if s.streams else "")
+        for s in CLASSIFIERS.values()
     )
 
 
@@ -261,10 +342,14 @@ def _param_names(classifier: str) -> list[str]:
 
 def check_params(estimator: BaseEstimator, params: Mapping[str, Any], classifier: str) -> None:
     """Set `params` on a copy of `estimator` and validate them without fitting; UsageError with
-    scikit-learn's sentence when a value is out of range or of the wrong type."""
+    scikit-learn's sentence when a value is out of range or of the wrong type, or ours when a
+    number is NaN or past the classifier's `limits` (or, for a whole number, past int32)."""
     import numpy as np
     from sklearn.base import clone
 
+    limits = classifier_spec(classifier).limits if classifier in CLASSIFIERS else {}
+    for name, value in params.items():
+        _check_bounded(classifier, name, value, limits.get(name))
     est = clone(estimator).set_params(**params)
     # A fit on a few random rows runs the estimator's own parameter validation (public API).
     rows = np.random.RandomState(0).rand(8, 3)
@@ -272,6 +357,24 @@ def check_params(estimator: BaseEstimator, params: Mapping[str, Any], classifier
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             est.fit(rows, np.arange(8) % 2)
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, OverflowError) as error:
         text = first_line(error).rstrip(".")
         raise UsageError(f"bad parameter for {classifier}: {text}.") from None
+
+
+INT32_MAX = 2**31 - 1  # no whole-number parameter goes past this
+
+
+def _check_bounded(classifier: str, name: str, value: Any, limit: float | None) -> None:
+    """No NaN in `value` (nor in a tuple of it), no whole number past `limit` (default
+    INT32_MAX), and no number past a declared `limit`."""
+    values = value if isinstance(value, tuple | list) else (value,)
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            continue
+        bound = limit if limit is not None else INT32_MAX if isinstance(v, int) else None
+        if v != v or (bound is not None and abs(v) > bound):
+            raise UsageError(
+                f"bad parameter for {classifier}: {name}={value!r} is out of range"
+                + (f"; it must be at most {bound:,} in size." if bound is not None else ".")
+            )

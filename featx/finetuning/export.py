@@ -23,29 +23,15 @@ def export_model(
     as `--weights FILE`) and `out/model.featx`, a featx model file whose pipeline takes the
     feature layer's rows (as `featx extract --weights out/base.safetensors` stores them) and
     whose classifier is the fine-tuned head."""
-    from safetensors.torch import save
     from sklearn.pipeline import Pipeline
 
     from featx.backbones.layers import pooled_shape
-    from featx.backbones.registry import state_dict_sha256
     from featx.classify.pipeline import LayerFeatures
-    from featx.models.file import FeatxModel, feature_identity, layer_record, model_provenance
+    from featx.models.file import FeatxModel
     from featx.models.heads import TorchHead
-    from featx.runtime import atomic_write, library_versions, now
-    from featx.store.feature_store import layer_key
 
-    config, net, record = session.config, session.net, session.record
-    weights_path = out / "base.safetensors"
-    with net.whole_backbone() as backbone:
-        state, seen = {}, set()
-        for k, v in backbone.state_dict().items():
-            v = v.detach().cpu().contiguous()
-            state[k] = v.clone() if v.data_ptr() in seen else v  # safetensors refuses sharing
-            seen.add(v.data_ptr())
-        atomic_write(weights_path, save(state))
-        sha256 = state_dict_sha256(backbone)  # what Backbone.load(weights_path) will compute
-    weights_spec = str(weights_path.resolve())
-
+    net = session.net
+    weights_spec, sha256 = _save_base(net, out / "base.safetensors")
     info = session.layer_info
     row_shape = list(pooled_shape(info.shape, net.pool))
     classes = list(range(len(session.class_names)))
@@ -55,6 +41,40 @@ def export_model(
             ("clf", TorchHead.from_head(net.head, classes)),
         ]
     )
+    provenance = _provenance(
+        session, out, weights_spec, sha256, row_shape, pipeline, metrics, history, best, command
+    )
+    return FeatxModel(pipeline, provenance).save(out / "model.featx")
+
+
+def _save_base(net: Any, path: Path) -> tuple[str, str]:
+    """The whole backbone with the fine-tuned weights as safetensors at `path`: (its path,
+    the sha256 that `Backbone.load(path)` will compute)."""
+    from safetensors.torch import save
+
+    from featx.backbones.weights import state_dict_sha256
+    from featx.runtime import atomic_write
+
+    with net.whole_backbone() as backbone:
+        state, seen = {}, set()
+        for k, v in backbone.state_dict().items():
+            v = v.detach().cpu().contiguous()
+            state[k] = v.clone() if v.data_ptr() in seen else v  # safetensors refuses sharing
+            seen.add(v.data_ptr())
+        atomic_write(path, save(state))
+        sha256 = state_dict_sha256(backbone)
+    return str(path.resolve()), sha256
+
+
+def _provenance(
+    session, out, weights_spec, sha256, row_shape, pipeline, metrics, history, best, command
+) -> dict[str, Any]:
+    """The model file's provenance: the fine-tuned features, the head and the run."""
+    from featx.models.file import feature_identity, layer_record, model_provenance
+    from featx.runtime import library_versions, now
+    from featx.store.feature_store import layer_key
+
+    config, net, record, info = session.config, session.net, session.record, session.layer_info
     augment = config.augment.to_dict() if config.augment is not None else None
     epochs = config.stage_epochs
     features = feature_identity(
@@ -82,7 +102,7 @@ def export_model(
         dtype="float32",
         row_shape=row_shape,
     )
-    provenance = model_provenance(
+    return model_provenance(
         features,
         layer,
         session.class_names,
@@ -111,4 +131,3 @@ def export_model(
         },
         command=command,
     )
-    return FeatxModel(pipeline, provenance).save(out / "model.featx")
