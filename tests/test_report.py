@@ -203,7 +203,7 @@ def _long_runs(tmp_path: Path) -> Path:
     augment = {"rotation": 0, "shift": 0.1, "shear": 0, "zoom": 0.1, "flip": True}
     for i in range(3):
         record_run(store, "finetune" if i else "fit",
-                   settings={"layer": "features.28+classifier.4", "classifier": "logreg",
+                   settings={"layer": "features.28", "classifier": "logreg",
                              "params": {"C": 0.5 + i, "augment": augment, "epochs": 20}},
                    scores={"validation": {"accuracy": 0.5 + i / 10, "macro_f1": 0.4},
                            "test": {"accuracy": 0.45}})  # fmt: skip
