@@ -16,8 +16,8 @@ import torch
 from conftest import make_folder
 from typer.testing import CliRunner
 
-from featx.backbones.layers import LayerTap
 from featx.backbones.registry import get_backbone
+from featx.backbones.tap import LayerTap
 from featx.cli import app
 from featx.data.augment import AugmentConfig, Augmenter, view_seed
 from featx.data.folders import load_image

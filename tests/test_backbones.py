@@ -13,8 +13,10 @@ import torchvision
 from conftest import assert_one_sentence_error, invoke_featx, run_featx, seeded
 from torch import nn
 
-from featx.backbones.layers import LayerTap, trace_layers
-from featx.backbones.registry import get_backbone, state_dict_sha256
+from featx.backbones.layers import trace_layers
+from featx.backbones.registry import get_backbone
+from featx.backbones.tap import LayerTap
+from featx.backbones.weights import state_dict_sha256
 from featx.errors import UsageError
 
 KERAS_VGG16 = [
@@ -329,21 +331,28 @@ def test_named_weights_that_do_not_exist():
 
 def test_builtin_default_weights_and_preprocessing_match_the_libraries():
     """The registry knows each built-in's default weights and preprocessing without importing
-    torch (fast start-up); they must be exactly what torchvision and timm say."""
+    torch (fast start-up); they must be exactly what torchvision and timm say, and the
+    architecture they fill the one the library builds for them."""
     import dataclasses
 
     import timm
 
-    from featx.backbones.registry import PACKAGED_LITE0_DIST, available_backbones
+    from featx.backbones.registry import available_backbones
+    from featx.backbones.sources.timm import PACKAGED_LITE0_DIST
+
+    def shapes(build) -> dict[str, tuple[int, ...]]:
+        with torch.device("meta"):
+            return {k: tuple(v.shape) for k, v in build().state_dict().items()}
 
     for name in available_backbones():
         record = get_backbone(name)
-        computed = dataclasses.replace(record, default_weights=None, preprocessing=None)
+        computed = dataclasses.replace(record, default=None)
         assert record.default_preprocessing() == computed.default_preprocessing(), name
         assert record.default_preprocessing("none") == computed.default_preprocessing("none")
-        if record.packaged_weights is None:
-            assert record.weights_identity() == computed.weights_identity(), name
+        known, library = record.weights(), computed.weights()
+        assert shapes(known.architecture) == shapes(library.architecture), name
+        if not known.identity.startswith(PACKAGED_LITE0_DIST):
+            assert known.identity == library.identity, name
         else:
             tag = timm.models.get_pretrained_cfg(record.architecture).tag
-            assert record.default_weights == f"timm:{record.architecture}.{tag}"
-            assert record.weights_identity().startswith(PACKAGED_LITE0_DIST)
+            assert library.identity == f"timm:{record.architecture}.{tag}"

@@ -19,7 +19,7 @@ from conftest import FEATX, assert_one_sentence_error, file_digest, invoke_featx
 from test_resume import datasets, partial_of, wait_for
 
 from featx import FeatureStore, extract
-from featx.backbones.registry import state_dict_sha256
+from featx.backbones.weights import state_dict_sha256
 from featx.errors import UsageError
 from featx.extraction.run import CHUNK_BYTES
 
@@ -154,7 +154,7 @@ def test_resume_keeps_the_interrupted_runs_batch_size(tmp_path):
 
 # ---- timm weights offline ------------------------------------------------------------------
 def _online() -> bool:
-    from featx.backbones.registry import _reachable
+    from featx.backbones.weights import reachable as _reachable
 
     return _reachable("https://huggingface.co")
 

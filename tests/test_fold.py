@@ -15,8 +15,8 @@ from conftest import photo, seeded
 from timm.layers import BatchNormAct2d, Conv2dSame
 from torch import nn
 
-from featx.backbones.layers import LayerTap, fold_batchnorm, prepare_tap
-from featx.backbones.registry import FORWARD_FEATURES
+from featx.backbones.layers import fold_batchnorm, prepare_tap
+from featx.backbones.tap import FORWARD_FEATURES, LayerTap
 from featx.data.preprocessing import Preprocessing
 
 SIZE = 64

@@ -14,9 +14,10 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from featx.backbones import registry
-from featx.backbones.layers import LayerTap
-from featx.backbones.registry import get_backbone, state_dict_sha256
+from featx.backbones import weights as weights_io
+from featx.backbones.registry import get_backbone
+from featx.backbones.tap import LayerTap
+from featx.backbones.weights import state_dict_sha256
 from featx.errors import UsageError
 from featx.runtime import cache_root
 from tests.conftest import assert_one_sentence_error, invoke_featx, seeded
@@ -83,7 +84,7 @@ def test_the_weights_file_is_unmapped_after_loading(resnet18_file):
 @pytest.mark.slow
 def test_reading_in_small_windows_hashes_and_loads_the_same(resnet18_file, monkeypatch):
     model, path = resnet18_file
-    monkeypatch.setattr(registry, "READ_WINDOW", 1 << 20)  # 45 remaps, large tensors in rows
+    monkeypatch.setattr(weights_io, "READ_WINDOW", 1 << 20)  # 45 remaps, large tensors in rows
     _forget_hashes()
     loaded = get_backbone("resnet18").load(str(path))
     assert loaded.weights_sha256 == state_dict_sha256(model)
@@ -201,13 +202,13 @@ def test_timm_weights_file_loads_only_the_needed_tensors(tmp_path):
 def test_a_weights_file_is_hashed_once_until_it_changes(tmp_path):
     path = tmp_path / "w.pth"
     path.write_bytes(b"a" * 1000)
-    assert registry.file_sha256(path) == hashlib.sha256(b"a" * 1000).hexdigest()
+    assert weights_io.file_sha256(path) == hashlib.sha256(b"a" * 1000).hexdigest()
     # The cached digest stands in for the file until its size or mtime changes.
     entries = {p: p.read_text() for p in (cache_root() / "weights-sha256").iterdir()}
     mine = [p for p, v in entries.items() if v == hashlib.sha256(b"a" * 1000).hexdigest()]
     assert mine
     mine[0].write_text("0" * 64)
-    assert registry.file_sha256(path) == "0" * 64
+    assert weights_io.file_sha256(path) == "0" * 64
     path.write_bytes(b"b" * 1000)
     os.utime(path, ns=(1, 10**18))
-    assert registry.file_sha256(path) == hashlib.sha256(b"b" * 1000).hexdigest()
+    assert weights_io.file_sha256(path) == hashlib.sha256(b"b" * 1000).hexdigest()

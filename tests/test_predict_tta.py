@@ -15,8 +15,8 @@ from clfdata import colour_folder
 from conftest import assert_one_sentence_error, invoke_featx, run_featx
 
 import featx
-from featx.backbones.layers import LayerTap
 from featx.backbones.registry import get_backbone
+from featx.backbones.tap import LayerTap
 from featx.classify.predict import collect_images, tta_inputs
 from featx.data.augment import AugmentConfig
 from featx.data.folders import load_image

@@ -17,12 +17,18 @@ import torch.fx
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from featx.backbones.registry import FORWARD_FEATURES, Backbone
+from featx.backbones.registry import Backbone
+from featx.backbones.tap import (
+    FORWARD_FEATURES,
+    LayerTap,
+    forward_with_features,
+    model_device,
+    set_module,
+)
 from featx.errors import UsageError, check_range, first_line
 
 __all__ = [
     "LayerInfo",
-    "LayerTap",
     "activation_bytes",
     "as_input",
     "check_poolable",
@@ -31,8 +37,6 @@ __all__ = [
     "fold_batchnorm",
     "layer_table",
     "listed_layers",
-    "model_device",
-    "pool_features",
     "pooled_shape",
     "prepare_tap",
     "resolve_layers",
@@ -41,10 +45,6 @@ __all__ = [
 ]
 
 LISTED_DEPTH = 2  # `featx layers` lists module paths with at most this many parts
-
-
-class _StopForward(Exception):
-    """Raised from a hook once every requested layer has its output."""
 
 
 @dataclass(frozen=True)
@@ -63,16 +63,6 @@ class LayerInfo:
         for d in self.shape:
             n *= d
         return n
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Where a model's parameters are: `meta` for a `Backbone.skeleton`."""
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
-
-
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, name, module)
 
 
 class _BatchNormLeafTracer(torch.fx.Tracer):
@@ -126,8 +116,8 @@ def fold_batchnorm(model: nn.Module, keep: Iterable[str] = ()) -> list[str]:
         rest = _without_batchnorm(bn)
         if rest is None:
             continue
-        _set_module(model, source.target, fuse_conv_bn_eval(named[source.target], bn))
-        _set_module(model, node.target, rest)
+        set_module(model, source.target, fuse_conv_bn_eval(named[source.target], bn))
+        set_module(model, node.target, rest)
         folded.append(node.target)
     return folded
 
@@ -153,99 +143,6 @@ def pooled_shape(shape: tuple[int, ...], pool: str) -> tuple[int, ...]:
     if pool == "none" or len(shape) != 3:
         return tuple(shape)
     return (shape[0] * (2 if pool == "avgmax" else 1),)
-
-
-def pool_features(x: torch.Tensor, pool: str) -> torch.Tensor:
-    """Reduce the spatial dimensions of an NCHW map; other shapes pass through."""
-    if pool == "none" or x.ndim != 4:
-        return x
-    if pool == "avg":
-        return x.mean(dim=(2, 3))
-    if pool == "max":
-        return x.amax(dim=(2, 3))
-    return torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)
-
-
-def _run(model: nn.Module, x: torch.Tensor, on_forward_features) -> None:
-    if on_forward_features is None or not hasattr(model, "forward_features"):
-        model(x)
-        return
-    features = model.forward_features(x)
-    on_forward_features(features)
-    model.forward_head(features)
-
-
-class LayerTap(nn.Module):
-    """Runs `model` on a batch and returns {module path: output} for the requested layers.
-
-    All layers come from one forward pass, which stops as soon as the deepest requested layer
-    has run. `pool` reduces spatial maps before they leave the tap.
-    """
-
-    def __init__(self, model: nn.Module, modules: list[str], pool: str = "none"):
-        super().__init__()
-        self.model = model
-        self.modules_wanted = list(dict.fromkeys(modules))
-        self.pool = pool
-        named = dict(model.named_modules())
-        for path in self.modules_wanted:
-            if path != FORWARD_FEATURES and path not in named:
-                raise UsageError(f"the model has no module {path!r}.")
-        self._targets = {path: named[path] for path in self.modules_wanted if path in named}
-
-    def drop_unreached(self, example: torch.Tensor) -> list[str]:
-        """Replace the weighted leaf modules that the early-stopping pass never runs with
-        Identity, freeing their memory (VGG16's classifier is 400 MB). Returns their paths."""
-        ran: set[str] = set()
-        leaves = {
-            path: module
-            for path, module in self.model.named_modules()
-            if path
-            and not any(module.children())
-            and any(True for _ in module.parameters(recurse=False))
-        }
-        handles = [
-            module.register_forward_pre_hook(lambda _m, _i, path=path: ran.add(path))
-            for path, module in leaves.items()
-        ]
-        try:
-            with torch.inference_mode():
-                self(example)
-        finally:
-            for handle in handles:
-                handle.remove()
-        unreached = [path for path in leaves if path not in ran]
-        for path in unreached:
-            _set_module(self.model, path, nn.Identity())
-        return unreached
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        outputs: dict[str, torch.Tensor] = {}
-
-        def keep(path: str, value) -> None:
-            if path in outputs:
-                raise UsageError(f"layer {path!r} runs more than once per forward pass.")
-            if not isinstance(value, torch.Tensor):
-                raise UsageError(f"layer {path!r} does not output a single tensor.")
-            # A copy: later in-place ops (ReLU(inplace=True), `out += identity`) would change it.
-            pooled = pool_features(value, self.pool)
-            outputs[path] = pooled.clone() if pooled is value else pooled
-            if len(outputs) == len(self.modules_wanted):
-                raise _StopForward
-
-        handles = [
-            module.register_forward_hook(lambda _m, _i, out, path=path: keep(path, out))
-            for path, module in self._targets.items()
-        ]
-        want_ff = FORWARD_FEATURES in self.modules_wanted
-        try:
-            _run(self.model, x, (lambda out: keep(FORWARD_FEATURES, out)) if want_ff else None)
-        except _StopForward:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
-        return {path: outputs[path] for path in self.modules_wanted}
 
 
 def prepare_tap(
@@ -294,10 +191,10 @@ def trace_layers(backbone: Backbone, model: nn.Module, input_size: int) -> list[
     try:
         with torch.inference_mode(), counter:
             x = torch.zeros(1, 3, input_size, input_size, device=model_device(model))
-            _run(
+            forward_with_features(
                 model,
                 x,
-                (lambda out: record(FORWARD_FEATURES, out)) if backbone.source == "timm" else None,
+                (lambda out: record(FORWARD_FEATURES, out)) if backbone.forward_features else None,
             )
     except (AssertionError, RuntimeError, ValueError) as error:  # e.g. a fixed input size
         first = first_line(error).rstrip(".")

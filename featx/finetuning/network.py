@@ -29,18 +29,18 @@ from torch import nn
 from featx.backbones.layers import (
     LayerInfo,
     check_poolable,
-    pool_features,
     pooled_shape,
     resolve_layers,
     trace_layers,
 )
-from featx.backbones.registry import FORWARD_FEATURES, POOLS, Backbone
+from featx.backbones.registry import POOLS, Backbone
+from featx.backbones.tap import FORWARD_FEATURES, pool_features
 from featx.errors import UsageError, check_choice
+from featx.finetuning.config import BN_MODES
 from featx.models.heads import make_head
 
 __all__ = ["Block", "Network", "build_network", "default_layer"]
 
-BN_MODES = ("frozen", "train")
 HEAD_NAME = "head"
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 _CONTAINERS = (nn.Sequential, nn.ModuleList)
