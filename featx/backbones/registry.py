@@ -33,6 +33,7 @@ __all__ = [
     "LoadedBackbone",
     "Weights",
     "available_backbones",
+    "available_sources",
     "get_backbone",
     "register_backbone",
 ]
