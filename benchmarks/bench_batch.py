@@ -23,7 +23,7 @@ import torch
 
 from featx.backbones import get_backbone
 from featx.backbones.layers import default_batch_size, prepare_tap, trace_layers
-from featx.extraction.engines import build_engine, cache_key, cpu_class
+from featx.inference import build_engine, cache_key, cpu_class
 
 NETWORKS = [
     "resnet50:avgpool:224",

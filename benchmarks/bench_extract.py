@@ -130,7 +130,7 @@ def model_only(
     """Images per second of the engine on random batches: the tapped network featx runs, no
     decoding or writing (the practical limit of this machine for that path)."""
     from featx.backbones.layers import prepare_tap
-    from featx.extraction.engines import build_engine, cache_key
+    from featx.inference import build_engine, cache_key
 
     loaded = get_backbone(backbone).load("none")
     tap = prepare_tap(loaded.model, ["avgpool"], "none", device, 224)

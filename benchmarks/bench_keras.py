@@ -91,7 +91,7 @@ def model_only(args, work: Path) -> None:
 
     from featx.backbones import get_backbone
     from featx.backbones.layers import prepare_tap
-    from featx.extraction.engines import build_engine, cache_key
+    from featx.inference import build_engine, cache_key
 
     script = work / "keras_model_only.py"
     script.write_text(KERAS_MODEL_ONLY)

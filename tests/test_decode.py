@@ -18,7 +18,7 @@ from featx.data.folders import load_image
 from featx.data.preprocessing import DRAFT_FACTOR, Preprocessing
 from featx.errors import UsageError
 from featx.extraction.partial import Partial
-from featx.extraction.run import _upgraded_run
+from featx.extraction.plan import upgraded_run as _upgraded_run
 
 PREP = Preprocessing(32, 0, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), square=True)
 REDUCED = PREP.with_decode("reduced")

@@ -14,8 +14,9 @@ from featx import extract
 from featx.backbones import get_backbone
 from featx.backbones.layers import prepare_tap, trace_layers
 from featx.errors import UsageError
-from featx.extraction import engines
-from featx.extraction.engines import build_engine, choose_engine
+from featx.inference import auto, openvino_engine
+from featx.inference.auto import choose_engine
+from featx.inference.engines import build_engine
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -113,7 +114,7 @@ def test_unconvertible_model_falls_back_to_eager(batch):
         raise RuntimeError("cannot convert this\nsecond line")
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(engines, "_ov_model", boom)
+        mp.setattr(openvino_engine, "ov_model", boom)
         engine = build_engine(Untraceable(), "openvino", CPU, "fp32", batch)
     assert engine.name == "eager"
     assert engine.fallback_reason == "openvino unavailable (RuntimeError: cannot convert this)"
@@ -157,7 +158,7 @@ def test_layers_carry_the_flops_that_reach_them_and_the_reference_is_resnet50():
     resnet = get_backbone("resnet50")
     traced = trace_layers(resnet, resnet.skeleton("none"), 224)
     assert max(i.flops for i in traced if i.module == "avgpool") == pytest.approx(
-        engines.REFERENCE_FLOPS, rel=1e-3
+        auto.REFERENCE_FLOPS, rel=1e-3
     )
 
 
@@ -165,17 +166,17 @@ def test_auto_weighs_a_setup_against_this_networks_cost():
     avx2 = frozenset({"avx2", "fma"})
 
     def first_converting_run(flops: float) -> int:
-        rate = engines.REFERENCE_EAGER_FP32 * engines.REFERENCE_FLOPS / flops
+        rate = auto.REFERENCE_EAGER_FP32 * auto.REFERENCE_FLOPS / flops
         return next(
             n
             for n in range(1, 10**6)
             if choose_engine(CPU, "fp32", n, eager_rate=rate, flags=avx2)[0] != "eager"
         )
 
-    reference = first_converting_run(engines.REFERENCE_FLOPS)
+    reference = first_converting_run(auto.REFERENCE_FLOPS)
     # a network 10x cheaper needs a 10x longer run to win the same setup back, one 2x dearer half
-    assert first_converting_run(engines.REFERENCE_FLOPS / 10) == pytest.approx(10 * reference, 0.01)
-    assert first_converting_run(2 * engines.REFERENCE_FLOPS) == pytest.approx(reference / 2, 0.01)
+    assert first_converting_run(auto.REFERENCE_FLOPS / 10) == pytest.approx(10 * reference, 0.01)
+    assert first_converting_run(2 * auto.REFERENCE_FLOPS) == pytest.approx(reference / 2, 0.01)
     name, why = choose_engine(CPU, "fp32", reference, eager_rate=1.0, flags=avx2)
     assert name == "openvino" and f"for {reference} images" in why
 
@@ -187,7 +188,7 @@ def test_extraction_gives_auto_the_rate_of_the_network_it_runs(small_photos, tmp
         seen.update(kwargs, n_images=n_images)
         return "eager", "chosen by the test"
 
-    monkeypatch.setattr(engines, "choose_engine", choose)
+    monkeypatch.setattr(auto, "choose_engine", choose)
     extract(
         small_photos, "resnet18", ["layer2"], store=tmp_path / "s.h5", weights="none",
         image_size=64, workers=0, device="cpu", quiet=True,
@@ -198,7 +199,7 @@ def test_extraction_gives_auto_the_rate_of_the_network_it_runs(small_photos, tmp
     )
     assert seen["n_images"] == 10
     assert seen["eager_rate"] == pytest.approx(
-        engines.REFERENCE_EAGER_FP32 * engines.REFERENCE_FLOPS / layer2.flops
+        auto.REFERENCE_EAGER_FP32 * auto.REFERENCE_FLOPS / layer2.flops
     )
 
 
@@ -210,8 +211,9 @@ import json, sys, torch
 from featx.backbones import get_backbone
 from featx.backbones.layers import prepare_tap
 from featx.errors import UsageError
-from featx.extraction import engines
-from featx.extraction.engines import CONVERSIONS, build_engine
+from featx.inference.engine import CONVERSIONS, cache_key
+from featx.inference.engines import build_engine
+from featx.runtime import cache_root
 
 cpu = torch.device("cpu")
 model = get_backbone("resnet18").load("none").model
@@ -233,12 +235,12 @@ for name, precision, hint in (("LATENCY", "fp32", "LATENCY"), ("THROUGHPUT", "fp
             cos = torch.cosine_similarity(a.flatten(1), r.flatten(1)).min().item()
             worst_cos = min(worst_cos, cos)
     out[name] = {"engine": engine.name, "rel": worst_rel, "cos": worst_cos}
-key = engines.cache_key("resnet18", "abc", ["layer2", "avgpool"], "avg", 64, "fp32", "ov")
+key = cache_key("resnet18", "abc", ["layer2", "avgpool"], "avg", 64, "fp32", "ov")
 build_engine(tap, "openvino", cpu, "fp32", batch, key)
 after_first = CONVERSIONS["openvino"]
 second = build_engine(tap, "openvino", cpu, "fp32", batch, key)
 out["cache"] = {"conversions": CONVERSIONS["openvino"] - after_first,
-                "files": sorted(p.suffix for p in (engines.cache_root() / "openvino").glob("*.*")),
+                "files": sorted(p.suffix for p in (cache_root() / "openvino").glob("*.*")),
                 "cached": "cached model" in second.describe()}
 print(json.dumps(out))
 """

@@ -13,7 +13,7 @@ import pytest
 from conftest import assert_one_sentence_error, invoke_featx, make_folder, run_featx
 
 from featx.errors import UsageError
-from featx.extraction.engines import Calibration, cache_key
+from featx.inference import Calibration, cache_key
 from featx.runtime import check_precision
 from featx.store import FeatureStore
 

@@ -14,11 +14,12 @@ from sklearn.pipeline import Pipeline
 
 from featx.classify.metrics import classification_metrics, metrics_table, plot_confusion_matrix
 from featx.errors import UsageError
+from featx.extraction.settings import PredictSettings, settled
 from featx.models.file import FeatxModel, load_model
 from featx.store.feature_store import FeatureStore
 from featx.store.rows import DEFAULT_CHUNK_BYTES, ConcatRows, LayerRows, open_rows
 
-__all__ = ["Evaluation", "evaluate", "predict_in_chunks"]
+__all__ = ["Evaluation", "evaluate", "evaluate_images", "predict_in_chunks"]
 
 
 def predict_in_chunks(
@@ -163,25 +164,25 @@ def evaluate_images(
     model: FeatxModel | str | os.PathLike,
     data: str | os.PathLike,
     split: str = "test",
+    settings: PredictSettings | None = None,
     *,
     report: str | os.PathLike | None = None,
-    batch_size: int | None = None,
-    device: str = "auto",
-    workers: int = 0,
-    quiet: bool = True,
     command: str | None = None,
-    engine: str = "auto",
+    **overrides: Any,
 ) -> Evaluation:
-    """Score `model` on the images of `split` of the image folder `data` (DATA/SPLIT/CLASS/ or,
-    as split "unsplit", DATA/CLASS/), computing the features the model reads as `featx
-    predict` does (`engine`: auto, eager, compile or openvino). Image files that cannot be
-    decoded are left out and listed in `skipped`."""
+    """Score `model` on the images of `split` of `data` (an image folder, DATA/SPLIT/CLASS/ or,
+    as split "unsplit", DATA/CLASS/, or a manifest), computing the features the model reads as
+    `featx predict` does (`settings`: a `PredictSettings`, with `overrides`; its tta and top_k
+    do not apply). Image files that cannot be decoded are left out and listed in `skipped`."""
     from featx.classify.predict import features_for_images
-    from featx.data.folders import scan_image_folder
+    from featx.inference.images import open_images
 
+    s = settled(settings or PredictSettings(), overrides)
+    if s.tta:
+        raise UsageError("--tta applies to predict; evaluate scores each image once.")
     if not isinstance(model, FeatxModel):
         model = load_model(model)
-    folder = scan_image_folder(data)
+    folder = open_images(data)
     entries = [f for f in folder.files if f.split == split]
     if not entries:
         have = sorted({f.split for f in folder.files})
@@ -195,19 +196,17 @@ def evaluate_images(
     to_model = np.array([model.class_names.index(c) for c in folder.class_names])
     y_true = to_model[[f.label for f in entries]]
     y_pred = np.empty(len(files), dtype=np.int64)
-    has_proba = model.has_proba
-    proba = np.empty((len(files), len(model.pipeline.classes_))) if has_proba else None
+    proba = np.empty((len(files), len(model.pipeline.classes_))) if model.has_proba else None
     skipped: list[tuple[str, str]] = []
-    for index, X, bad in features_for_images(
-        model, files, batch_size=batch_size, device=device, workers=workers, quiet=quiet,
-        desc="evaluate", engine=engine,
-    ):  # fmt: skip
+    scored = np.ones(len(files), dtype=bool)
+    for index, X, bad in features_for_images(model, files, s, desc="evaluate"):
         skipped.extend((str(files[i]), reason) for i, reason in bad)
+        scored[[i for i, _ in bad]] = False
         if X is not None:
             y_pred[index] = model.pipeline.predict(X)
-            if has_proba:
+            if proba is not None:
                 proba[index] = model.pipeline.predict_proba(X)
-    scored = np.setdiff1d(np.arange(len(files)), [files.index(Path(f)) for f, _ in skipped])
+    scored = np.flatnonzero(scored)
     if len(scored) == 0:
         raise UsageError(f"none of the {split!r} images of {data} could be decoded.")
     y_true, y_pred = y_true[scored], y_pred[scored]

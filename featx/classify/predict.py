@@ -16,12 +16,13 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from featx.data.folders import BadImage, list_images, printable
-from featx.errors import UsageError, check_choice, check_range
+from featx.data.folders import list_images, printable
+from featx.errors import UsageError
+from featx.extraction.settings import PredictSettings, settled
 from featx.models.file import FeatxModel, load_model
 from featx.runtime import atomic_write, check_output_file
 
@@ -32,7 +33,14 @@ if TYPE_CHECKING:
     from featx.data.augment import AugmentConfig
     from featx.data.preprocessing import Preprocessing
 
-__all__ = ["Predictions", "collect_images", "predict", "tta_inputs"]
+__all__ = [
+    "Predictions",
+    "TTAViews",
+    "collect_images",
+    "features_for_images",
+    "predict",
+    "tta_inputs",
+]
 
 
 def collect_images(
@@ -57,6 +65,12 @@ def collect_images(
         else:
             skipped.append((printable(path), "no such file or directory"))
     return list(dict.fromkeys(files)), skipped
+
+
+def _cell(text: str) -> str:
+    """A text cell a spreadsheet will not run as a formula: one starting with =, +, - or @ gets
+    a leading apostrophe (OWASP's CSV injection rule)."""
+    return f"'{text}" if text[:1] in ("=", "+", "-", "@") else text
 
 
 @dataclass
@@ -90,9 +104,9 @@ class Predictions:
         for path, predicted, classes, scores in zip(
             self.paths, self.predicted, order, values, strict=True
         ):
-            row = [path, predicted]
+            row = [_cell(path), _cell(predicted)]
             for c, v in zip(classes, scores, strict=True):
-                row += [self.class_names[c], f"{v:.6f}" if np.isfinite(v) else ""]
+                row += [_cell(self.class_names[c]), f"{v:.6f}" if np.isfinite(v) else ""]
             writer.writerow(row)
         return buffer.getvalue()
 
@@ -100,29 +114,22 @@ class Predictions:
         return atomic_write(path, self.to_csv(top_k).encode())
 
 
-class _Images:
-    """A map-style dataset: (index, views or None, reason it could not be read). The views are
-    the preprocessed image, then `tta` augmented versions of it, stacked."""
+@dataclass(frozen=True)
+class TTAViews:
+    """An image's input and `views` augmented versions of it, stacked: test-time augmentation.
+    File i's views are seeded by the crc32 of its name, the same whatever else is passed."""
 
-    def __init__(self, files: list[Path], preprocessing, tta: int = 0, augment=None):
-        self.files, self.preprocessing, self.tta, self.augment = files, preprocessing, tta, augment
+    preprocessing: Preprocessing
+    names: list[str]
+    augment: AugmentConfig | None
+    views: int
 
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int):
+    def __call__(self, image: Image.Image, file_index: int, view: int) -> torch.Tensor:
         import torch
 
-        try:
-            image = self.preprocessing.load(self.files[i])
-        except BadImage as bad:
-            return i, None, str(bad)
-        views = self.preprocessing(image).unsqueeze(0)
-        if self.tta:
-            key = zlib.crc32(self.files[i].name.encode())  # the same views whatever else is passed
-            extra = tta_inputs(image, self.preprocessing, self.augment, self.tta, key=key)
-            views = torch.cat([views, extra])
-        return i, views, None
+        key = zlib.crc32(self.names[file_index].encode())
+        extra = tta_inputs(image, self.preprocessing, self.augment, self.views, key=key)
+        return torch.cat([self.preprocessing(image).unsqueeze(0), extra])
 
 
 def tta_inputs(
@@ -160,54 +167,27 @@ def _tta_augmentation(provenance: dict):
     return AugmentConfig.from_dict(stored["config"]) if stored else AugmentConfig()
 
 
-def _collate(samples):
-    import torch
+@dataclass
+class _ModelNetwork:
+    """The network that made a model's features, loaded as its store's extraction loaded it."""
 
-    good = [(i, x) for i, x, _ in samples if x is not None]
-    bad = [(i, reason) for i, x, reason in samples if x is None]
-    return [i for i, _ in good], torch.stack([x for _, x in good]) if good else None, bad
+    tap: Any
+    preprocessing: Preprocessing
+    device: torch.device
+    precision: str
+    key: str  # the cached conversion extraction made of this tap
+    traced: list | None  # the skeleton's trace, when the engine or batch size is chosen
 
 
-def features_for_images(
-    model: FeatxModel,
-    files: list[Path],
-    *,
-    batch_size: int | None = None,
-    device: str = "auto",
-    workers: int = 0,
-    tta: int = 0,
-    quiet: bool = True,
-    desc: str = "predict",
-    engine: str = "auto",
-) -> Iterator[tuple[list[int], np.ndarray | None, list[tuple[int, str]]]]:
-    """The model's input rows for image `files`, made as the model's store made them: its
-    backbone and weights (checked by sha256), preprocessing, every layer it reads tapped in
-    one pass with the same pooling, precision and dtype cast (several layers flattened and
-    concatenated, as `featx.store.ConcatRows` reads them).
-
-    `engine` runs the network as `featx extract --engine` does: eager, compile, openvino, or
-    auto (chosen by `resolve_engine` for this many images); an engine that cannot take the
-    model falls back to eager. Unless `quiet`, the engine chosen is printed in one line.
-    `batch_size` None chooses it as extraction does (`default_batch_size`), counting each
-    image's 1 + `tta` views.
-
-    Yields (indices into `files`, rows of shape (n * (1 + tta), ...) or None, [(index,
-    reason)] of files that could not be decoded) per batch; with `tta`, each image's rows are
-    followed by those of its augmented views.
-    """
-    import torch
-    from torch.utils.data import DataLoader
-    from tqdm import tqdm
-
-    from featx.backbones.layers import default_batch_size, prepare_tap, trace_layers
+def _model_network(model: FeatxModel, s: PredictSettings) -> _ModelNetwork:
+    """Load the backbone, weights (checked by sha256), tap, pooling and precision of the
+    model's store; the device is checked before any weights are read."""
+    from featx.backbones.layers import prepare_tap, trace_layers
     from featx.backbones.registry import get_backbone
     from featx.data.preprocessing import Preprocessing
-    from featx.extraction.engines import ENGINES, build_engine, cache_key, resolve_engine
+    from featx.inference.engine import cache_key
     from featx.runtime import inference_device
 
-    check_range("batch-size", batch_size, 1)
-    check_range("workers", workers, 0)
-    check_choice("engine", engine, ("auto", *ENGINES))
     p, layers = model.provenance, model.layers
     if not p.get("weights_spec"):
         raise UsageError(
@@ -215,29 +195,28 @@ def features_for_images(
             "weights_spec); predict needs them."
         )
     preprocessing = Preprocessing.from_dict(p["preprocessing"])
-    modules = [layer["module"] for layer in layers]
+    modules, pool = [layer["module"] for layer in layers], layers[0]["pool"]
     size, precision = preprocessing.input_size, layers[0]["precision"]
-    pools = {layer["pool"] for layer in layers}
-    if len(pools) > 1:  # one tap applies one pooling to every module
+    if len({layer["pool"] for layer in layers}) > 1:  # one tap applies one pooling
         raise UsageError(
-            f"the model's layers were pooled differently at extraction ({', '.join(pools)}); "
-            "predict taps them with one pooling, so it cannot reproduce their features."
+            f"the model's layers were pooled differently at extraction "
+            f"({', '.join({layer['pool'] for layer in layers})}); predict taps them with one "
+            "pooling, so it cannot reproduce their features."
         )
-    dev = inference_device(device, precision, engine)  # checked before any weights are read
+    device = inference_device(s.device, precision, s.engine)
+    record = get_backbone(p["backbone"])
     # only the weights up to the deepest of the model's layers, as extraction loads them
-    loaded = get_backbone(p["backbone"]).load(p["weights_spec"], modules, size)
+    loaded = record.load(p["weights_spec"], modules, size)
     if loaded.weights_sha256 != p["weights_sha256"]:
         raise UsageError(
             f"the {loaded.weights} weights now hash to {loaded.weights_sha256[:16]}, but the "
             f"model was trained on features of {p['weights_sha256'][:16]}; predict cannot "
             "reproduce its features."
         )
-    # the same network set-up, precision and dtype cast as extraction
-    tap = prepare_tap(loaded.model, modules, layers[0]["pool"], dev, size)
-    # The tap is the one extraction builds for these modules: extraction's cache key, so a
-    # conversion that `featx extract` cached is reused here.
-    key = cache_key(loaded.name, loaded.weights_sha256, modules, layers[0]["pool"], size,
-                    precision, "extract")  # fmt: skip
+    tap = prepare_tap(loaded.model, modules, pool, device, size)
+    # extraction's cache key, so a conversion that `featx extract` cached is reused here
+    key = cache_key(loaded.name, loaded.weights_sha256, modules, pool, size, precision,
+                    "extract")  # fmt: skip
     if precision == "int8":
         # the quantized model extraction calibrated and cached: predict has no calibration
         # images; it runs that model (which may output more layers) and reads its own
@@ -248,46 +227,90 @@ def features_for_images(
                 "runs one network, so extract them in one run."
             )
         key = keys.pop() or key
-    flops = 0
-    if engine == "auto" or batch_size is None:  # both judge the network on its trace
-        record = get_backbone(p["backbone"])
+    traced = None
+    if s.engine == "auto" or s.batch_size is None:  # both judge the network on its trace
         traced = trace_layers(record, record.skeleton(p["weights_spec"]), size)
-        flops = max((i.flops for i in traced if i.module in modules), default=0)
-    if batch_size is None:  # a forward pass runs each image's 1 + tta views
-        views, why_batch = default_batch_size(traced, modules, size, dev)
-        batch_size = max(1, views // (1 + tta))
-        if not quiet:
-            print(f"Batch size {batch_size} ({why_batch}).", file=sys.stderr)
-    name, why = resolve_engine(engine, dev, precision, len(files) * (1 + tta), key, flops)
-    if not quiet:
-        print(f"Engine: {name}" + (f" ({why})." if why else "."), file=sys.stderr)
-    loader = DataLoader(
-        _Images(files, preprocessing, tta, _tta_augmentation(p) if tta else None),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=_collate,
+    return _ModelNetwork(tap, preprocessing, device, precision, key, traced)
+
+
+def _rows(outputs: dict, layers: list[dict]) -> np.ndarray:
+    """The model's input rows from the tap's outputs: each layer cast to its stored dtype,
+    several flattened and concatenated (as `featx.store.ConcatRows` reads them)."""
+    parts = [
+        outputs[layer["module"]].float().cpu().numpy().astype(layer["dtype"]) for layer in layers
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate([part.reshape(len(part), -1) for part in parts], axis=1)
+
+
+def features_for_images(
+    model: FeatxModel,
+    files: list[Path],
+    settings: PredictSettings | None = None,
+    *,
+    desc: str = "predict",
+    **overrides: Any,
+) -> Iterator[tuple[list[int], np.ndarray | None, list[tuple[int, str]]]]:
+    """The model's input rows for image `files`, made as the model's store made them: its
+    backbone and weights (checked by sha256), preprocessing, every layer it reads tapped in
+    one pass with the same pooling, precision and dtype cast.
+
+    `settings` (a `PredictSettings`, with `overrides`): `engine` runs the network as `featx
+    extract --engine` does (auto: chosen for this many images); an engine that cannot take
+    the model falls back to eager. `batch_size` None chooses it as extraction does, counting
+    each image's 1 + `tta` views. Unless `quiet`, the engine and batch size are said in one
+    line each.
+
+    Yields (indices into `files`, rows of shape (n * (1 + tta), ...) or None, [(index,
+    reason)] of files that could not be decoded) per batch; with `tta`, each image's rows are
+    followed by those of its augmented views.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from featx.inference.auto import resolve_engine
+    from featx.inference.images import Batches, Images, image_loader
+    from featx.inference.network import (
+        choose_batch_size,
+        network_flops,
+        start_engine,
+        stderr_log,
     )
-    # The decoding workers fork here, before an engine starts its own thread pool (OpenVINO's
-    # does not survive a fork beside it). The engine runs in the stored precision.
-    batches = iter(loader)
-    example = torch.zeros(batch_size * (1 + tta), 3, size, size)
-    run = build_engine(tap, name, dev, precision, example=example, key=key)
-    if run.fallback_reason and not quiet:
-        print(f"Engine: {run.describe()}.", file=sys.stderr)
-    bar = tqdm(total=len(files), unit="img", disable=quiet, desc=desc, file=sys.stderr)
+
+    s = settled(settings or PredictSettings(), overrides)
+    log, layers = stderr_log(s.quiet), model.layers
+    net = _model_network(model, s)
+    modules, size, views = (
+        [layer["module"] for layer in layers],
+        net.preprocessing.input_size,
+        1 + s.tta,
+    )
+    batch_size = s.batch_size
+    if batch_size is None:  # a forward pass runs each image's 1 + tta views
+        batch_size, why = choose_batch_size(net.traced, modules, size, net.device, views)
+        log(f"Batch size {batch_size} ({why}).")
+    flops = network_flops(net.traced, modules) if net.traced else 0
+    name, why = resolve_engine(
+        s.engine, net.device, net.precision, len(files) * views, net.key, flops
+    )
+    transform = None
+    if s.tta:
+        names = [f.name for f in files]
+        transform = TTAViews(net.preprocessing, names, _tta_augmentation(model.provenance), s.tta)
+    images = Images(files, net.preprocessing, transform=transform)
+    loader = image_loader(images, Batches(0, len(files), batch_size), s.workers)
+    batches, engine = start_engine(
+        loader, net.tap, name, why, precision=net.precision, device=net.device,
+        example=torch.zeros(batch_size * views, 3, size, size), key=net.key, log=log,
+    )  # fmt: skip
+    bar = tqdm(total=len(files), unit="img", disable=s.quiet, desc=desc, file=sys.stderr)
     for index, batch, bad in batches:
-        rows = None
-        if batch is not None:
-            outputs = run(batch.flatten(0, 1))
-            parts = [
-                outputs[layer["module"]].float().cpu().numpy().astype(layer["dtype"])
-                for layer in layers
-            ]
-            rows = (
-                parts[0]
-                if len(parts) == 1
-                else np.concatenate([part.reshape(len(part), -1) for part in parts], axis=1)
-            )
+        rows = (
+            None
+            if batch is None
+            else _rows(engine(batch.flatten(0, 1) if s.tta else batch), layers)
+        )
         yield index, rows, bad
         bar.update(len(index) + len(bad))
     bar.close()
@@ -296,27 +319,20 @@ def features_for_images(
 def predict(
     model: FeatxModel | str | os.PathLike,
     paths: list[str | os.PathLike],
+    settings: PredictSettings | None = None,
     *,
     out: str | os.PathLike | None = None,
-    top_k: int = 3,
-    batch_size: int | None = None,
-    device: str = "auto",
-    workers: int = 0,
-    tta: int = 0,
-    quiet: bool = True,
-    engine: str = "auto",
+    **overrides: Any,
 ) -> Predictions:
-    """Classify the images in `paths` (files or folders) with `model`.
+    """Classify the images in `paths` (files or folders) with `model`, as `settings` (a
+    `PredictSettings`, with `overrides` replacing its fields) asks.
 
     Files that cannot be decoded are skipped and listed in `Predictions.skipped`. `out` writes
     the CSV (see `Predictions.to_csv`). `tta` > 0 averages the scores of the image and that many
     augmented views of it (test-time augmentation, with the model's training augmentation).
-    `engine` runs the network: auto, eager, compile or openvino (see `features_for_images`).
+    `engine` runs the network (see `features_for_images`).
     """
-    check_range("top-k", top_k, 1)
-    check_range("batch-size", batch_size, 1)
-    check_range("workers", workers, 0)
-    check_range("tta", tta, 0)
+    s = settled(settings or PredictSettings(), overrides)
     check_output_file("out", out)
     if not isinstance(model, FeatxModel):
         model = load_model(model)
@@ -328,16 +344,12 @@ def predict(
     good: list[int] = []
     predicted: list[np.ndarray] = []
     scores: list[np.ndarray] = []
-    batches = features_for_images(
-        model, files, batch_size=batch_size, device=device, workers=workers, tta=tta,
-        quiet=quiet, engine=engine,
-    )  # fmt: skip
-    for index, features, bad in batches:
+    for index, features, bad in features_for_images(model, files, s):
         skipped.extend((str(files[i]), reason) for i, reason in bad)
         if features is not None:
             labels, batch_scores = model.scores(features)
-            if tta:
-                batch_scores = batch_scores.reshape(len(index), 1 + tta, -1).mean(axis=1)
+            if s.tta:
+                batch_scores = batch_scores.reshape(len(index), 1 + s.tta, -1).mean(axis=1)
                 labels = batch_scores.argmax(axis=1)
             good.extend(index)
             predicted.append(labels)
@@ -352,5 +364,5 @@ def predict(
         skipped,
     )
     if out is not None:
-        result.write_csv(out, top_k)
+        result.write_csv(out, s.top_k)
     return result

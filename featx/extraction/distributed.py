@@ -11,6 +11,7 @@ storage every node can reach.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -22,10 +23,14 @@ from typing import Any
 
 from tqdm import tqdm
 
-from featx.data.manifest import open_dataset
 from featx.errors import UsageError, first_line
-from featx.extraction.run import AUGMENTED_SPLITS, ExtractResult, default_store_path, extract
+from featx.extraction.naming import default_store_path
+from featx.extraction.plan import AUGMENTED_SPLITS
+from featx.extraction.run import ExtractResult, extract
+from featx.extraction.settings import ExtractSettings, settled
 from featx.extraction.shard import shard_files, shard_store_path
+from featx.inference.images import open_images
+from featx.inference.network import stderr_log
 from featx.store.feature_store import FeatureStore, layer_key
 from featx.store.merge import merge
 
@@ -45,48 +50,37 @@ def _ray():
     return ray
 
 
-def _run_shard(shard: tuple[int, int], threads: int, args: tuple, options: dict) -> dict:
+def _run_shard(shard: tuple[int, int], threads: int, data: str, settings: ExtractSettings) -> dict:
     """The Ray task: one shard with the ordinary library call, in a Ray worker process."""
     import torch
 
     torch.set_num_threads(threads)
-    result = extract(*args, shard=shard, quiet=True, **options)
+    result = extract(data, settings, shard=f"{shard[0]}/{shard[1]}", quiet=True)
     return {"n_rows": result.n_rows, "skipped": result.skipped}
 
 
 def extract_on_ray(
-    data_dir: str | os.PathLike,
-    backbone: str,
-    layers: Sequence[str],
+    data: str | os.PathLike,
+    settings: ExtractSettings | None = None,
     *,
     shards: int | None = None,
     address: str | None = None,
     cpus_per_shard: float | None = None,
     gpus_per_shard: float | None = None,
     max_retries: int = 3,
-    store: str | os.PathLike | None = None,
-    weights: str = "default",
-    image_size: int | None = None,
-    pool: str = "none",
-    augment: int = 0,
-    overwrite: bool = False,
-    quiet: bool = False,
-    command: str | None = None,
-    **options: Any,
+    **overrides: Any,
 ) -> ExtractResult:
-    """`featx.extract` split into `shards` Ray tasks on the cluster at `address` (a local
-    Ray instance when None), merged into `store` at the end. `options` are `extract`'s."""
+    """`featx.extract(data, settings, **overrides)` split into `shards` Ray tasks on the
+    cluster at `address` (a local Ray instance when None), merged into the store at the end."""
     ray = _ray()
-    store = Path(store) if store else default_store_path(data_dir, backbone, weights, image_size)
-    log = (lambda *_: None) if quiet else (lambda text: print(text, file=sys.stderr))
-    folder = open_dataset(data_dir)
-    keys = _layer_keys(backbone, layers, pool)
-    if store.exists() and not overwrite:
+    s = settled(settings or ExtractSettings(), overrides)
+    store = Path(s.store or default_store_path(data, s.backbone or "", s.weights, s.image_size))
+    log = stderr_log(s.quiet)
+    folder = open_images(data)
+    keys = _layer_keys(s.backbone, s.layers, s.pool)
+    if store.exists() and not s.overwrite:
         if _has_layers(store, keys):  # the ordinary checks: the same data and settings?
-            return extract(
-                data_dir, backbone, layers, store=store, weights=weights,
-                image_size=image_size, pool=pool, augment=augment, quiet=quiet, **options,
-            )  # fmt: skip
+            return extract(data, s, store=store)
         raise UsageError(
             f"store {store} exists without these layers or for other files; --ray writes new "
             "stores only: use --overwrite, another --store, or extract without --ray."
@@ -119,7 +113,7 @@ def extract_on_ray(
             cpus_per_shard = 1 if gpus else max(1, int(resources.get("CPU", 1) // shards))
         if len([n for n in ray.nodes() if n["Alive"]]) > 1 and not _shared(store.parent):
             log(f"Warning: {store.parent} looks node-local, but the cluster has several nodes.")
-        per_file = [1 + (augment if f.split in AUGMENTED_SPLITS else 0) for f in folder.files]
+        per_file = [1 + (s.augment if f.split in AUGMENTED_SPLITS else 0) for f in folder.files]
         paths = [shard_store_path(store, (i, shards)) for i in range(shards)]
         sizes = [
             sum(per_file[j] for j in shard_files(len(per_file), (i, shards))) for i in range(shards)
@@ -130,27 +124,24 @@ def extract_on_ray(
             max_retries=max_retries,
             retry_exceptions=False,
         )
-        args = (str(Path(data_dir).resolve()), backbone, list(layers))
-        shard_options = {
-            "store": str(store.resolve()),
-            "weights": weights,
-            "image_size": image_size,
-            "pool": pool,
-            "augment": augment,
-            "overwrite": overwrite,
-            "command": command,
-            **options,
-            "workers": options.get("workers") or 0,  # by default, decode in the task's process
-        }
+        shard_settings = dataclasses.replace(
+            s,
+            store=store.resolve(),
+            workers=s.workers or 0,  # by default, decode in the task's process
+            command=s.command or " ".join(sys.argv),
+        )
         threads = max(1, int(cpus_per_shard))
         # a finished shard's task returns at once (its store has the layers), a started one
         # resumes from its saved chunks: extract's own checks decide, so stale shards are refused
-        running = {task.remote((i, shards), threads, args, shard_options): i for i in range(shards)}
-        _wait(ray, running, paths, sizes, quiet)
+        where = str(Path(data).resolve())
+        running = {
+            task.remote((i, shards), threads, where, shard_settings): i for i in range(shards)
+        }
+        _wait(ray, running, paths, sizes, s.quiet)
     finally:
         if started:
             ray.shutdown()
-    merged = merge(store, paths, command=command)
+    merged = merge(store, paths, command=s.command)
     for path in paths:
         path.unlink()
     log(f"Merged {shards} shards into {merged}.")

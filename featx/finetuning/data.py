@@ -21,10 +21,10 @@ from featx.data.folders import (
     ImageFile,
     ImageFolder,
 )
-from featx.data.manifest import open_dataset
 from featx.data.preprocessing import Preprocessing
 from featx.errors import UsageError
 from featx.finetuning.config import FinetuneConfig
+from featx.inference.images import collate, open_images
 
 __all__ = ["Split", "TrainingData", "mix_seed", "training_split"]
 
@@ -48,7 +48,9 @@ def training_split(folder: ImageFolder, val_fraction: float, seed: int) -> Split
     pool = by_split.get("train") or by_split.get(UNSPLIT)
     if not pool:
         raise UsageError(
-            f"{folder.root} has no training images; expected DATA/train/CLASS/ or DATA/CLASS/."
+            f"the dataset in {folder.root} has no training images: a folder needs "
+            "DATA/train/CLASS/ or DATA/CLASS/, a manifest rows of the train split or no split "
+            "column."
         )
     if by_split.get("validation"):
         return Split(tuple(pool), tuple(by_split["validation"]), "validation folder")
@@ -90,7 +92,8 @@ class ImageTransform:
 
 class _Images(Dataset):
     """Items are (position, epoch): epoch None gives the plain image, else an augmented view
-    seeded by (seed, file index, epoch). Unreadable files yield their reason."""
+    seeded by (seed, file index, epoch). Each is (position, tensor, None), or (position, None,
+    reason) for a file that cannot be decoded, as `featx.inference.collate` batches them."""
 
     def __init__(
         self,
@@ -113,20 +116,15 @@ class _Images(Dataset):
         try:
             image = self.transform.preprocessing.load(self.root / f.path)
         except BadImage as bad:
-            return position, None, f.label, f"{f.path}: {bad}"
+            return position, None, str(bad)
         seed = None if epoch is None else view_seed(self.seed, file_index, epoch)
-        return position, self.transform(image, seed), f.label, None
+        return position, self.transform(image, seed), None
 
+    def labels(self, positions: Sequence[int]) -> torch.Tensor:
+        return torch.tensor([self.files[self.index[p]].label for p in positions], dtype=torch.long)
 
-def _collate(samples):
-    good = [s for s in samples if s[1] is not None]
-    bad = [s[3] for s in samples if s[1] is None]
-    if not good:
-        return [], None, None, bad
-    positions = [s[0] for s in good]
-    x = torch.stack([s[1] for s in good])
-    y = torch.tensor([s[2] for s in good], dtype=torch.long)
-    return positions, x, y, bad
+    def path(self, position: int) -> str:
+        return self.files[self.index[position]].path
 
 
 class _EpochBatches:
@@ -183,10 +181,12 @@ class TrainingData:
         workers: int,
         pin_memory: bool,
     ):
-        self.folder = open_dataset(data_dir)
+        self.folder = open_images(data_dir)
         self.class_names = list(self.folder.class_names)
         if len(self.class_names) < 2:
-            raise UsageError(f"{self.folder.root} has one class; fine-tuning needs at least two.")
+            raise UsageError(
+                f"the dataset in {self.folder.root} has one class; fine-tuning needs at least two."
+            )
         self.split = training_split(self.folder, config.val_fraction, config.seed)
         self.batch_size, self.workers, self.pin_memory = config.batch_size, workers, pin_memory
         transform = ImageTransform(preprocessing, config.augment)
@@ -224,7 +224,7 @@ class TrainingData:
                 dataset,
                 batch_sampler=sampler,
                 num_workers=self.workers,
-                collate_fn=_collate,
+                collate_fn=collate,
                 pin_memory=self.pin_memory,
                 persistent_workers=self.workers > 0,
                 prefetch_factor=2 if self.workers else None,
@@ -237,14 +237,13 @@ class TrainingData:
         images; unreadable files are noted in `skipped`."""
         if epoch is not None:
             self.train_batches.epoch = epoch
-        loader = self.loader(which)
+        loader, images = self.loader(which), self.images(which)
         self._generators[which].manual_seed(mix_seed(self.seed, epoch or 0, 3))
-        for _positions, x, y, bad in loader:
-            for text in bad:
-                path, _, reason = text.partition(": ")
-                self.skipped.setdefault(path, reason)
+        for positions, x, bad in loader:
+            for position, reason in bad:
+                self.skipped.setdefault(images.path(position), reason)
             if x is not None:
-                yield x, y
+                yield x, images.labels(positions)
 
     def class_weights(self) -> np.ndarray:
         """Balanced class weights of the training images: n / (classes * count)."""
