@@ -18,7 +18,9 @@ Layout (format version 1), readable with plain h5py:
 A store made by `featx extract --shard I/N` holds the rows of its slice only, with the whole
 dataset's /files; its meta has `shard: {index, count, first_row, n_rows, n_rows_total, ...}`.
 A store made by `featx merge --virtual` holds HDF5 virtual datasets under /features that read
-the shard files in place.
+the shard files in place; its meta lists them as `virtual_sources: [{path, n_rows, identity}]`.
+Any other reference to another file (external storage, links, virtual datasets) is refused on
+open (`featx.store.sources`).
 
 `<key>` is the layer name, with `@avg`, `@max` or `@avgmax` appended when the layer was pooled.
 
@@ -42,6 +44,7 @@ import numpy as np
 from featx.data.preprocessing import Preprocessing
 from featx.errors import UsageError
 from featx.runtime import human_size
+from featx.store.sources import check_virtual_sources, walk_store
 
 __all__ = [
     "FeatureStore",
@@ -107,7 +110,9 @@ class FeatureStore:
             self.meta: dict[str, Any]
             self.class_names: list[str]
             self.splits_: np.ndarray
+            virtual = walk_store(self._file, self.path)
             self.meta, self.class_names, self.splits_ = validate_store(self._file, self.path)
+            check_virtual_sources(self.path, virtual, self.meta)
         except UsageError:
             self._file.close()
             raise

@@ -22,6 +22,7 @@ from featx.data.preprocessing import Preprocessing
 from featx.errors import UsageError
 from featx.runtime import library_versions, now
 from featx.store.feature_store import FeatureStore, add_layer, write_store
+from featx.store.sources import shard_identity
 
 __all__ = ["merge"]
 
@@ -55,7 +56,7 @@ def merge(
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
         try:
-            with _skeleton(tmp, stores, keys, command) as h5:
+            with _skeleton(tmp, stores, keys, command, virtual) as h5:
                 for key in keys:
                     (_map_layer if virtual else _copy_layer)(h5, key, stores)
                 h5.flush()
@@ -159,10 +160,16 @@ def _columns(path: Path, group: str) -> dict[str, np.ndarray]:
 
 
 def _skeleton(
-    tmp: Path, stores: list[FeatureStore], keys: list[str], command: str | None
+    tmp: Path, stores: list[FeatureStore], keys: list[str], command: str | None, virtual: bool
 ) -> h5py.File:
-    """The merged store file with everything but the features."""
-    meta = {k: v for k, v in stores[0].meta.items() if k != "shard"}
+    """The merged store file with everything but the features; a virtual store's meta lists
+    the shards its layers map, with their identities."""
+    meta = {k: v for k, v in stores[0].meta.items() if k not in ("shard", "virtual_sources")}
+    if virtual:
+        meta["virtual_sources"] = [
+            {"path": str(s.path.resolve()), "n_rows": s.n_rows, "identity": shard_identity(s.path)}
+            for s in stores
+        ]
     history = list(meta.get("history", []))
     history.append(
         {
