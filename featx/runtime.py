@@ -54,10 +54,13 @@ ENGINES = ("eager", "compile", "openvino")  # featx.extraction.engines; "auto" p
 
 
 def cache_root() -> Path:
-    """featx's cache on this machine (engine conversions, weights hashes): `$FEATX_CACHE` or
-    ~/.cache/featx/engines."""
+    """featx's cache on this machine (engine conversions, weights hashes): `$FEATX_CACHE`, or
+    the platform's cache folder for featx (~/.cache/featx on Linux, ~/Library/Caches/featx on
+    macOS, %LOCALAPPDATA%\\featx\\Cache on Windows)."""
+    import platformdirs
+
     env = os.environ.get("FEATX_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "featx" / "engines"
+    return Path(env) if env else Path(platformdirs.user_cache_dir("featx", appauthor=False))
 
 
 # ---- device and precision -------------------------------------------------------------------

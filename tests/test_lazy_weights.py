@@ -212,3 +212,24 @@ def test_a_weights_file_is_hashed_once_until_it_changes(tmp_path):
     path.write_bytes(b"b" * 1000)
     os.utime(path, ns=(1, 10**18))
     assert weights_io.file_sha256(path) == hashlib.sha256(b"b" * 1000).hexdigest()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the XDG cache folder is Linux's")
+def test_weights_hashes_go_to_the_platform_cache_folder_unless_featx_cache_is_set(tmp_path):
+    import subprocess
+
+    path = tmp_path / "w.pth"
+    path.write_bytes(b"c" * 1000)
+    code = "from pathlib import Path; from featx.backbones.weights import file_sha256\n"
+    code += f"print(file_sha256(Path({str(path)!r})))"
+    env = {k: v for k, v in os.environ.items() if k != "FEATX_CACHE"}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
+    for extra, where in (
+        ({}, tmp_path / "xdg" / "featx"),
+        ({"FEATX_CACHE": str(tmp_path / "own")}, tmp_path / "own"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True
+        )
+        assert done.stdout.strip() == hashlib.sha256(b"c" * 1000).hexdigest(), done.stderr
+        assert len(list((where / "weights-sha256").iterdir())) == 1, where
