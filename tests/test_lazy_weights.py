@@ -233,3 +233,30 @@ def test_weights_hashes_go_to_the_platform_cache_folder_unless_featx_cache_is_se
         )
         assert done.stdout.strip() == hashlib.sha256(b"c" * 1000).hexdigest(), done.stderr
         assert len(list((where / "weights-sha256").iterdir())) == 1, where
+
+
+def test_a_blocked_hash_cache_only_costs_hashing_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEATX_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "w.pth"
+    path.write_bytes(b"d" * 1000)
+    digest = hashlib.sha256(b"d" * 1000).hexdigest()
+    assert weights_io.file_sha256(path) == digest
+    (entry,) = (tmp_path / "cache" / "weights-sha256").iterdir()
+    entry.unlink()
+    entry.mkdir()  # the entry's place is taken: it can be neither read nor written
+    assert weights_io.file_sha256(path) == digest
+    assert get_backbone("resnet18").weights_identity(str(path)).endswith(digest[:16])
+    assert entry.is_dir()
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes anyway")
+def test_a_read_only_hash_cache_only_costs_hashing_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEATX_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "weights-sha256").mkdir(parents=True)
+    (tmp_path / "cache" / "weights-sha256").chmod(0o500)
+    path = tmp_path / "w.pth"
+    path.write_bytes(b"e" * 1000)
+    try:
+        assert weights_io.file_sha256(path) == hashlib.sha256(b"e" * 1000).hexdigest()
+    finally:
+        (tmp_path / "cache" / "weights-sha256").chmod(0o700)

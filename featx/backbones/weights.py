@@ -3,6 +3,7 @@ digests that identify weights (cached per file, so a large file is hashed once).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-from featx.errors import UsageError, first_line
+from featx.errors import FeatxError, UsageError, first_line
 from featx.runtime import atomic_write, cache_root
 
 if TYPE_CHECKING:  # torch loads only when weights are read
@@ -227,17 +228,16 @@ def cached_file_digest(path: Path, what: str, compute: Callable[[], str]) -> str
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{what}"
     cached = cache_root() / "weights-sha256" / hashlib.sha256(key.encode()).hexdigest()
     try:
-        value = cached.read_text().strip()
-        if re.fullmatch(r"[0-9a-f]{64}", value):
-            return value
+        if cached.is_file():  # not a folder or a FIFO in its place, which would block
+            value = cached.read_text().strip()
+            if re.fullmatch(r"[0-9a-f]{64}", value):
+                return value
     except OSError:
         pass
     value = compute()
-    try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
+    # A read-only, full or blocked cache only costs the hash again next time.
+    with contextlib.suppress(OSError, FeatxError):
         atomic_write(cached, value.encode())
-    except OSError:  # a read-only cache only costs the hash again next time
-        pass
     return value
 
 
