@@ -25,6 +25,7 @@ _EXPORTS = {
     "extract": "extraction.run",
     "ExtractResult": "extraction.run",
     "fit": "classify.fit",
+    "FitSettings": "classify.fit_settings",
     "Sweep": "classify.sweep",
     "evaluate": "classify.evaluate",
     "Evaluation": "classify.evaluate",

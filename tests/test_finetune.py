@@ -8,7 +8,9 @@ test_finetune_real.py.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -485,7 +487,7 @@ def test_blocks_follow_the_architecture(backbone, blocks, default):
         (["--shift", "1.5"], "Augmentation shift must be a number from 0 to 1"),
         (["--fill", "wrap"], "Augmentation fill must be one of nearest, constant, reflect"),
         (["--no-augment", "--zoom", "0.1"], "augmentation settings were given together with"),
-        (["--lr-mult", "3"], "--lr-mult must be in (0, 1]"),
+        (["--lr-mult", "3"], "--lr-mult must be above 0 and at most 1, not 3"),
         (["--schedule", "step"], "--schedule must be one of onecycle, cosine-restarts, constant"),
         (["--precision", "fp16", "--device", "cpu"], "--precision fp16 needs a CUDA or MPS"),
     ],
@@ -498,6 +500,39 @@ def test_bad_options_are_one_sentence_with_exit_code_2(tiny, tmp_path, options, 
     )  # fmt: skip
     assert code == 2, err
     assert err.startswith(f"featx: {message}") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("lr", math.inf, "--lr must be a finite number, not inf."),
+        ("lr_head", math.inf, "--lr-head must be a finite number, not inf."),
+        ("weight_decay", math.inf, "--weight-decay must be a finite number, not inf."),
+        ("lr", math.nan, "--lr must be a finite number, not nan."),
+        ("hidden", 10**20, "--hidden must be at most 65536, not 100000000000000000000."),
+        ("seed", 10**20, "--seed must be at most 4294967295, not 100000000000000000000."),
+        ("epochs", 10**20, "--epochs must be at most 100000, not 100000000000000000000."),
+        ("batch_size", 10**20, "--batch-size must be at most 65536, not 100000000000000000000."),
+    ],
+)
+def test_a_bad_number_is_refused_when_the_config_is_made(option, value, message):
+    """Before any work: an infinite learning rate used to fail only after training."""
+    with pytest.raises(UsageError) as caught:
+        FinetuneConfig(backbone="resnet18", **{option: value})
+    assert str(caught.value) == message
+
+
+def test_every_option_of_the_config_declares_its_help():
+    from featx.settings import check_settings, option_spec
+
+    config = FinetuneConfig(backbone="resnet18")
+    check_settings(config)
+    undeclared = [
+        f.name
+        for f in dataclasses.fields(FinetuneConfig)
+        if f.name != "augment" and option_spec(f) is None
+    ]
+    assert not undeclared
 
 
 def test_an_empty_class_folder_is_an_error(shapes, tmp_path):

@@ -169,3 +169,14 @@ def test_a_given_layer_or_a_one_layer_store_chooses_nothing(with_test, store, tm
     c = config(backbone="resnet18", epochs_head=None, epochs=0, lr=3e-3, patience=0)
     finetune(with_test, c, out=tmp_path / "run", workers=0, store=store)
     assert "Feature layer from the store" not in capsys.readouterr().err
+
+
+@pytest.mark.slow  # a fine-tuning run end to end
+def test_epochs_are_numbered_within_their_stage(with_test, store, tmp_path, capsys):
+    """Stage 1 on cached rows runs up to 100 epochs; stage 2's one epoch is `epoch 1/1`."""
+    c = config(backbone="resnet18", epochs_head=None, epochs=1, lr=3e-3, patience=0)
+    finetune(with_test, c, out=tmp_path / "run", workers=0, quiet=False, store=store)
+    said = capsys.readouterr().err
+    lines = [line for line in said.splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1/1 (full)"], said
+    assert "of stage" in said.splitlines()[-1]

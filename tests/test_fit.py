@@ -288,7 +288,7 @@ def test_evaluate_refuses_a_store_with_other_features(model_path, split_data, tm
 @pytest.mark.slow
 def test_streamed_fit_on_a_small_store(split_store):
     sweep = featx.fit(
-        split_store, "layer4", ["sgd", "mlp"], stream=True, chunk_bytes=8 * 2048 * 4, seed=3
+        split_store, "layer4", ["sgd", "mlp"], stream=True, chunk_mb=8 * 2048 * 4 / 1e6, seed=3
     )
     for r in sweep.results:
         assert r.streamed and r.epochs
@@ -298,7 +298,7 @@ def test_streamed_fit_on_a_small_store(split_store):
 
 
 def test_streamed_pca_uses_incremental_pca(split_store):
-    sweep = featx.fit(split_store, "layer4", "sgd", stream=True, pca=4, chunk_bytes=8 * 2048 * 4)
+    sweep = featx.fit(split_store, "layer4", "sgd", stream=True, pca=4, chunk_mb=8 * 2048 * 4 / 1e6)
     assert type(sweep.best.model.pipeline["pca"]).__name__ == "IncrementalPCA"
     assert sweep.best.model.pipeline["pca"].n_components_ == 4
 

@@ -31,7 +31,7 @@ def peak():
 
 store, stream, chunk = sys.argv[1], sys.argv[2] == "stream", int(sys.argv[3])
 before = peak()
-sweep = fit(store, "feat", "sgd", stream=stream, chunk_bytes=chunk, params={"max_iter": 10})
+sweep = fit(store, "feat", "sgd", stream=stream, chunk_mb=chunk / 1e6, params={"max_iter": 10})
 print(json.dumps({"before": before, "after": peak(), "score": sweep.best.score,
                   "streamed": sweep.best.streamed, "passes": len(sweep.best.epochs)}))
 """

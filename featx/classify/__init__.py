@@ -5,6 +5,7 @@ from featx._lazy import lazy_exports
 
 _EXPORTS = {
     "fit": "fit",
+    "FitSettings": "fit_settings",
     "Sweep": "sweep",
     "FitResult": "sweep",
     "Selection": "selection",

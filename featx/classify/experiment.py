@@ -20,7 +20,8 @@ from sklearn.metrics import log_loss
 from sklearn.model_selection import GridSearchCV, ParameterGrid, PredefinedSplit
 from sklearn.pipeline import Pipeline
 
-from featx.classify.metrics import METRICS, classification_metrics
+from featx.classify.fit_settings import METRICS
+from featx.classify.metrics import classification_metrics
 from featx.classify.pipeline import PipelineConfig, build_pipeline
 from featx.classify.registry import classifier_spec
 from featx.classify.selection import Selection

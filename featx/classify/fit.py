@@ -7,66 +7,45 @@ experiment run by `featx.classify.experiment`, and the results gathered in a
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from featx.classify.experiment import Experiment, read_rows
+from featx.classify.fit_settings import FitSettings
 from featx.classify.metrics import format_number
-from featx.classify.pipeline import PipelineConfig
-from featx.classify.plan import (
-    REFITS,
-    FitRequest,
-    check_pool,
-    default_memory_budget,
-    plan_layer,
-    resolve_layer,
-)
+from featx.classify.plan import FitRequest, check_pool, plan_layer, resolve_layer
 from featx.classify.selection import Selection, select_rows
 from featx.classify.sweep import FitResult, Sweep
-from featx.errors import check_choice
 from featx.runtime import human_size
 from featx.store.feature_store import FeatureStore
-from featx.store.rows import DEFAULT_CHUNK_BYTES, LAYER_JOIN, ConcatRows, open_rows
+from featx.store.rows import LAYER_JOIN, ConcatRows, open_rows
 
-__all__ = ["fit"]
+__all__ = ["FitSettings", "fit"]
 
 
 def fit(
     store: FeatureStore | str | os.PathLike,
-    layers: str | Sequence[str],
-    classifiers: str | Sequence[str] = "logreg",
+    layers: str | Sequence[str] | None = None,
+    classifiers: str | Sequence[str] | None = None,
     *,
-    params: Mapping[str, Any] | Sequence[str] | None = None,
-    scale: bool = True,
-    pca: int | None = None,
-    l2: bool = False,
-    pool: str | None = None,
-    cv: int | None = None,
-    val_fraction: float = 0.2,
-    seed: int = 0,
-    metric: str = "accuracy",
-    n_jobs: int = 1,
-    stream: bool | None = None,
-    memory_budget: int | None = None,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    refit: str | None = None,
-    model: str | os.PathLike | None = None,
-    report: str | os.PathLike | None = None,
+    settings: FitSettings | None = None,
     progress: Callable[[str], None] | None = None,
     command: str | None = None,
     log: bool = True,
+    **overrides: Any,
 ) -> Sweep:
     """Fit every classifier on every layer of `store`, select hyper-parameters, rank them.
 
-    `params`: `--param` texts (`"C=0.01,0.1"`, `"svm.gamma=scale"`) or a mapping
-    {"[clf.]name": value, or [values] for a grid}. `pool`: avg/max/avgmax over the spatial
-    maps of a layer stored unpooled (default: flatten). `stream`: True trains out-of-core,
-    False never does, None decides by `memory_budget` (bytes; default half the available
-    memory). `model` saves the best experiment's model file, `report` the JSON report (and a
-    confusion-matrix PNG beside it). `progress` receives one line per finished experiment.
+    `settings` (`FitSettings`) says what to fit and how; keyword `overrides` replace its
+    fields (`fit(store, "layer4", "svm", params=["C=0.1,1"], cv=5)`; `layers` and
+    `classifiers` may also come first, by position). `model` saves the best experiment's
+    model file, `report` the JSON report (and a confusion-matrix PNG beside it). `progress`
+    receives one line per finished experiment; `log` appends one record per experiment to the
+    store's run log (`featx.runlog`).
 
     A layer may be several stored layers joined by `+` (`"blocks.4+bn2"`): each is pooled
     (spatial maps by `pool`, average by default), standardised and concatenated.
@@ -76,71 +55,54 @@ def fit(
     rows. Default: `"train"` when the store has a validation split, `"all"` when the
     validation rows were carved out of the training images (a hold-out, or CV folds). Scores
     stay those measured before the refit. Streamed fits are not refit (they stop early on the
-    validation rows). `log` appends one record per experiment to the store's run log
-    (`featx.runlog`).
+    validation rows).
     """
-    if refit is not None:
-        check_choice("refit", refit, REFITS)
-    request = FitRequest.checked(
-        layers=layers,
-        classifiers=classifiers,
-        params=params,
-        config=PipelineConfig(pool or "none", scale, pca, l2),
-        pool=pool,
-        cv=cv,
-        val_fraction=val_fraction,
-        seed=seed,
-        metric=metric,
-        n_jobs=n_jobs,
-        stream=stream,
-        budget=default_memory_budget() if memory_budget is None else memory_budget,
-        chunk_bytes=chunk_bytes,
-        command=command,
-    )
+    given = {"layers": layers, "classifiers": classifiers}
+    overrides |= {k: v for k, v in given.items() if v is not None}
+    if "chunk_bytes" in overrides:  # the keyword of earlier releases
+        overrides["chunk_mb"] = overrides.pop("chunk_bytes") / 1e6
+    settings = dataclasses.replace(settings or FitSettings(), **overrides)
+    request = FitRequest.checked(settings)
+    s = settings
     owned = not isinstance(store, FeatureStore)
     store = FeatureStore(store) if owned else store
     try:
-        keys = list(dict.fromkeys(resolve_layer(store, layer) for layer in request.layers))
+        keys = list(dict.fromkeys(resolve_layer(store, layer) for layer in s.layers))
         for key in keys:
-            store.check_finite(key, chunk_bytes=request.chunk_bytes)
+            store.check_finite(key, chunk_bytes=s.chunk_bytes)
             if LAYER_JOIN not in key:
                 check_pool(store, key, request.config.pool)
-        selection = select_rows(store, cv=cv, val_fraction=val_fraction, seed=seed)
-        refit = refit or selection.default_refit
+        selection = select_rows(store, cv=s.cv, val_fraction=s.val_fraction, seed=s.seed)
+        refit = s.refit or selection.default_refit
         plans = [plan_layer(store, key, selection, request) for key in keys]
-        results = _run(store, plans, selection, request, refit, progress or (lambda _text: None))
+        say = progress or (lambda _text: None)
+        results = _run(store, plans, selection, request, refit, say, command)
     finally:
         if owned:
             store.close()
+    resolved = {
+        "layers": keys,
+        "params": {name: grid for name, grid in request.grids.items() if grid},
+        "pool": request.config.pool,
+        "refit": refit,
+        "val_fraction": s.val_fraction if selection.validation is not None else None,
+        "memory_budget": request.budget,
+        "chunk_bytes": s.chunk_bytes,
+    }
     sweep = Sweep(
         results=_ranked(results),
-        metric=metric,
+        metric=s.metric,
         store=store.path,
         selection=selection.description,
-        config={
-            "layers": keys,
-            "classifiers": request.classifiers,
-            "params": {name: grid for name, grid in request.grids.items() if grid},
-            "pool": request.config.pool,
-            "scale": scale,
-            "pca": pca,
-            "l2": l2,
-            "cv": cv,
-            "refit": refit,
-            "val_fraction": val_fraction if selection.validation is not None else None,
-            "seed": seed,
-            "stream": stream,
-            "memory_budget": request.budget,
-            "chunk_bytes": chunk_bytes,
-        },
+        config=dataclasses.asdict(s) | resolved,
         command=command,
     )
-    if model is not None:
-        sweep.best.model.save(model)
-    if report is not None:
-        sweep.write_report(report)
+    if s.model is not None:
+        sweep.best.model.save(s.model)
+    if s.report is not None:
+        sweep.write_report(s.report)
     if log:
-        sweep.record(model)
+        sweep.record(s.model)
     return sweep
 
 
@@ -151,12 +113,14 @@ def _run(
     request: FitRequest,
     refit: str,
     say: Callable[[str], None],
+    command: str | None,
 ) -> list[FitResult]:
     """Every classifier on every planned layer, each layer read once (or streamed)."""
+    s = request.settings
     labels = store.labels()
     results = []
     for key, streamed in plans:
-        with open_rows(store, key, request.chunk_bytes) as rows:
+        with open_rows(store, key, s.chunk_bytes) as rows:
             if streamed:
                 say(
                     f"{key}: training out-of-core in chunks of {rows.chunk_rows} rows "
@@ -165,7 +129,7 @@ def _run(
                 X = None
             else:
                 X, y = read_rows(rows, selection, labels)
-            for name in request.classifiers:
+            for name in s.classifiers:
                 experiment = Experiment(
                     store=store,
                     key=key,
@@ -173,9 +137,9 @@ def _run(
                     grid=request.grids[name],
                     config=request.config,
                     selection=selection,
-                    seed=request.seed,
-                    metric=request.metric,
-                    n_jobs=request.n_jobs,
+                    seed=s.seed,
+                    metric=s.metric,
+                    n_jobs=s.n_jobs,
                     refit=refit,
                     row_shapes=rows.row_shapes if isinstance(rows, ConcatRows) else None,
                 )
@@ -183,10 +147,10 @@ def _run(
                     result = experiment.run_streamed(rows, labels)
                 else:
                     result = experiment.run_in_memory(X, y)
-                result.model.provenance["command"] = request.command
+                result.model.provenance["command"] = command
                 results.append(result)
                 say(
-                    f"{key:<24} {name:<10} {request.metric} {format_number(result.score)}  "
+                    f"{key:<24} {name:<10} {s.metric} {format_number(result.score)}  "
                     f"({result.seconds:.1f} s)"
                 )
             del X

@@ -26,12 +26,6 @@ SUMMARY = {
     "macro_f1": "macro F1",
     "log_loss": "log loss",
 }
-# --metric -> (scikit-learn scorer, key in the metrics dict)
-METRICS = {
-    "accuracy": ("accuracy", "accuracy"),
-    "balanced_accuracy": ("balanced_accuracy", "balanced_accuracy"),
-    "f1_macro": ("f1_macro", "macro_f1"),
-}
 MAX_PRINTED_CLASSES = 20  # wider confusion matrices go to the PNG only
 
 

@@ -17,8 +17,7 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import ParameterGrid
 
-from featx.backbones.registry import POOLS
-from featx.classify.metrics import METRICS
+from featx.classify.fit_settings import FitSettings
 from featx.classify.pipeline import PipelineConfig
 from featx.classify.registry import (
     as_param_specs,
@@ -28,8 +27,9 @@ from featx.classify.registry import (
     streaming_classifiers,
 )
 from featx.classify.selection import Selection
-from featx.errors import UsageError, check_choice
+from featx.errors import UsageError
 from featx.runtime import available_memory, human_size
+from featx.settings import check_settings
 from featx.store.feature_store import FeatureStore
 from featx.store.rows import LAYER_JOIN
 
@@ -43,7 +43,6 @@ __all__ = [
 
 IN_MEMORY_COPIES = 3  # the rows as stored, their float32 features, the scaled features
 MEMORY_FRACTION = 0.5  # default budget: this share of the memory available at start
-REFITS = ("train", "all")
 
 
 def default_memory_budget() -> int:
@@ -61,51 +60,36 @@ def resolve_layer(store: FeatureStore, layer: str) -> str:
 
 @dataclass(frozen=True)
 class FitRequest:
-    """What `fit` was asked to do, checked before any store is opened."""
+    """What `fit` was asked to do, checked before any store is opened: the settings, and what
+    they resolve to (each classifier's grid, the pipeline, the memory budget)."""
 
-    layers: list[str]
-    classifiers: list[str]
+    settings: FitSettings
     grids: dict[str, dict[str, list[Any]]]
     config: PipelineConfig
-    cv: int | None
-    val_fraction: float
-    seed: int
-    metric: str
-    n_jobs: int
-    stream: bool | None
     budget: int
-    chunk_bytes: int
-    command: str | None
 
     @classmethod
-    def checked(cls, *, layers, classifiers, params, pool, **settings: Any) -> FitRequest:
+    def checked(cls, settings: FitSettings) -> FitRequest:
         """UsageError naming the first option that cannot work."""
-        layers = [layers] if isinstance(layers, str) else list(dict.fromkeys(layers))
-        classifiers = (
-            [classifiers] if isinstance(classifiers, str) else list(dict.fromkeys(classifiers))
-        )
-        if not layers:
+        check_settings(settings)
+        if not settings.layers:
             raise UsageError("give at least one --layer; `featx info STORE` lists them.")
-        if not classifiers:
+        if not settings.classifiers:
             raise UsageError("give at least one --clf.")
-        check_choice("metric", settings["metric"], METRICS)
-        if pool is not None:
-            check_choice("pool", pool, POOLS)
-        pca, n_jobs = settings["config"].pca, settings["n_jobs"]
-        if pca is not None and pca < 1:
-            raise UsageError(f"--pca must be a positive number of components, not {pca}.")
-        if n_jobs == 0 or n_jobs < -1:
-            raise UsageError(f"--n-jobs must be a positive number or -1 (all cores), not {n_jobs}.")
-        if settings["chunk_bytes"] < 1:
-            raise UsageError("--chunk-mb must be positive.")
-        for name in classifiers:
+        for name in settings.classifiers:
             classifier_spec(name)
-        grids = param_grids(classifiers, as_param_specs(params))
+        grids = param_grids(settings.classifiers, as_param_specs(settings.params))
         for name, grid in grids.items():
-            estimator = classifier_spec(name).estimator(settings["seed"])
+            estimator = classifier_spec(name).estimator(settings.seed)
             for point in ParameterGrid(grid):
                 check_params(estimator, point, name)
-        return cls(layers=layers, classifiers=classifiers, grids=grids, **settings)
+        s = settings
+        return cls(
+            settings,
+            grids,
+            PipelineConfig(s.pool or "none", s.scale, s.pca, s.l2),
+            default_memory_budget() if s.memory_budget is None else s.memory_budget,
+        )
 
 
 def check_pool(store: FeatureStore, key: str, pool: str) -> None:
@@ -128,8 +112,9 @@ def plan_layer(
     store: FeatureStore, key: str, selection: Selection, request: FitRequest
 ) -> tuple[str, bool]:
     """(key, streamed) for a layer; UsageError when it must stream but cannot."""
-    config, stream, cv = request.config, request.stream, request.cv
-    budget, chunk_bytes, classifiers = request.budget, request.chunk_bytes, request.classifiers
+    config, stream, cv = request.config, request.settings.stream, request.settings.cv
+    budget, chunk_bytes = request.budget, request.settings.chunk_bytes
+    classifiers = request.settings.classifiers
     shapes = [store.layer(part).shape for part in key.split(LAYER_JOIN)]
     n_rows = len(selection.train) + (
         len(selection.validation) if selection.validation is not None else 0

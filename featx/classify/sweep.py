@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from featx.classify.fit_settings import METRICS
 from featx.classify.metrics import (
-    METRICS,
     SUMMARY,
     format_number,
     metrics_table,

@@ -275,7 +275,7 @@ def _run(
                 optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
             )  # fmt: skip
             write_json(out / "history.json", history)
-            log(_epoch_line(entry, sum(plan.values())))
+            log(_epoch_line(entry, n))
             if stop:
                 log(f"Early stopping: no better validation loss for {bad} epochs.")
                 break
@@ -352,9 +352,11 @@ def _best_state(net: Network, entry: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _epoch_line(entry: dict[str, Any], total: int) -> str:
+def _epoch_line(entry: dict[str, Any], stage_total: int) -> str:
+    """One epoch's line, numbered within its stage (`epoch 3/15 (full)`)."""
     return (
-        f"epoch {entry['epoch']}/{total} ({entry['stage']}): loss {entry['train_loss']:.4f} "
+        f"epoch {entry['stage_epoch']}/{stage_total} ({entry['stage']}): "
+        f"loss {entry['train_loss']:.4f} "
         f"acc {entry['train_accuracy']:.4f} | val loss {entry['val_loss']:.4f} "
         f"acc {entry['val_accuracy']:.4f} | {entry['seconds']:.1f} s, "
         f"{entry['images_per_second']:.1f} img/s"
@@ -390,9 +392,13 @@ def _finish(
     if store is not None:
         _record(session, store, out, metrics, history, model, command)
     skipped = sorted(session.skipped.items())
-    stage = next((h["stage"] for h in history if h["epoch"] == best["epoch"]), "head")
+    kept = next((h for h in history if h["epoch"] == best["epoch"]), None)
     if best["epoch"] == 0:
-        stage = "the fitted head, untrained"
+        which = "the fitted head, untrained"
+    elif kept is None:
+        which = f"epoch {best['epoch']}"
+    else:
+        which = f"epoch {kept['stage_epoch']} of stage {kept['stage']}"
     since = (
         f" (stage 2 began at {full_start:.4f}; the model is never worse on validation than that)"
         if full_start is not None
@@ -400,8 +406,8 @@ def _finish(
     )
     test = f", test accuracy {metrics['test']['accuracy']:.4f}" if "test" in metrics else ""
     log(
-        f"Kept the best checkpoint by validation loss over both stages: epoch {best['epoch']} "
-        f"({stage}), validation loss {best['val_loss']:.4f}{since}; validation accuracy "
+        f"Kept the best checkpoint by validation loss over both stages: {which}, "
+        f"validation loss {best['val_loss']:.4f}{since}; validation accuracy "
         f"{metrics['validation']['accuracy']:.4f}{test}. Wrote {out}."
     )
     return FinetuneResult(out, history, best["epoch"], metrics, model, resumed_from, skipped)
