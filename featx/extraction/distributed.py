@@ -27,7 +27,7 @@ from featx.errors import UsageError, first_line
 from featx.extraction.naming import default_store_path
 from featx.extraction.plan import AUGMENTED_SPLITS
 from featx.extraction.run import ExtractResult, extract
-from featx.extraction.settings import ExtractSettings, settled
+from featx.extraction.settings import ExtractSettings, extract_settings
 from featx.extraction.shard import shard_files, shard_store_path
 from featx.inference.images import open_images
 from featx.inference.network import stderr_log
@@ -61,7 +61,8 @@ def _run_shard(shard: tuple[int, int], threads: int, data: str, settings: Extrac
 
 def extract_on_ray(
     data: str | os.PathLike,
-    settings: ExtractSettings | None = None,
+    settings: ExtractSettings | str | None = None,
+    layers: Sequence[str] | None = None,
     *,
     shards: int | None = None,
     address: str | None = None,
@@ -70,11 +71,11 @@ def extract_on_ray(
     max_retries: int = 3,
     **overrides: Any,
 ) -> ExtractResult:
-    """`featx.extract(data, settings, **overrides)` split into `shards` Ray tasks on the
+    """`featx.extract(data, settings, layers, **overrides)` split into `shards` Ray tasks on the
     cluster at `address` (a local Ray instance when None), merged into the store at the end."""
     ray = _ray()
-    s = settled(settings or ExtractSettings(), overrides)
-    store = Path(s.store or default_store_path(data, s.backbone or "", s.weights, s.image_size))
+    s = extract_settings(settings, layers, overrides)
+    store = Path(s.store or default_store_path(data, s.backbone, s.weights, s.image_size))
     log = stderr_log(s.quiet)
     folder = open_images(data)
     keys = _layer_keys(s.backbone, s.layers, s.pool)

@@ -35,7 +35,7 @@ from featx.extraction.plan import (
     identity,
     upgraded_run,
 )
-from featx.extraction.settings import ExtractSettings, settled
+from featx.extraction.settings import ExtractSettings, extract_settings
 from featx.extraction.shard import check_shard, parse_shard, shard_store_path
 from featx.inference.images import open_images
 from featx.inference.network import stderr_log
@@ -141,15 +141,7 @@ def extract(
 
 
 def _settled(settings, layers, overrides: dict[str, Any]) -> ExtractSettings:
-    if isinstance(settings, str):
-        settings, overrides = None, {**overrides, "backbone": settings}
-    if layers is not None:
-        overrides = {**overrides, "layers": list(layers)}
-    s = settled(settings or ExtractSettings(), overrides)
-    if not s.backbone:
-        raise UsageError("give a backbone (--backbone NAME); `featx backbones` lists them.")
-    if not s.layers:
-        raise UsageError("give at least one --layer; `featx layers BACKBONE` lists them.")
+    s = extract_settings(settings, layers, overrides)
     return dataclasses.replace(
         s,
         workers=default_workers() if s.workers is None else s.workers,

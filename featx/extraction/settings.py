@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from featx.backbones.registry import POOLS
 from featx.data.preprocessing import DECODE_POLICIES
+from featx.errors import UsageError
 from featx.inference.engines import EngineChoice, engine_help
 from featx.runtime import INFERENCE_PRECISIONS
 from featx.settings import (
@@ -35,6 +37,7 @@ __all__ = [
     "Precision",
     "PredictSettings",
     "StoredDtype",
+    "extract_settings",
     "settled",
 ]
 
@@ -141,6 +144,26 @@ class PredictSettings:
     )
     top_k: int = option(3, "Best classes listed per image. predict only.", minimum=1)
     quiet: bool = option(False, "No progress bars or messages.", panel=OUTPUT)
+
+
+def extract_settings(
+    settings: ExtractSettings | str | None,
+    layers: Sequence[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> ExtractSettings:
+    """The settings of `extract(data, settings, **overrides)`, validated once; a str
+    `settings` and `layers` are short for the backbone and layers fields."""
+    overrides = dict(overrides or {})
+    if isinstance(settings, str):
+        settings, overrides["backbone"] = None, settings
+    if layers is not None:
+        overrides["layers"] = list(layers)
+    s = settled(settings or ExtractSettings(), overrides)
+    if not s.backbone:
+        raise UsageError("give a backbone (--backbone NAME); `featx backbones` lists them.")
+    if not s.layers:
+        raise UsageError("give at least one --layer; `featx layers BACKBONE` lists them.")
+    return s
 
 
 def settled(settings: Any, overrides: dict[str, Any]) -> Any:
