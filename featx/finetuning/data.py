@@ -66,8 +66,8 @@ def training_split(folder: ImageFolder, val_fraction: float, seed: int) -> Split
         held.extend(rng.permutation(members)[:n].tolist())
     if not held:
         raise UsageError(
-            f"{folder.root} has too few images to hold out a validation split; "
-            "add images or a validation/ folder."
+            f"the dataset in {folder.root} has too few images to hold out a validation split; "
+            "add images, a validation/ folder or a manifest's validation rows."
         )
     held_set = set(held)
     train = tuple(i for i in pool if i not in held_set)
