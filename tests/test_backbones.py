@@ -356,3 +356,19 @@ def test_builtin_default_weights_and_preprocessing_match_the_libraries():
         else:
             tag = timm.models.get_pretrained_cfg(record.architecture).tag
             assert library.identity == f"timm:{record.architecture}.{tag}"
+
+
+@pytest.mark.slow
+def test_an_inductor_cache_path_that_is_a_file_is_one_sentence(small_photos, tmp_path):
+    """torch creates TORCHINDUCTOR_CACHE_DIR when torchvision is imported; even the eager
+    engine imports torchvision, so a file there is named, not blamed on the input size."""
+    (tmp_path / "afile").write_text("not a folder")
+    result = run_featx(
+        "extract", small_photos, "--backbone", "resnet18", "--layer", "layer1",
+        "--weights", "none", "--engine", "eager", "--workers", "0",
+        "--store", tmp_path / "s.h5",
+        cwd=tmp_path, env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "afile")},
+    )  # fmt: skip
+    message = assert_one_sentence_error(result)
+    assert "TORCHINDUCTOR_CACHE_DIR" in message and "input" not in message
+    assert not (tmp_path / "s.h5").exists()

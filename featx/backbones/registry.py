@@ -13,6 +13,7 @@ A source is one module in `featx/backbones/sources/` whose builder is registered
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -86,6 +87,7 @@ class Backbone:
     # ---- construction -------------------------------------------------------------------
     def build(self) -> nn.Module:
         """The architecture with random weights (seed them to make them reproducible)."""
+        _check_inductor_cache()
         return self.constructor()
 
     def weights(self, weights: str = "default") -> Weights:
@@ -101,6 +103,7 @@ class Backbone:
         or buffers that no checkpoint holds) are built on the CPU with random weights."""
         import torch
 
+        _check_inductor_cache()
         architecture = self.weights(weights).architecture if is_named(weights) else self.build
         try:
             with torch.device("meta"):
@@ -184,6 +187,23 @@ class Backbone:
             if path == module_path:
                 return alias
         return module_path
+
+
+def _check_inductor_cache() -> None:
+    """UsageError unless TORCHINDUCTOR_CACHE_DIR, when set, is or can become a folder: torch
+    creates it when torchvision is imported (by any engine), and a failed first import makes
+    every later one fail with an unrelated error."""
+    path = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not path:
+        return
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        reason = (error.strerror or type(error).__name__).lower()
+        raise UsageError(
+            f"TORCHINDUCTOR_CACHE_DIR {path} cannot be a folder ({reason}); point it at a "
+            "folder or unset it."
+        ) from None
 
 
 # (the name after "SOURCE:", or the built-in backbone's own name) -> its record
