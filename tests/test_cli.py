@@ -110,3 +110,61 @@ def test_help_is_literal_and_has_no_type_placeholders():
     for placeholder in ("<list[str]>", "<bool>", "{data_dir}", "<str>", "<int>"):
         assert placeholder not in text
     assert max(len(line) for line in text.splitlines()) <= 80
+
+
+@pytest.fixture
+def logged_store(tmp_path: Path) -> Path:
+    """A store whose run log holds three fit runs."""
+    from test_runlog import make_store
+
+    from featx.runlog import record_run
+
+    store = make_store(tmp_path / "birds.h5")
+    for i, accuracy in enumerate((0.5, 0.75, 0.625)):
+        record_run(
+            store,
+            "fit",
+            settings={"layer": "avgpool", "classifier": "logreg", "params": {"C": 10.0**i}},
+            scores={"validation": {"accuracy": accuracy}},
+        )
+    return store
+
+
+def test_runs_format_gives_every_run_as_json_csv_or_a_table(logged_store, tmp_path):
+    import csv
+    import io
+    import json
+
+    from featx.cli.show import RunsFormat
+    from featx.report.table import FORMATS
+
+    assert tuple(f.value for f in RunsFormat) == FORMATS
+    as_json = featx("runs", "--store", logged_store, "--format", "json", cwd=tmp_path)
+    assert as_json.returncode == 0, as_json.stderr
+    accuracies = [r["scores"]["validation"]["accuracy"] for r in json.loads(as_json.stdout)]
+    assert accuracies == [0.75, 0.625, 0.5]
+    as_csv = featx("runs", "--store", logged_store, "--format", "csv", cwd=tmp_path)
+    assert len(list(csv.DictReader(io.StringIO(as_csv.stdout)))) == 3
+    table = featx("runs", "--store", logged_store, cwd=tmp_path).stdout
+    assert "0.7500" in table and max(map(len, table.splitlines())) <= 80
+    bad = one_line(featx("runs", "--store", logged_store, "--format", "xml", cwd=tmp_path))
+    assert "'--format'" in bad and "'xml'" in bad
+
+
+def test_report_best_collapses_the_other_runs(logged_store, tmp_path):
+    from featx.cli.show import REPORT_BEST
+    from featx.report.page import DEFAULT_BEST
+
+    assert REPORT_BEST == DEFAULT_BEST
+    pages = {}
+    for best in (1, None):
+        out = tmp_path / f"report-{best}.html"
+        args = ["report", out, "--store", logged_store] + (["--best", best] if best else [])
+        result = featx(*args, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        pages[best] = out.read_text()
+    assert "2 more runs" in pages[1]
+    assert "more runs" not in pages[None]  # the default shows all three in full
+    assert "--best must be at least 0" in one_line(
+        featx("report", tmp_path / "r.html", "--store", logged_store, "--best", -1, cwd=tmp_path)
+    )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import re
 import typing
+from pathlib import Path
 from typing import Any
 
 from rich.markup import escape as _rich_escape
@@ -43,7 +44,7 @@ def _placeholder(param: Any) -> str:
         return "N"
     if base is float:
         return "X"
-    if kind.is_path or kind.is_file:
+    if kind.is_path or kind.is_file or base is Path:
         return "PATH"
     return (param.name or "value").upper() if isinstance(param, TyperArgument) else "TEXT"
 

@@ -110,11 +110,11 @@ def augmentation_options(defaults: dict[str, Any]) -> list[inspect.Parameter]:
                 name,
                 kind | None,
                 None,
-                help,
+                f"{help} Default: {shown}.",
                 *decls,
                 panel=AUGMENTATION,
                 callback=check,
-                show_default=shown,
+                show_default=False,
             )  # fmt: skip
         )
     return options

@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+import enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from featx.cli.app import app, printable, reported
-from featx.cli.declare import (
-    AT_LEAST_ONE,
-    IMAGE_SIZE,
-)
+from featx.cli.declare import AT_LEAST_ONE, IMAGE_SIZE, in_range
 from featx.errors import UsageError
 
-__all__ = ["backbones", "classifiers", "info", "layers", "report", "runs"]
+__all__ = ["RunsFormat", "backbones", "classifiers", "info", "layers", "report", "runs"]
+
+# featx.report imports Jinja2, which `featx --help` does not need: its formats and the report's
+# default number of full sections are restated here, and tests/test_cli.py holds them equal.
+REPORT_BEST = 3
+
+
+class RunsFormat(str, enum.Enum):
+    """What `featx runs` prints (`featx.report.table.FORMATS`)."""
+
+    table = "table"
+    wide = "wide"
+    json = "json"
+    csv = "csv"
 
 
 @app.command()
@@ -113,18 +124,26 @@ def runs(
         list[Path] | None,
         typer.Option(help="Store (or its .runs.sqlite log); repeatable. Default: ./stores/**."),
     ] = None,
+    fmt: Annotated[
+        RunsFormat,
+        typer.Option(
+            "--format",
+            help="table: the columns that fit the terminal; wide: every column; json, csv: "
+            "every field of every run.",
+        ),
+    ] = RunsFormat.table,
 ) -> None:
     """Print the leaderboard of the logged fit, finetune and evaluate runs.
 
     Best first (validation accuracy, else test accuracy). fit's validation scores are those
     that chose the hyper-parameters, measured before any --refit all.
 
-    Example: featx runs --store stores/flowers-vgg16-default-std.h5
+    Example: featx runs --store stores/flowers-vgg16-default-std.h5 --format wide
     """
     from featx.report import runs_command
 
     with reported():
-        text = runs_command(store or [])
+        text = runs_command(store or [], fmt=fmt.value)
     typer.echo(text)
 
 
@@ -135,6 +154,13 @@ def report(
         list[Path] | None,
         typer.Option(help="Store (or its .runs.sqlite log); repeatable. Default: ./stores/**."),
     ] = None,
+    best: Annotated[
+        int,
+        typer.Option(
+            help="Runs of each store shown in full; the others are collapsed.",
+            callback=in_range(0, 100_000),
+        ),
+    ] = REPORT_BEST,
 ) -> None:
     """Write one self-contained HTML page of the logged runs: leaderboard, per-class metrics,
     confusion matrices, training histories, LR-finder curves, augmentation previews and each
@@ -145,5 +171,5 @@ def report(
     from featx.report import report_command
 
     with reported():
-        path = report_command(out, store or [])
+        path = report_command(out, store or [], best=best)
     typer.echo(f"report: {path}")
