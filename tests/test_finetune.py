@@ -555,3 +555,14 @@ def test_the_command_line_defaults_are_the_configs():
     for field in dataclasses.fields(FinetuneConfig):
         if field.name in cli and field.default is not dataclasses.MISSING:
             assert cli[field.name] == field.default, field.name
+    # the augmentation defaults --help shows are the ones a run uses
+    from featx.finetuning.config import FINETUNE_AUGMENT
+
+    shown = {p.name: p.show_default for p in command.params}
+    compared = 0
+    for field in dataclasses.fields(FINETUNE_AUGMENT):
+        value = getattr(FINETUNE_AUGMENT, field.name)
+        if isinstance(shown.get(field.name), str) and isinstance(value, float):
+            assert float(shown[field.name]) == value, field.name
+            compared += 1
+    assert compared >= 4

@@ -24,7 +24,7 @@ from featx.runtime import human_size
 from featx.store.feature_store import FeatureStore
 from featx.store.rows import LAYER_JOIN, ConcatRows, open_rows
 
-__all__ = ["FitSettings", "fit"]
+__all__ = ["fit"]
 
 
 def fit(

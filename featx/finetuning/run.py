@@ -258,7 +258,8 @@ def _run(
         for epoch in range(first, n):
             number = len(history) + 1
             entry = {"epoch": number, "stage": stage, "stage_epoch": epoch + 1}
-            entry |= session.train_epoch(optimizer, scheduler, stage, number)
+            title = f"epoch {epoch + 1}/{n} ({stage})"
+            entry |= session.train_epoch(optimizer, scheduler, stage, number, title)
             entry |= session.evaluate()
             entry["lr"] = {g["name"]: g["lr"] for g in optimizer.param_groups}
             history.append(entry)

@@ -200,9 +200,12 @@ class Session:
         optimizer.step()
         return loss.item(), int((_predicted(logits) == y).sum())
 
-    def train_epoch(self, optimizer, scheduler, stage: str, epoch: int) -> dict[str, float]:
+    def train_epoch(
+        self, optimizer, scheduler, stage: str, epoch: int, title: str | None = None
+    ) -> dict[str, float]:
         """One seeded epoch: data order, augmentation and dropout depend only on the seed and
-        `epoch`. Returns mean training loss, accuracy, seconds and images per second."""
+        `epoch` (the run's count). `title` names it on the progress bar. Returns mean training
+        loss, accuracy, seconds and images per second."""
         self.set_modes(stage)
         total, correct, n = 0.0, 0, 0
         started = time.perf_counter()
@@ -211,7 +214,7 @@ class Session:
             disable=self.quiet,
             leave=False,
             unit="batch",
-            desc=f"epoch {epoch} ({stage})",
+            desc=title or f"epoch {epoch} ({stage})",
             file=sys.stderr,
         )
         with _seeded(self.device, mix_seed(self.config.seed, epoch, 2)):
