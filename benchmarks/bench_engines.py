@@ -29,7 +29,7 @@ import torch
 
 from featx.backbones import get_backbone
 from featx.backbones.layers import prepare_tap
-from featx.extraction.engines import (
+from featx.inference import (
     Calibration,
     build_engine,
     cache_key,
@@ -135,6 +135,9 @@ def main() -> None:
     parser.add_argument("--vgg", action="store_true", help="also VGG16 block5_pool at 150px")
     parser.add_argument("--only", nargs="*", help="variants whose label contains one of these")
     parser.add_argument("--cache", help="engine cache directory (default: a fresh temp dir)")
+    parser.add_argument("--backbone", default="resnet50")
+    parser.add_argument("--layers", nargs="+", default=["layer3", "avgpool"])
+    parser.add_argument("--size", type=int, default=224, help="input size, px")
     args = parser.parse_args()
 
     cache = args.cache or tempfile.mkdtemp(prefix="featx-engines-")
@@ -153,7 +156,7 @@ def main() -> None:
     print(f"cache {cache} ({'given' if args.cache else 'fresh'}); repeats {args.repeats} x "
           f"{args.calls} batches, medians; ratio = vs eager fp32 channels_last")  # fmt: skip
 
-    bench_model(args, "resnet50", ["layer3", "avgpool"], 224)
+    bench_model(args, args.backbone, args.layers, args.size)
     if args.vgg:
         bench_model(args, "vgg16", ["block5_pool"], 150)
 

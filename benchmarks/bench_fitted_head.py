@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("fitted-head"))
     parser.add_argument("--train-per-class", type=int, default=100)
     parser.add_argument("--test-per-class", type=int, default=50)
+    parser.add_argument("--epochs", type=int, help="stage-2 epochs (default: finetune's)")
     args = parser.parse_args()
     work = args.work.resolve()
     data = work / "fashion"
@@ -38,11 +39,13 @@ def main() -> None:
     out, eval_s = run("evaluate", "--model", model, "--store", store, "--split", "test",
                       cwd=work)  # fmt: skip
     rows = [("frozen logreg (the --head model)", test_accuracy(out), None, fit_s + eval_s)]
+    epochs = [] if args.epochs is None else ["--epochs", str(args.epochs)]
     for name, extra in (
         ("--head MODEL --store: 0 stage-1 epochs", []),
         ("--head MODEL --store --epochs-head 1", ["--epochs-head", "1"]),
     ):
         out_dir = work / ("head0" if not extra else "head1")
+        extra = [*extra, *epochs]
         _, seconds = run("finetune", data, *NETWORK, "--head", model, "--store", store,
                          "--out", out_dir, "--overwrite", "--quiet", *extra,
                          cwd=work)  # fmt: skip

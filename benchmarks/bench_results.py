@@ -1,11 +1,14 @@
-"""Issue 10's goal for the classifier side: the best `featx fit` sweep (layers x classifiers,
+"""Classifier quality: the best `featx fit` sweep (layers x classifiers,
 a `+`-joined layer among them, refit on all labelled images) against the frozen logreg on the
 last block, scored on the test split of Fashion-MNIST.
 
     python benchmarks/bench_results.py                  # several minutes on 2 busy CPU cores
     python benchmarks/bench_results.py --work /tmp/br   # keep (and reuse) the images and store
+    python benchmarks/bench_results.py --train-per-class 4 --test-per-class 2 --image-size 32 \
+        --cv 2                                          # a smoke run
 
-1. Writes Fashion-MNIST (Debian's dataset-fashion-mnist) as an image folder with
+1. Writes Fashion-MNIST (Debian's dataset-fashion-mnist; scikit-learn's digits without it,
+   which `examples/make_dataset.py` says) as an image folder with
    --train-per-class training and --test-per-class test images per class (no validation
    split, so `fit` holds out 20% of the training images and `--refit all` is its default).
 2. Extracts the candidate layers once with EfficientNet-Lite0's offline ImageNet weights at
@@ -17,7 +20,8 @@ last block, scored on the test split of Fashion-MNIST.
    hold-out is 400 images, too few to tell the leaders apart), then refits the best on every
    training image and scores it on the test split (timed). `--cv 0` ranks on the hold-out.
 
-Prints a markdown table: what, test accuracy, seconds. The goal is best sweep >= 0.87.
+Prints a markdown table: what, test accuracy, seconds, and whether the best sweep reaches 0.87
+on the test split.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ def make_data(data: Path, train: int, test: int) -> None:
             str(ROOT / "examples" / "make_dataset.py"),
             str(data),
             "--dataset",
-            "fashion-mnist",
+            "auto",
             "--train-per-class",
             str(train),
             "--per-class",
@@ -136,8 +140,8 @@ def main() -> None:
         shown = "-" if accuracy is None else f"{accuracy:.4f}"
         print(f"| {what} | {shown} | {seconds:.0f} |")
     best_accuracy = rows[-1][1]
-    verdict = "met" if best_accuracy >= GOAL else "NOT met"
-    print(f"\ngoal: best sweep >= {GOAL}: {verdict} ({best_accuracy:.4f})")
+    verdict = "reached" if best_accuracy >= GOAL else "not reached"
+    print(f"\nbest sweep >= {GOAL}: {verdict} ({best_accuracy:.4f})")
 
 
 if __name__ == "__main__":

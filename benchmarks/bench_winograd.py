@@ -11,10 +11,12 @@ fp32) is timed against `torch.nn.Conv2d` (oneDNN), medians of 7; then the whole 
 when oneDNN is disabled).
 
     python benchmarks/bench_winograd.py
+    python benchmarks/bench_winograd.py --size 32 --batch 2 --repeats 1   # a smoke run
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
@@ -87,38 +89,43 @@ def seconds(fn, repeats: int = 7) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=SIZE, help="input size, px")
+    parser.add_argument("--batch", type=int, default=BATCH)
+    parser.add_argument("--repeats", type=int, default=7, help="timings per median")
+    args = parser.parse_args()
     torch.manual_seed(0)
     features = torchvision.models.vgg16().features.eval().to(memory_format=torch.channels_last)
     print(
-        f"# torch {torch.__version__}, {torch.get_num_threads()} threads; VGG16 at {SIZE} px, "
-        f"batch {BATCH}, fp32, channels_last, medians of 7"
+        f"# torch {torch.__version__}, {torch.get_num_threads()} threads; VGG16 at {args.size} px, "
+        f"batch {args.batch}, fp32, channels_last, medians of {args.repeats}"
     )
     print("| layer | channels | size | oneDNN ms | Winograd ms | speed-up | max rel. error |")
     print("|---|---|---:|---:|---:|---:|---:|")
-    size = SIZE
+    size = args.size
     with torch.inference_mode():
         for index, layer in enumerate(features):
             if isinstance(layer, torch.nn.MaxPool2d):
                 size //= 2
             if not isinstance(layer, torch.nn.Conv2d):
                 continue
-            x = torch.randn(BATCH, layer.in_channels, size, size).to(
+            x = torch.randn(args.batch, layer.in_channels, size, size).to(
                 memory_format=torch.channels_last
             )
             u = winograd_weights(layer.weight)
             want, got = layer(x), winograd_conv(x, u, layer.bias)
             error = ((got - want).abs().max() / want.abs().max()).item()
-            direct = seconds(lambda: layer(x))  # noqa: B023
-            fast = seconds(lambda: winograd_conv(x, u, layer.bias))  # noqa: B023
+            direct = seconds(lambda: layer(x), args.repeats)  # noqa: B023
+            fast = seconds(lambda: winograd_conv(x, u, layer.bias), args.repeats)  # noqa: B023
             print(
                 f"| features.{index} | {layer.in_channels} -> {layer.out_channels} | {size} | "
                 f"{direct * 1e3:.1f} | {fast * 1e3:.1f} | {direct / fast:.2f}x | {error:.1e} |"
             )
-        x = torch.randn(BATCH, 3, SIZE, SIZE).to(memory_format=torch.channels_last)
-        onednn = BATCH / seconds(lambda: features(x), 5)
+        x = torch.randn(args.batch, 3, args.size, args.size).to(memory_format=torch.channels_last)
+        onednn = args.batch / seconds(lambda: features(x), min(5, args.repeats))
         torch.backends.mkldnn.enabled = False
         plain = features.to(memory_format=torch.contiguous_format)
-        nnpack = BATCH / seconds(lambda: plain(x.contiguous()), 5)
+        nnpack = args.batch / seconds(lambda: plain(x.contiguous()), min(5, args.repeats))
     print(
         f"\nVGG16 features, whole: oneDNN {onednn:.2f} img/s, NNPACK {nnpack:.2f} img/s "
         f"({nnpack / onednn:.2f}x)"
