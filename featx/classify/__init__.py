@@ -20,6 +20,9 @@ _EXPORTS = {
     "ConcatLayers": "pipeline",
     "evaluate_images": "evaluate",
     "features_for_images": "predict",
+    "probe": "probe",
+    "ProbeSettings": "probe_settings",
+    "ProbeResult": "probe_result",
 }
 __all__ = list(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

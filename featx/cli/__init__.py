@@ -3,6 +3,7 @@
 from featx.cli.app import app  # noqa: I001 (the import order is the order of `featx --help`)
 from featx.cli.extract import extract, merge
 from featx.cli.classify import evaluate, fit, predict
+from featx.cli.probe import probe
 from featx.cli.finetune import augment_preview, finetune, lr_find
 from featx.cli.show import backbones, classifiers, info, layers, report, runs
 
@@ -20,6 +21,7 @@ __all__ = [
     "lr_find",
     "merge",
     "predict",
+    "probe",
     "report",
     "runs",
 ]
