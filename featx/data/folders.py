@@ -242,10 +242,14 @@ def load_image(path: str | os.PathLike, draft: int | None = None) -> Image.Image
     With `draft`, a JPEG whose shorter side is at least twice `draft` is decoded at a reduced
     size (libjpeg's DCT scaling by 1/2, 1/4 or 1/8, PIL's `Image.draft`) whose sides both stay
     at least `draft` pixels; other images decode at full size."""
+    from featx.data.sources.location import Location
+
     try:
-        if not os.path.exists(path):
+        if isinstance(path, Location):  # a row of tar shards, a table of image bytes, a URL
+            path = path.open()
+        elif not os.path.exists(path):
             raise BadImage("missing file")
-        if os.path.getsize(path) == 0:
+        elif os.path.getsize(path) == 0:
             raise BadImage("empty file")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Corrupt EXIF data": decoded anyway

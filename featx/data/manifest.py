@@ -21,6 +21,7 @@ from featx.data.folders import (
     ImageFolder,
     scan_image_folder,
 )
+from featx.data.sources import open_source, with_urls
 from featx.errors import UsageError
 
 __all__ = ["MANIFEST_SUFFIXES", "is_manifest", "open_dataset", "read_manifest"]
@@ -34,8 +35,13 @@ def is_manifest(path: str | os.PathLike) -> bool:
 
 
 def open_dataset(path: str | os.PathLike) -> ImageFolder:
-    """The dataset at `path`: a manifest (.csv, .tsv, .parquet) or an image folder."""
-    return read_manifest(path) if is_manifest(path) else scan_image_folder(path)
+    """The dataset at `path`: tar shards, Parquet files of image bytes or a saved Hugging Face
+    dataset (`featx.data.sources`), a manifest (.csv, .tsv, .parquet; URLs read through
+    fsspec) or an image folder."""
+    packed = open_source(path)
+    if packed is not None:
+        return packed
+    return with_urls(read_manifest(path), path) if is_manifest(path) else scan_image_folder(path)
 
 
 def _read_columns(path: Path) -> dict[str, list]:
@@ -144,6 +150,8 @@ def _relative(image: str, root: str, manifest: Path) -> str:
     (String functions, not pathlib: this runs once per image of possibly millions.)"""
     if not image:
         raise UsageError(f"manifest {manifest} has a row with an empty path.")
+    if "://" in image:  # a URL, read through fsspec (featx.data.sources.urls)
+        return image
     image = os.path.normpath(image)
     if os.path.isabs(image):
         inside = os.path.relpath(image, root)

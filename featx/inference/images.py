@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from featx.data.folders import BadImage, ImageFolder
 from featx.data.manifest import MANIFEST_SUFFIXES, open_dataset
+from featx.data.sources import SOURCE_SUFFIXES
 from featx.errors import UsageError
 
 if TYPE_CHECKING:
@@ -26,10 +27,11 @@ Transform = Callable[["Image.Image", int, int], "torch.Tensor"]
 
 
 def open_images(data: str | os.PathLike) -> ImageFolder:
-    """The dataset at `data`, a folder of class folders or a manifest, as every command that
+    """The dataset at `data`, a folder of class folders, a manifest or a packed dataset (tar
+    shards, Parquet files of image bytes, a saved Hugging Face dataset), as every command that
     takes images opens it; a single image file is refused saying so."""
     path = Path(data)
-    if path.is_file() and path.suffix.lower() not in MANIFEST_SUFFIXES:
+    if path.is_file() and path.suffix.lower() not in (*MANIFEST_SUFFIXES, *SOURCE_SUFFIXES):
         raise UsageError(
             f"{path} is a file, not a dataset: give a folder of class folders (DATA/CLASS/*.jpg) "
             f"or a manifest ({', '.join(MANIFEST_SUFFIXES)}); `featx predict` classifies single "

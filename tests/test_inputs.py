@@ -1,0 +1,344 @@
+"""Packed and remote inputs: the same images as a folder, as WebDataset tar shards, as Parquet
+files of image bytes (Hugging Face's image struct, img2dataset's jpg column), as a saved Hugging
+Face dataset and as URLs served over HTTP give the folder's store; unusable inputs are refused
+in one sentence, unreadable rows are skipped with their reason."""
+
+from __future__ import annotations
+
+import csv
+import http.server
+import io
+import json
+import tarfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import assert_one_sentence_error, invoke_featx, make_folder
+
+from featx import FeatureStore, extract
+from featx.data import open_dataset, scan_image_folder
+from featx.data.folders import ImageFolder, load_image
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+TINY = {"backbone": "resnet18", "weights": "none", "image_size": 32}
+FAST = {"workers": 0, "batch_size": 4, "device": "cpu", "quiet": True}
+SPLIT_NAMES = {"train": "train", "validation": "val", "test": "test"}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> ImageFolder:
+    root = tmp_path_factory.mktemp("inputs") / "data"
+    make_folder(root, {"cat": 3, "dog": 2}, split="train")
+    make_folder(root, {"cat": 1, "dog": 2}, split="val", start=20)
+    make_folder(root, {"cat": 1, "dog": 1}, split="test", start=40)
+    return scan_image_folder(root)
+
+
+@pytest.fixture(scope="module")
+def folder_store(folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("stores") / "folder.h5"
+    return extract(folder.root, layers=["layer3"], store=out, **TINY, **FAST).store
+
+
+def image_bytes(folder: ImageFolder, f) -> bytes:
+    return (folder.root / f.path).read_bytes()
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime = len(data), 1_700_000_000
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shards(folder: ImageFolder, out: Path) -> str:
+    """Tar shards per split (train in two), labels as .cls, .txt and .json in turn, and a
+    classes.txt; returns the brace notation naming them all."""
+    out.mkdir(parents=True)
+    (out / "classes.txt").write_text("\n".join(folder.class_names) + "\n")
+    by_shard: dict[str, list] = {}
+    for f in folder.files:
+        by_shard.setdefault(SPLIT_NAMES[f.split], []).append(f)
+    train = by_shard.pop("train")
+    by_shard["train-000000"], by_shard["train-000001"] = train[:3], train[3:]
+    for shard, files in by_shard.items():
+        name = shard if "-" in shard else f"{shard}-000000"
+        with tarfile.open(out / f"{name}.tar", "w") as tar:
+            for i, f in enumerate(files):
+                key = Path(f.path).stem
+                add_member(tar, f"{key}.jpg", image_bytes(folder, f))
+                class_name = folder.class_names[f.label]
+                label = [
+                    ("cls", str(f.label)),
+                    ("txt", class_name),
+                    ("json", json.dumps({"label": class_name, "url": "u"})),
+                ][i % 3]
+                add_member(tar, f"{key}.{label[0]}", label[1].encode())
+    return str(out / "{train-{000000..000001},val-000000,test-000000}.tar")
+
+
+def shuffled(folder: ImageFolder) -> list:
+    """The folder's files with splits and classes in reverse order; a packed dataset orders
+    a class's rows by their name (FILE/ROW), so rows within a class keep their order."""
+    return sorted(folder.files, key=lambda f: (-"tvx".index(f.split[0]), -f.label, f.path))
+
+
+def hf_features(folder: ImageFolder) -> dict:
+    return {
+        "image": {"_type": "Image"},
+        "label": {"_type": "ClassLabel", "names": list(folder.class_names)},
+    }
+
+
+def image_table(folder: ImageFolder, files, split: bool = True) -> pa.Table:
+    """Hugging Face's layout: an image struct of {bytes, path}, a ClassLabel index."""
+    columns = {
+        "image": [{"bytes": image_bytes(folder, f), "path": Path(f.path).name} for f in files],
+        "label": [f.label for f in files],
+    }
+    if split:
+        columns["split"] = [SPLIT_NAMES[f.split] for f in files]
+    return pa.table(columns)
+
+
+def write_hf_parquet(folder: ImageFolder, out: Path) -> Path:
+    table = image_table(folder, shuffled(folder))
+    info = {"info": {"features": hf_features(folder)}}
+    table = table.replace_schema_metadata({"huggingface": json.dumps(info)})
+    pq.write_table(table, out, row_group_size=4)
+    return out
+
+
+def write_img2dataset_parquet(folder: ImageFolder, out: Path) -> Path:
+    files = shuffled(folder)
+    table = pa.table(
+        {
+            "key": [f"{i:09d}" for i in range(len(files))],
+            "caption": [f"photo {i}" for i in range(len(files))],
+            "jpg": pa.array([image_bytes(folder, f) for f in files], pa.binary()),
+            "label": [folder.class_names[f.label] for f in files],
+            "split": [SPLIT_NAMES[f.split] for f in files],
+        }
+    )
+    pq.write_table(table, out)
+    return out
+
+
+def write_saved_dataset(folder: ImageFolder, out: Path) -> Path:
+    """The folder `datasets.DatasetDict.save_to_disk` writes (datasets is not needed)."""
+    splits = {"train": [], "validation": [], "test": []}
+    for f in folder.files:
+        splits[f.split].append(f)
+    out.mkdir()
+    (out / "dataset_dict.json").write_text(json.dumps({"splits": list(splits)}))
+    for name, files in splits.items():
+        (out / name).mkdir()
+        table = image_table(folder, files, split=False)
+        with pa.OSFile(str(out / name / "data-00000-of-00001.arrow"), "wb") as sink:
+            with pa.ipc.new_stream(sink, table.schema) as writer:
+                writer.write_table(table)
+        state = {"_data_files": [{"filename": "data-00000-of-00001.arrow"}], "_split": name}
+        (out / name / "state.json").write_text(json.dumps(state))
+        info = {"features": hf_features(folder)}
+        (out / name / "dataset_info.json").write_text(json.dumps(info))
+    return out
+
+
+class Server:
+    """A real HTTP server on 127.0.0.1 serving `root`; /missing/ answers 404 and /slow/ never
+    answers until the server stops."""
+
+    def __init__(self, root: Path):
+        release = self.release = threading.Event()
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, directory=str(root), **kwargs)
+
+            def do_GET(self):  # noqa: N802 - the http.server API
+                if self.path.startswith("/slow/"):
+                    release.wait()
+                    return
+                super().do_GET()
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server(folder):
+    served = Server(folder.root)
+    yield served
+    served.close()
+
+
+def write_url_manifest(folder: ImageFolder, url: str, out: Path, extra=()) -> Path:
+    with open(out, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", "split"])
+        for f in folder.files[::-1]:
+            writer.writerow([f"{url}/{f.path}", folder.class_names[f.label], f.split])
+        for row in extra:
+            writer.writerow(row)
+    return out
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    with FeatureStore(a) as sa, FeatureStore(b) as sb:
+        assert sa.class_names == sb.class_names
+        np.testing.assert_allclose(sa.read("layer3"), sb.read("layer3"), rtol=1e-5, atol=1e-6)
+        for column in ("labels", "views", "split_of_rows"):
+            np.testing.assert_array_equal(getattr(sa, column)(), getattr(sb, column)())
+        assert sa.n_rows == sb.n_rows
+
+
+def build(kind: str, folder: ImageFolder, tmp: Path, url: str = "") -> str | Path:
+    if kind == "tars":
+        return write_shards(folder, tmp / "shards")
+    if kind == "hf_parquet":
+        return write_hf_parquet(folder, tmp / "train.parquet")
+    if kind == "img2dataset":
+        return write_img2dataset_parquet(folder, tmp / "00000.parquet")
+    if kind == "saved":
+        return write_saved_dataset(folder, tmp / "saved")
+    return write_url_manifest(folder, url, tmp / "urls.csv")
+
+
+@pytest.mark.parametrize("kind", ["tars", "hf_parquet", "img2dataset", "saved", "urls"])
+def test_each_input_lists_and_stores_as_the_folder(kind, folder, folder_store, server, tmp_path):
+    data = build(kind, folder, tmp_path, server.url)
+    listed = open_dataset(data)
+    assert listed.class_names == folder.class_names
+    assert [(f.label, f.split) for f in listed.files] == [(f.label, f.split) for f in folder.files]
+    for packed, plain in zip(listed.files, folder.files, strict=True):
+        a = np.asarray(load_image(listed.root / packed.path))
+        np.testing.assert_array_equal(a, np.asarray(load_image(folder.root / plain.path)))
+    result = extract(data, layers=["layer3"], store=tmp_path / "s.h5", **TINY, **FAST)
+    assert result.skipped == []
+    assert_same_store(folder_store, result.store)
+    with FeatureStore(result.store) as store:
+        assert store.meta["dataset"]["fingerprint"] == listed.fingerprint
+        assert store.meta["dataset"]["root"] == str(listed.root)
+
+
+def test_tar_rows_name_their_shard_and_member(folder, tmp_path):
+    listed = open_dataset(write_shards(folder, tmp_path / "shards"))
+    assert listed.files[0].path == "train-000000.tar/img-000.jpg"
+    assert {f.path.split("/")[0] for f in listed.files} == {
+        "train-000000.tar",
+        "train-000001.tar",
+        "val-000000.tar",
+        "test-000000.tar",
+    }
+    glob = open_dataset(str(tmp_path / "shards" / "*.tar"))
+    listed_list = open_dataset(sorted((tmp_path / "shards").glob("*.tar")))
+    assert glob.fingerprint == listed_list.fingerprint == listed.fingerprint
+
+
+def test_parquet_metadata_keeps_text_and_numbers_never_bytes(folder, tmp_path):
+    listed = open_dataset(write_img2dataset_parquet(folder, tmp_path / "00000.parquet"))
+    assert set(listed.meta) == {"key", "caption"}
+    assert all(len(c) < 20 for c in listed.meta["caption"])
+
+
+def test_identity_comes_from_content_not_stat(folder, tmp_path):
+    data = write_shards(folder, tmp_path / "shards")
+    before = open_dataset(data).fingerprint
+    for shard in (tmp_path / "shards").glob("*.tar"):  # touched: same content
+        shard.touch()
+    assert open_dataset(data).fingerprint == before
+    with tarfile.open(tmp_path / "shards" / "test-000000.tar", "a") as tar:
+        add_member(tar, "extra.jpg", image_bytes(folder, folder.files[0]))
+        add_member(tar, "extra.cls", b"0")
+    assert open_dataset(data).fingerprint != before
+
+
+@pytest.mark.slow  # three attempts of one second for the URL that never answers
+def test_urls_that_fail_are_skipped_with_their_reason(folder, server, tmp_path, monkeypatch):
+    monkeypatch.setenv("FEATX_URL_TIMEOUT", "1")
+    manifest = write_url_manifest(
+        folder,
+        server.url,
+        tmp_path / "urls.csv",
+        extra=[
+            [f"{server.url}/missing/cat.jpg", "cat", "train"],
+            [f"{server.url}/slow/cat.jpg", "cat", "train"],
+        ],
+    )
+    listed = open_dataset(manifest)
+    assert f"{server.url}/slow/cat.jpg" in {f.path for f in listed.files}
+    result = extract(manifest, layers=["layer3"], store=tmp_path / "s.h5", **TINY, **FAST)
+    reasons = dict(result.skipped)
+    assert "not found" in reasons[f"{server.url}/missing/cat.jpg"]
+    assert reasons[f"{server.url}/slow/cat.jpg"] == "timed out (3 attempts)"
+    assert result.n_rows == len(folder.files)
+
+
+def test_cloud_urls_keep_their_scheme(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\ns3://bucket/x.jpg,cat\ngs://bucket/y.jpg,dog\n")
+    try:
+        listed = open_dataset(manifest)
+    except Exception as error:  # noqa: BLE001 - without s3fs/gcsfs: one sentence naming it
+        assert "s3://" in str(error) or "gs://" in str(error), error
+        assert "s3:/b" not in str(error)
+    else:
+        assert {f.path for f in listed.files} == {"s3://bucket/x.jpg", "gs://bucket/y.jpg"}
+
+
+def test_unusable_inputs_are_one_sentence(folder, tmp_path):
+    corrupt = tmp_path / "bad-000000.tar"
+    corrupt.write_bytes(b"\x00garbage" * 100 + b"not a tar header" * 40)
+    no_image = tmp_path / "table.parquet"
+    pq.write_table(pa.table({"label": ["cat"], "caption": ["x"]}), no_image)
+    no_label = tmp_path / "nolabel-000000.tar"
+    with tarfile.open(no_label, "w") as tar:
+        add_member(tar, "a.jpg", image_bytes(folder, folder.files[0]))
+    cases = [
+        (corrupt, "not a readable tar shard"),
+        (no_image, "has no image column"),
+        (no_label, "has no label"),
+        (tmp_path / "none-{000000..000002}.tar", "does not exist"),
+    ]
+    for data, words in cases:
+        result = invoke_featx(
+            "extract",
+            data,
+            "--backbone",
+            "resnet18",
+            "--weights",
+            "none",
+            "--layer",
+            "avgpool",
+            "--store",
+            tmp_path / "s.h5",
+        )
+        assert words in assert_one_sentence_error(result)
+
+
+@pytest.mark.slow
+def test_evaluate_on_tar_shards_scores_as_on_the_folder(folder, folder_store, tmp_path):
+    from featx import fit
+    from featx.classify import evaluate_images
+
+    model = tmp_path / "m.joblib"
+    fit(folder_store, "layer3", "logreg", model=model, log=False)
+    data = write_shards(folder, tmp_path / "shards")
+    on_tars = evaluate_images(model, data, "train", quiet=True, workers=0)
+    on_folder = evaluate_images(model, folder.root, "train", quiet=True, workers=0)
+    assert on_tars.metrics == on_folder.metrics
+    np.testing.assert_array_equal(on_tars.y_pred, on_folder.y_pred)
+    assert on_tars.paths[0] == "train-000000.tar/img-000.jpg"
