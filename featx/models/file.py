@@ -32,6 +32,7 @@ import numpy as np
 
 from featx.data.preprocessing import Preprocessing
 from featx.errors import UsageError
+from featx.models.checks import check_pipeline
 from featx.runtime import atomic_write, human_size, library_versions, now, to_json
 from featx.store.feature_store import LAYER_JOIN, FeatureStore
 
@@ -646,6 +647,7 @@ def _load_zip(path: Path) -> FeatxModel:
 
     if not isinstance(pipeline, Pipeline):
         raise UsageError(f"model file {path} holds a {type(pipeline).__name__}, not a Pipeline.")
+    check_pipeline(pipeline, path, len(provenance["class_names"]))
     return FeatxModel(pipeline, provenance, path)
 
 

@@ -1,0 +1,192 @@
+"""Crafted model files, as an attacker would write them: real featx models whose arrays,
+archive sizes or provenance were rewritten inside the file. Every one is refused in one
+`featx:` sentence with exit 2, by `info`, `evaluate` and `predict` run as real processes:
+no traceback, no death by a signal, no memory blown up by a lying archive."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import FEATX, assert_one_sentence_error, invoke_featx, make_folder
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TINY = ("--backbone", "resnet18", "--weights", "none", "--image-size", "32", "--workers", "0")
+FIT = ("--layer", "avgpool", "--cv", "2", "--quiet")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Path]:
+    """A dataset, its store, and real model files of rf and of knn on each search structure."""
+    root = tmp_path_factory.mktemp("crafted")
+    data = root / "data"
+    make_folder(data, {"cat": 4, "dog": 4}, size=(40, 30))
+    store = root / "s.h5"
+    done = invoke_featx("extract", data, *TINY, "--layer", "avgpool", "--store", store, "--quiet")
+    assert done.returncode == 0, done.stderr
+    models = {"data": data, "store": store, "root": root}
+    for name, extra in {
+        "rf": ("--clf", "rf"),
+        "logreg": ("--clf", "logreg"),
+        "svm": ("--clf", "svm"),
+        "kd_tree": ("--clf", "knn", "--param", "n_neighbors=1", "--param", "algorithm=kd_tree"),
+        "ball_tree": ("--clf", "knn", "--param", "n_neighbors=1", "--param", "algorithm=ball_tree"),
+        "brute": ("--clf", "knn", "--param", "n_neighbors=1", "--param", "algorithm=brute"),
+    }.items():
+        model = root / f"{name}.featx"
+        done = invoke_featx("fit", "--store", store, *FIT, *extra, "--model", model)
+        assert done.returncode == 0, done.stderr
+        models[name] = model
+    return models
+
+
+def run(*args: object, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*FEATX, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+# ---- rewriting a model file ---------------------------------------------------------------
+def members(path: Path) -> dict[str, bytes]:
+    with zipfile.ZipFile(path) as zf:
+        return {name: zf.read(name) for name in zf.namelist()}
+
+
+def write_zip(path: Path, content: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in content.items():
+            zf.writestr(name, data)
+    return path
+
+
+def _find(node, cls: str):
+    """The first schema node of class `cls` (depth first)."""
+    if isinstance(node, dict):
+        if node.get("__class__") == cls:
+            return node
+        children = node.values()
+    elif isinstance(node, list):
+        children = node
+    else:
+        return None
+    for child in children:
+        found = _find(child, cls)
+        if found is not None:
+            return found
+    return None
+
+
+def _field(owner: dict, name: str | int) -> dict:
+    """The schema node of attribute `name` (or tuple item `name`) of an object node."""
+    return owner["content"]["content"][name]
+
+
+def edit_pipeline(
+    model: Path, out: Path, cls: str, name: str | int, change: Callable, *, reduce_arg=False
+) -> Path:
+    """`model` with one value of the first `cls` object in its pipeline rewritten:
+    `change(old) -> new` on an array (an .npy member) or a JSON value; `reduce_arg` picks the
+    constructor arguments of a reduced object (sklearn's Tree) instead of its state."""
+    outer = members(model)
+    with zipfile.ZipFile(io.BytesIO(outer["pipeline.skops"])) as zf:
+        inner = {n: zf.read(n) for n in zf.namelist()}
+    schema = json.loads(inner["schema.json"])
+    owner = _find(schema, cls)
+    assert owner is not None, cls
+    node = owner["__reduce__"]["args"]["content"][name] if reduce_arg else _field(owner, name)
+    if node.get("__loader__") == "NdArrayNode":
+        array = np.load(io.BytesIO(inner[node["file"]]), allow_pickle=False)
+        buffer = io.BytesIO()
+        np.save(buffer, change(array), allow_pickle=False)
+        inner[node["file"]] = buffer.getvalue()
+    else:
+        node["content"] = json.dumps(change(json.loads(node["content"])))
+        node["__id__"] = 1  # skops shares a value among nodes of one id: give it its own
+        inner["schema.json"] = json.dumps(schema).encode()
+    buffer = io.BytesIO()
+    write_zip(buffer, inner)
+    return write_zip(out, {**outer, "pipeline.skops": buffer.getvalue()})
+
+
+def _set(field: str, value) -> Callable:
+    """A change that sets one field of a structured array (or a plain array) everywhere."""
+
+    def change(array: np.ndarray) -> np.ndarray:
+        array = array.copy()
+        if field:
+            array[field] = value
+        else:
+            array[...] = value
+        return array
+
+    return change
+
+
+def _first(field: str, value) -> Callable:
+    """A change of one field of the first record of a structured array (a tree's root)."""
+
+    def change(array: np.ndarray) -> np.ndarray:
+        array = array.copy()
+        array[field][0] = value
+        return array
+
+    return change
+
+
+# ---- arrays that index memory -------------------------------------------------------------
+# name: (model, class in the pipeline, attribute or state item, change, words of the refusal)
+ARRAY_CASES = {
+    "tree-child-far": ("rf", "Tree", "nodes", _first("left_child", 10**9), "child index"),
+    "tree-child-loop": ("rf", "Tree", "nodes", _first("right_child", 0), "child index"),
+    "tree-feature-far": ("rf", "Tree", "nodes", _first("feature", 10**9), "feature index"),
+    "kd-index-far": ("kd_tree", "KDTree", 1, lambda a: a + 10**9, "not a permutation"),
+    "kd-node-range": ("kd_tree", "KDTree", 2, _first("idx_end", 10**9), "node range"),
+    "ball-index-far": ("ball_tree", "BallTree", 1, lambda a: a + 10**9, "not a permutation"),
+    "knn-label-far": ("brute", "KNeighborsClassifier", "_y", lambda a: a + 10**9, "label index"),
+    "svc-support-long": (
+        "svm", "SVC", "support_", lambda a: np.arange(10**5, dtype=a.dtype), "support indices"
+    ),
+    "svc-coef-short": ("svm", "SVC", "_dual_coef_", lambda a: a[:, :1].copy(), "coefficients"),
+    "svc-counts": ("svm", "SVC", "_n_support", lambda a: a * 1000, "support counts"),
+    "classes-beyond-names": (
+        "logreg", "LogisticRegression", "classes_", lambda a: a + 5, "indices of its 2 class"
+    ),
+}  # fmt: skip
+
+
+def _assert_refused(done: subprocess.CompletedProcess, words: str) -> None:
+    assert done.returncode >= 0, f"killed by signal {-done.returncode}"
+    assert words in assert_one_sentence_error(done, 2)
+
+
+@pytest.mark.parametrize("case", list(ARRAY_CASES))
+@pytest.mark.slow
+def test_crafted_arrays_are_refused(world, case, tmp_path):
+    model, cls, name, change, words = ARRAY_CASES[case]
+    crafted = edit_pipeline(world[model], tmp_path / "crafted.featx", cls, name, change)
+    done = run("evaluate", "--model", crafted, "--store", world["store"], "--split", "unsplit",
+               cwd=tmp_path)  # fmt: skip
+    _assert_refused(done, words)
+
+
+@pytest.mark.parametrize("case", ["tree-child-far", "kd-index-far"])
+@pytest.mark.slow
+def test_crafted_arrays_are_refused_by_info_and_predict(world, case, tmp_path):
+    model, cls, name, change, words = ARRAY_CASES[case]
+    crafted = edit_pipeline(world[model], tmp_path / "crafted.featx", cls, name, change)
+    for args in (("info", crafted), ("predict", "--model", crafted, world["data"], "--quiet")):
+        _assert_refused(run(*args, cwd=tmp_path), words)
+
+
+def test_the_real_models_pass_the_checks(world):
+    from featx.models.file import load_model
+
+    for name in ("rf", "logreg", "svm", "kd_tree", "ball_tree", "brute"):
+        assert load_model(world[name]).class_names == ["cat", "dog"]
