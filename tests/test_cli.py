@@ -168,3 +168,96 @@ def test_report_best_collapses_the_other_runs(logged_store, tmp_path):
     assert "--best must be at least 0" in one_line(
         featx("report", tmp_path / "r.html", "--store", logged_store, "--best", -1, cwd=tmp_path)
     )
+
+
+# ---- every option's default, as the settings class declares it, the parser and --help -------
+def _settings_of(command: str) -> list[tuple[type, tuple[str, ...] | None, tuple[str, ...]]]:
+    """The settings classes whose options `command` takes: (class, only, left out)."""
+    from featx.classify.fit_settings import FitSettings
+    from featx.cli.declare import Shared
+    from featx.extraction.settings import ExtractSettings, PredictSettings
+
+    return {
+        "extract": [(ExtractSettings, None, ())],
+        "predict": [(PredictSettings, None, ()), (Shared, ("trust_pickle",), ())],
+        "evaluate": [(PredictSettings, None, ("tta", "top_k")), (Shared, ("trust_pickle",), ())],
+        "fit": [(FitSettings, None, ()), (Shared, ("quiet",), ())],
+    }[command]
+
+
+def _help_entries(command: str) -> dict[str, str]:
+    """--FLAG -> its help text as `featx COMMAND --help` shows it at 200 columns."""
+    result = subprocess.run(
+        [sys.executable, "-m", "featx.cli", command, "--help"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    entries: dict[str, str] = {}
+    flag = None
+    for line in result.stdout.splitlines():
+        text = line.strip().strip("│").strip().lstrip("* ")
+        if text.startswith("--"):
+            flag = text.split()[0]
+            entries[flag] = text
+        elif flag and text and not text.startswith(("╭", "╰")):
+            entries[flag] += " " + text
+        elif text.startswith(("╭", "╰")):
+            flag = None
+    return entries
+
+
+def _shown_default(entry: str) -> str | None:
+    import re
+
+    found = re.search(r"\[default: (.*?)\]", entry) or re.search(r"Default: (.*?)\.(?:\s|$)", entry)
+    return found.group(1) if found else None
+
+
+def _expected(field, default) -> tuple[str, ...]:
+    """What --help may show for `default`: the default's text, or the field's default_text;
+    nothing for None or a False flag."""
+    import enum
+
+    from featx.settings import flag_of, option_spec
+
+    spec = option_spec(field)
+    if default is None:
+        return (spec.default_text,) if spec.default_text else (None,)
+    if isinstance(default, enum.Enum):
+        return (str(default.value),)
+    if isinstance(default, bool):
+        return (flag_of(field) if default else f"no-{flag_of(field)}", None)
+    if isinstance(default, list):
+        return (", ".join(map(str, default)) or None,)
+    return (str(default),)
+
+
+@pytest.mark.parametrize("command", ["extract", "predict", "evaluate", "fit"])
+def test_help_and_parser_defaults_are_the_settings_defaults(command):
+    """Each option comes from its settings field: the parser's default is the field's, and
+    --help shows that default (or the field's default text)."""
+    import dataclasses
+    import enum
+
+    import typer.main
+
+    from featx.cli import app
+    from featx.settings import flag_of, option_spec
+
+    click_command = typer.main.get_command(app).commands[command]
+    params = {p.name: p for p in click_command.params}
+    entries = _help_entries(command)
+    for cls, only, left_out in _settings_of(command):
+        for field in dataclasses.fields(cls):
+            if option_spec(field) is None or (only is not None and field.name not in only):
+                continue
+            if field.name in left_out:
+                assert f"--{flag_of(field)}" not in entries
+                continue
+            default = field.default_factory() if callable(field.default_factory) else field.default
+            parsed = params[field.name].default
+            parsed = parsed.value if isinstance(parsed, enum.Enum) else parsed
+            want = default.value if isinstance(default, enum.Enum) else default
+            assert parsed == want or (parsed is None and want == []), (field.name, parsed)
+            shown = _shown_default(entries[f"--{flag_of(field)}"])
+            assert shown in _expected(field, default), (field.name, shown)

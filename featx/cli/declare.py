@@ -14,6 +14,7 @@ import functools
 import inspect
 import math
 import stat
+import types
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -169,25 +170,53 @@ class Shared:
 
 
 # ---- options derived from a settings dataclass ---------------------------------------------
-def _typer_option(field: dataclasses.Field, kind: Any, default: Any) -> Any:
-    """Annotated[kind, typer.Option(...)] for one `featx.settings.option` field."""
+def _typer_option(
+    field: dataclasses.Field, kind: Any, default: Any, parse: Callable[[str], Any] | None = None
+) -> Any:
+    """Annotated[kind, typer.Option(...)] for one `featx.settings.option` field; with `parse`,
+    the option reads text and `parse` turns it into the field's value."""
     spec = option_spec(field)
     flag = flag_of(field)
-    base, _ = _without_none(kind)
-    decls = [f"--{flag}/--no-{flag}" if base is bool and default is True else f"--{flag}"]
+    base, optional = _without_none(kind)
+    if typing.get_origin(base) in (typing.Union, types.UnionType):
+        base = typing.get_args(base)[0]  # e.g. list[str] | dict: the command line gives a list
+        kind = base | None if optional else base
+    negatable = base is bool and default is not False
+    decls = [f"--{flag}/--no-{flag}" if negatable else f"--{flag}"]
     extra: dict[str, Any] = {}
     low, high = spec.minimum, resolved_maximum(spec)
-    if base in (int, float) and (low is not None or high is not None):
+    if parse is not None:
+        kind, extra["callback"] = str | None, _parsed(parse)
+    elif base in (int, float) and (low is not None or high is not None):
         extra["callback"] = in_range(low, high, above=spec.above, below=spec.below)
     help = spec.help
     if spec.default_text is not None and default is None:
         help = f"{help} Default: {spec.default_text}."
-    if base is bool or default is None or default == []:
+    if isinstance(default, list) and default and "Default:" not in help:
+        help = f"{help} Default: {', '.join(map(str, default))}."
+    if (base is bool and not negatable) or default is None or isinstance(default, list):
         extra["show_default"] = False
     panel = None if spec.common else spec.panel
     option = typer.Option(*decls, help=help, rich_help_panel=panel, metavar=spec.metavar,
                           **extra)  # fmt: skip
     return Annotated[kind, option]
+
+
+def _parsed(parse: Callable[[str], Any]) -> Callable:
+    """A typer callback giving `parse(text)`, or one `featx: --flag: ...` line."""
+
+    def convert(ctx: typer.Context, param: typer.CallbackParam, value: str | None) -> Any:
+        if value is None or ctx.resilient_parsing:
+            return value
+        flag = max(param.opts, key=len)
+        try:
+            return parse(value)
+        except FeatxError as error:
+            raise fail(f"{flag}: {error}", error.exit_code) from None
+        except (OverflowError, ValueError):
+            raise fail(f"{flag} cannot read {value!r}.") from None
+
+    return convert
 
 
 def _without_none(kind: Any) -> tuple[Any, bool]:
@@ -204,9 +233,11 @@ def settings_parameters(
     only: Iterable[str] | None = None,
     exclude: Iterable[str] = (),
     defaults: dict[str, Any] | None = None,
+    parse: dict[str, Callable[[str], Any]] | None = None,
 ) -> list[inspect.Parameter]:
     """The typer options of a settings dataclass's `option` fields (those named in `only`,
-    less `exclude`); `defaults` replaces a field's default for one command."""
+    less `exclude`); `defaults` replaces a field's default for one command; `parse` maps a
+    field to the function reading its command-line text (e.g. a size such as 4GB)."""
     hints = typing.get_type_hints(cls)
     chosen = None if only is None else list(only)
     fields = {f.name: f for f in dataclasses.fields(cls) if option_spec(f) is not None}
@@ -222,7 +253,7 @@ def settings_parameters(
             default = field.default
         if default is dataclasses.MISSING:
             default = inspect.Parameter.empty
-        annotation = _typer_option(field, hints[name], default)
+        annotation = _typer_option(field, hints[name], default, (parse or {}).get(name))
         params.append(
             inspect.Parameter(
                 name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation
@@ -238,12 +269,16 @@ def from_settings(
     only: Iterable[str] | None = None,
     exclude: Iterable[str] = (),
     defaults: dict[str, Any] | None = None,
+    parse: dict[str, Callable[[str], Any]] | None = None,
 ):
     """Decorator: give a command the options of the settings dataclass `cls`; the command gets
     `target=cls(**values)`, validated by `featx.settings.check_settings` before any work (one
     `featx:` line and exit 2 when a value is wrong). With `target` None and `only`, the
-    command gets each value as its own keyword argument instead."""
-    params = settings_parameters(cls, only=only, exclude=exclude, defaults=defaults)
+    command gets each value as its own keyword argument instead. `only`, `exclude`,
+    `defaults` and `parse` as in `settings_parameters`."""
+    params = settings_parameters(
+        cls, only=only, exclude=exclude, defaults=defaults, parse=parse
+    )  # fmt: skip
 
     def collect(values: dict[str, Any]) -> Any:
         if target is None:
