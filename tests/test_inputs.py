@@ -342,3 +342,61 @@ def test_evaluate_on_tar_shards_scores_as_on_the_folder(folder, folder_store, tm
     assert on_tars.metrics == on_folder.metrics
     np.testing.assert_array_equal(on_tars.y_pred, on_folder.y_pred)
     assert on_tars.paths[0] == "train-000000.tar/img-000.jpg"
+
+
+@pytest.mark.slow
+def test_interrupted_extraction_of_tars_resumes_at_its_first_unfinished_row(tmp_path):
+    """Ctrl-C on the first saved chunk, then the same command: the store equals one made in a
+    single run (two decoding processes reading the shards)."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import time
+
+    from conftest import FEATX, run_featx
+
+    from featx.extraction.run import CHUNK_BYTES
+
+    batch, row_bytes = 4, (64 * 96 * 96 + 512) * 4  # conv1 and avgpool at 192 x 192, float32
+    chunk_items = batch * max(1, CHUNK_BYTES // (row_bytes * batch))
+    n = 5 * chunk_items
+    photos = tmp_path / "photos"
+    make_folder(photos, {"left": n // 2, "right": n - n // 2}, split="train", size=(64, 48))
+    write_shards(scan_image_folder(photos), tmp_path / "shards")
+    spec = str(tmp_path / "shards" / "*.tar")
+    args = ["extract", spec, "--backbone", "resnet18", "--weights", "none", "--image-size",
+            "192", "--layer", "conv1", "--layer", "avgpool", "--batch-size", str(batch),
+            "--device", "cpu", "--workers", "2"]  # fmt: skip
+    reference = run_featx(*args, "--store", tmp_path / "reference.h5", cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr
+    store = tmp_path / "interrupted.h5"
+    partial = tmp_path / "interrupted.h5.partial"
+    with open(tmp_path / "err.txt", "w") as err:
+        command = [*FEATX, *args, "--store", str(store)]
+        proc = subprocess.Popen(
+            command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True
+        )
+    try:
+        while not any(partial.glob("chunk-*.npz")) and proc.poll() is None:
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=300) == 130, (tmp_path / "err.txt").read_text()
+    saved = int(re.search(r"after (\d+) of", (tmp_path / "err.txt").read_text()).group(1))
+    assert 0 < saved < n, "the interruption came too late to test a resume"
+    resumed = run_featx(*args, "--store", store, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{saved} of {n} images already done" in resumed.stderr
+    with FeatureStore(store) as a, FeatureStore(tmp_path / "reference.h5") as b:
+        for layer in ("conv1", "avgpool"):
+            assert a.read(layer).tobytes() == b.read(layer).tobytes()
+        np.testing.assert_array_equal(a.paths(), b.paths())
+        assert a.paths()[0].startswith("train-000000.tar/")
+
+
+def test_a_store_of_tar_shards_is_named_after_their_folder(tmp_path):
+    from featx.extraction.naming import default_store_path
+
+    for spec in ("shards/*.tar", "shards/train-{000000..000009}.tar", "shards/a.tar"):
+        assert default_store_path(tmp_path / spec, "resnet18").name.startswith("shards-resnet18")

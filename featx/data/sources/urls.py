@@ -57,6 +57,8 @@ def _reason(error: BaseException) -> tuple[str, bool]:
         return f"HTTP {status} {getattr(error, 'message', '')}".strip(), status >= 500
     if isinstance(error, TimeoutError):
         return "timed out", True
+    if getattr(error, "host", None) and isinstance(error, OSError):  # aiohttp's connect errors
+        return f"cannot connect to {error.host}:{getattr(error, 'port', '')}", True
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
     return text[:200], isinstance(error, OSError)
 
