@@ -13,12 +13,14 @@ import json
 import os
 import platform
 import re
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from featx.errors import DiskFull, UsageError, check_choice
+from featx.errors import DiskFull, Interrupted, UsageError, check_choice
 
 if TYPE_CHECKING:
     import torch
@@ -28,7 +30,10 @@ __all__ = [
     "ENGINES",
     "INFERENCE_PRECISIONS",
     "PRECISIONS",
+    "atomic_output",
     "atomic_write",
+    "deferred_interrupts",
+    "remove_stale_temps",
     "check_output_file",
     "disk_errors",
     "autocast",
@@ -192,28 +197,38 @@ def available_memory() -> int:
 
 
 # ---- files ----------------------------------------------------------------------------------
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# as OSError's text, and as HDF5 names a failed write (h5py raises it as RuntimeError)
+_NO_SPACE_TEXT = (
+    *(os.strerror(code) for code in _NO_SPACE),
+    *(f"errno = {code}," for code in _NO_SPACE),
+)
 
 
-def _is_disk_full(error: BaseException) -> bool:
-    return isinstance(error, OSError) and (
-        error.errno in _NO_SPACE or "No space left on device" in str(error)
+def _is_disk_full(error: BaseException | None) -> bool:
+    if isinstance(error, OSError) and error.errno in _NO_SPACE:
+        return True
+    return isinstance(error, OSError | RuntimeError) and any(
+        text in str(error) for text in _NO_SPACE_TEXT
     )
 
 
 @contextlib.contextmanager
 def disk_errors(path: str | os.PathLike) -> Iterator[None]:
     """Turn a full disk or quota while writing `path` into DiskFull, and a path that cannot be
-    written (a folder, no permission) into UsageError, each one sentence."""
+    written (a folder, a file where a folder should be, no permission, an immutable file) into
+    UsageError, each one sentence."""
     try:
         yield
-    except OSError as error:
+    except (OSError, RuntimeError) as error:
         if _is_disk_full(error) or _is_disk_full(error.__cause__ or error.__context__):
             raise DiskFull(
                 f"disk full while writing {path}; free some space and run the same command "
                 "again (finished work is kept)."
             ) from None
-        if isinstance(error, IsADirectoryError | NotADirectoryError | PermissionError):
+        if isinstance(
+            error, IsADirectoryError | NotADirectoryError | PermissionError | FileExistsError
+        ) or getattr(error, "errno", None) in (errno.EROFS, errno.EPERM, errno.EACCES):
             reason = (error.strerror or type(error).__name__).lower()
             raise UsageError(f"cannot write {path}: {reason}.") from None
         raise
@@ -236,31 +251,109 @@ def check_output_file(flag: str, path: str | os.PathLike | None) -> None:
         raise UsageError(f"--{flag} {path} cannot be written: {parent} is read-only.")
 
 
-def atomic_write(path: str | os.PathLike, write: bytes | Callable[[IO[bytes]], Any]) -> Path:
-    """Write `path` through a temporary file in the same folder, fsync it and rename it over
-    `path`: a crash leaves either the old file or the new one, never half a file. `write` is
-    the bytes, or a function that writes to the open binary file. The temporary file is
-    removed on any failure; a full disk raises DiskFull, a path that cannot be written
-    UsageError."""
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # someone else's process, or not a pid: keep the file
+    return True
+
+
+def _temp_name(path: Path, pid: int) -> Path:
+    return path.with_name(f".{path.name}.{platform.node() or 'host'}.{pid}.tmp")
+
+
+def remove_stale_temps(path: str | os.PathLike) -> None:
+    """Remove the temporary files of earlier writes of `path` (see `atomic_output`) whose
+    process, on this machine, is gone: a write killed with SIGKILL leaves one."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    prefix, host = f".{path.name}.", platform.node() or "host"
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return
+    for entry in entries:
+        if not (entry.name.startswith(prefix) and entry.name.endswith(".tmp")):
+            continue
+        parts = entry.name[len(prefix) : -len(".tmp")].rsplit(".", 1)
+        if parts[-1].isdigit() and (len(parts) == 1 or parts[0] == host):
+            if not _pid_alive(int(parts[-1])):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield the name of a temporary file beside `path` for the caller to write; when the block
+    ends, fsync that file and rename it over `path`: a crash leaves either the old file or the
+    new one, never half a file. The temporary file (`.NAME.HOST.PID.tmp`) is removed on any
+    failure, and a later write of `path` removes those of dead processes. A full disk raises
+    DiskFull; a path that cannot be written (a folder, inside a file, a read-only folder, an
+    immutable file) UsageError, each one sentence. A file being replaced keeps its mode."""
+    path = Path(path)
+    tmp = _temp_name(path, os.getpid())
     with disk_errors(path):
         if path.is_dir():
             raise IsADirectoryError(errno.EISDIR, "is a folder")
+        parent = path.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise UsageError(f"cannot write {path}: {parent} is a file, not a folder.")
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path)
         try:
-            with open(tmp, "wb") as fh:
-                if isinstance(write, bytes | bytearray):
-                    fh.write(write)
-                else:
-                    write(fh)
-                fh.flush()
-                os.fsync(fh.fileno())
+            yield tmp
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if path.exists():
+                os.chmod(tmp, path.stat().st_mode & 0o7777)
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-    return path
+
+
+def atomic_write(path: str | os.PathLike, write: bytes | Callable[[IO[bytes]], Any]) -> Path:
+    """Write `path` atomically through `atomic_output`; `write` is the bytes, or a function
+    that writes to the open binary file."""
+    with atomic_output(path) as tmp, open(tmp, "wb") as fh:
+        if isinstance(write, bytes | bytearray):
+            fh.write(write)
+        else:
+            write(fh)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def deferred_interrupts(output: str | os.PathLike) -> Iterator[Callable[[], None]]:
+    """Within the block, Ctrl-C and SIGTERM only take note; the yielded `check()` raises
+    Interrupted, saying that `output` was left as it was, at the caller's safe points once one
+    came. Without this, a KeyboardInterrupt can land in a library's cleanup callback, which
+    swallows it. Outside the main thread, `check()` does nothing."""
+    received: list[int] = []
+
+    def note(signum: int, frame: Any) -> None:
+        received.append(signum)
+
+    def check() -> None:
+        if received:
+            raise Interrupted(f"interrupted; {output} was left as it was.")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield check
+        return
+    previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield check
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def to_json(value: Any) -> Any:

@@ -11,17 +11,23 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from conftest import assert_one_sentence_error, make_folder, run_featx
+from conftest import FEATX, assert_one_sentence_error, file_digest, make_folder, run_featx
 
 from featx import FeatureStore, extract, merge
 from featx.errors import UsageError
+from featx.store.feature_store import add_layer, write_store
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TINY = {"backbone": "resnet18", "weights": "none", "image_size": 32, "layers": ["avgpool"]}
@@ -196,3 +202,210 @@ def test_a_shard_that_is_itself_virtual_is_refused(built, tmp_path, secret):
     result = run_featx("info", merged, cwd=tmp_path, timeout=TIMEOUT)
     message = assert_one_sentence_error(result)
     assert str(shards[1]) in message and "virtual dataset" in message
+
+
+# ---- outputs that must not destroy -------------------------------------------------------
+PREPROCESSING = {"resize": 8, "crop": 8, "mean": [0.5] * 3, "std": [0.5] * 3}
+
+
+def synthetic_shards(folder: Path, count: int, rows: int, row_shape=(64,)) -> list[Path]:
+    """`count` valid shard stores of `rows` rows each, with random float32 features."""
+    rng = np.random.default_rng(0)
+    total = count * rows
+    files = {
+        "path": np.array([f"c/{i:07d}.jpg" for i in range(total)], dtype=object),
+        "label": np.zeros(total, np.int32),
+        "split": np.array(["unsplit"] * total, dtype=object),
+        "size": np.ones(total, np.int64),
+        "mtime_ns": np.zeros(total, np.int64),
+    }
+    paths = []
+    for i in range(count):
+        lo, hi = i * rows, (i + 1) * rows
+        meta = {
+            "backbone": "synthetic", "weights": "none", "weights_sha256": "0" * 64,
+            "preprocessing": PREPROCESSING, "augment": None,
+            "dataset": {"root": "/data", "fingerprint": "f", "n_files": total},
+            "shard": {"index": i, "count": count, "first_row": lo, "n_rows": rows,
+                      "n_rows_total": total},
+            "history": [],
+        }  # fmt: skip
+        columns = {k: files[k][lo:hi] for k in ("path", "label", "split")}
+        columns |= {"source": np.arange(lo, hi), "view": np.zeros(rows, np.int32)}
+        path = folder / f"s.shard-{i}of{count}.h5"
+        with write_store(path, meta, ["c"], files, columns, []) as out:
+            block = rng.standard_normal((rows, *row_shape), dtype=np.float32)
+            add_layer(out, "f", rows, row_shape, "float32", "none", {}, iter([block]))
+        paths.append(path)
+    return paths
+
+
+def test_merge_replaces_only_a_merge_of_the_same_shards(built, tmp_path):
+    shards = [Path(shutil.copy(s, tmp_path / s.name)) for s in built["shards"]]
+    out = tmp_path / "out.h5"
+    shutil.copy(built["store"], out)  # an unrelated store
+    before = file_digest(out)
+    result = run_featx("merge", out, *shards, cwd=tmp_path)
+    message = assert_one_sentence_error(result)
+    assert f"{out} already exists and is not a merge of these shards" in message
+    assert file_digest(out) == before
+    merge(out, shards, overwrite=True)
+    merge(out, shards)  # the same merge again
+    assert run_featx("merge", out, *shards, cwd=tmp_path).returncode == 0
+    with pytest.raises(UsageError, match="not a merge of these shards"):
+        merge(out, [*shards[:1], Path(shutil.copy(shards[1], tmp_path / "other-1of2.h5"))])
+
+
+@pytest.mark.parametrize("value", [{}, "x", {"index": 0, "count": "2"}])
+def test_merge_refuses_shard_metadata_that_featx_does_not_write(built, tmp_path, value):
+    shards = [Path(shutil.copy(s, tmp_path / s.name)) for s in built["shards"]]
+    with h5py.File(shards[1], "r+") as f:
+        meta = json.loads(f.attrs["meta"])
+        meta["shard"] = value
+        f.attrs["meta"] = json.dumps(meta)
+    with pytest.raises(UsageError, match="shard metadata that is not the record"):
+        merge(tmp_path / "out.h5", shards)
+
+
+def test_merge_outputs_that_cannot_be_written(built, tmp_path):
+    shards = built["shards"]
+    (tmp_path / "folder.h5").mkdir()
+    (tmp_path / "afile").write_text("x")
+    for out, words in (
+        (tmp_path / "folder.h5", "is a folder"),
+        (tmp_path / "afile" / "out.h5", "is a file, not a folder"),
+    ):
+        result = run_featx("merge", out, *shards, cwd=tmp_path)
+        assert words in assert_one_sentence_error(result)
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def _mount_tmpfs(folder: Path, options: str) -> bool:
+    folder.mkdir()
+    return (
+        os.geteuid() == 0
+        and subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True
+        ).returncode
+        == 0
+    )
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    folder = tmp_path / "disk"
+    if not _mount_tmpfs(folder, "size=512k"):
+        pytest.skip("mounting a tmpfs needs root")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_merge_onto_a_full_disk_is_one_sentence_and_leaves_nothing(tmp_path, small_disk):
+    shards = synthetic_shards(tmp_path, 4, 500)  # 512 kB of features
+    out = small_disk / "out.h5"
+    result = run_featx("merge", out, *shards, cwd=tmp_path)
+    assert "disk full" in assert_one_sentence_error(result)
+    assert os.listdir(small_disk) == []
+
+
+def test_merge_over_a_file_size_limit_is_one_sentence_and_leaves_nothing(tmp_path):
+    shards = synthetic_shards(tmp_path, 4, 500)
+    out = tmp_path / "out" / "merged.h5"
+    limit = (
+        "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000)); "
+        "from featx.cli import app; sys.argv[0] = 'featx'; app()"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", limit, "merge", str(out), *map(str, shards)],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert "disk full while writing" in assert_one_sentence_error(result)
+    assert os.listdir(out.parent) == []
+
+
+def test_an_immutable_store_at_the_final_rename_is_one_sentence(built, tmp_path):
+    out = tmp_path / "out.h5"
+    shutil.copy(built["store"], out)
+    if subprocess.run(["chattr", "+i", str(out)], capture_output=True).returncode:
+        pytest.skip("chattr +i needs root and a file system that keeps the flag")
+    try:
+        result = run_featx("merge", "--overwrite", out, *built["shards"], cwd=tmp_path)
+        if "No such option" in result.stderr:
+            result = run_featx("merge", out, *built["shards"], cwd=tmp_path)
+        assert "cannot write" in assert_one_sentence_error(result)
+    finally:
+        subprocess.run(["chattr", "-i", str(out)], check=True)
+    assert not list(tmp_path.glob(".out.h5.*"))
+
+
+def test_a_read_only_folder_is_one_sentence(built, tmp_path):
+    folder = tmp_path / "ro"
+    if not _mount_tmpfs(folder, "ro,size=64k"):
+        pytest.skip("a read-only folder needs a read-only mount when running as root")
+    try:
+        result = run_featx("merge", folder / "out.h5", *built["shards"], cwd=tmp_path)
+        assert "cannot write" in assert_one_sentence_error(result)
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_killed_writer_s_temporary_file_is_removed_by_the_next_write(built, tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    out = tmp_path / "out.h5"
+    stale = [tmp_path / f".out.h5.{platform.node()}.{dead}.tmp", tmp_path / f".out.h5.{dead}.tmp"]
+    alive = tmp_path / f".out.h5.{platform.node()}.1.tmp"  # init's pid: alive
+    for path in (*stale, alive):
+        path.write_bytes(b"x" * 1000)
+    merge(out, built["shards"])
+    assert not any(p.exists() for p in stale) and alive.exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_stops_merge_and_keeps_the_old_output(tmp_path, signum):
+    shards = synthetic_shards(tmp_path, 20, 200, row_shape=(16, 16, 16))  # 65 MB
+    out = merge(tmp_path / "out.h5", shards[:1] + shards[1:])
+    before = file_digest(out)
+    proc = subprocess.Popen([*FEATX, "merge", str(out), *map(str, shards)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        while not list(tmp_path.glob(".out.h5.*.tmp")):
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.001)
+        os.kill(proc.pid, signal.SIGSTOP)  # the merge is writing: hold it there
+        os.kill(proc.pid, signum)
+        os.kill(proc.pid, signal.SIGCONT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr)
+    assert f"{out} was left as it was" in assert_one_sentence_error(result, code=130)
+    assert file_digest(out) == before and not list(tmp_path.glob(".out.h5.*"))
+
+
+def _extract_cli(built: dict[str, Path], store: Path) -> subprocess.CompletedProcess:
+    return run_featx("extract", built["data"], "--backbone", "resnet18", "--weights", "none",
+                     "--image-size", 32, "--layer", KEY, "--workers", 0, "--device", "cpu",
+                     "--quiet", "--store", store, cwd=store.parent)  # fmt: skip
+
+
+def test_extract_keeps_a_user_s_file_in_the_partial_folder(built, tmp_path):
+    store = tmp_path / "x.h5"
+    partial = tmp_path / "x.h5.partial"
+    partial.mkdir()
+    (partial / "run.json").write_text("{}")  # another run's description...
+    (partial / "notes.txt").write_text("mine")  # ...and a file featx did not write
+    message = assert_one_sentence_error(_extract_cli(built, store))
+    assert "'notes.txt', which featx did not write" in message
+    assert (partial / "notes.txt").read_text() == "mine" and not store.exists()
+
+
+def test_extract_refuses_a_symlinked_partial_folder(built, tmp_path):
+    store = tmp_path / "x.h5"
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "keep.txt").write_text("mine")
+    (tmp_path / "x.h5.partial").symlink_to(tmp_path / "elsewhere")
+    message = assert_one_sentence_error(_extract_cli(built, store))
+    assert "is a symbolic link" in message
+    assert (tmp_path / "elsewhere" / "keep.txt").read_text() == "mine"

@@ -8,7 +8,7 @@ import fcntl
 import json
 import os
 import queue
-import shutil
+import re
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -77,7 +77,7 @@ class Partial:
         self.dir = store.with_name(store.name + ".partial")
         self.run = run
         description = self.dir / "run.json"
-        if self.dir.exists():
+        if _check_own(self.dir):
             try:
                 before = upgrade(json.loads(description.read_text()))
             except (OSError, ValueError, TypeError, AttributeError):
@@ -86,7 +86,7 @@ class Partial:
                 self.run = before
             else:
                 log(f"Discarding {self.dir}: it holds an interrupted run with other settings.")
-                shutil.rmtree(self.dir)
+                _clear(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         if not description.exists():
             atomic_write(description, json.dumps(run, indent=1).encode())
@@ -119,22 +119,67 @@ class Partial:
             return {name: data[name] for name in data.files}
 
     def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        _clear(self.dir, keep_foreign=True)
+
+
+_OWN = re.compile(r"run\.json|chunk-\d{6}\.npz|\.(run\.json|chunk-\d{6}\.npz)\..*\.tmp")
+
+
+def _check_own(folder: Path) -> bool:
+    """Whether `folder` exists; UsageError if it is not a folder of featx's own (a symbolic
+    link, a file, or a folder holding anything featx did not write there)."""
+    if folder.is_symlink():
+        raise UsageError(
+            f"{folder} is a symbolic link; featx keeps an unfinished extraction in a folder of "
+            "its own at that path: move the link away and run again."
+        )
+    if not folder.exists():
+        return False
+    if not folder.is_dir():
+        raise UsageError(
+            f"{folder} is a file; featx keeps an unfinished extraction in a folder at that "
+            "path: move the file away and run again."
+        )
+    foreign = sorted(e.name for e in os.scandir(folder) if not _OWN.fullmatch(e.name))
+    if foreign:
+        raise UsageError(
+            f"{folder} holds {foreign[0]!r}, which featx did not write; featx keeps an "
+            "unfinished extraction there: move that folder away and run again."
+        )
+    return True
+
+
+def _clear(folder: Path, keep_foreign: bool = False) -> None:
+    """Remove featx's files from `folder`, then the folder if that empties it; UsageError
+    first if it holds anything else, unless `keep_foreign`."""
+    if not keep_foreign:
+        _check_own(folder)
+    if folder.is_symlink() or not folder.is_dir():
+        return
+    for entry in os.scandir(folder):
+        if _OWN.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 def remove_finished_partial(store: Path, stored_keys: set[str], log=lambda _: None) -> None:
     """Remove `STORE.partial/` when the store already holds every layer it was computing: a run
     killed after its final rename but before clean-up leaves one behind."""
     folder = store.with_name(store.name + ".partial")
-    if not folder.is_dir():
-        return
+    try:
+        if not _check_own(folder):
+            return
+    except UsageError:
+        return  # left for the run to name
     try:
         keys = json.loads((folder / "run.json").read_text())["keys"]
     except (OSError, ValueError, KeyError, TypeError):
         return
     if isinstance(keys, list) and set(keys) <= stored_keys:
         log(f"Removing {folder}: the store already holds the layers it was computing.")
-        shutil.rmtree(folder, ignore_errors=True)
+        _clear(folder)
 
 
 class ChunkWriter(threading.Thread):

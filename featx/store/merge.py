@@ -3,15 +3,24 @@
 The merged store equals a one-process run: the shards' rows concatenated in shard order, the
 same /files, classes and provenance, with the merge added to the history. Layers are copied in
 bounded row blocks, or, with `virtual=True`, mapped by HDF5 virtual datasets onto the shard
-files, which then must stay where they are. The store is written to a temporary file and
-renamed, so OUT is only ever replaced whole.
+files, which then must stay where they are (the merged store records their identities, and
+refuses to read a shard that changed).
+
+Shards are streamed: a shard file is open only while it is read, so a merge holds two files
+open, and its memory does not grow with the rows, whatever the number of shards. The store is
+written through `featx.runtime.atomic_output`, so OUT is only ever replaced whole; an existing
+OUT that is not a merge of the same shards is replaced only with `overwrite=True`. Ctrl-C and
+SIGTERM stop the merge between row blocks and leave OUT as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +28,15 @@ import h5py
 import numpy as np
 
 from featx.data.preprocessing import Preprocessing
-from featx.errors import UsageError
-from featx.runtime import library_versions, now
-from featx.store.feature_store import FeatureStore, add_layer, write_store
+from featx.errors import DiskFull, UsageError
+from featx.runtime import (
+    atomic_output,
+    deferred_interrupts,
+    human_size,
+    library_versions,
+    now,
+)
+from featx.store.feature_store import STR, FeatureStore, add_layer, write_store
 from featx.store.sources import shard_identity
 
 __all__ = ["merge"]
@@ -35,6 +50,20 @@ SAME = (
     ("augment", "augment settings"),
     ("dataset", "dataset fingerprint"),
 )
+SHARD_FIELDS = ("index", "count", "first_row", "n_rows", "n_rows_total")
+VARYING = ("engine", "batch_size")  # shards of one store may differ in these (mixed nodes)
+
+
+@dataclass
+class _Shard:
+    """What a merge keeps of a shard while its file is closed."""
+
+    path: Path
+    info: dict[str, int]  # the SHARD_FIELDS of its meta
+    n_rows: int
+    layers: dict[str, tuple]  # key -> (row shape, dtype, pool, precision)
+    varying: dict[str, dict[str, str]]  # key -> the VARYING attributes of the layer
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
 def merge(
@@ -42,208 +71,352 @@ def merge(
     shards: Sequence[str | os.PathLike],
     virtual: bool = False,
     command: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write the store OUT from the shard stores `shards` (any order); return OUT's path."""
+    """Write the store OUT from the shard stores `shards` (any order); return OUT's path. An
+    existing OUT is replaced only when it is a merge of the same shards, or with `overwrite`."""
     out = Path(out)
     if not shards:
         raise UsageError("give the shard stores to merge.")
-    stores = [FeatureStore(path) for path in shards]
-    try:
-        stores = _in_order(stores)
-        if out.resolve() in {s.path.resolve() for s in stores}:
-            raise UsageError(f"{out} is one of the shards; write the merged store elsewhere.")
-        keys = _common_layers(stores)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        try:
-            with _skeleton(tmp, stores, keys, command, virtual) as h5:
+    paths = [Path(p) for p in shards]
+    if out.resolve() in {p.resolve() for p in paths}:
+        raise UsageError(f"{out} is one of the shards; write the merged store elsewhere.")
+    with deferred_interrupts(out) as check:
+        first_meta, class_names, ordered = _read_shards(paths, check)
+        _check_replace(out, ordered, overwrite)
+        keys = list(ordered[0].layers)
+        meta = _merged_meta(first_meta, ordered, keys, command, virtual, check)
+        if not virtual:
+            _check_space(out, ordered)
+        with atomic_output(out) as tmp:
+            skipped = [item for s in ordered for item in s.skipped]
+            with _closing(write_store(tmp, meta, class_names, {}, {}, skipped)) as h5:
+                _write_tables(h5, ordered, first_meta, check)
                 for key in keys:
-                    (_map_layer if virtual else _copy_layer)(h5, key, stores)
-                h5.flush()
-            os.replace(tmp, out)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-    finally:
-        for store in stores:
-            store.close()
+                    (_map_layer if virtual else _copy_layer)(h5, key, ordered, check)
+            check()
     return out
 
 
-def _shared(store: FeatureStore, name: str) -> Any:
+@contextlib.contextmanager
+def _closing(h5: h5py.File) -> Iterator[h5py.File]:
+    """Close `h5` after the block. After a failure the file is abandoned: emptied first, so
+    that on a full disk HDF5 has room to close it (else it fails again, at exit), then closed
+    quietly, so that the first error is the one reported."""
+    try:
+        yield h5
+    except BaseException:
+        with contextlib.suppress(Exception):
+            os.truncate(h5.filename, 0)
+        with contextlib.suppress(Exception):
+            h5.close()
+        raise
+    h5.close()
+
+
+def _check_space(out: Path, shards: list[_Shard]) -> None:
+    """DiskFull before any write when OUT's disk cannot hold the shards' layers: HDF5 cannot
+    close a file cleanly once a write failed for space."""
+    need = sum(
+        s.n_rows * int(np.prod(shape)) * np.dtype(dtype).itemsize
+        for s in shards
+        for shape, dtype, *_ in s.layers.values()
+    )
+    need += need // 50 + (1 << 20)  # HDF5's metadata and the rows, roughly
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return  # named by the writer
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if need > free:
+        raise DiskFull(
+            f"disk full: {out} needs about {human_size(need)} and its disk has "
+            f"{human_size(free)} free; free some space and run the same command again."
+        )
+
+
+def _shared(meta: dict[str, Any], name: str) -> Any:
     """A SAME field of a shard's meta, as what it means: a preprocessing record made before a
     field existed reads as that field's default, as extraction reads it."""
-    value = store.meta.get(name)
+    value = meta.get(name)
     if name == "preprocessing" and isinstance(value, dict):
         return Preprocessing.from_dict(value)
     return value
 
 
-def _in_order(stores: list[FeatureStore]) -> list[FeatureStore]:
-    """The shards sorted by index; UsageError unless they are the whole of one extraction."""
-    for store in stores:
-        if "shard" not in store.meta:
-            raise UsageError(f"{store.path} is not a shard store (made without --shard).")
-    first = stores[0]
-    for store in stores[1:]:
-        for name, what in SAME:
-            if _shared(store, name) != _shared(first, name):
-                raise UsageError(
-                    f"{store.path} and {first.path} were made with a different {what}; "
-                    "shards of one extraction must share it."
-                )
-    count = first.meta["shard"]["count"]
-    by_index: dict[int, FeatureStore] = {}
-    for store in stores:
-        shard = store.meta["shard"]
-        if shard["count"] != count:
+def _shard_info(path: Path, meta: dict[str, Any]) -> dict[str, int]:
+    if "shard" not in meta:
+        raise UsageError(f"{path} is not a shard store (made without --shard).")
+    info = meta["shard"]
+    if not isinstance(info, dict) or not all(
+        isinstance(info.get(k), int) and not isinstance(info.get(k), bool) and info[k] >= 0
+        for k in SHARD_FIELDS
+    ):
+        raise UsageError(
+            f"{path} has shard metadata that is not the record `featx extract --shard` writes "
+            f"(whole numbers {', '.join(SHARD_FIELDS)})."
+        )
+    return {k: info[k] for k in SHARD_FIELDS}
+
+
+def _read_one(path: Path) -> tuple[_Shard, dict[str, Any], list[str]]:
+    with FeatureStore(path) as store:
+        info = _shard_info(store.path, store.meta)
+        layers, varying = {}, {}
+        for key in store.layers:
+            layer = store.layer(key)
+            layers[key] = (
+                layer.shape,
+                layer.dtype,
+                layer.attrs.get("pool"),
+                layer.attrs.get("precision"),
+            )
+            varying[key] = {k: str(layer.attrs[k]) for k in VARYING if k in layer.attrs}
+        shard = _Shard(store.path, info, store.n_rows, layers, varying, store.skipped)
+        return shard, store.meta, store.class_names
+
+
+def _read_shards(
+    paths: list[Path], check: Callable[[], None]
+) -> tuple[dict[str, Any], list[str], list[_Shard]]:
+    """(first shard's meta, class names, the shards in index order), each shard file open only
+    while it is read; UsageError unless they are the whole of one extraction, alike."""
+    shards: list[_Shard] = []
+    first_meta: dict[str, Any] = {}
+    class_names: list[str] = []
+    for path in paths:
+        shard, meta, names = _read_one(path)
+        if not shards:
+            first_meta, class_names = meta, names
+        else:
+            _check_alike(shard, meta, names, shards[0], first_meta, class_names)
+        shards.append(shard)
+        check()
+    return first_meta, class_names, _in_order(shards)
+
+
+def _check_alike(
+    shard: _Shard,
+    meta: dict[str, Any],
+    names: list[str],
+    first: _Shard,
+    first_meta: dict[str, Any],
+    first_names: list[str],
+) -> None:
+    for name, what in SAME:
+        if _shared(meta, name) != _shared(first_meta, name):
             raise UsageError(
-                f"{store.path} is shard {shard['index']} of {shard['count']}, but "
+                f"{shard.path} and {first.path} were made with a different {what}; "
+                "shards of one extraction must share it."
+            )
+    if names != first_names:
+        raise UsageError(f"{shard.path} and {first.path} have different classes.")
+    if list(shard.layers) != list(first.layers):
+        raise UsageError(
+            f"{shard.path} has layers {', '.join(shard.layers) or 'none'}, but "
+            f"{first.path} has {', '.join(first.layers) or 'none'}; extract the same layers."
+        )
+    for key, (shape, dtype, pool, precision) in first.layers.items():
+        if shard.layers[key] != (shape, dtype, pool, precision):
+            b = shard.layers[key]
+            raise UsageError(
+                f"layer {key} is {b[1]} {b[3]} in {shard.path} but {dtype} {precision} in "
+                f"{first.path}; shards must match."
+            )
+
+
+def _in_order(shards: list[_Shard]) -> list[_Shard]:
+    """The shards sorted by index; UsageError unless they are the whole of one extraction."""
+    first = shards[0]
+    count = first.info["count"]
+    by_index: dict[int, _Shard] = {}
+    for shard in shards:
+        index = shard.info["index"]
+        if shard.info["count"] != count:
+            raise UsageError(
+                f"{shard.path} is shard {index} of {shard.info['count']}, but "
                 f"{first.path} is one of {count}; merge the shards of one split."
             )
-        if shard["index"] in by_index:
+        if index in by_index:
             raise UsageError(
-                f"{store.path} and {by_index[shard['index']].path} are both shard "
-                f"{shard['index']} of {count}: their rows overlap."
+                f"{shard.path} and {by_index[index].path} are both shard {index} of {count}: "
+                "their rows overlap."
             )
-        by_index[shard["index"]] = store
+        by_index[index] = shard
     missing = [str(i) for i in range(count) if i not in by_index]
     if missing:
-        raise UsageError(f"shard {', '.join(missing)} of {count} is missing; merge all {count}.")
+        shown = ", ".join(missing[:10]) + (
+            f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        )
+        raise UsageError(f"shard {shown} of {count} is missing; merge all {count}.")
     ordered = [by_index[i] for i in range(count)]
     end = 0
-    for store in ordered:  # contiguous and complete, as planned
-        shard = store.meta["shard"]
-        if shard["first_row"] != end:
-            raise UsageError(f"{store.path} does not start where the previous shard ends.")
-        end += shard["n_rows"]
-    if end != first.meta["shard"]["n_rows_total"]:
-        raise UsageError(f"the shards cover {end} of {first.meta['shard']['n_rows_total']} rows.")
+    for shard in ordered:  # contiguous and complete, as planned
+        if shard.info["first_row"] != end:
+            raise UsageError(f"{shard.path} does not start where the previous shard ends.")
+        end += shard.info["n_rows"]  # planned rows, skipped files included
+    if end != first.info["n_rows_total"]:
+        raise UsageError(f"the shards cover {end} of {first.info['n_rows_total']} rows.")
     return ordered
 
 
-def _common_layers(stores: list[FeatureStore]) -> list[str]:
-    first = stores[0]
-    keys = first.layers
-    for store in stores[1:]:
-        if store.layers != keys:
-            raise UsageError(
-                f"{store.path} has layers {', '.join(store.layers) or 'none'}, but "
-                f"{first.path} has {', '.join(keys) or 'none'}; extract the same layers."
-            )
-        for key in keys:
-            a, b = first.layer(key), store.layer(key)
-            if (a.shape, a.dtype, a.attrs.get("pool"), a.attrs.get("precision")) != (
-                b.shape,
-                b.dtype,
-                b.attrs.get("pool"),
-                b.attrs.get("precision"),
-            ):
-                raise UsageError(
-                    f"layer {key} is {b.dtype} {b.attrs.get('precision')} in {store.path} but "
-                    f"{a.dtype} {a.attrs.get('precision')} in {first.path}; shards must match."
-                )
-    return keys
+def _merged_from(out: Path) -> list[str] | None:
+    """The shard paths of the merge that wrote the store file `out`, or None. Reads only the
+    file's attributes."""
+    try:
+        with h5py.File(out, "r") as h5:
+            meta = h5.attrs.get("meta")
+        meta = json.loads(meta.decode() if isinstance(meta, bytes) else meta)
+        shards = meta["history"][-1]["shards"]
+    except Exception:  # not HDF5, not a store, not merged: not the same merge
+        return None
+    return shards if isinstance(shards, list) else None
 
 
-def _columns(path: Path, group: str) -> dict[str, np.ndarray]:
-    """Every dataset under /group of a store file, by its path below the group."""
-    columns: dict[str, np.ndarray] = {}
-    with h5py.File(path, "r") as h5:
-
-        def visit(name: str, item: Any) -> None:
-            if isinstance(item, h5py.Dataset):
-                columns[name] = item.asstr()[()] if item.dtype.kind == "O" else item[()]
-
-        h5[group].visititems(visit)
-    return columns
+def _check_replace(out: Path, shards: list[_Shard], overwrite: bool) -> None:
+    if overwrite or not out.is_file():
+        return  # a folder or a missing parent is named by the writer
+    if _merged_from(out) != [str(s.path.resolve()) for s in shards]:
+        raise UsageError(
+            f"{out} already exists and is not a merge of these shards; give --overwrite to "
+            "replace it, or write the merged store elsewhere."
+        )
 
 
-def _skeleton(
-    tmp: Path, stores: list[FeatureStore], keys: list[str], command: str | None, virtual: bool
-) -> h5py.File:
-    """The merged store file with everything but the features; a virtual store's meta lists
-    the shards its layers map, with their identities."""
-    meta = {k: v for k, v in stores[0].meta.items() if k not in ("shard", "virtual_sources")}
+def _merged_meta(
+    first_meta: dict[str, Any],
+    shards: list[_Shard],
+    keys: list[str],
+    command: str | None,
+    virtual: bool,
+    check: Callable[[], None],
+) -> dict[str, Any]:
+    """The merged store's provenance; a virtual store's lists the shards its layers map, with
+    their identities."""
+    meta = {k: v for k, v in first_meta.items() if k not in ("shard", "virtual_sources")}
     if virtual:
-        meta["virtual_sources"] = [
-            {"path": str(s.path.resolve()), "n_rows": s.n_rows, "identity": shard_identity(s.path)}
-            for s in stores
-        ]
+        meta["virtual_sources"] = []
+        for s in shards:
+            identity = shard_identity(s.path)
+            meta["virtual_sources"].append(
+                {"path": str(s.path.resolve()), "n_rows": s.n_rows, "identity": identity}
+            )
+            check()
     history = list(meta.get("history", []))
     history.append(
         {
             "time": now(),
             "command": command or "featx.merge",
             "layers": keys,
-            "shards": [str(s.path.resolve()) for s in stores],
+            "shards": [str(s.path.resolve()) for s in shards],
         }
     )
     meta.update(versions=library_versions(), history=history)
-    parts = [_columns(s.path, "rows") for s in stores]
-    rows = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
-    return write_store(
-        tmp,
-        json.loads(json.dumps(meta)),
-        stores[0].class_names,
-        files=_columns(stores[0].path, "files"),
-        rows={k: v.astype(object) if v.dtype.kind == "U" else v for k, v in rows.items()},
-        skipped=[item for s in stores for item in s.skipped],
-    )
+    return json.loads(json.dumps(meta))
 
 
-VARYING = ("engine", "batch_size")  # shards of one store may differ in these (mixed nodes)
+def _column_types(h5: h5py.File, group: str) -> dict[str, Any]:
+    """Every dataset under /group of a store file, by its path below the group, with its dtype
+    (STR for text)."""
+    types: dict[str, Any] = {}
+
+    def visit(name: str, item: Any) -> None:
+        if isinstance(item, h5py.Dataset):
+            text = h5py.check_string_dtype(item.dtype) is not None or item.dtype.kind in "SO"
+            types[name] = STR if text else item.dtype
+
+    h5[group].visititems(visit)
+    return types
 
 
-def _merged_attrs(key: str, stores: list[FeatureStore]) -> dict:
+def _concat(out: h5py.File, group: str, shards: list[_Shard], check: Callable[[], None]) -> None:
+    """/group of the merged store: the shards' /group columns one after the other."""
+    with h5py.File(shards[0].path, "r") as h5:
+        types = _column_types(h5, group)
+    lengths = []
+    for shard in shards:
+        with h5py.File(shard.path, "r") as h5:
+            if _column_types(h5, group) != types:
+                raise UsageError(
+                    f"{shard.path} has other /{group} columns than {shards[0].path}; "
+                    "shards of one extraction must share them."
+                )
+            lengths.append(len(h5[group]["path"]))
+    for name, dtype in types.items():
+        out.create_dataset(f"{group}/{name}", shape=(sum(lengths),), dtype=dtype)
+    start = 0
+    for shard, n in zip(shards, lengths, strict=True):
+        with h5py.File(shard.path, "r") as h5:
+            for name, dtype in types.items():
+                ds = h5[group][name]
+                values = ds.asstr()[()].astype(object) if dtype is STR else ds[()]
+                out[f"{group}/{name}"][start : start + n] = values
+        start += n
+        check()
+
+
+def _write_tables(
+    out: h5py.File, shards: list[_Shard], meta: dict[str, Any], check: Callable[[], None]
+) -> None:
+    """/rows, concatenated, and /files: the first shard's when every shard holds the whole
+    dataset's table, else concatenated too."""
+    _concat(out, "rows", shards, check)
+    with h5py.File(shards[0].path, "r") as h5:
+        whole = len(h5["files"]["path"]) == meta["dataset"].get("n_files")
+        if whole:
+            h5.copy(h5["files"], out, name="files")
+    if not whole:
+        _concat(out, "files", shards, check)
+
+
+def _merged_attrs(key: str, shards: list[_Shard]) -> dict:
     """Layer `key`'s attributes in the first shard, with every value of VARYING that the
     shards differ in listed ("eager, openvino")."""
-    per_shard = []
-    for store in stores:
-        with h5py.File(store.path, "r") as h5:
-            per_shard.append(dict(h5["features"][key].attrs))
-    attrs = per_shard[0]
+    with h5py.File(shards[0].path, "r") as h5:
+        attrs = dict(h5["features"][key].attrs)
     for name in VARYING:
-        values = sorted({str(a[name]) for a in per_shard if name in a})
+        values = sorted({s.varying[key][name] for s in shards if name in s.varying[key]})
         if len(values) > 1:
             attrs[name] = ", ".join(values)
     return attrs
 
 
-def _copy_layer(out: h5py.File, key: str, stores: list[FeatureStore]) -> None:
-    attrs = _merged_attrs(key, stores)
-    with h5py.File(stores[0].path, "r") as h5:
-        first = h5["features"][key]
-        row_shape, dtype = first.shape[1:], first.dtype
-        compression = first.compression or "none"
+def _copy_layer(out: h5py.File, key: str, shards: list[_Shard], check: Callable[[], None]) -> None:
+    with h5py.File(shards[0].path, "r") as h5:
+        compression = h5["features"][key].compression or "none"
+    row_shape, dtype = shards[0].layers[key][:2]
+    step = max(1, BLOCK_BYTES // max(1, int(np.prod(row_shape)) * np.dtype(dtype).itemsize))
 
     def blocks() -> Iterator[np.ndarray]:
-        for store in stores:
-            with h5py.File(store.path, "r") as h5:
+        for shard in shards:
+            with h5py.File(shard.path, "r") as h5:
                 ds = h5["features"][key]
-                step = max(1, BLOCK_BYTES // max(1, int(np.prod(row_shape)) * dtype.itemsize))
                 for start in range(0, len(ds), step):
                     yield ds[start : start + step]
+                    check()
 
-    n_rows = sum(s.n_rows for s in stores)
+    n_rows = sum(s.n_rows for s in shards)
+    attrs = _merged_attrs(key, shards)
     add_layer(out, key, n_rows, tuple(row_shape), str(dtype), compression, attrs, blocks())
 
 
-def _map_layer(out: h5py.File, key: str, stores: list[FeatureStore]) -> None:
+def _map_layer(out: h5py.File, key: str, shards: list[_Shard], check: Callable[[], None]) -> None:
     """A virtual dataset over the shards' layer `key`, by absolute path."""
-    attrs = _merged_attrs(key, stores)
-    with h5py.File(stores[0].path, "r") as h5:
-        first = h5["features"][key]
-        row_shape, dtype = first.shape[1:], first.dtype
-    n_rows = sum(s.n_rows for s in stores)
+    row_shape, dtype = shards[0].layers[key][:2]
+    n_rows = sum(s.n_rows for s in shards)
     layout = h5py.VirtualLayout(shape=(n_rows, *row_shape), dtype=dtype)
     start = 0
-    for store in stores:
-        if store.n_rows:
+    for shard in shards:
+        if shard.n_rows:
             source = h5py.VirtualSource(
-                str(store.path.resolve()), f"features/{key}", shape=(store.n_rows, *row_shape)
+                str(shard.path.resolve()), f"features/{key}", shape=(shard.n_rows, *row_shape)
             )
-            layout[start : start + store.n_rows] = source
-        start += store.n_rows
+            layout[start : start + shard.n_rows] = source
+        start += shard.n_rows
+    check()
     ds = out["features"].create_virtual_dataset(key, layout, fillvalue=np.nan)
-    ds.attrs.update(attrs)
+    ds.attrs.update(_merged_attrs(key, shards))
