@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 import subprocess
+import sys
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -190,3 +192,49 @@ def test_the_real_models_pass_the_checks(world):
 
     for name in ("rf", "logreg", "svm", "kd_tree", "ball_tree", "brute"):
         assert load_model(world[name]).class_names == ["cat", "dog"]
+
+
+# ---- an archive that lies about its sizes -------------------------------------------------
+def lying_bomb(good: Path, out: Path, inflated: int) -> Path:
+    """A model file of about `inflated` / 1000 bytes whose pipeline.skops inflates to
+    `inflated` bytes, while its central directory claims a packed size only ten times
+    smaller (so the stated ratio looks like an ordinary one)."""
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("provenance.json", members(good)["provenance.json"])
+        with zf.open("pipeline.skops", "w") as fh:
+            zero = bytes(1 << 20)
+            for _ in range(inflated >> 20):
+                fh.write(zero)
+    data = bytearray(out.read_bytes())
+    at = data.rindex(b"PK\x01\x02")  # the directory entry of pipeline.skops, the last member
+    struct.pack_into("<I", data, at + 20, inflated // 10)  # its packed size
+    out.write_bytes(bytes(data))
+    return out
+
+
+def peak_rss(*args: object, cwd: Path) -> tuple[subprocess.CompletedProcess, int]:
+    """`featx ARGS` run from a fresh parent process, and the peak resident memory (bytes) of
+    that run alone (RUSAGE_CHILDREN of a parent with no other child)."""
+    measure = (
+        "import resource, subprocess, sys\n"
+        "done = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+        "sys.stderr.write(done.stderr)\n"
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+        "sys.exit(done.returncode)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", measure, *FEATX, *map(str, args)],
+        cwd=cwd, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    return done, int(done.stdout.split()[-1]) * 1024
+
+
+@pytest.mark.slow
+def test_a_lying_zip_bomb_is_refused_with_bounded_memory(world, tmp_path):
+    inflated = 1 << 30
+    bomb = lying_bomb(world["rf"], tmp_path / "bomb.featx", inflated)
+    assert bomb.stat().st_size < 2 << 20
+    _, baseline = peak_rss("info", world["rf"], cwd=tmp_path)
+    done, peak = peak_rss("info", bomb, cwd=tmp_path)
+    assert "pipeline.skops that unpacks to" in assert_one_sentence_error(done, 2)
+    assert peak < baseline + inflated // 8, (peak >> 20, baseline >> 20)

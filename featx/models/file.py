@@ -20,7 +20,6 @@ validator. Version 1 files were joblib pickles: `load_model` opens them only wit
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import zipfile
@@ -32,6 +31,16 @@ import numpy as np
 
 from featx.data.preprocessing import Preprocessing
 from featx.errors import UsageError
+from featx.models.archive import (
+    HEADS,
+    HEADS_SPEC,
+    PIPELINE,
+    PROVENANCE,
+    check_sizes,
+    pipeline_types,
+    read_member,
+    reason,
+)
 from featx.models.checks import check_pipeline
 from featx.runtime import atomic_write, human_size, library_versions, now, to_json
 from featx.store.feature_store import LAYER_JOIN, FeatureStore
@@ -55,15 +64,6 @@ __all__ = [
 MODEL_FORMAT = "featx-model"
 MODEL_FORMAT_VERSION = 2
 LEGACY_FORMAT_VERSION = 1  # a joblib pickle
-PROVENANCE, PIPELINE, HEADS_SPEC, HEADS = (
-    "provenance.json",
-    "pipeline.skops",
-    "heads.json",
-    "heads.safetensors",
-)
-MAX_MEMBER_BYTES = 4 << 30  # a member larger than this unpacked is refused
-MAX_JSON_BYTES = 64 << 20
-MAX_RATIO = 200  # unpacked / packed, above which a member over 64 MB is taken for a zip bomb
 REQUIRED_PROVENANCE = ("backbone", "weights", "weights_sha256", "preprocessing", "layer")
 REQUIRED_LAYER = ("key", "module", "pool", "dtype", "row_shape", "precision")
 
@@ -465,26 +465,6 @@ _PLAIN_TYPES = {
 }  # fmt: skip
 
 
-def _schema_types(skops_bytes: bytes, path: Path) -> set[str]:
-    """Every type named in a skops file's schema (objects, functions, types, containers)."""
-    found: set[str] = set()
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            if isinstance(node.get("__module__"), str) and isinstance(node.get("__class__"), str):
-                found.add(f"{node['__module__']}.{node['__class__']}")
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    with zipfile.ZipFile(io.BytesIO(skops_bytes)) as inner:
-        _check_sizes(inner, path, f"{PIPELINE}/")
-        walk(json.loads(_read_member(inner, "schema.json", MAX_JSON_BYTES, path)))
-    return found
-
-
 def check_provenance(provenance: Any, path: str | os.PathLike) -> dict[str, Any]:
     """`provenance` if it has every field featx reads, of the right kind; otherwise a
     UsageError naming the first field that is missing or wrong."""
@@ -537,39 +517,6 @@ def legacy_message(path: str | os.PathLike) -> str:
     )
 
 
-def _read_member(zf: zipfile.ZipFile, name: str, limit: int, path: Path) -> bytes:
-    """A member's bytes, refusing members that unpack to more than `limit` (whatever the
-    header claims: reading stops at the limit)."""
-    with zf.open(name) as fh:
-        data = fh.read(limit + 1)
-    if len(data) > limit:
-        raise UsageError(
-            f"model file {path} has a member {name} larger than {human_size(limit)} unpacked; "
-            "featx refuses it."
-        )
-    return data
-
-
-def _check_sizes(zf: zipfile.ZipFile, path: Path, what: str) -> None:
-    """UsageError for a member that would unpack to an unreasonable size (a zip bomb)."""
-    for info in zf.infolist():
-        packed = max(1, info.compress_size)
-        if info.file_size > MAX_MEMBER_BYTES or (
-            info.file_size > (64 << 20) and info.file_size > MAX_RATIO * packed
-        ):
-            raise UsageError(
-                f"model file {path} has a member {what}{info.filename} that unpacks to "
-                f"{human_size(info.file_size)} from {human_size(info.compress_size)}; "
-                "featx refuses it."
-            )
-
-
-def _reason(error: Exception) -> str:
-    """An exception as one line of text, for a one-sentence message."""
-    text = " ".join(str(error).split()).rstrip(".")[:200]
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
 def _load_zip(path: Path) -> FeatxModel:
     import skops.io
     from safetensors.torch import load as load_tensors
@@ -582,14 +529,15 @@ def _load_zip(path: Path) -> FeatxModel:
         raise UsageError(
             f"{path} is a damaged or truncated zip file, not a featx model file."
         ) from None
+    packed = path.stat().st_size
     with zf:
         names = set(zf.namelist())
         if PROVENANCE not in names or PIPELINE not in names:
             missing = PROVENANCE if PROVENANCE not in names else PIPELINE
             raise UsageError(f"{path} is not a featx model file (the zip has no {missing}).")
-        _check_sizes(zf, path, "")
+        check_sizes(zf, path, packed)
         try:
-            provenance = json.loads(_read_member(zf, PROVENANCE, MAX_JSON_BYTES, path))
+            provenance = json.loads(read_member(zf, PROVENANCE, path, packed))
             if not isinstance(provenance, dict) or provenance.get("format") != MODEL_FORMAT:
                 raise UsageError(f"{path} is not a featx model file (no featx-model format).")
             version = provenance.get("format_version")
@@ -604,26 +552,26 @@ def _load_zip(path: Path) -> FeatxModel:
                 {k: v for k, v in provenance.items() if k not in ("format", "format_version")},
                 path,
             )
-            pipeline_bytes = _read_member(zf, PIPELINE, MAX_MEMBER_BYTES, path)
+            pipeline_bytes = read_member(zf, PIPELINE, path, packed)
             heads = HeadTensors()
             if HEADS_SPEC in names or HEADS in names:
-                specs = json.loads(_read_member(zf, HEADS_SPEC, MAX_JSON_BYTES, path))
+                specs = json.loads(read_member(zf, HEADS_SPEC, path, packed))
                 if not isinstance(specs, dict):
                     raise UsageError(f"model file {path} has a {HEADS_SPEC} that is not an object.")
-                tensors = load_tensors(_read_member(zf, HEADS, MAX_MEMBER_BYTES, path))
+                tensors = load_tensors(read_member(zf, HEADS, path, packed))
                 heads = HeadTensors(specs, tensors)
         except UsageError:
             raise
         except Exception as error:  # json, zlib, CRC and safetensors errors of a damaged member
-            raise UsageError(f"model file {path} is damaged ({_reason(error)}).") from None
+            raise UsageError(f"model file {path} is damaged ({reason(error)}).") from None
     try:
-        named = _schema_types(pipeline_bytes, path)
+        named = pipeline_types(pipeline_bytes, path)
         untrusted = skops.io.get_untrusted_types(data=pipeline_bytes)
     except UsageError:
         raise
     except Exception as error:
         raise UsageError(
-            f"model file {path} has a damaged {PIPELINE} ({_reason(error)})."
+            f"model file {path} has a damaged {PIPELINE} ({reason(error)})."
         ) from None
     # skops trusts many types by default (any scikit-learn estimator, for one); featx loads
     # only the ones it builds itself, and plain data.
@@ -641,7 +589,7 @@ def _load_zip(path: Path) -> FeatxModel:
         raise
     except Exception as error:
         raise UsageError(
-            f"model file {path} has a damaged {PIPELINE} ({_reason(error)})."
+            f"model file {path} has a damaged {PIPELINE} ({reason(error)})."
         ) from None
     from sklearn.pipeline import Pipeline
 
