@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import pytest
 from conftest import FEATX, file_digest, make_folder, run_featx
 
 from featx import FeatureStore, extract
+from featx.errors import StoreLocked
 from featx.extraction.run import CHUNK_BYTES
 
 BATCH = 4
@@ -273,3 +275,44 @@ def test_ctrl_c_then_a_kill_while_assembling_then_resume_equal(workspace, refere
         (event,) = a.meta["history"]
         assert event["command"].endswith(f"--workers 1 --store {store}")
     assert leftovers(store) == []  # no lock, partial results or temporary store left behind
+
+
+HOLD_WITH_A_CHILD = """
+import os, sys, time
+from pathlib import Path
+from featx.extraction.partial import write_lock
+
+store, ready = Path(sys.argv[1]), Path(sys.argv[2])
+with write_lock(store):
+    if os.fork() == 0:  # as a DataLoader worker: forked while the lock is held, outlives us
+        ready.write_text(str(os.getpid()))
+        time.sleep(600)
+        os._exit(0)
+    time.sleep(600)
+"""
+
+
+def test_the_write_lock_goes_with_its_holder_even_with_a_forked_child(tmp_path):
+    from featx.extraction.partial import write_lock
+
+    store, ready = tmp_path / "s.h5", tmp_path / "ready"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_WITH_A_CHILD, str(store), str(ready)])
+    child = None
+    try:
+        while not ready.exists() or not ready.read_text():
+            assert holder.poll() is None
+            time.sleep(0.01)
+        child = psutil.Process(int(ready.read_text()))
+        with pytest.raises(StoreLocked, match=f"pid {holder.pid}"):
+            with write_lock(store):
+                pass
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(timeout=60)
+        assert child.is_running()  # the child lives on...
+        with write_lock(store):  # ...and the store can be written at once
+            pass
+    finally:
+        holder.kill()
+        if child is not None and child.is_running():
+            child.kill()
+    assert not (tmp_path / "s.h5.lock").exists()

@@ -4,7 +4,6 @@ saved atomically by a writer thread, and the write lock that keeps a second proc
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import queue
@@ -14,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import filelock
 import numpy as np
 
 from featx.errors import StoreLocked, UsageError
@@ -25,39 +25,38 @@ __all__ = ["ChunkWriter", "Partial", "remove_finished_partial", "write_lock"]
 # ---- locking -----------------------------------------------------------------------------
 @contextlib.contextmanager
 def write_lock(store: Path) -> Iterator[None]:
-    """Hold an exclusive lock on STORE.lock; StoreLocked if another process holds it."""
+    """Hold an exclusive lock on STORE.lock (`filelock`); StoreLocked if another process holds
+    it. The lock goes with its holder: a child forked while it is held (a DataLoader worker)
+    does not keep it, so a killed run can be re-run at once."""
     lock_path = store.with_name(store.name + ".lock")
-    while True:
+    lock = filelock.FileLock(lock_path, blocking=False, on_acquired=_write_pid)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as error:
-            reason = (error.strerror or type(error).__name__).lower()
-            raise UsageError(
-                f"cannot write store {store}: its folder {store.parent} is not writable ({reason})."
-            ) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise StoreLocked(
-                f"store {store} is being written by another featx process (pid {holder}); "
-                "wait for it to finish, or stop it and run this command again."
-            ) from None
-        try:
-            same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)  # the previous holder removed the file after we opened it; retry
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
+            holder = lock_path.read_text(errors="replace").strip()[:32] or "unknown"
+        except OSError:
+            holder = "unknown"
+        raise StoreLocked(
+            f"store {store} is being written by another featx process (pid {holder}); "
+            "wait for it to finish, or stop it and run this command again."
+        ) from None
+    except OSError as error:
+        reason = (error.strerror or type(error).__name__).lower()
+        raise UsageError(
+            f"cannot write store {store}: its folder {store.parent} is not writable ({reason})."
+        ) from None
     try:
         yield
     finally:
-        os.unlink(lock_path)
-        os.close(fd)
+        lock_path.unlink(missing_ok=True)
+        lock.release()
+
+
+def _write_pid(fd: int) -> None:
+    """Name the holder in the lock file, for the message of a process that is refused."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
 
 
 # ---- partial results ---------------------------------------------------------------------
