@@ -229,18 +229,18 @@ def test_cli_probe_writes_report_and_a_model_evaluate_reads(tmp_path):
     done = run_featx(
         "extract", data, "--backbone", "efficientnet_lite0", "--layer", "blocks.3",
         "--layer", "forward_features", "--pool", "avg", "--image-size", "64",
-        "--store", store, "--workers", "0", "--device", "cpu", cwd=tmp_path,
+        "--store", store, "--workers", "0", "--device", "cpu", cwd=tmp_path, timeout=1200,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     done = run_featx(
         "probe", "--store", store, "--report", "r.json", "--save-best", "m.featx",
-        "--shots", "1,2", "--tries", "2", cwd=tmp_path,
+        "--shots", "1", "--tries", "2", cwd=tmp_path, timeout=1200,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "best layer:" in done.stdout
     report = json.loads((tmp_path / "r.json").read_text())
     assert [r["layer"] for r in report["layers"]] == ["blocks.3@avg", "forward_features@avg"]
-    assert set(report["layers"][0]["few_shot"]) == {"1", "2"}
+    assert set(report["layers"][0]["few_shot"]) == {"1"}
     done = run_featx("evaluate", "--model", "m.featx", "--store", store, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "accuracy" in done.stdout

@@ -20,7 +20,7 @@ from featx.classify.pipeline import LayerFeatures
 from featx.store.feature_store import FeatureStore
 from featx.store.rows import LayerRows
 
-__all__ = ["PARTS", "LayerSource", "RowPart"]
+__all__ = ["PARTS", "SMALL_FLOAT64", "LayerSource", "RowPart"]
 
 PARTS = ("train", "validation", "test")
 SMALL_FLOAT64 = 1 << 25  # values (rows x features) up to which the solver works in float64
