@@ -261,3 +261,28 @@ def test_help_and_parser_defaults_are_the_settings_defaults(command):
             assert parsed == want or (parsed is None and want == []), (field.name, parsed)
             shown = _shown_default(entries[f"--{flag_of(field)}"])
             assert shown in _expected(field, default), (field.name, shown)
+
+
+@pytest.mark.slow
+def test_merge_replaces_another_store_only_with_overwrite(tmp_path):
+    from conftest import make_folder
+
+    from featx.extraction.run import extract
+    from featx.store.feature_store import FeatureStore
+
+    data = tmp_path / "pets"
+    make_folder(data, {"cat": 3, "dog": 3})
+    options = {"backbone": "resnet18", "weights": "none", "image_size": 32, "workers": 0,
+               "device": "cpu", "quiet": True, "pool": "avg"}  # fmt: skip
+    shards = [extract(data, store=tmp_path / "s.h5", shard=(i, 2), layers=["layer2"], **options)
+              .store for i in range(2)]  # fmt: skip
+    out = extract(data, store=tmp_path / "out.h5", layers=["layer1"], **options).store
+    with FeatureStore(out) as other:
+        before = other.layers
+    assert "overwrite" in one_line(featx("merge", out, *shards, cwd=tmp_path))
+    with FeatureStore(out) as kept:
+        assert kept.layers == before
+    result = featx("merge", "--overwrite", out, *shards, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    with FeatureStore(out) as merged:
+        assert merged.layers != before and merged.n_rows == 6

@@ -128,22 +128,19 @@ def merge(
         ),
     ] = False,
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an existing store at OUT.")
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace an existing store at OUT that is not a merge of the same shards.",
+        ),
     ] = False,
 ) -> None:
     """Join the shard stores of `featx extract --shard I/N` into one store.
 
     Example: featx merge stores/flowers.h5 stores/flowers.shard-*.h5
     """
-    import inspect
-
     from featx.store.merge import merge as run
 
     with reported():
-        options = {"virtual": virtual, "command": command_line()}
-        if "overwrite" in inspect.signature(run).parameters:
-            options["overwrite"] = overwrite
-        elif overwrite:
-            raise UsageError("--overwrite needs a featx whose merge can replace a store.")
-        path = run(out, shards, **options)
+        path = run(out, shards, virtual=virtual, command=command_line(), overwrite=overwrite)
     typer.echo(str(path))
