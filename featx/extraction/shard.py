@@ -8,31 +8,49 @@ order are the rows of a one-process store.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from featx.errors import UsageError
 
-__all__ = ["parse_shard", "shard_files", "shard_store_path"]
+__all__ = ["parse_shard", "shard_files", "shard_store_path", "slurm_shard"]
 
 
 def parse_shard(text: str) -> tuple[int, int]:
-    """`I/N` (0-based I) as (I, N); `slurm` reads the array task's id and count."""
+    """`I/N` (0-based I) as (I, N); `slurm` reads the array task's place in its job array."""
     if text.strip().lower() == "slurm":
-        try:
-            task = int(os.environ["SLURM_ARRAY_TASK_ID"])
-            first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
-            count = int(os.environ["SLURM_ARRAY_TASK_COUNT"])
-        except (KeyError, ValueError):
-            raise UsageError(
-                "--shard slurm needs SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT; run it in "
-                "a Slurm array job, or give --shard I/N."
-            ) from None
-        return check_shard((task - first, count))
+        return check_shard(slurm_shard(os.environ))
     index, _, count = text.partition("/")
     try:
         return check_shard((int(index), int(count)))
     except ValueError:
         raise UsageError(f"--shard takes I/N (e.g. 0/4) or slurm, not {text!r}.") from None
+
+
+def slurm_shard(env: Mapping[str, str]) -> tuple[int, int]:
+    """(I, N) of a Slurm array task: its place among the array's task ids, which must be evenly
+    spaced (`--array=0-9`, `--array=1-7:2`, `--array=1,4,7`); Slurm does not tell a task the
+    ids of an uneven list (`--array=1,2,7`), so those are refused."""
+    try:
+        task = int(env["SLURM_ARRAY_TASK_ID"])
+        count = int(env["SLURM_ARRAY_TASK_COUNT"])
+        first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        step = int(env.get("SLURM_ARRAY_TASK_STEP", "1"))
+        last = int(env.get("SLURM_ARRAY_TASK_MAX", str(first + step * (count - 1))))
+    except (KeyError, ValueError):
+        raise UsageError(
+            "--shard slurm needs SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT; run it in "
+            "a Slurm array job, or give --shard I/N."
+        ) from None
+    if count == 1 and task == first:
+        return 0, 1
+    if step < 1 or last != first + step * (count - 1) or (task - first) % step:
+        raise UsageError(
+            f"--shard slurm cannot place task {task} in an array of {count} tasks from {first} "
+            f"to {last} by {step}: the task ids must be evenly spaced (--array=0-9, 1-7:2 or "
+            "1,4,7); give --shard I/N instead."
+        )
+    return (task - first) // step, count
 
 
 def check_shard(shard: tuple[int, int]) -> tuple[int, int]:

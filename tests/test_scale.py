@@ -1,0 +1,95 @@
+"""Shards at scale: Slurm arrays with steps and lists, planning that reads and stats only a
+shard's own slice, shard stores that hold only their own files, and `featx export`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import assert_one_sentence_error, make_folder, run_featx
+
+from featx import FeatureStore, merge
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+TINY = ("--backbone", "resnet18", "--weights", "none", "--image-size", "32")
+PLACE = "from featx.extraction.shard import parse_shard; print(*parse_shard('slurm'))"
+
+
+def slurm_env(task: int, ids: list[int], step: int | None) -> dict[str, str]:
+    """The array variables Slurm gives task `task` of an array of task ids `ids`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(
+        SLURM_ARRAY_TASK_ID=str(task),
+        SLURM_ARRAY_TASK_COUNT=str(len(ids)),
+        SLURM_ARRAY_TASK_MIN=str(min(ids)),
+        SLURM_ARRAY_TASK_MAX=str(max(ids)),
+    )
+    if step is not None:
+        env["SLURM_ARRAY_TASK_STEP"] = str(step)
+    return env
+
+
+def place(task: int, ids: list[int], step: int | None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", PLACE], env=slurm_env(task, ids, step), capture_output=True,
+        text=True,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("ids", "step"),
+    [
+        ([0, 2, 4, 6], 2),  # --array=0-6:2
+        ([1, 4, 7], 3),  # --array=1,4,7 (or 1-7:3)
+        ([3, 4, 5, 6, 7], 1),  # --array=3-7
+        ([1, 4, 7], None),  # a Slurm that does not set the step: evenly spaced ids
+        ([5], 1),  # --array=5
+    ],
+)
+def test_each_task_of_a_slurm_array_computes_its_own_shard(ids, step):
+    if step is None:
+        ids = list(range(len(ids)))  # without the step, only consecutive ids can be placed
+    shards = []
+    for task in ids:
+        result = place(task, ids, step)
+        assert result.returncode == 0, result.stderr
+        shards.append(tuple(map(int, result.stdout.split())))
+    assert shards == [(i, len(ids)) for i in range(len(ids))]
+
+
+def test_an_uneven_slurm_list_is_refused_in_one_sentence(tmp_path):
+    make_folder(tmp_path / "data", {"cat": 2, "dog": 2})
+    env = slurm_env(2, [1, 2, 7], 1)  # --array=1,2,7: no task can know its place
+    result = subprocess.run(
+        [sys.executable, "-m", "featx.cli", "extract", str(tmp_path / "data"), *TINY,
+         "--layer", "avgpool", "--shard", "slurm"],
+        env=env, cwd=tmp_path, capture_output=True, text=True,
+    )  # fmt: skip
+    assert "evenly spaced" in assert_one_sentence_error(result)
+
+
+@pytest.mark.slow
+def test_a_stepped_slurm_array_merges_into_the_one_process_store(tmp_path):
+    data = tmp_path / "data"
+    make_folder(data, {"cat": 4, "dog": 3})
+    common = (*TINY, "--layer", "avgpool", "--workers", "0", "--quiet")
+    whole = run_featx("extract", data, *common, "--store", tmp_path / "w.h5", cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr
+    ids = [0, 2, 4]  # --array=0-4:2
+    for task in ids:
+        env = slurm_env(task, ids, 2)
+        result = subprocess.run(
+            [sys.executable, "-m", "featx.cli", "extract", str(data), *common, "--store",
+             str(tmp_path / "s.h5"), "--shard", "slurm"],
+            env=env, cwd=tmp_path, capture_output=True, text=True,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+    shards = sorted(tmp_path.glob("s.shard-*of3.h5"))
+    assert len(shards) == 3
+    merged = merge(tmp_path / "m.h5", shards)
+    with FeatureStore(tmp_path / "w.h5") as a, FeatureStore(merged) as b:
+        np.testing.assert_array_equal(a.paths(), b.paths())
+        np.testing.assert_allclose(b.read("avgpool"), a.read("avgpool"), rtol=1e-5, atol=1e-6)
