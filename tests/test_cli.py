@@ -221,8 +221,10 @@ def _expected(field, default) -> tuple[str, ...]:
     from featx.settings import flag_of, option_spec
 
     spec = option_spec(field)
-    if default is None:
-        return (spec.default_text,) if spec.default_text else (None,)
+    if default is None and spec.default_text:
+        return (spec.default_text,)
+    if default is None:  # nothing, or what the field's own help says None means
+        return (None, _shown_default(spec.help))
     if isinstance(default, enum.Enum):
         return (str(default.value),)
     if isinstance(default, bool):
@@ -255,6 +257,9 @@ def test_help_and_parser_defaults_are_the_settings_defaults(command):
                 assert f"--{flag_of(field)}" not in entries
                 continue
             default = field.default_factory() if callable(field.default_factory) else field.default
+            if params[field.name].required:  # no default on the command line
+                assert "[required]" in entries[f"--{flag_of(field)}"]
+                continue
             parsed = params[field.name].default
             parsed = parsed.value if isinstance(parsed, enum.Enum) else parsed
             want = default.value if isinstance(default, enum.Enum) else default

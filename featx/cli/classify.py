@@ -29,7 +29,7 @@ def _size(text: str) -> int:
 
 
 @app.command()
-@from_settings(FitSettings, parse={"memory_budget": _size})
+@from_settings(FitSettings, required=("layers",), parse={"memory_budget": _size})
 @from_settings(Shared, None, only=("quiet",))
 def fit(
     store: Annotated[Path, typer.Option(help="Feature store written by `featx extract`.")],

@@ -233,11 +233,13 @@ def settings_parameters(
     only: Iterable[str] | None = None,
     exclude: Iterable[str] = (),
     defaults: dict[str, Any] | None = None,
+    required: Iterable[str] = (),
     parse: dict[str, Callable[[str], Any]] | None = None,
 ) -> list[inspect.Parameter]:
     """The typer options of a settings dataclass's `option` fields (those named in `only`,
-    less `exclude`); `defaults` replaces a field's default for one command; `parse` maps a
-    field to the function reading its command-line text (e.g. a size such as 4GB)."""
+    less `exclude`); `defaults` replaces a field's default for one command, and a `required`
+    field has none there; `parse` maps a field to the function reading its command-line text
+    (e.g. a size such as 4GB)."""
     hints = typing.get_type_hints(cls)
     chosen = None if only is None else list(only)
     fields = {f.name: f for f in dataclasses.fields(cls) if option_spec(f) is not None}
@@ -251,7 +253,7 @@ def settings_parameters(
             default = field.default_factory()
         else:
             default = field.default
-        if default is dataclasses.MISSING:
+        if default is dataclasses.MISSING or name in required:
             default = inspect.Parameter.empty
         annotation = _typer_option(field, hints[name], default, (parse or {}).get(name))
         params.append(
@@ -269,15 +271,16 @@ def from_settings(
     only: Iterable[str] | None = None,
     exclude: Iterable[str] = (),
     defaults: dict[str, Any] | None = None,
+    required: Iterable[str] = (),
     parse: dict[str, Callable[[str], Any]] | None = None,
 ):
     """Decorator: give a command the options of the settings dataclass `cls`; the command gets
     `target=cls(**values)`, validated by `featx.settings.check_settings` before any work (one
     `featx:` line and exit 2 when a value is wrong). With `target` None and `only`, the
     command gets each value as its own keyword argument instead. `only`, `exclude`,
-    `defaults` and `parse` as in `settings_parameters`."""
+    `defaults`, `required` and `parse` as in `settings_parameters`."""
     params = settings_parameters(
-        cls, only=only, exclude=exclude, defaults=defaults, parse=parse
+        cls, only=only, exclude=exclude, defaults=defaults, required=required, parse=parse
     )  # fmt: skip
 
     def collect(values: dict[str, Any]) -> Any:

@@ -40,7 +40,7 @@ def _ray_resources(ray: str | None, gpus_per_shard: float | None) -> None:
 
 @app.command()
 @with_augmentation
-@from_settings(ExtractSettings)
+@from_settings(ExtractSettings, required=("backbone", "layers"))
 def extract(
     data_dir: Annotated[Path, typer.Argument(help=DATA_HELP, metavar="DATA")],
     settings: ExtractSettings,
