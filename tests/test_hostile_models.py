@@ -238,3 +238,72 @@ def test_a_lying_zip_bomb_is_refused_with_bounded_memory(world, tmp_path):
     done, peak = peak_rss("info", bomb, cwd=tmp_path)
     assert "pipeline.skops that unpacks to" in assert_one_sentence_error(done, 2)
     assert peak < baseline + inflated // 8, (peak >> 20, baseline >> 20)
+
+
+# ---- provenance of the wrong type or value ------------------------------------------------
+def _provenance(model: Path, out: Path, field: str, value) -> Path:
+    """`model` with provenance field `field` (dotted for a nested one) set to `value`."""
+    content = members(model)
+    provenance = json.loads(content["provenance.json"])
+    *parents, last = field.split(".")
+    target = provenance
+    for name in parents:
+        target = target[name]
+    target[last] = value
+    return write_zip(out, {**content, "provenance.json": json.dumps(provenance).encode()})
+
+
+# name: (field, value, command, words of the refusal)
+PROVENANCE_CASES = {
+    "params-text": ("params", "fast", "info", "field params that is not a JSON object"),
+    "versions-list": ("versions", [1, 2], "info", "field versions"),
+    "metrics-number": ("metrics", {"test": 5}, "info", "field metrics.test"),
+    "metrics-text": ("metrics", {"test": {"accuracy": "high"}}, "info", "metrics.test.accuracy"),
+    "store-text": ("store", "here", "info", "field store that is not a JSON object"),
+    "trained-on-text": ("trained_on", {"n_rows": "all"}, "info", "field trained_on.n_rows"),
+    "layers-object": ("layers", {"a": 1}, "info", "field layers that is not a list"),
+    "one-class": ("class_names", ["cat"], "predict", "two or more names"),
+    "escape-in-class": ("class_names", ["\x1b[2J\x1b[31mcat", "dog"], "info", "control char"),
+    "pool-median": ("layer.pool", "median", "predict", "field layer.pool"),
+    "std-zero": ("preprocessing.std", [0, 0, 0], "predict", "field preprocessing.std"),
+    "resize-negative": ("preprocessing.resize", -32, "predict", "field preprocessing.resize"),
+    "resize-huge": ("preprocessing.resize", 100000, "predict", "field preprocessing.resize"),
+}
+
+
+@pytest.mark.parametrize("case", list(PROVENANCE_CASES))
+def test_provenance_of_the_wrong_kind_is_refused(world, case, tmp_path):
+    field, value, command, words = PROVENANCE_CASES[case]
+    crafted = _provenance(world["logreg"], tmp_path / "crafted.featx", field, value)
+    args = ("info", crafted) if command == "info" else ("predict", "--model", crafted)
+    if command == "predict":
+        args += (world["data"], "--quiet", "--workers", "0")
+    done = invoke_featx(*args)
+    assert "\x1b" not in done.stdout + done.stderr
+    assert words in assert_one_sentence_error(done, 2)
+
+
+def test_a_nan_dropout_in_a_head_is_refused(world, tmp_path):
+    from sklearn.pipeline import Pipeline
+
+    from featx.classify.pipeline import LayerFeatures
+    from featx.models.file import FeatxModel, load_model
+    from featx.models.heads import TorchHead, make_head
+
+    good = load_model(world["logreg"])
+    width = good.layer["row_shape"][0]
+    pipeline = Pipeline(
+        [
+            ("features", LayerFeatures("none").fit(np.zeros((1, width), np.float32))),
+            ("clf", TorchHead.from_head(make_head(width, [4], 0.5, 1), [0, 1])),
+        ]
+    )
+    path = FeatxModel(pipeline, good.provenance).save(tmp_path / "head.featx")
+    content = members(path)
+    specs = json.loads(content["heads.json"])
+    specs["head0"]["dropout"] = float("nan")
+    crafted = write_zip(
+        tmp_path / "nan.featx", {**content, "heads.json": json.dumps(specs).encode()}
+    )
+    done = invoke_featx("predict", "--model", crafted, world["data"], "--quiet", "--workers", "0")
+    assert "dropout outside [0, 1)" in assert_one_sentence_error(done, 2)

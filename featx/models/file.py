@@ -42,7 +42,16 @@ from featx.models.archive import (
     reason,
 )
 from featx.models.checks import check_pipeline
-from featx.runtime import atomic_write, human_size, library_versions, now, to_json
+from featx.models.provenance import (
+    check_provenance,
+    combined_layer_record,
+    feature_identity,
+    layer_provenance,
+    layer_record,
+    model_provenance,
+    store_provenance,
+)
+from featx.runtime import atomic_write, human_size, to_json
 from featx.store.feature_store import LAYER_JOIN, FeatureStore
 
 if TYPE_CHECKING:  # scikit-learn loads with a model, not for `featx info STORE`
@@ -51,6 +60,7 @@ if TYPE_CHECKING:  # scikit-learn loads with a model, not for `featx info STORE`
 __all__ = [
     "FeatxModel",
     "check_provenance",
+    "combined_layer_record",
     "feature_identity",
     "layer_provenance",
     "layer_record",
@@ -64,8 +74,6 @@ __all__ = [
 MODEL_FORMAT = "featx-model"
 MODEL_FORMAT_VERSION = 2
 LEGACY_FORMAT_VERSION = 1  # a joblib pickle
-REQUIRED_PROVENANCE = ("backbone", "weights", "weights_sha256", "preprocessing", "layer")
-REQUIRED_LAYER = ("key", "module", "pool", "dtype", "row_shape", "precision")
 
 
 def _trusted_types() -> list[str]:
@@ -120,113 +128,6 @@ def _trusted_types() -> list[str]:
         "featx.classify.mlp.MLPClassifier",
     )
     return sorted({f"{t.__module__}.{t.__qualname__}" for t in (*types, *metrics)} | set(own))
-
-
-def layer_record(
-    *, key: str, name: str, module: str, pool: str, precision: str, dtype: str, row_shape
-) -> dict[str, Any]:
-    """What identifies a feature layer: names, module path, pooling, precision, dtype, shape."""
-    return {
-        "key": key,
-        "name": name,
-        "module": module,
-        "pool": pool,
-        "precision": precision,
-        "dtype": dtype,
-        "row_shape": list(row_shape),
-    }
-
-
-def combined_layer_record(layers: list[dict[str, Any]]) -> dict[str, Any]:
-    """The `layer` entry of a model on several joined layers: each field `+`-joined (the row
-    shape is the length of the concatenated rows); the records themselves are kept in the
-    provenance's `layers`."""
-    return {
-        "key": LAYER_JOIN.join(layer["key"] for layer in layers),
-        "name": LAYER_JOIN.join(layer["name"] for layer in layers),
-        "module": LAYER_JOIN.join(layer["module"] for layer in layers),
-        "pool": LAYER_JOIN.join(layer["pool"] for layer in layers),
-        "precision": LAYER_JOIN.join(dict.fromkeys(layer["precision"] for layer in layers)),
-        "dtype": str(np.result_type(*(layer["dtype"] for layer in layers))),
-        "row_shape": [sum(int(np.prod(layer["row_shape"])) for layer in layers)],
-    }
-
-
-def layer_provenance(store: FeatureStore, key: str) -> dict[str, Any]:
-    """The `layer_record` of layer `key` of `store`."""
-    info = store.layer(key)
-    record = layer_record(
-        key=info.key,
-        name=info.attrs.get("layer", info.key),
-        module=info.attrs.get("module", info.key),
-        pool=info.attrs.get("pool", "none"),
-        precision=info.attrs.get("precision", "fp32"),
-        dtype=info.dtype,
-        row_shape=info.shape,
-    )
-    if "calibration_engine_key" in info.attrs:  # int8: the quantized model predict runs
-        record["calibration_engine_key"] = str(info.attrs["calibration_engine_key"])
-    return record
-
-
-def feature_identity(
-    *,
-    backbone: str,
-    weights: str,
-    weights_spec: str | None,
-    weights_sha256: str,
-    preprocessing: Preprocessing,
-) -> dict[str, Any]:
-    """The backbone, weights and preprocessing that make a model's features."""
-    return {
-        "backbone": backbone,
-        "weights": weights,
-        "weights_spec": weights_spec,
-        "weights_sha256": weights_sha256,
-        "preprocessing": preprocessing.to_dict(),
-        "preprocessing_text": preprocessing.describe(),
-    }
-
-
-def store_provenance(store: FeatureStore) -> dict[str, Any]:
-    """The feature identity shared by every layer of a store, and which store it was."""
-    m = store.meta
-    return {
-        **feature_identity(
-            backbone=m["backbone"],
-            weights=m["weights"],
-            weights_spec=m.get("weights_spec"),
-            weights_sha256=m["weights_sha256"],
-            preprocessing=Preprocessing.from_dict(m["preprocessing"]),
-        ),
-        "store": {
-            "path": str(store.path.resolve()),
-            "dataset_root": m["dataset"]["root"],
-            "dataset_fingerprint": m["dataset"]["fingerprint"],
-            "n_rows": store.n_rows,
-            "augment": m.get("augment"),
-            "created": m.get("created"),
-            "versions": m.get("versions", {}),
-        },
-    }
-
-
-def model_provenance(
-    features: dict[str, Any], layer: dict[str, Any], class_names: list[str], **training: Any
-) -> dict[str, Any]:
-    """The provenance of a model file: `features` (`store_provenance` or `feature_identity`
-    with a "store" entry), the `layer_record`, the class names and what training recorded
-    (classifier, params, estimator, pipeline, selection, n_train, metrics, command...), with
-    the library versions and time, as plain JSON types."""
-    provenance = {
-        **features,
-        "layer": layer,
-        "class_names": list(class_names),
-        **training,
-        "versions": library_versions(),
-        "created": now(),
-    }
-    return json.loads(json.dumps(provenance, default=to_json))
 
 
 @dataclass
@@ -397,7 +298,10 @@ class FeatxModel:
         )
         if p.get("command"):
             lines.append(f"command     {p['command']}")
-        return "\n".join(lines)
+        # a file's text must not drive the terminal (escape sequences in a name or command)
+        return "\n".join(
+            "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in line) for line in lines
+        )
 
 
 def _trained_on(p: dict[str, Any]) -> str:
@@ -463,37 +367,6 @@ _PLAIN_TYPES = {
         )
     ),
 }  # fmt: skip
-
-
-def check_provenance(provenance: Any, path: str | os.PathLike) -> dict[str, Any]:
-    """`provenance` if it has every field featx reads, of the right kind; otherwise a
-    UsageError naming the first field that is missing or wrong."""
-    where = f"model file {path}"
-    if not isinstance(provenance, dict):
-        raise UsageError(f"{where} has provenance that is not a JSON object.")
-    for key in (*REQUIRED_PROVENANCE, "class_names"):
-        if key not in provenance:
-            raise UsageError(f"{where} lacks provenance field {key}.")
-    for key in ("backbone", "weights", "weights_sha256"):
-        if not isinstance(provenance[key], str):
-            raise UsageError(f"{where} has a provenance field {key} that is not text.")
-    try:
-        Preprocessing.from_dict(provenance["preprocessing"])
-    except Exception:
-        raise UsageError(f"{where} has an unreadable provenance field preprocessing.") from None
-    layer = provenance["layer"]
-    if not isinstance(layer, dict):
-        raise UsageError(f"{where} has a provenance field layer that is not a JSON object.")
-    for key in REQUIRED_LAYER:
-        if key not in layer:
-            raise UsageError(f"{where} lacks provenance field layer.{key}.")
-    shape = layer["row_shape"]
-    if not isinstance(shape, list) or not all(isinstance(n, int) and n > 0 for n in shape):
-        raise UsageError(f"{where} has a provenance field layer.row_shape that is not a shape.")
-    names = provenance["class_names"]
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        raise UsageError(f"{where} has a provenance field class_names that is not a list of names.")
-    return provenance
 
 
 def model_file_kind(path: str | os.PathLike) -> str:
@@ -570,9 +443,7 @@ def _load_zip(path: Path) -> FeatxModel:
     except UsageError:
         raise
     except Exception as error:
-        raise UsageError(
-            f"model file {path} has a damaged {PIPELINE} ({reason(error)})."
-        ) from None
+        raise UsageError(f"model file {path} has a damaged {PIPELINE} ({reason(error)}).") from None
     # skops trusts many types by default (any scikit-learn estimator, for one); featx loads
     # only the ones it builds itself, and plain data.
     allowed = {*_trusted_types(), *_PLAIN_TYPES}
@@ -588,9 +459,7 @@ def _load_zip(path: Path) -> FeatxModel:
     except UsageError:
         raise
     except Exception as error:
-        raise UsageError(
-            f"model file {path} has a damaged {PIPELINE} ({reason(error)})."
-        ) from None
+        raise UsageError(f"model file {path} has a damaged {PIPELINE} ({reason(error)}).") from None
     from sklearn.pipeline import Pipeline
 
     if not isinstance(pipeline, Pipeline):

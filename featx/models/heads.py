@@ -163,6 +163,9 @@ class HeadTensors:
             needed = -1
         if needed != sum(t.numel() for t in state.values()):
             raise UsageError(f"the model file's head {name} does not match its stored tensors.")
+        dropouts = (spec.get("dropout", 0.0), spec.get("input_dropout", 0.0))
+        if not all(isinstance(p, int | float) and 0 <= p < 1 for p in dropouts):
+            raise UsageError(f"the model file's head {name} has a dropout outside [0, 1).")
         return {**spec, "state_dict": state}
 
 
