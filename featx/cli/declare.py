@@ -26,7 +26,6 @@ import typer
 from featx.cli.app import fail
 from featx.errors import FeatxError, UsageError, check_range
 from featx.settings import (
-    NETWORK,
     OUTPUT,
     Device,
     batch_size_option,
@@ -159,12 +158,6 @@ class Shared:
     device: Device = device_option()
     workers: int | None = workers_option()
     batch_size: int | None = batch_size_option()
-    engine: str = option(
-        "auto",
-        "What runs the network: auto (picked by measured speed and run length), eager, "
-        "compile (torch.compile) or openvino.",
-        panel=NETWORK,
-    )
     trust_pickle: bool = trust_pickle_option()
     quiet: bool = option(False, "No progress bars or messages.", panel=OUTPUT)
 
