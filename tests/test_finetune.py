@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -558,11 +559,12 @@ def test_the_command_line_defaults_are_the_configs():
     # the augmentation defaults --help shows are the ones a run uses
     from featx.finetuning.config import FINETUNE_AUGMENT
 
-    shown = {p.name: p.show_default for p in command.params}
+    helps = {p.name: p.help or "" for p in command.params}
     compared = 0
     for field in dataclasses.fields(FINETUNE_AUGMENT):
         value = getattr(FINETUNE_AUGMENT, field.name)
-        if isinstance(shown.get(field.name), str) and isinstance(value, float):
-            assert float(shown[field.name]) == value, field.name
+        said = re.search(r"Default: ([0-9.]+)\.$", helps.get(field.name, ""))
+        if said and isinstance(value, float):
+            assert float(said[1]) == value, field.name
             compared += 1
     assert compared >= 4
