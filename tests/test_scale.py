@@ -93,3 +93,57 @@ def test_a_stepped_slurm_array_merges_into_the_one_process_store(tmp_path):
     with FeatureStore(tmp_path / "w.h5") as a, FeatureStore(merged) as b:
         np.testing.assert_array_equal(a.paths(), b.paths())
         np.testing.assert_allclose(b.read("avgpool"), a.read("avgpool"), rtol=1e-5, atol=1e-6)
+
+
+def write_manifest(data, folder, path):
+    with open(path, "w") as fh:
+        fh.write("path,label,split\n")
+        for f in folder.files:
+            fh.write(f"{data / f.path},{folder.class_names[f.label]},{f.split}\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    from featx.data.folders import scan_image_folder
+
+    root = tmp_path_factory.mktemp("manifest")
+    make_folder(root / "data", {"cat": 5, "dog": 4}, split="train")
+    make_folder(root / "data", {"cat": 2, "dog": 2}, split="test", start=20)
+    return write_manifest(root / "data", scan_image_folder(root / "data"), root / "m.csv")
+
+
+def test_a_shard_plans_and_stats_only_its_own_files(manifest):
+    from featx.data.manifest import read_manifest
+    from featx.extraction.plan import Work
+
+    listed = read_manifest(manifest)
+    work = Work.plan(listed, 1, (1, 3))
+    assert listed.fingerprint and listed.files.stated() == 0
+    assert work.shard == {"index": 1, "count": 3, "first_row": 8, "n_rows": 8,
+                          "n_rows_total": 22, "first_file": 4, "n_files": 4}  # fmt: skip
+    assert work.items[:3] == [(4, 0), (4, 1), (5, 0)]
+    mine = listed.files[4:8]
+    assert listed.files.stated() == 4 and all(f.size > 0 for f in mine)
+
+
+@pytest.mark.slow
+def test_manifest_shards_hold_their_own_files_and_merge_to_the_whole(manifest, tmp_path):
+    from featx import extract
+
+    options = {"layers": ["avgpool"], "augment": 1, "backbone": "resnet18", "weights": "none",
+               "image_size": 32, "workers": 0, "batch_size": 4, "device": "cpu",
+               "quiet": True}  # fmt: skip
+    whole = extract(manifest, store=tmp_path / "w.h5", **options).store
+    shards = [extract(manifest, store=tmp_path / "s.h5", shard=(i, 3), **options).store
+              for i in range(3)]  # fmt: skip
+    with FeatureStore(shards[1]) as one:
+        assert sorted(one.files()) == sorted(set(one.paths()))  # its own files only
+        assert len(one.files()) == 4 and one.meta["dataset"]["n_files"] == 13
+    merged = merge(tmp_path / "m.h5", shards)
+    with FeatureStore(whole) as a, FeatureStore(merged) as b:
+        assert a.files() == b.files()
+        assert a.meta["dataset"] == b.meta["dataset"]
+        for column in ("paths", "labels", "sources", "views", "split_of_rows"):
+            np.testing.assert_array_equal(getattr(a, column)(), getattr(b, column)())
+        np.testing.assert_allclose(b.read("avgpool"), a.read("avgpool"), rtol=1e-5, atol=1e-6)

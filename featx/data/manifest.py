@@ -10,8 +10,13 @@ that are missing or cannot be decoded are skipped at extraction, not refused her
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from featx.data.folders import (
     SPLIT_DIRS,
@@ -24,9 +29,17 @@ from featx.data.folders import (
 from featx.data.sources import open_source, with_urls
 from featx.errors import UsageError
 
-__all__ = ["MANIFEST_SUFFIXES", "is_manifest", "open_dataset", "read_manifest"]
+__all__ = [
+    "MANIFEST_SUFFIXES",
+    "ManifestFiles",
+    "ManifestFolder",
+    "is_manifest",
+    "open_dataset",
+    "read_manifest",
+]
 
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".parquet")
+UNSTATED = -2  # a file's size before it is stat()ed (-1: missing)
 REQUIRED = ("path", "label")
 
 
@@ -41,7 +54,11 @@ def open_dataset(path: str | os.PathLike) -> ImageFolder:
     packed = open_source(path)
     if packed is not None:
         return packed
-    return with_urls(read_manifest(path), path) if is_manifest(path) else scan_image_folder(path)
+    if not is_manifest(path):
+        return scan_image_folder(path)
+    listed = read_manifest(path)
+    urls = any("://" in p for p in listed.files.column("path"))
+    return with_urls(listed, path) if urls else listed  # without: no file stat()ed here
 
 
 def _read_columns(path: Path) -> dict[str, list]:
@@ -124,25 +141,105 @@ def read_manifest(path: str | os.PathLike) -> ImageFolder:
             splits.append(split)
     else:
         splits = [UNSPLIT] * n
-    seen: set[str] = set()
-    for image in paths:
-        if image in seen:
-            raise UsageError(f"manifest {path} lists {image} twice.")
-        seen.add(image)
+    if len(set(paths)) != n:
+        seen: set[str] = set()
+        for image in paths:
+            if image in seen:
+                raise UsageError(f"manifest {path} lists {image} twice.")
+            seen.add(image)
 
     class_names = sorted(set(labels))
     label_of = {name: i for i, name in enumerate(class_names)}
-    order = sorted(range(n), key=lambda i: (SPLIT_ORDER[splits[i]], label_of[labels[i]], paths[i]))
-    files = []
-    for i in order:
-        size, mtime_ns = _stat(os.path.join(base, paths[i]))
-        files.append(ImageFile(paths[i], label_of[labels[i]], splits[i], size, mtime_ns))
+    codes = np.array([label_of[label] for label in labels], dtype=np.int32)
+    order = _store_order(paths, codes, splits, len(class_names))
+    files = ManifestFiles(
+        base,
+        np.array(paths, dtype=object)[order],
+        codes[order],
+        np.array(splits, dtype=object)[order],
+    )
+    rows = order.tolist()
     meta = {
-        name: _metadata_values([values[i] for i in order])
+        name: _metadata_values([values[i] for i in rows])
         for name, values in columns.items()
         if name not in (*REQUIRED, "split")
     }
-    return ImageFolder(root, tuple(class_names), tuple(files), meta=meta)
+    return ManifestFolder(root, tuple(class_names), files, meta=meta, digest=_digest(path))
+
+
+def _store_order(paths: list[str], codes: np.ndarray, splits: list[str], n_classes: int):
+    """The rows' indices in split, class, path order (a sort by path, then a stable sort by
+    split and class: no Python tuple per row)."""
+    by_path = np.array(sorted(range(len(paths)), key=paths.__getitem__), dtype=np.int64)
+    split_codes = np.array([SPLIT_ORDER[s] for s in splits], dtype=np.int64)
+    group = (split_codes * n_classes + codes)[by_path]
+    return by_path[np.argsort(group, kind="stable")]
+
+
+def _digest(path: Path) -> str:
+    """sha256 of the manifest's bytes: the dataset's identity, whatever its size."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ManifestFiles(Sequence):
+    """A manifest's files in store order, as `ImageFile`s: each file is stat()ed when it is
+    first read, so a shard stats only its own slice. `column(name)` gives the path, label or
+    split of every file without stat()ing any."""
+
+    def __init__(self, base: str, paths: np.ndarray, labels: np.ndarray, splits: np.ndarray):
+        self.base, self.paths, self.labels, self.splits = base, paths, labels, splits
+        self._size = np.full(len(paths), UNSTATED, dtype=np.int64)
+        self._mtime = np.zeros(len(paths), dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return tuple(self[i] for i in range(*index.indices(len(self))))
+        index = range(len(self))[index]  # negative indices; IndexError past the end
+        if self._size[index] == UNSTATED:
+            self._size[index], self._mtime[index] = _stat(
+                os.path.join(self.base, self.paths[index])
+            )
+        return ImageFile(
+            self.paths[index],
+            int(self.labels[index]),
+            self.splits[index],
+            int(self._size[index]),
+            int(self._mtime[index]),
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, (Sequence, ManifestFiles)) or isinstance(other, str):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def stated(self) -> int:
+        """How many of the files have been stat()ed so far."""
+        return int(np.count_nonzero(self._size != UNSTATED))
+
+    def column(self, name: str) -> np.ndarray:
+        """`path`, `label` or `split` of every file, in order."""
+        return {"path": self.paths, "label": self.labels, "split": self.splits}[name]
+
+
+@dataclass(frozen=True)
+class ManifestFolder(ImageFolder):
+    """A manifest's dataset: its fingerprint is the sha256 of the manifest's bytes (no file
+    is stat()ed for it); files changed in place are found by their recorded size and time."""
+
+    digest: str = ""
+
+    @property
+    def fingerprint(self) -> str:
+        return self.digest
 
 
 def _relative(image: str, root: str, manifest: Path) -> str:

@@ -22,7 +22,7 @@ def assemble(job: Job, n_chunks: int) -> tuple[int, list[tuple[str, str]]]:
     """Write the complete store to a temporary file and rename it over STORE. Returns the
     number of rows and the skipped files."""
     sources, views, skipped = _decoded_rows(job, n_chunks)
-    files, rows = _columns(job.folder, sources, views)
+    files, rows = _columns(job.folder, sources, views, job.work.shard)
     tmp = job.store.with_name(f".{job.store.name}.{os.getpid()}.tmp")
     for stale in job.store.parent.glob(f".{glob.escape(job.store.name)}.*.tmp"):
         stale.unlink(missing_ok=True)  # left by a run killed while assembling; we hold the lock
@@ -107,10 +107,13 @@ def _decoded_rows(job: Job, n_chunks: int) -> tuple[np.ndarray, np.ndarray, list
 
 
 def _columns(
-    folder: ImageFolder, sources: np.ndarray, views: np.ndarray
+    folder: ImageFolder, sources: np.ndarray, views: np.ndarray, shard: dict | None
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """The store's /files and /rows columns."""
-    files = folder.files
+    """The store's /files and /rows columns. A shard's /files holds its own files only; its
+    rows' sources index the whole dataset's files, as in the merged store."""
+    first, n = (shard["first_file"], shard["n_files"]) if shard else (0, len(folder.files))
+    files = folder.files[first : first + n]
+    own = [files[s - first] for s in sources.tolist()]
     return {
         "path": np.array([f.path for f in files], dtype=object),
         "label": np.array([f.label for f in files], dtype=np.int32),
@@ -118,9 +121,9 @@ def _columns(
         "size": np.array([f.size for f in files], dtype=np.int64),
         "mtime_ns": np.array([f.mtime_ns for f in files], dtype=np.int64),
     }, {
-        "path": np.array([files[s].path for s in sources], dtype=object),
-        "label": np.array([files[s].label for s in sources], dtype=np.int32),
-        "split": np.array([files[s].split for s in sources], dtype=object),
+        "path": np.array([f.path for f in own], dtype=object),
+        "label": np.array([f.label for f in own], dtype=np.int32),
+        "split": np.array([f.split for f in own], dtype=object),
         "source": sources,
         "view": views.astype(np.int32),
         **{f"meta/{name}": np.array(values)[sources] for name, values in folder.meta.items()},

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from featx.data.folders import UNSPLIT, ImageFolder
+from featx.data.manifest import ManifestFiles, ManifestFolder
 from featx.data.preprocessing import Preprocessing
 from featx.extraction.shard import shard_files
 from featx.inference.images import Images
@@ -30,8 +31,10 @@ __all__ = [
     "augmentation",
     "calibration_images",
     "differences",
+    "file_column",
     "identity",
     "upgraded_run",
+    "views_per_file",
 ]
 
 AUGMENTED_SPLITS = ("train", UNSPLIT)
@@ -46,15 +49,14 @@ class Work:
 
     @classmethod
     def plan(cls, folder: ImageFolder, views: int, shard: tuple[int, int] | None = None) -> Work:
-        files = shard_files(len(folder.files), shard) if shard else range(len(folder.files))
-        items, first_row, n_rows_total = [], 0, 0
-        for index, f in enumerate(folder.files):
-            n = 1 + (views if f.split in AUGMENTED_SPLITS else 0)
-            if index in files:
-                items.extend((index, view) for view in range(n))
-            elif index < files.start:
-                first_row += n
-            n_rows_total += n
+        n_files = len(folder.files)
+        files = shard_files(n_files, shard) if shard else range(n_files)
+        per_file = views_per_file(folder, views)
+        mine = per_file[files.start : files.stop]
+        index = np.repeat(np.arange(files.start, files.stop), mine)
+        starts = np.cumsum(mine) - mine  # each file's first item among the slice's
+        view = np.arange(len(index)) - np.repeat(starts, mine)
+        items = list(zip(index.tolist(), view.tolist(), strict=True))
         if shard is None:
             return cls(items)
         return cls(
@@ -62,9 +64,10 @@ class Work:
             {
                 "index": shard[0],
                 "count": shard[1],
-                "first_row": first_row,  # rows are work items: a store row unless skipped
+                # rows are work items: a store row unless skipped
+                "first_row": int(per_file[: files.start].sum()),
                 "n_rows": len(items),
-                "n_rows_total": n_rows_total,
+                "n_rows_total": int(per_file.sum()),
                 "first_file": files.start,
                 "n_files": len(files),
             },
@@ -72,8 +75,21 @@ class Work:
 
     def images(self, folder: ImageFolder, preprocessing: Preprocessing, views) -> Images:
         """The dataset that decodes these items (`views`: `AugmentedViews` or None)."""
-        paths = [f.path for f in folder.files]
+        paths = file_column(folder, "path")
         return Images(paths, preprocessing, root=folder.root, items=self.items, transform=views)
+
+
+def file_column(folder: ImageFolder, name: str) -> np.ndarray:
+    """The `path`, `label` or `split` of every file of `folder`, without stat()ing any."""
+    if isinstance(folder.files, ManifestFiles):
+        return folder.files.column(name)
+    return np.array([getattr(f, name) for f in folder.files], dtype=object)
+
+
+def views_per_file(folder: ImageFolder, views: int) -> np.ndarray:
+    """The work items of each file: 1 + `views` for a training (or unsplit) image, else 1."""
+    splits = file_column(folder, "split")
+    return np.where(np.isin(splits, AUGMENTED_SPLITS), 1 + views, 1).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -116,7 +132,7 @@ def calibration_images(folder: ImageFolder, preprocessing: Preprocessing, seed: 
     without augmentation. Shards of one dataset choose the same images."""
     from featx.inference.engine import CALIBRATION_IMAGES, Calibration
 
-    train = [i for i, f in enumerate(folder.files) if f.split in AUGMENTED_SPLITS]
+    train = np.flatnonzero(np.isin(file_column(folder, "split"), AUGMENTED_SPLITS)).tolist()
     candidates = train or list(range(len(folder.files)))
     n = min(len(candidates), CALIBRATION_IMAGES)
     chosen = np.random.default_rng(seed).choice(candidates, size=n, replace=False)
@@ -169,24 +185,51 @@ def differences(
     new = Preprocessing.from_dict(wanted["preprocessing"])
     if old != new:  # as objects: a store from before a field existed reads with its default
         out.append(f"preprocessing is {old.describe()} in the store, {new.describe()} now")
-    if stored["dataset"]["fingerprint"] != wanted["dataset_fingerprint"]:
-        out.append(_dataset_change(store, folder))
+    fingerprint = stored["dataset"]["fingerprint"]
+    if fingerprint != wanted["dataset_fingerprint"] and not _listed_before(fingerprint, folder):
+        out.append(_dataset_change(store, folder, wanted["shard"]))
+    elif isinstance(folder, ManifestFolder):  # the same manifest: are its files the same?
+        changed = _changed_files(store.files(), _covered(folder, wanted["shard"]))
+        if changed:
+            out.append(
+                f"{len(changed)} of the dataset's files changed since extraction "
+                f"(e.g. {changed[0]})"
+            )
     return out
 
 
-def _dataset_change(store: FeatureStore, folder: ImageFolder) -> str:
-    old = store.files()
-    new = {f.path: (f.size, f.mtime_ns) for f in folder.files}
+def _listed_before(fingerprint: str, folder: ImageFolder) -> bool:
+    """Whether a store fingerprinted by the stat() of every file (as manifests were before
+    their content identified them) was made from `folder`'s files as they are."""
+    return isinstance(folder, ManifestFolder) and fingerprint == ImageFolder.fingerprint.fget(
+        folder
+    )
+
+
+def _covered(folder: ImageFolder, shard: dict | None) -> dict[str, tuple[int, int]]:
+    """Relative path -> (size, mtime_ns) of the files a run covers: a shard's own only."""
+    first, n = (shard["first_file"], shard["n_files"]) if shard else (0, len(folder.files))
+    return {f.path: (f.size, f.mtime_ns) for f in folder.files[first : first + n]}
+
+
+def _changed_files(old: dict, new: dict) -> list[str]:
+    return sorted(p for p in new.keys() & old.keys() if new[p] != old[p])
+
+
+def _dataset_change(store: FeatureStore, folder: ImageFolder, shard: dict | None) -> str:
+    old, new = store.files(), _covered(folder, shard)
+    if shard:  # files outside the shard's slice are not its concern
+        old = {p: v for p, v in old.items() if p in new}
     added = sorted(new.keys() - old.keys())
     removed = sorted(old.keys() - new.keys())
-    changed = sorted(p for p in new.keys() & old.keys() if new[p] != old[p])
+    changed = _changed_files(old, new)
     parts = [
         f"{len(v)} {what} (e.g. {v[0]})"
         for what, v in (("added", added), ("removed", removed), ("modified", changed))
         if v
     ]
     return "the dataset's files changed since extraction: " + (
-        ", ".join(parts) or "renamed classes"
+        ", ".join(parts) or "renamed classes or another manifest"
     )
 
 
