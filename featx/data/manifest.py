@@ -26,6 +26,13 @@ from featx.data.folders import (
     ImageFolder,
     scan_image_folder,
 )
+from featx.data.manifest_checks import (
+    check_cells,
+    check_duplicates,
+    clean_columns,
+    metadata_values,
+    shown,
+)
 from featx.data.sources import open_source, with_urls
 from featx.errors import UsageError
 
@@ -61,18 +68,19 @@ def open_dataset(path: str | os.PathLike) -> ImageFolder:
     return with_urls(listed, path) if urls else listed  # without: no file stat()ed here
 
 
-def _read_columns(path: Path) -> dict[str, list]:
-    """The manifest's columns as lists of values (str for CSV/TSV, typed for Parquet)."""
+def _read_columns(path: Path) -> list[tuple[str, list]]:
+    """The manifest's columns, (name, values) in header order (str for CSV/TSV, typed for
+    Parquet)."""
     try:
         if path.suffix.lower() == ".parquet":
             import pyarrow.parquet as pq
 
-            return pq.read_table(path).to_pydict()
+            return list(pq.read_table(path).to_pydict().items())
         with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.reader(fh, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
             header = next(reader, None)
             if header is None:
-                return {}
+                return []
             body = list(reader)
     except ImportError:
         raise UsageError(
@@ -81,27 +89,13 @@ def _read_columns(path: Path) -> dict[str, list]:
     except (OSError, UnicodeDecodeError, csv.Error, ValueError) as error:
         raise UsageError(f"manifest {path} cannot be read ({error}).") from None
     header = [name.strip() for name in header]
-    if len(set(header)) != len(header):
-        raise UsageError(f"manifest {path} repeats a column name in its header.")
     for number, row in enumerate(body, start=2):
         if len(row) != len(header) and any(cell.strip() for cell in row):
             raise UsageError(
                 f"manifest {path} line {number} has {len(row)} fields, not {len(header)}."
             )
     body = [row for row in body if len(row) == len(header)]
-    return {name: [row[i] for row in body] for i, name in enumerate(header)}
-
-
-def _metadata_values(values: list) -> tuple:
-    """Numbers when every cell is a number (as CSV text or typed), else strings."""
-    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        return tuple(values)
-    for kind in (int, float):
-        try:
-            return tuple(kind(v) for v in values)
-        except (TypeError, ValueError):
-            continue
-    return tuple("" if v is None else str(v) for v in values)
+    return [(name, [row[i] for row in body]) for i, name in enumerate(header)]
 
 
 def read_manifest(path: str | os.PathLike) -> ImageFolder:
@@ -109,7 +103,7 @@ def read_manifest(path: str | os.PathLike) -> ImageFolder:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"manifest {path} does not exist or is not a file.")
-    columns = _read_columns(path)
+    columns = clean_columns(path, _read_columns(path))
     if not columns:
         raise UsageError(f"manifest {path} is empty: it lists no images.")
     missing = [name for name in REQUIRED if name not in columns]
@@ -121,13 +115,14 @@ def read_manifest(path: str | os.PathLike) -> ImageFolder:
     n = len(columns["path"])
     if n == 0:
         raise UsageError(f"manifest {path} lists no images.")
+    check_cells(path, columns["path"], columns["label"])
     root = path.parent
     base = str(root.resolve())
     paths = [_relative(str(p).strip(), base, path) for p in columns["path"]]
     labels = [str(v).strip() for v in columns["label"]]
     if "" in labels:
         raise UsageError(
-            f"manifest {path} has a row with an empty label ({paths[labels.index('')]})."
+            f"manifest {path} has a row with an empty label ({shown(paths[labels.index('')])})."
         )
     if "split" in columns:
         splits = []
@@ -135,18 +130,13 @@ def read_manifest(path: str | os.PathLike) -> ImageFolder:
             split = SPLIT_DIRS.get(str(value).strip().lower())
             if split is None:
                 raise UsageError(
-                    f"manifest {path} gives {image} the unknown split {value!r}; use train, "
+                    f"manifest {path} gives {shown(image)} the unknown split {value!r}; use train, "
                     "validation (or val) or test."
                 )
             splits.append(split)
     else:
         splits = [UNSPLIT] * n
-    if len(set(paths)) != n:
-        seen: set[str] = set()
-        for image in paths:
-            if image in seen:
-                raise UsageError(f"manifest {path} lists {image} twice.")
-            seen.add(image)
+    check_duplicates(path, base, paths)
 
     class_names = sorted(set(labels))
     label_of = {name: i for i, name in enumerate(class_names)}
@@ -160,7 +150,7 @@ def read_manifest(path: str | os.PathLike) -> ImageFolder:
     )
     rows = order.tolist()
     meta = {
-        name: _metadata_values([values[i] for i in rows])
+        name: metadata_values([values[i] for i in rows])
         for name, values in columns.items()
         if name not in (*REQUIRED, "split")
     }
