@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEVICES",
-    "ENGINES",
     "INFERENCE_PRECISIONS",
     "PRECISIONS",
     "atomic_output",
@@ -55,7 +54,6 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("fp32", "bf16", "fp16")  # what a network computes in, training included
 # Inference adds int8: OpenVINO's post-training quantization (NNCF), calibrated on the dataset.
 INFERENCE_PRECISIONS = (*PRECISIONS, "int8")
-ENGINES = ("eager", "compile", "openvino")  # featx.extraction.engines; "auto" picks one
 
 
 def cache_root() -> Path:

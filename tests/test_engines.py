@@ -10,12 +10,10 @@ import sys
 import pytest
 import torch
 
-from featx import extract
 from featx.backbones import get_backbone
 from featx.backbones.layers import prepare_tap, trace_layers
 from featx.errors import UsageError
-from featx.inference import auto, openvino_engine
-from featx.inference.auto import choose_engine
+from featx.inference import openvino_engine
 from featx.inference.engines import build_engine
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -127,80 +125,13 @@ def test_unknown_engine_and_cpu_fp16_are_refused(tap, batch):
         build_engine(tap, "eager", CPU, "fp16", batch)
 
 
-def test_choose_engine_pays_setup_only_when_it_pays_back():
-    avx2 = frozenset({"avx2", "fma"})
-    assert choose_engine(CPU, "fp32", 1, flags=avx2)[0] == "eager"
-    name, reason = choose_engine(CPU, "fp32", 10**7, flags=avx2)
-    assert name != "eager", reason
-    amx = frozenset({"avx2", "avx512f", "amx_bf16"})
-    assert choose_engine(CPU, "bf16", 10**7, flags=amx)[0] == "compile"
-    assert choose_engine(CPU, "bf16", 100, flags=amx)[0] == "eager"  # bf16 weights, no setup
-    unmeasured = frozenset({"avx2", "avx512f"})
-    name, reason = choose_engine(CPU, "fp32", 10**7, flags=unmeasured)
-    assert name == "eager" and reason == "no engine measurements for cpu/avx512/fp32"
-    name, reason = choose_engine(CPU, "fp32", 10**7, flags=avx2, available=frozenset())
-    assert name == "eager", reason
-    # a conversion already on disk is won back by a shorter run than a first one
-    short = next(
-        n for n in range(1, 10**5) if choose_engine(CPU, "fp32", n, flags=avx2)[0] != "eager"
-    )
-    cached = frozenset({"openvino"})
-    assert choose_engine(CPU, "fp32", short // 2, flags=avx2, cached=cached)[0] == "openvino"
-
-
-def test_layers_carry_the_flops_that_reach_them_and_the_reference_is_resnet50():
+def test_layers_carry_the_flops_that_reach_them():
     vgg = get_backbone("vgg16")
     infos = {i.name: i for i in trace_layers(vgg, vgg.skeleton("none"), 150)}
     conv1 = 2 * 150 * 150 * 64 * 3 * 9  # multiply-adds of a 3x3 convolution, times two
     assert infos["block1_conv1"].flops == conv1
     assert infos["block1_conv2"].flops == conv1 + 2 * 150 * 150 * 64 * 64 * 9
     assert infos["block5_pool"].flops < infos["classifier"].flops
-    resnet = get_backbone("resnet50")
-    traced = trace_layers(resnet, resnet.skeleton("none"), 224)
-    assert max(i.flops for i in traced if i.module == "avgpool") == pytest.approx(
-        auto.REFERENCE_FLOPS, rel=1e-3
-    )
-
-
-def test_auto_weighs_a_setup_against_this_networks_cost():
-    avx2 = frozenset({"avx2", "fma"})
-
-    def first_converting_run(flops: float) -> int:
-        rate = auto.REFERENCE_EAGER_FP32 * auto.REFERENCE_FLOPS / flops
-        return next(
-            n
-            for n in range(1, 10**6)
-            if choose_engine(CPU, "fp32", n, eager_rate=rate, flags=avx2)[0] != "eager"
-        )
-
-    reference = first_converting_run(auto.REFERENCE_FLOPS)
-    # a network 10x cheaper needs a 10x longer run to win the same setup back, one 2x dearer half
-    assert first_converting_run(auto.REFERENCE_FLOPS / 10) == pytest.approx(10 * reference, 0.01)
-    assert first_converting_run(2 * auto.REFERENCE_FLOPS) == pytest.approx(reference / 2, 0.01)
-    name, why = choose_engine(CPU, "fp32", reference, eager_rate=1.0, flags=avx2)
-    assert name == "openvino" and f"for {reference} images" in why
-
-
-def test_extraction_gives_auto_the_rate_of_the_network_it_runs(small_photos, tmp_path, monkeypatch):
-    seen = {}
-
-    def choose(device, precision, n_images, **kwargs):
-        seen.update(kwargs, n_images=n_images)
-        return "eager", "chosen by the test"
-
-    monkeypatch.setattr(auto, "choose_engine", choose)
-    extract(
-        small_photos, "resnet18", ["layer2"], store=tmp_path / "s.h5", weights="none",
-        image_size=64, workers=0, device="cpu", quiet=True,
-    )  # fmt: skip
-    resnet = get_backbone("resnet18")
-    layer2 = next(
-        i for i in trace_layers(resnet, resnet.skeleton("none"), 64) if i.module == "layer2"
-    )
-    assert seen["n_images"] == 10
-    assert seen["eager_rate"] == pytest.approx(
-        auto.REFERENCE_EAGER_FP32 * auto.REFERENCE_FLOPS / layer2.flops
-    )
 
 
 # OpenVINO's thread pool stays alive in the process that loaded it, and later forks of that

@@ -4,6 +4,7 @@ STORE when complete, so the store on disk is always the previous complete one or
 from __future__ import annotations
 
 import glob
+import json
 import os
 from typing import Any
 
@@ -53,10 +54,30 @@ def assemble(job: Job, n_chunks: int) -> tuple[int, list[tuple[str, str]]]:
     return len(sources), skipped
 
 
+def _engine_ranges(job: Job, n_chunks: int) -> list[list]:
+    """[[engine, first row, row after the last], ...]: which engine computed which rows of
+    this pass, from the names saved with each chunk ("unknown" where a chunk has none)."""
+    ranges: list[list] = []
+    row = 0
+    for k in range(n_chunks):
+        chunk = job.partial.load(k)
+        n = len(chunk["index"])
+        names = job.engine_rows(chunk)
+        for name in names.tolist() if names is not None else ["unknown"] * n:
+            if ranges and ranges[-1][0] == name:
+                ranges[-1][2] += 1
+            else:
+                ranges.append([name, row, row + 1])
+            row += 1
+    return ranges
+
+
 def _add_layers(job: Job, out, n_rows: int, n_chunks: int) -> None:
     from featx.backbones.layers import pooled_shape
 
     s = job.settings
+    ranges = _engine_ranges(job, n_chunks)
+    engines = list(dict.fromkeys(name for name, _, _ in ranges)) or [job.engine]
     for i, (info, key) in enumerate(zip(job.todo, job.keys, strict=True)):
         add_layer(
             out,
@@ -70,7 +91,8 @@ def _add_layers(job: Job, out, n_rows: int, n_chunks: int) -> None:
                 "module": info.module,
                 "pool": s.pool,
                 "precision": s.precision,
-                "engine": job.engine,
+                "engine": ", ".join(engines),
+                "engine_rows": json.dumps(ranges),
                 "batch_size": job.batch_size,
                 **{f"calibration_{k}": v for k, v in job.calibration_record().items()},
             },
@@ -145,6 +167,7 @@ def _store_meta(job: Job) -> dict[str, Any]:
                 "command": job.settings.command,
                 "layers": job.keys,
                 "engine": job.engine_text or job.engine,
+                **({"engine_choice": job.engine_choice} if job.engine_choice else {}),
                 "precision": job.settings.precision,
                 "batch_size": job.batch_size,
                 **({"calibration": job.calibration_record()} if job.calibration else {}),

@@ -25,7 +25,9 @@ if TYPE_CHECKING:
     from featx.backbones.registry import LoadedBackbone
     from featx.inference.engine import Calibration
 
-__all__ = ["Job", "run_network"]
+__all__ = ["ENGINE_NAME", "Job", "run_network"]
+
+ENGINE_NAME = "<U16"  # the dtype of a chunk's engine names, one per row
 
 
 @dataclass
@@ -53,6 +55,7 @@ class Job:
     batch_note: str = ""  # why this batch size, said unless a resumed run keeps its own
     engine_text: str = ""  # what ran, as the engine describes itself
     engine_quality: dict[str, float] | None = None  # int8's cosine to fp32 (Engine.quality)
+    engine_choice: str = ""  # how `auto` chose the engine
 
     def calibration_record(self) -> dict[str, Any]:
         """What the store records of int8's calibration (empty for other precisions)."""
@@ -68,11 +71,18 @@ class Job:
         }
 
     def new_chunk(self) -> list[np.ndarray]:
-        """Empty arrays for one chunk of every layer computed."""
+        """Empty arrays for one chunk of every layer computed, and after them the name of the
+        engine that computed each row (saved with the chunk, read by `engine_rows`)."""
         from featx.backbones.layers import pooled_shape
 
         shapes = [pooled_shape(i.shape, self.settings.pool) for i in self.todo]
-        return [np.empty((self.chunk_items, *shape), self.settings.dtype) for shape in shapes]
+        arrays = [np.empty((self.chunk_items, *shape), self.settings.dtype) for shape in shapes]
+        return [*arrays, np.empty(self.chunk_items, ENGINE_NAME)]
+
+    def engine_rows(self, chunk: dict[str, np.ndarray]) -> np.ndarray | None:
+        """The engine of each row of a saved chunk (`Partial.load`); None for a chunk saved by
+        a version of featx that did not record it."""
+        return chunk.get(f"layer{len(self.todo)}")
 
 
 def run_network(job: Job, start: int, why: str, log) -> None:
@@ -98,7 +108,7 @@ def run_network(job: Job, start: int, why: str, log) -> None:
         example=torch.zeros(job.batch_size, 3, size, size), key=job.engine_key,
         calibration=job.calibration, log=log,
     )  # fmt: skip
-    job.engine_text, job.engine_quality = engine.describe(), engine.quality
+    job.engine_quality = engine.quality
     writer = ChunkWriter(job.partial)
     writer.start()
     arrays, filled, index, bad = job.new_chunk(), 0, [], []
@@ -113,8 +123,9 @@ def run_network(job: Job, start: int, why: str, log) -> None:
                 bad.extend(batch_bad)
                 if batch is not None:
                     outputs = engine(batch)
-                    for array, info in zip(arrays, job.todo, strict=True):
+                    for array, info in zip(arrays[:-1], job.todo, strict=True):
                         array[filled : filled + len(batch)] = outputs[info.module].float().cpu()
+                    arrays[-1][filled : filled + len(batch)] = engine.name
                     filled += len(batch)
                     index.extend(batch_index)
                 done += len(batch_index) + len(batch_bad)
@@ -134,3 +145,4 @@ def run_network(job: Job, start: int, why: str, log) -> None:
         ) from None
     bar.close()
     writer.finish()
+    job.engine_text, job.engine_choice = engine.describe(), engine.choice

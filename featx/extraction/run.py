@@ -95,7 +95,9 @@ def extract(
 
     Layers already in the store are reused; new ones are added in one pass. An interrupted run
     resumes where it stopped. `engine` runs the network (see `featx.inference.ENGINES`); `auto`
-    picks by measured speed and run length. `precision="int8"` runs OpenVINO's post-training
+    runs the engine measured fastest on this machine for this network, set-up counted against
+    the images left (measured on the run's first batches the first time; the store records
+    which engine computed which rows). `precision="int8"` runs OpenVINO's post-training
     quantization, calibrated on up to 300 training images of the dataset chosen with `seed`,
     with the layers that cost most kept in fp32 until those images' features keep cosine >=
     0.99 to fp32. `augment` > 0 adds that many augmented views of each training image
@@ -226,7 +228,7 @@ def _plan(
     )
     from featx.inference.auto import resolve_engine
     from featx.inference.engine import cache_key
-    from featx.inference.network import choose_batch_size, network_flops
+    from featx.inference.network import choose_batch_size
 
     size, batch_size = preprocessing.input_size, s.batch_size
     # Layers are traced on the weightless skeleton; only what they run is then loaded.
@@ -260,9 +262,7 @@ def _plan(
         else None  # fmt: skip
     key = cache_key(loaded.name, loaded.weights_sha256, modules, s.pool, size, s.precision,
                     "extract", calibration.key() if calibration else "")  # fmt: skip
-    engine, why = resolve_engine(
-        s.engine, device, s.precision, len(work.items), key, network_flops(todo, modules)
-    )
+    engine, why = resolve_engine(s.engine, device, s.precision, len(work.items), key)
     job = Job(
         store=store, existing=existing, folder=folder, work=work, todo=todo,
         keys=[layer_key(i.name, s.pool) for i in todo], loaded=loaded,

@@ -1,145 +1,213 @@
-"""`--engine auto`: the engine chosen from speed-ups measured on known CPU classes, weighed
-against each engine's setup and the length of the run. CPU classes and devices without
-measurements run eager."""
+"""`--engine auto`: the engine measured fastest on this machine for this network.
+
+A network's first run long enough to matter measures the candidate engines on its own first
+batches (`featx.inference.race.AutoEngine`); the measurements are kept in featx's cache under
+the signature of what changes the answer (the network, its weights, layers, pooling, input
+and batch size, precision, device, CPU model and flags or GPU, threads, decoding processes,
+torch and OpenVINO versions), and later runs of that signature choose from them. Nothing about
+any CPU is known in advance: an engine not yet measured here is tried only when its expected
+set-up is a small share of what the images left would take on eager.
+"""
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
+import json
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from featx.inference.engines import ENGINES
+from featx.runtime import atomic_write, cache_root
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["MEASURED", "Measured", "choose_engine", "cpu_class", "resolve_engine"]
+__all__ = [
+    "BATCHES_EACH",
+    "SETUP_SHARE",
+    "Decision",
+    "Trial",
+    "candidates",
+    "load_decision",
+    "resolve_engine",
+    "save_decision",
+    "setup_expected",
+    "signature",
+]
+
+TORCH_ENGINES = ("eager", "compile")  # run on torch's intra-op threads
+BATCHES_EACH = 3  # timed batches per candidate, after one warm-up batch
+# An engine not measured here is tried when its expected set-up is at most this share of the
+# time the images left would take on eager: what measuring may cost a run.
+SETUP_SHARE = 0.25
 
 
-@functools.cache
-def cpu_features() -> frozenset[str]:
-    """The CPU flags that decide low-precision speed (Linux /proc/cpuinfo; empty elsewhere)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
+@dataclass
+class Trial:
+    """One engine measured on this machine: model-only images/s on the run's own batches."""
+
+    engine: str
+    threads: int  # torch's intra-op threads while it ran
+    rate: float  # images/s
+    setup: float  # seconds to build it the first time here (conversion, compilation)
+    cached_setup: float | None = None  # seconds to build it from featx's cache, once seen
+    batches: int = BATCHES_EACH
+    agreement: float | None = None  # max relative difference to eager (fp32) or 1 - cosine
 
 
-def cpu_class(flags: frozenset[str] | None = None) -> str:
-    """The row of MEASURED a CPU belongs to: amx, avx512_bf16, avx512 or avx2."""
-    flags = cpu_features() if flags is None else flags
-    if "amx_bf16" in flags:
-        return "amx"
-    if "avx512_bf16" in flags:
-        return "avx512_bf16"
-    if "avx512f" in flags:
-        return "avx512"
-    return "avx2" if "avx2" in flags else "other"
 
+@dataclass
+class Decision:
+    """The measurements of one signature and when they were taken."""
 
-@dataclass(frozen=True)
-class Measured:
-    """One engine on one kind of machine, relative to eager fp32 channels_last."""
+    signature: dict[str, Any]
+    measured: str  # the date, YYYY-MM-DD
+    trials: list[Trial] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # engine: why it cannot run here
+    # engine: its expected set-up (s), too long for the run that measured
+    unaffordable: dict[str, float] = field(default_factory=dict)
 
-    speedup: float  # model-only images/s over eager fp32's
-    setup_seconds: float  # first build: conversion + compilation
-    cached_setup_seconds: float  # later builds, from the on-disk cache
+    def reference(self) -> Trial:
+        """Eager at the process's own thread count: what speed-ups are relative to."""
+        return self.trials[0]
 
+    def expected_seconds(self, trial: Trial, n_images: int, cached: bool) -> float:
+        setup = trial.cached_setup if cached and trial.cached_setup is not None else trial.setup
+        return (0.0 if trial.engine == "eager" else setup) + n_images / trial.rate
 
-# The avx2 rows: benchmarks/bench_engines.py on a 2-core AMD EPYC (Zen 3) KVM guest (flags avx
-# avx2 fma f16c; no avx512*, avx512_bf16 or amx), ResNet-50 layer3+avgpool, avg pool, 224px,
-# batch 16, speed-ups interleaved against eager fp32 channels_last, medians of 5, on a quiet
-# machine (results/engines-2026-11-29-trace.txt): eager fp32 15.7 img/s, openvino THROUGHPUT
-# 1.25x (2.9 s to convert, compile and run the first batch, 1.2 s from the cache), compile
-# 1.16x (15.2 s). Under load (7-19 on 2 cores, results/engines-2026-11-29.txt) openvino led by
-# more (1.92-1.97x) and compile 1.20-1.46x, with every setup slowed alike, so the images needed
-# to win a setup back stay about the same. bf16 on this CPU: torch runs it at 0.15x fp32 (no
-# native bf16), OpenVINO ignores the hint and runs f32 (1.24x). The inductor FX graph cache did
-# not shorten a second compile in a fresh process (frozen weights), so compile's cached setup
-# is its full setup.
-REFERENCE_EAGER_FP32 = 15.7  # images/s, eager fp32, ResNet-50 224px on that machine
-# What that reference network costs an image (torch's FlopCounterMode, `trace_layers`): another
-# network's eager rate is estimated as REFERENCE_EAGER_FP32 scaled by the ratio of the FLOPs.
-REFERENCE_FLOPS = 8.17e9
-# The amx rows: a 2-core Xeon with AVX-512 and AMX, ResNet-50 at 224, batch 16, interleaved
-# against eager fp32 channels_last (15.7 img/s quiet), medians of three runs (two quiet, one
-# loaded): compile fp32 1.5/1.5/1.65 (13-16 s to compile), compile bf16 4.4/4.4/4.1, eager
-# with bf16 weights 2.7/2.5/2.0, OpenVINO fp32 1.0/0.9/2.2 and bf16 2.3/2.1/6.2. OpenVINO's
-# setup times are the avx2 row's.
-MEASURED: dict[tuple[str, str, str], dict[str, Measured]] = {
-    ("cpu", "amx", "fp32"): {
-        "eager": Measured(1.0, 0.0, 0.0),
-        "compile": Measured(1.5, 16.0, 16.0),
-        "openvino": Measured(1.0, 2.9, 1.2),
-    },
-    ("cpu", "amx", "bf16"): {
-        "eager": Measured(2.5, 0.0, 0.0),
-        "compile": Measured(4.4, 16.0, 16.0),
-        "openvino": Measured(2.3, 2.9, 1.2),
-    },
-    ("cpu", "avx2", "fp32"): {
-        "eager": Measured(1.0, 0.0, 0.0),
-        "compile": Measured(1.16, 15.2, 15.2),
-        "openvino": Measured(1.25, 2.9, 1.2),
-    },
-    ("cpu", "avx2", "bf16"): {
-        "eager": Measured(0.15, 0.0, 0.0),
-        "compile": Measured(0.15, 63.0, 63.0),
-        "openvino": Measured(1.24, 2.9, 1.2),
-    },
-}
-
-
-def choose_engine(
-    device: torch.device,
-    precision: str,
-    n_images: int,
-    *,
-    eager_rate: float | None = None,
-    cached: frozenset[str] = frozenset(),
-    available: frozenset[str] | None = None,
-    flags: frozenset[str] | None = None,
-) -> tuple[str, str]:
-    """The engine `auto` should use, and why.
-
-    Only measured rows count: the candidates are the engines in MEASURED for (device type, CPU
-    class, precision), each with its speed-up over eager fp32. An engine is chosen when its
-    setup is won back within this run, i.e. it minimises
-        setup + n_images / (rate * speedup)
-    where `rate` is the caller's eager fp32 rate for this model (images/s) or, without one, the
-    reference ResNet-50 rate. `cached` names engines whose conversion is already on disk (their
-    cached setup counts); `available` limits the candidates (e.g. openvino not installed).
-    """
-    key = (device.type, cpu_class(flags) if device.type == "cpu" else device.type, precision)
-    table = MEASURED.get(key)
-    row = "/".join(key)
-    if not table:
-        return "eager", f"no engine measurements for {row}"
-    rate = eager_rate or REFERENCE_EAGER_FP32
-
-    def seconds(name: str) -> float:
-        m = table[name]
-        setup = m.cached_setup_seconds if name in cached else m.setup_seconds
-        return setup + n_images / (rate * m.speedup)
-
-    candidates = [n for n in table if n == "eager" or available is None or n in available]
-    best = min(candidates, key=seconds)
-    eager = seconds("eager")
-    if best == "eager":
-        why = f"no measured engine wins back its setup within {n_images} images on {row}"
-    else:
-        why = (
-            f"{table[best].speedup:.2f}x eager fp32 measured on {row}; its setup is won back: "
-            f"~{seconds(best):.0f}s vs ~{eager:.0f}s eager for {n_images} images"
+    def best(self, n_images: int, cached: frozenset[str] = frozenset()) -> Trial:
+        """The trial that computes `n_images` soonest, its set-up counted (from featx's cache
+        for the engines in `cached`)."""
+        return min(
+            self.trials, key=lambda t: self.expected_seconds(t, n_images, t.engine in cached)
         )
-    if table["eager"].speedup < 1:
-        why += f" ({precision} eager runs at {table['eager'].speedup:.2f}x fp32 on this CPU)"
-    return best, why
+
+    def line(self, trial: Trial, cached: bool) -> str:
+        """The choice line: the engine, its speed-up and where the figure came from."""
+        ref = self.reference()
+        name, base = trial.engine, "eager"
+        if len({t.threads for t in self.trials}) > 1:
+            base = f"eager on {ref.threads} threads"
+            if trial.engine in TORCH_ENGINES:
+                name = f"{trial.engine} on {_threads(trial.threads)}"
+        source = f"measured here {self.measured}, {trial.batches} batches each"
+        text = f"Engine {name}: {trial.rate / ref.rate:.2f}x {base}"
+        text += f" (cached decision, {source})" if cached else f", {source}"
+        if self.skipped:
+            text += "; not used: " + ", ".join(f"{k} ({v})" for k, v in self.skipped.items())
+        if self.unaffordable:
+            text += "; not measured, as its set-up would not be won back on this run: " + (
+                ", ".join(f"{k} (~{v:.0f}s)" for k, v in self.unaffordable.items())
+            )
+        return text + "."
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Decision:
+        trials = [Trial(**t) for t in data["trials"]]
+        return cls(
+            data["signature"],
+            data["measured"],
+            trials,
+            dict(data.get("skipped", {})),
+            dict(data.get("unaffordable", {})),
+        )
+
+
+def _threads(n: int) -> str:
+    return f"{n} thread{'s' * (n != 1)}"
+
+
+def signature(key: str, batch_size: int, identity: dict[str, Any]) -> dict[str, Any]:
+    """What the decision depends on: the conversion key (backbone, weights sha256, layers,
+    pooling, input size, precision, torch version), the batch size and the machine
+    (`featx.inference.machine.machine_identity`)."""
+    return {"network": key, "batch_size": batch_size, **identity}
+
+
+def _path(sig: dict[str, Any]) -> Path:
+    from featx.inference.engine import digest
+
+    return cache_root() / "engines" / f"{digest(json.dumps(sig, sort_keys=True))}.json"
+
+
+def _lock(path: Path):
+    from filelock import FileLock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path) + ".lock", timeout=60)
+
+
+def load_decision(sig: dict[str, Any]) -> Decision | None:
+    """The measurements cached for `sig`, or None."""
+    path = _path(sig)
+    try:
+        data = json.loads(path.read_text())
+        decision = Decision.from_dict(data)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return decision if decision.signature == sig and decision.trials else None
+
+
+def save_decision(decision: Decision) -> None:
+    """Write `decision` into featx's cache (atomically, one writer at a time); an unwritable
+    cache only means the next run measures again."""
+    path = _path(decision.signature)
+    try:
+        with _lock(path):
+            atomic_write(path, (json.dumps(decision.to_dict(), indent=1) + "\n").encode())
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _setups_path() -> Path:
+    return cache_root() / "engines" / "setups.json"
+
+
+def setup_expected(engine: str) -> float:
+    """Seconds `engine` is expected to take to build before it is measured for a network:
+    its last set-up on this machine, else its registered guess."""
+    try:
+        seen = json.loads(_setups_path().read_text())
+        return float(seen[engine])
+    except (OSError, ValueError, KeyError, TypeError):
+        return ENGINES[engine].setup_guess
+
+
+def record_setup(engine: str, seconds: float) -> None:
+    """Remember `engine`'s last set-up on this machine (see `setup_expected`)."""
+    path = _setups_path()
+    try:
+        with _lock(path):
+            try:
+                seen = json.loads(path.read_text())
+            except (OSError, ValueError):
+                seen = {}
+            seen[engine] = round(seconds, 3)
+            atomic_write(path, (json.dumps(seen, indent=1) + "\n").encode())
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def candidates(device: torch.device, precision: str) -> list[str]:
+    """The engines `auto` may measure: installed, running on `device` in `precision`; eager
+    first, the others by expected set-up."""
+    names = [
+        name
+        for name, entry in ENGINES.items()
+        if name != "eager"
+        and device.type in entry.devices
+        and precision in entry.precisions
+        and entry.available()
+    ]
+    return ["eager", *sorted(names, key=setup_expected)]
+
+
+def today() -> str:
+    return time.strftime("%Y-%m-%d")
 
 
 def resolve_engine(
@@ -150,17 +218,11 @@ def resolve_engine(
     key: str,
     flops: int = 0,
 ) -> tuple[str, str]:
-    """`requested` ("auto" or an engine name) as an engine name, and the reason for `auto`'s
-    choice ("" when the user named the engine). `flops` is what the tapped network costs an
-    image (see `LayerInfo.flops`); 0 judges it as the reference ResNet-50."""
-    if requested != "auto":
+    """`requested` as the engine to start and why: a named engine as it is; `auto` stays
+    `auto` (measured or looked up when the engine starts, see `start_engine`), except that int8
+    is the quantized model of the one engine that computes it. `n_images`, `key` and `flops`
+    are accepted for callers that pass them; the choice is made from measurements."""
+    if requested != "auto" or precision != "int8":
         return str(requested), ""
-    if precision == "int8":
-        int8 = [entry.name for entry in ENGINES.values() if "int8" in entry.precisions]
-        return int8[0], f"int8 is {int8[0]}'s quantized model"
-    available = frozenset(name for name, entry in ENGINES.items() if entry.available())
-    cached = frozenset(name for name, entry in ENGINES.items() if entry.is_cached(key))
-    rate = REFERENCE_EAGER_FP32 * REFERENCE_FLOPS / flops if flops else None
-    return choose_engine(
-        device, precision, n_images, eager_rate=rate, cached=cached, available=available
-    )
+    int8 = [entry.name for entry in ENGINES.values() if "int8" in entry.precisions]
+    return int8[0], f"int8 is {int8[0]}'s quantized model"

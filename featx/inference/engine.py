@@ -55,6 +55,7 @@ class Engine:
     details: str = ""
     # int8: its features' cosine to fp32 on the calibration images (cosine_min, cosine_median)
     quality: dict[str, float] | None = None
+    choice: str = ""  # how `auto` chose it, when it did
 
     def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.run(batch)

@@ -52,6 +52,10 @@ class EngineEntry:
     is_cached: Callable[[str], bool] = lambda key: False  # its conversion for `key` is on disk
     available: Callable[[], bool] = lambda: True  # its libraries are installed
     precisions: tuple[str, ...] = PRECISIONS  # what it computes in (int8 has no fallback)
+    devices: tuple[str, ...] = ("cpu", "cuda", "mps")  # where `auto` may measure it
+    # seconds its set-up is guessed to take before it was ever measured on this machine
+    # (`featx.inference.auto.setup_expected`): how long a run must be for `auto` to try it
+    setup_guess: float = 5.0
 
 
 ENGINES: dict[str, EngineEntry] = {}
@@ -81,8 +85,11 @@ def register_engine(
     is_cached: Callable[[str], bool] | None = None,
     available: Callable[[], bool] | None = None,
     precisions: tuple[str, ...] = PRECISIONS,
+    devices: tuple[str, ...] = ("cpu", "cuda", "mps"),
+    setup_guess: float = 5.0,
 ) -> Callable[[Builder], Builder]:
-    """Decorator: register `builder` as the engine `name` (see `Builder` for its call)."""
+    """Decorator: register `builder` as the engine `name` (see `Builder` for its call; the
+    rest are `EngineEntry`'s fields)."""
 
     def register(builder: Builder) -> Builder:
         if name == "auto":
@@ -94,6 +101,8 @@ def register_engine(
             is_cached or (lambda key: False),
             available or (lambda: True),
             tuple(precisions),
+            tuple(devices),
+            setup_guess,
         )
         _add_choice(name)
         return builder
@@ -103,7 +112,7 @@ def register_engine(
 
 def engine_help() -> str:
     """`--engine`'s help: auto, then each engine's own line."""
-    lines = ["What runs the network: auto (picked by measured speed and run length)"]
+    lines = ["What runs the network: auto (the fastest measured on this machine, set-up counted)"]
     lines += [f"{entry.name} ({entry.help})" for entry in ENGINES.values()]
     return ", ".join(lines) + "."
 
@@ -119,7 +128,7 @@ def _installed(module: str) -> Callable[[], bool]:
 
 
 # ---- the built-in engines --------------------------------------------------------------------
-@register_engine("eager", help="PyTorch as it is")
+@register_engine("eager", help="PyTorch as it is", setup_guess=0.0)
 def _eager(tap, device, precision, example, key=None, calibration=None, **options):
     from featx.inference.torch_engines import eager_engine
 
@@ -131,6 +140,8 @@ def _eager(tap, device, precision, example, key=None, calibration=None, **option
     help="torch.compile",
     # inductor's own cache did not shorten a second compile in a fresh process: not counted
     available=_installed("torch._inductor"),
+    devices=("cpu", "cuda"),
+    setup_guess=30.0,
 )
 def _compile(tap, device, precision, example, key=None, calibration=None, **options):
     from featx.inference.torch_engines import compile_engine
@@ -150,6 +161,8 @@ def _openvino_cached(key: str) -> bool:
     is_cached=_openvino_cached,
     available=_installed("openvino"),
     precisions=INFERENCE_PRECISIONS,
+    devices=("cpu",),
+    setup_guess=3.0,
 )
 def _openvino(tap, device, precision, example, key=None, calibration=None, **options):
     from featx.inference.openvino_engine import openvino_engine

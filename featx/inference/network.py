@@ -63,11 +63,27 @@ def start_engine(
     log: Log,
 ) -> tuple[Iterator, Engine]:
     """Start the loader's decoding processes, then the engine `engine` for `tap` (`example`:
-    one full batch), saying which engine runs and why. Returns the batches and the engine."""
-    log(f"Engine: {engine}" + (f" ({why})." if why else "."))
+    one full batch), saying which engine runs and why. Returns the batches and the engine.
+
+    `auto` is chosen from this machine's measurements for this signature, or measured on the
+    loader's first batches (`featx.inference.race`); the engine returned then says in `name`
+    which engine computed the last batch, and in `choice` how it was chosen."""
+    if engine != "auto":
+        log(f"Engine: {engine}" + (f" ({why})." if why else "."))
     # The decoding processes fork here, before an engine starts its own thread pool
     # (OpenVINO's does not survive a fork beside it).
     batches = iter(loader)
+    if engine == "auto":
+        from featx.inference.race import start_auto
+
+        def build(name: str) -> Engine:
+            return build_engine(tap, name, device, precision, example, key=key)
+
+        chosen = start_auto(
+            build, key=key, device=device, precision=precision, batch_size=len(example),
+            n_batches=len(loader), workers=getattr(loader, "num_workers", 0), log=log,
+        )  # fmt: skip
+        return batches, chosen
     if calibration is not None and not is_cached(engine, key):
         log(
             f"Quantizing to int8 on {calibration.n_images} calibration images (once on "

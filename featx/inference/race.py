@@ -1,0 +1,233 @@
+"""`auto` as an engine: the run's first batches are computed by the candidate engines in turn
+and timed, and the run continues on the fastest. Every batch computed while measuring is a real
+batch of the run; `AutoEngine.name` says which engine computed the last one, so a store can
+record which engine computed which rows.
+
+Each candidate gets one warm-up batch (compared with eager on the same batch: an engine whose
+features differ from eager's by more than `AGREEMENT` is dropped and that batch kept from eager)
+and `BATCHES_EACH` timed batches. Eager runs first, at torch's thread count and again with
+as many threads fewer as there are decoding processes (at least one fewer: on a busy machine
+torch's threads wait on each other); the faster count is kept for the torch engines. An
+engine not measured here is tried only when its expected set-up is at most `SETUP_SHARE` of
+what the batches left would take on eager.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Generator
+from typing import TYPE_CHECKING
+
+from featx.inference import auto
+from featx.inference.auto import BATCHES_EACH, SETUP_SHARE, Decision, Trial
+
+if TYPE_CHECKING:
+    import torch
+
+    from featx.inference.engine import Engine
+
+__all__ = ["AGREEMENT", "AutoEngine", "agreement", "start_auto"]
+
+# fp32 engines must give eager's features within this relative difference; low precisions
+# within this distance from cosine 1.
+AGREEMENT = {"fp32": 1e-4, "bf16": 1e-2, "fp16": 1e-2}
+
+Outputs = dict[str, "torch.Tensor"]
+
+
+def agreement(out: Outputs, ref: Outputs, precision: str) -> float:
+    """fp32: the largest difference to eager relative to eager's largest value, over the
+    outputs; lower precisions: 1 - the lowest cosine of a row to eager's."""
+    import torch
+
+    worst = 0.0
+    for name, r in ref.items():
+        a = out[name].float()
+        if precision == "fp32":
+            scale = r.abs().max().clamp_min(1e-30)
+            worst = max(worst, ((a - r).abs().max() / scale).item())
+        else:
+            cos = torch.cosine_similarity(a.flatten(1), r.flatten(1).float()).min().item()
+            worst = max(worst, 1.0 - cos)
+    return worst
+
+
+class AutoEngine:
+    """Callable like an `Engine`; measures the candidates on the first batches, then runs the
+    fastest. `build(name)` builds an engine; `save(decision)` keeps the measurements."""
+
+    def __init__(
+        self,
+        build: Callable[[str], Engine],
+        names: list[str],
+        *,
+        precision: str,
+        batch_size: int,
+        n_batches: int,
+        workers: int,
+        decision: Decision,
+        save: Callable[[Decision], None],
+        log: Callable[[str], None],
+    ):
+        import torch
+
+        self.build, self.names, self.precision = build, names, precision
+        self.batch_size = batch_size
+        self.batches_left, self.workers = n_batches, workers
+        self.decision, self.save, self.log = decision, save, log
+        self.threads = torch.get_num_threads()
+        self.name, self.chosen, self.choice = "eager", None, ""
+        self.quality, self.fallback_reason, self.device = None, None, None
+        self._steps = self._race()
+        next(self._steps)
+
+    def __call__(self, batch: torch.Tensor) -> Outputs:
+        out = self._steps.send(batch)
+        self.batches_left -= 1
+        return out
+
+    def describe(self) -> str:
+        chosen = self.chosen.describe() if self.chosen is not None else "eager"
+        return f"auto: {chosen}"
+
+    # ---- the race ------------------------------------------------------------------------
+    def _race(self) -> Generator[Outputs, torch.Tensor, None]:
+        import torch
+
+        batch = yield {}  # primed
+        eager = self.build("eager")
+        self.device = eager.device
+        trials: list[Trial] = []
+        batch = yield from self._measure(eager, trials, batch, None)
+        fewer = max(1, self.threads - max(1, self.workers))
+        if fewer != self.threads and self._room(0.0, trials):
+            torch.set_num_threads(fewer)
+            batch = yield from self._measure(eager, trials, batch, None)
+            best = max(trials, key=lambda t: t.rate)
+            torch.set_num_threads(best.threads)
+        engines = {"eager": eager}
+        for name in self.names[1:]:
+            expected = auto.setup_expected(name)
+            if not self._room(expected, trials):
+                self.decision.unaffordable[name] = round(expected, 1)
+                continue
+            start = time.perf_counter()
+            engine = self.build(name)
+            setup = time.perf_counter() - start
+            if engine.fallback_reason:
+                self.decision.skipped[name] = engine.fallback_reason
+                continue
+            auto.record_setup(name, setup)
+            engines[name] = engine
+            batch = yield from self._measure(engine, trials, batch, eager, setup)
+        self._finish(trials, engines)
+        while True:
+            batch = yield self.chosen(batch)
+
+    def _room(self, setup: float, trials: list[Trial]) -> bool:
+        """Whether the batches left can afford measuring one more candidate: its warm-up and
+        timed batches, one batch after them, and its set-up within SETUP_SHARE of eager."""
+        left = self.batches_left - (BATCHES_EACH + 2)
+        rate = max((t.rate for t in trials), default=0.0)
+        eager_seconds = left * self.batch_size / rate if rate else 0.0
+        return left >= 0 and setup <= SETUP_SHARE * eager_seconds
+
+    def _measure(self, engine, trials, batch, eager, setup: float = 0.0):
+        """Run `engine` on one warm-up batch (checked against `eager` when given) and
+        BATCHES_EACH timed ones; append its Trial unless it disagrees with eager."""
+        import torch
+
+        self.name = engine.name
+        out = engine(batch)
+        score = None
+        if eager is not None:
+            ref = eager(batch)
+            score = agreement(out, ref, self.precision)
+            if score > AGREEMENT.get(self.precision, 1e-2):
+                self.decision.skipped[engine.name] = f"differs from eager by {score:.1e}"
+                self.name = "eager"
+                return (yield ref)
+        batch = yield out
+        seconds, images = 0.0, 0
+        for _ in range(BATCHES_EACH):
+            start = time.perf_counter()
+            out = engine(batch)
+            seconds += time.perf_counter() - start
+            images += len(batch)
+            batch = yield out
+        rate = images / max(seconds, 1e-9)
+        trials.append(Trial(engine.name, torch.get_num_threads(), rate, setup, agreement=score))
+        return batch
+
+    def _finish(self, trials: list[Trial], engines: dict[str, Engine]) -> None:
+        import torch
+
+        self.decision.trials = trials
+        self.decision.measured = auto.today()
+        best = max(trials, key=lambda t: t.rate)
+        torch.set_num_threads(best.threads)
+        self.chosen, self.name = engines[best.engine], best.engine
+        self.choice = self.decision.line(best, cached=False)
+        self.save(self.decision)
+        self.log(self.choice)
+
+
+def start_auto(
+    build: Callable[[str], Engine],
+    *,
+    key: str,
+    device: torch.device,
+    precision: str,
+    batch_size: int,
+    n_batches: int,
+    workers: int,
+    log: Callable[[str], None],
+) -> Engine | AutoEngine:
+    """The engine `auto` runs: the best of the measurements cached for this signature,
+    counting each engine's set-up against the `n_batches` left; or an `AutoEngine` that
+    measures, when nothing is cached or this run can afford an engine the cached measurement
+    could not."""
+    from featx.inference.machine import machine_identity
+
+    names = auto.candidates(device, precision)
+    sig = auto.signature(key, batch_size, machine_identity(device, workers))
+    decision = auto.load_decision(sig)
+    n_images = n_batches * batch_size
+    if decision is not None:
+        eager_left = n_images / max(t.rate for t in decision.trials if t.engine == "eager")
+        measured = {t.engine for t in decision.trials} | set(decision.skipped)
+        affordable = [
+            name
+            for name in names
+            if name not in measured
+            and n_batches >= 2 * (BATCHES_EACH + 2)
+            and auto.setup_expected(name) <= SETUP_SHARE * eager_left
+        ]
+        if not affordable:
+            return _from_decision(decision, build, key, n_images, log)
+    log(f"Engine auto: measuring on this run's first batches (candidates: {', '.join(names)}).")
+    fresh = Decision(sig, auto.today())
+    return AutoEngine(
+        build, names, precision=precision, batch_size=batch_size, n_batches=n_batches,
+        workers=workers, decision=fresh, save=auto.save_decision, log=log,
+    )  # fmt: skip
+
+
+def _from_decision(decision: Decision, build, key: str, n_images: int, log) -> Engine:
+    import torch
+
+    from featx.inference.engines import is_cached
+
+    cached = frozenset(t.engine for t in decision.trials if is_cached(t.engine, key))
+    best = decision.best(n_images, cached)
+    torch.set_num_threads(best.threads)
+    start = time.perf_counter()
+    engine = build(best.engine)
+    if best.engine in cached and not engine.fallback_reason:
+        best.cached_setup = round(time.perf_counter() - start, 3)
+        auto.save_decision(decision)
+    engine.choice = decision.line(best, cached=True)
+    log(engine.choice)
+    if engine.fallback_reason:
+        log(f"Engine: {engine.describe()}.")
+    return engine
