@@ -121,7 +121,7 @@ def synthetic_store(path: Path, n_rows: int, n_features: int, n_classes: int) ->
 
     rng = np.random.default_rng(0)
     means = rng.normal(0, 0.15, (n_classes, n_features)).astype(np.float32)
-    labels = (np.arange(n_rows) % n_classes).astype(np.int32)
+    labels = ((np.arange(n_rows) // 10) % n_classes).astype(np.int32)
     split = np.array(["train"] * 8 + ["validation", "test"], dtype=object)[np.arange(n_rows) % 10]
     order = np.lexsort((labels, split))
     labels, split = labels[order], split[order]
