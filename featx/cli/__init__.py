@@ -4,6 +4,7 @@ from featx.cli.app import app  # noqa: I001 (the import order is the order of `f
 from featx.cli.extract import extract, merge
 from featx.cli.classify import evaluate, fit, predict
 from featx.cli.probe import probe
+from featx.cli.engines import engines  # noqa: F401 (registers `featx engines`)
 from featx.cli.finetune import augment_preview, finetune, lr_find
 from featx.cli.show import backbones, classifiers, info, layers, report, runs
 
