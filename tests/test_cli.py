@@ -176,12 +176,25 @@ def _settings_of(command: str) -> list[tuple[type, tuple[str, ...] | None, tuple
     from featx.classify.fit_settings import FitSettings
     from featx.cli.declare import Shared
     from featx.extraction.settings import ExtractSettings, PredictSettings
+    from featx.finetuning.config import FinetuneConfig
 
     return {
         "extract": [(ExtractSettings, None, ())],
         "predict": [(PredictSettings, None, ()), (Shared, ("trust_pickle",), ())],
         "evaluate": [(PredictSettings, None, ("tta", "top_k")), (Shared, ("trust_pickle",), ())],
         "fit": [(FitSettings, None, ()), (Shared, ("quiet",), ())],
+        "finetune": [
+            (FinetuneConfig, None, ()),
+            (Shared, ("workers", "device", "trust_pickle", "quiet"), ()),
+        ],
+        "lr-find": [
+            (
+                FinetuneConfig,
+                None,
+                ("epochs_head", "epochs", "lr", "lr_head", "schedule", "patience"),
+            ),
+            (Shared, ("workers", "device", "quiet"), ()),
+        ],
     }[command]
 
 
@@ -234,7 +247,9 @@ def _expected(field, default) -> tuple[str, ...]:
     return (str(default),)
 
 
-@pytest.mark.parametrize("command", ["extract", "predict", "evaluate", "fit"])
+@pytest.mark.parametrize(
+    "command", ["extract", "predict", "evaluate", "fit", "finetune", "lr-find"]
+)
 def test_help_and_parser_defaults_are_the_settings_defaults(command):
     """Each option comes from its settings field: the parser's default is the field's, and
     --help shows that default (or the field's default text)."""
