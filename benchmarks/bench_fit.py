@@ -70,6 +70,7 @@ def image_folder(root: Path, per_class: int) -> str:
 def synthetic_store(path: Path, megabytes: int, n_features: int = 2048) -> Path:
     """A featx store with one float32 layer of 4 Gaussian classes (rows sorted by class, 80%
     train, 20% validation), written block by block."""
+    from featx.data.preprocessing import Preprocessing
     from featx.store.feature_store import add_layer, write_store
 
     n_rows = max(1000, megabytes * 1_000_000 // (4 * n_features))
@@ -83,7 +84,8 @@ def synthetic_store(path: Path, megabytes: int, n_features: int = 2048) -> Path:
     paths = np.array([f"c{y}/{i:07d}.png" for i, y in enumerate(labels)], dtype=object)
     meta = {
         "backbone": "synthetic", "weights": "none", "weights_spec": "none",
-        "weights_sha256": "0" * 64, "preprocessing": {}, "preprocessing_text": "synthetic",
+        "weights_sha256": "0" * 64, "preprocessing_text": "synthetic",
+        "preprocessing": Preprocessing(32, 32, (0.5,) * 3, (0.5,) * 3).to_dict(),
         "dataset": {"root": str(path.parent), "fingerprint": "0" * 64, "n_files": n_rows},
         "augment": None, "created": "", "versions": {}, "history": [],
     }  # fmt: skip
@@ -129,7 +131,7 @@ print(json.dumps({"before": before, "after": peak(), "seconds": time.perf_counte
 def measured_fit(store: Path, mode: str, chunk_bytes: int) -> dict:
     out = subprocess.run(
         [sys.executable, "-c", CHILD, str(store), mode, str(chunk_bytes)],
-        capture_output=True,
+        stdout=subprocess.PIPE,  # its errors go to this process's stderr
         text=True,
         check=True,
     )

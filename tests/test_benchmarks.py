@@ -21,7 +21,7 @@ def has(module: str) -> bool:
 
 def bench(name: str, *args: str, cache: Path) -> str:
     """Run benchmarks/NAME.py ARGS in a fresh process; return its standard output."""
-    env = {**os.environ, "FEATX_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "FEATX_CACHE": str(cache)}
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / f"{name}.py"), *args],
         cwd=ROOT,
@@ -56,13 +56,13 @@ SLOW = [
                         "--epochs", "1", "--precision", "fp32", "--workers", "0"], "s / epoch"),
     ("bench_fit", ["--per-class", "3", "--image-size", "32", "--stream-mb", "1",
                    "--chunk-mb", "1"], "Sweep on cached features"),
-    ("bench_fitted_head", ["--work", "WORK", "--train-per-class", "3", "--test-per-class", "2",
+    ("bench_fitted_head", ["--work", "WORK", "--train-per-class", "5", "--test-per-class", "2",
                            "--epochs", "1"], "frozen logreg"),
-    ("bench_ladder", ["--work", "WORK", "--train-per-class", "3", "--test-per-class", "2",
+    ("bench_ladder", ["--work", "WORK", "--train-per-class", "5", "--test-per-class", "2",
                       "--", "--epochs", "1"], "| rung |"),
     ("bench_memory", ["--images", "4", "--backbone", "resnet18", "--layer", "layer1",
                       "--image-size", "32", "--weights", "none"], "peak resident"),
-    ("bench_results", ["--work", "WORK", "--train-per-class", "4", "--test-per-class", "2",
+    ("bench_results", ["--work", "WORK", "--train-per-class", "5", "--test-per-class", "2",
                        "--image-size", "32", "--cv", "2"], "test accuracy"),
     ("bench_startup", ["--repeats", "1"], "featx --help"),
     ("bench_winograd", ["--size", "32", "--batch", "2", "--repeats", "1"], "NNPACK"),
