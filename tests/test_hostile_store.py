@@ -409,3 +409,25 @@ def test_extract_refuses_a_symlinked_partial_folder(built, tmp_path):
     message = assert_one_sentence_error(_extract_cli(built, store))
     assert "is a symbolic link" in message
     assert (tmp_path / "elsewhere" / "keep.txt").read_text() == "mine"
+
+
+MERGE_UNDER_A_LIMIT = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+from featx import merge
+merge(sys.argv[1], sys.argv[2:], virtual=False)
+"""
+
+
+@pytest.mark.slow
+def test_merge_holds_few_files_open_whatever_the_number_of_shards(tmp_path):
+    shards = synthetic_shards(tmp_path, 80, 3)  # more shards than files may be open at once
+    out = tmp_path / "merged.h5"
+    command = [sys.executable, "-c", MERGE_UNDER_A_LIMIT, str(out), *map(str, shards)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    with FeatureStore(out) as store:
+        assert store.n_rows == 240 and store.meta["history"][-1]["shards"][79] == str(shards[79])
+        for i in (0, 79):
+            with FeatureStore(shards[i]) as shard:
+                np.testing.assert_array_equal(store.read("f")[3 * i : 3 * i + 3], shard.read("f"))
