@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -50,6 +50,7 @@ __all__ = [
     "FeatureStore",
     "LayerSummary",
     "add_layer",
+    "iter_sorted_rows",
     "layer_key",
     "validate_store",
     "write_store",
@@ -246,11 +247,15 @@ class FeatureStore:
             yield ds[sel], labels[sel]
 
     def read_rows(self, layer: str, index: np.ndarray) -> np.ndarray:
-        """The rows `index` (sorted row numbers) of a layer, as one array in the stored dtype."""
-        from featx.store.rows import LayerRows
-
-        with LayerRows(self, layer) as rows:
-            return rows.read(index)
+        """The rows `index` (sorted row numbers) of a layer, as one array in the stored dtype,
+        read in chunks of about 64 MB."""
+        ds = self._file["features"][self.resolve(layer)]
+        index = np.asarray(index, dtype=np.int64)
+        row_bytes = max(1, int(np.prod(ds.shape[1:])) * 4)
+        out = np.empty((len(index), *ds.shape[1:]), dtype=ds.dtype)
+        for positions, rows in iter_sorted_rows(ds, index, max(1, (64 << 20) // row_bytes)):
+            out[positions] = rows
+        return out
 
     def copy_layer(self, key: str, out: h5py.File) -> None:
         """Copy layer `key`, with its attributes and chunking, into the store file `out`."""
@@ -355,6 +360,20 @@ class FeatureStore:
         return "\n".join(lines)
 
 
+def iter_sorted_rows(
+    ds: h5py.Dataset, index: np.ndarray, chunk_rows: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (positions, rows) with rows == ds[index[positions]] for sorted `index`, each one
+    contiguous read spanning at most `chunk_rows` rows."""
+    i = 0
+    while i < len(index):
+        start = int(index[i])
+        j = int(np.searchsorted(index, start + chunk_rows, side="left"))
+        block = ds[start : int(index[j - 1]) + 1]
+        yield np.arange(i, j), block[index[i:j] - start]
+        i = j
+
+
 def _computed(attrs: Mapping[str, Any]) -> str:
     """How a layer was computed, from its attributes: precision, engine, batch size and int8's
     calibration."""
@@ -372,6 +391,34 @@ def _computed(attrs: Mapping[str, Any]) -> str:
 
 def _text(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _validated_meta(f: h5py.File, where: str, fail: Callable[[str], NoReturn]) -> dict[str, Any]:
+    """The store's meta attribute, checked: a JSON object with the META_FIELDS of the right
+    kinds; `fail(problem)` otherwise."""
+    if "meta" not in f.attrs:
+        fail("has no meta attribute")
+    try:
+        meta = json.loads(_text(f.attrs["meta"]))
+    except (TypeError, ValueError):
+        fail("has a meta attribute that is not JSON")
+    if not isinstance(meta, dict):
+        fail("has a meta attribute that is not a JSON object")
+    for key in META_FIELDS:
+        if key not in meta:
+            fail(f"lacks meta field {key}")
+    for key in ("backbone", "weights", "weights_sha256"):
+        if not isinstance(meta[key], str):
+            fail(f"has a meta field {key} that is not text")
+    if not isinstance(meta["preprocessing"], dict):
+        fail("has a meta field preprocessing that is not a JSON object")
+    Preprocessing.from_dict(meta["preprocessing"], f"the meta field preprocessing of {where}")
+    if not isinstance(meta["dataset"], dict):
+        fail("has a meta field dataset that is not a JSON object")
+    for key in DATASET_FIELDS:
+        if key not in meta["dataset"]:
+            fail(f"lacks meta field dataset.{key}")
+    return meta
 
 
 def validate_store(f: h5py.File, path: Path) -> tuple[dict[str, Any], list[str], np.ndarray]:
@@ -397,28 +444,7 @@ def validate_store(f: h5py.File, path: Path) -> tuple[dict[str, Any], list[str],
             "upgrade featx to read it."
         )
 
-    if "meta" not in f.attrs:
-        fail("has no meta attribute")
-    try:
-        meta = json.loads(_text(f.attrs["meta"]))
-    except (TypeError, ValueError):
-        fail("has a meta attribute that is not JSON")
-    if not isinstance(meta, dict):
-        fail("has a meta attribute that is not a JSON object")
-    for key in META_FIELDS:
-        if key not in meta:
-            fail(f"lacks meta field {key}")
-    for key in ("backbone", "weights", "weights_sha256"):
-        if not isinstance(meta[key], str):
-            fail(f"has a meta field {key} that is not text")
-    if not isinstance(meta["preprocessing"], dict):
-        fail("has a meta field preprocessing that is not a JSON object")
-    Preprocessing.from_dict(meta["preprocessing"], f"the meta field preprocessing of {where}")
-    if not isinstance(meta["dataset"], dict):
-        fail("has a meta field dataset that is not a JSON object")
-    for key in DATASET_FIELDS:
-        if key not in meta["dataset"]:
-            fail(f"lacks meta field dataset.{key}")
+    meta = _validated_meta(f, where, fail)
 
     def dataset(name: str, kind: str) -> h5py.Dataset:
         obj = f.get(name)

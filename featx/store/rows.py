@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import h5py
 import numpy as np
 
-from featx.store.feature_store import LAYER_JOIN, FeatureStore
+from featx.store.feature_store import LAYER_JOIN, FeatureStore, iter_sorted_rows
 
 __all__ = ["LayerRows"]
 
@@ -81,15 +81,7 @@ class LayerRows:
         return out
 
     def _in_order(self, index: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        i = 0
-        while i < len(index):
-            start = int(index[i])
-            j = int(np.searchsorted(index, start + self.chunk_rows, side="left"))
-            stop = int(index[j - 1]) + 1
-            block = self.dataset[start:stop]
-            positions = np.arange(i, j)
-            yield positions, block[index[i:j] - start]
-            i = j
+        return iter_sorted_rows(self.dataset, index, self.chunk_rows)
 
     def _shuffled(
         self, index: np.ndarray, rng: np.random.RandomState
