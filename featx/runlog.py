@@ -1,5 +1,6 @@
-"""The experiment log kept next to a feature store: one SQLite row per fit, fine-tune or
-evaluation, read back as `Run`s for `featx runs` (a text leaderboard) and `featx report`.
+"""The experiment log kept next to a feature store: one SQLite row per fit, probed layer,
+fine-tune or evaluation, read back as `Run`s for `featx runs` (a text leaderboard) and
+`featx report`.
 
 For a store `x.h5` the log is `x.h5.runs.sqlite`. Several processes may append at once: the
 database is in WAL mode with a short busy timeout, and every record is one short transaction
@@ -18,6 +19,12 @@ settings / scores / details (JSON objects), model_path, command, and the store's
 
 Conventional keys: settings has "layer", "classifier" and "params" (a dict); scores has
 "validation" and/or "test", each a dict of scalar metrics ("accuracy", "macro_f1", ...).
+
+A `probe` run is one layer of a `featx probe` call: its classifier is `probe-<protocol>`, its
+params the chosen C or k, and settings["probe"] holds the protocol, the layer's depth, every
+probed layer in network order, the call's start time and whether this layer was the best.
+Logs written before the `probe` kind existed hold these records as kind `fit`; they are read
+back as `probe` runs.
 """
 
 from __future__ import annotations
@@ -54,7 +61,7 @@ __all__ = [
 LOG_SUFFIX = ".runs.sqlite"
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x66785247  # "fxRG" in the SQLite header: this file is a featx run log
-KINDS = ("fit", "finetune", "evaluate")
+KINDS = ("fit", "probe", "finetune", "evaluate")
 # How long a record waits for another process's transaction; past it the run goes unrecorded.
 BUSY_TIMEOUT_S = 5.0
 # Per-split entries of a full classification_metrics() dict that belong in details, not scores.
@@ -91,7 +98,7 @@ def log_path(store: str | os.PathLike[str]) -> Path:
 
 @dataclass(frozen=True)
 class Run:
-    """One logged fit, fine-tune or evaluation."""
+    """One logged fit, probed layer, fine-tune or evaluation."""
 
     id: int
     time: str
@@ -378,6 +385,14 @@ def _loads(text: Any, *, optional: bool = False) -> dict[str, Any] | None:
     return value
 
 
+def _kind(kind: str, settings: dict[str, Any]) -> str:
+    """The logged kind, with a probed layer that an older featx logged as a fit read as `probe`."""
+    classifier = settings.get("classifier")
+    if kind == "fit" and isinstance(classifier, str) and classifier.startswith("probe-"):
+        return "probe" if isinstance(settings.get("probe"), dict) else kind
+    return kind
+
+
 def _run_of(row: tuple[Any, ...], path: Path) -> Run | None:
     """The Run of one row, or None when a column does not have its documented type."""
     r = dict(zip(_COLUMNS, row, strict=True))
@@ -394,7 +409,7 @@ def _run_of(row: tuple[Any, ...], path: Path) -> Run | None:
     except (ValueError, RecursionError):
         return None
     return Run(
-        id=r["id"], time=r["time"], kind=r["kind"], store=Path(r["store"]),
+        id=r["id"], time=r["time"], kind=_kind(r["kind"], settings), store=Path(r["store"]),
         settings=settings, scores=scores, details=details, model_path=r["model_path"],
         command=r["command"], meta=meta, host=r["host"], pid=r["pid"],
         featx_version=r["featx_version"], log=path,

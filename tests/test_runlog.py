@@ -127,10 +127,21 @@ def test_numpy_values_and_paths_are_stored_as_json(store: Path) -> None:
     assert run.best_score == 0.25
 
 
+def test_a_probed_layer_logged_as_a_fit_by_an_older_featx_reads_as_a_probe(store: Path) -> None:
+    probe = {"protocol": "linear", "depth": 0, "layers": ["a"], "created": "t", "best": True}
+    old = {"layer": "a", "classifier": "probe-linear", "params": {"C": 1.0}, "probe": probe}
+    record_run(store, "fit", settings=old, scores={"validation": {"accuracy": 0.5}})
+    record_run(store, "probe", settings=old, scores={"validation": {"accuracy": 0.6}})
+    named = {**old, "probe": "not a probe's settings"}
+    record_run(store, "fit", settings=named, scores={})
+    record_run(store, "fit", settings={"classifier": "logreg", "probe": probe}, scores={})
+    assert [r.kind for r in read_runs([store])] == ["probe", "probe", "fit", "fit"]
+
+
 def test_wrong_kind_missing_inputs_and_a_foreign_file_are_refused(
     store: Path, tmp_path: Path
 ) -> None:
-    with pytest.raises(UsageError, match="kind must be one of fit, finetune, evaluate"):
+    with pytest.raises(UsageError, match="kind must be one of fit, probe, finetune, evaluate"):
         record_run(store, "train", settings={}, scores={})
     assert not log_path(store).exists()
     with pytest.raises(UsageError, match="does not exist"):

@@ -130,7 +130,7 @@ class ProbeResult:
         return atomic_write(path, text.encode())
 
     def record(self, model_path: str | os.PathLike | None = None) -> list[int | None]:
-        """One `fit` run per layer in the store's run log, its settings holding the protocol,
+        """One `probe` run per layer in the store's run log, its settings holding the protocol,
         the chosen C or k, the layer's depth and every probed layer in network order (so that
         a report can draw accuracy against depth), its scores the validation and test
         summaries, its details the validation path, confusion matrices and few-shot runs."""
@@ -163,7 +163,7 @@ class ProbeResult:
             ids.append(
                 record_run(
                     self.store,
-                    "fit",
+                    "probe",
                     settings=settings,
                     scores=scores,
                     details=details,
