@@ -51,6 +51,7 @@ from featx.models.provenance import (
     model_provenance,
     store_provenance,
 )
+from featx.models.references import HeadTensors, head_tensors
 from featx.runtime import atomic_write, human_size, to_json
 from featx.store.feature_store import LAYER_JOIN, FeatureStore
 
@@ -89,8 +90,6 @@ def _trusted_types() -> list[str]:
     from sklearn.tree import DecisionTreeClassifier
     from sklearn.tree._tree import Tree
 
-    from featx.models.heads import TorchHead
-
     types = (
         Pipeline,
         StandardScaler,
@@ -110,7 +109,6 @@ def _trusted_types() -> list[str]:
         LabelBinarizer,  # inside RidgeClassifier
         SGDClassifier,
         *(loss for loss, *_ in SGDClassifier.loss_functions.values()),
-        TorchHead,
     )
     metrics = [
         type(DistanceMetric.get_metric(name, **kwargs))
@@ -126,6 +124,7 @@ def _trusted_types() -> list[str]:
         "featx.classify.pipeline.LayerFeatures",
         "featx.classify.pipeline.ConcatLayers",
         "featx.classify.mlp.MLPClassifier",
+        "featx.models.heads.TorchHead",
     )
     return sorted({f"{t.__module__}.{t.__qualname__}" for t in (*types, *metrics)} | set(own))
 
@@ -180,8 +179,6 @@ class FeatxModel:
         """Write the model file (atomically: a partial file never replaces a good one)."""
         import skops.io
         from safetensors.torch import save as save_tensors
-
-        from featx.models.heads import HeadTensors, head_tensors
 
         path = Path(path)
         heads = HeadTensors()
@@ -393,8 +390,6 @@ def legacy_message(path: str | os.PathLike) -> str:
 def _load_zip(path: Path) -> FeatxModel:
     import skops.io
     from safetensors.torch import load as load_tensors
-
-    from featx.models.heads import HeadTensors, head_tensors
 
     try:
         zf = zipfile.ZipFile(path)
