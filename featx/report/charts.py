@@ -1,6 +1,8 @@
-"""The report's charts: the figures `featx finetune` draws (`featx.finetuning.plots`), rendered
-as inline SVG with real text. Logged values are checked first, so a crafted log cannot break
-a figure; only numbers and featx's own labels reach the SVG."""
+"""The report's charts: the figures `featx finetune` draws (`featx.finetuning.plots`) and a
+probe's accuracy against depth, rendered as inline SVG with real text. Logged values are
+checked first, so a crafted log cannot break a figure; only numbers, featx's own labels and
+logged layer names and settings (one plain line each, never read as mathematics) reach the SVG.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from markupsafe import Markup
 
 from featx.errors import UsageError
 
-__all__ = ["Chart", "history_chart", "lr_chart"]
+__all__ = ["Chart", "history_chart", "lr_chart", "probe_chart"]
 
 MAX_POINTS = 10_000
 METRICS = ("train_accuracy", "val_accuracy", "train_loss", "val_loss")
@@ -106,3 +108,49 @@ def lr_chart(curve: Any) -> tuple[Chart | None, float | None]:
         suggestion=rate("suggestion"),
     )
     return _render(lambda path: plot_lr_curve(result, path)), result.suggestion
+
+
+def _label(value: Any, limit: int = 40) -> str:
+    """Logged text as one short printable line."""
+    value = "".join(c if c.isprintable() else "?" for c in str(value))
+    return value if len(value) <= limit else value[: limit - 1] + "…"
+
+
+def _plot_probe(points: list[dict[str, Any]], path: Path) -> Path:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(6.5, 0.9 * len(points)), 4.2), dpi=100)
+    ax = fig.add_subplot()
+    xs = [p["position"] for p in points]
+    for split, style in (("validation", "s-"), ("test", "o-")):
+        pairs = [(x, p[split]) for x, p in zip(xs, points, strict=True) if p[split] is not None]
+        if pairs:
+            (line,) = ax.plot(*zip(*pairs, strict=True), style, label=split)
+            line.set_gid(f"probe-{split}")
+    for x, p in zip(xs, points, strict=True):
+        y = p["validation"] if p["validation"] is not None else p["test"]
+        if p["chosen"] and y is not None:
+            ax.annotate(p["chosen"], (x, y), xytext=(0, 7), textcoords="offset points",
+                        ha="center", fontsize=8, color="dimgrey", parse_math=False)  # fmt: skip
+    ax.set_xticks(xs, [p["layer"] for p in points], rotation=30, ha="right", parse_math=False)
+    ax.set_xmargin(0.1)
+    ax.set_ymargin(0.2)
+    ax.set_xlabel("layer, in network order")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, bbox_inches="tight")  # every label and annotation inside the figure
+    return path
+
+
+def probe_chart(points: list[dict[str, Any]]) -> Chart | None:
+    """Validation and test accuracy of each probed layer against its depth, the chosen C or k
+    written at each layer's point (`featx.report.probes.curve`); None without a score."""
+    clean = [
+        {**p, "validation": _number(p["validation"]), "test": _number(p["test"]),
+         "layer": _label(p["layer"]), "chosen": _label(p["chosen"])}
+        for p in points[:MAX_POINTS]
+    ]  # fmt: skip
+    if not any(p["validation"] is not None or p["test"] is not None for p in clean):
+        return None
+    return _render(lambda path: _plot_probe(clean, path))

@@ -4,6 +4,8 @@ template `templates/report.html.j2` with autoescaping, and written atomically.
 The page is self-contained (inline CSS, inline SVG charts, one inline script that sorts the
 leaderboards and is the only script its Content-Security-Policy lets run). Runs are grouped in
 one section per store; the best runs of each store get a full section, the rest are collapsed.
+A probe call is one entry, its best layer, with its accuracy against depth and its other layers
+under it; a store with a probe and a head or fine-tune compares them in one ladder.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import jinja2
 from markupsafe import Markup
 
 from featx import __version__
-from featx.report.charts import history_chart, lr_chart
+from featx.report.charts import history_chart, lr_chart, probe_chart
+from featx.report.probes import ProbeGroup, collapse, curve, ladder
 from featx.runlog import Run, ranked
 from featx.runtime import atomic_write
 
@@ -180,7 +183,39 @@ def _preview(run: Run) -> dict[str, Any] | None:
     return {"uri": uri, "name": text(name)}
 
 
-def _run_view(run: Run, rank: int) -> dict[str, Any]:
+def _probe_view(group: ProbeGroup) -> dict[str, Any]:
+    """A probe call: its curve, a row per layer, and the other layers' full views."""
+    points = curve(group)
+    return {
+        "chart": probe_chart(points),
+        "rows": [
+            [
+                str(p["position"]),
+                p["layer"],
+                p["chosen"] or "-",
+                *map(number, (p["validation"], p["test"])),
+            ]
+            for p in points
+        ],
+        "others": [_run_view(r, 0) for r in group.others],
+    }
+
+
+def _ladder_view(runs: Sequence[Run]) -> dict[str, Any] | None:
+    found = ladder(runs)
+    if found is None:
+        return None
+    rows = [
+        {"step": row["step"], "key": row["run"].key, "id": row["run"].id,
+         "layer": row["run"].layer, "classifier": row["run"].classifier,
+         "params": params_view(row["run"].params)["summary"], "val": row["val"],
+         "test": row["test"], "gain": row["gain"]}
+        for row in found["rows"]
+    ]  # fmt: skip
+    return {"split": found["split"], "rows": rows, "missing": found["missing"]}
+
+
+def _run_view(run: Run, rank: int, group: ProbeGroup | None = None) -> dict[str, Any]:
     lr, suggestion = lr_chart(run.details.get("lr_find"))
     return {
         "key": run.key,
@@ -209,6 +244,7 @@ def _run_view(run: Run, rank: int) -> dict[str, Any]:
         "lr": lr,
         "suggestion": suggestion,
         "preview": _preview(run),
+        "probe": _probe_view(group) if group is not None else None,
     }
 
 
@@ -248,7 +284,8 @@ def _store_views(runs: Sequence[Run], best: int) -> list[dict[str, Any]]:
     for i, (store, mine) in enumerate(by_store.items()):
         meta = next((r.meta for r in sorted(mine, key=lambda r: r.time, reverse=True) if r.meta),
                     None)  # fmt: skip
-        shown = [_run_view(run, rank) for rank, run in enumerate(mine, 1)]
+        shown = [_run_view(run, rank, group)
+                 for rank, (run, group) in enumerate(collapse(mine), 1)]  # fmt: skip
         views.append(
             {
                 "anchor": f"store-{i + 1}",
@@ -259,6 +296,7 @@ def _store_views(runs: Sequence[Run], best: int) -> list[dict[str, Any]]:
                 "rest": shown[best:],
                 "top": shown[0]["val"] if shown[0]["val"] is not None else shown[0]["test"],
                 "provenance": _provenance(store, meta),
+                "ladder": _ladder_view(mine),
             }
         )
     return views

@@ -1,5 +1,5 @@
 """`featx runs` output: a leaderboard that fits the terminal (columns chosen by width), every
-column (`wide`), or every field as JSON or CSV."""
+column (`wide`), or every field of every run (each probed layer too) as JSON or CSV."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from featx.errors import check_choice
+from featx.report.probes import collapse
 from featx.runlog import Run, ranked
 
 __all__ = ["FORMATS", "format_runs", "leaderboard"]
@@ -87,8 +88,8 @@ def _fit(widths: list[int], width: int) -> tuple[list[int], int | None]:
 def leaderboard(runs: Iterable[Run], width: int | None = None, *, wide: bool = False) -> str:
     """A text table of the runs, best validation accuracy (else test accuracy) first, within
     `width` columns (default: the terminal's, 100 when unknown); `wide` keeps every column
-    and the whole params."""
-    order = ranked(runs)
+    and the whole params. A probe call is one row, its best layer."""
+    order = [run for run, _ in collapse(runs)]
     if not order:
         return "No runs logged."
     rows = [[_clean(c.cell(i, r)) for c in COLUMNS] for i, r in enumerate(order, 1)]
