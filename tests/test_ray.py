@@ -86,3 +86,39 @@ def test_killed_shard_worker_is_retried_and_nothing_is_lost(job):
     assert killed is not None, "no shard worker was seen running"
     assert process.returncode == 0, err
     assert_same_store(whole, store)
+
+
+def _featx_on_ray(root, store, env=None, quiet=True) -> subprocess.Popen:
+    command = [*FEATX, "extract", root / "data", "--backbone", "resnet18", "--weights", "none",
+               "--image-size", 32, "--layer", "avgpool", "--batch-size", 4, "--store", store,
+               "--ray", "local", "--shards", 2, *(["--quiet"] if quiet else [])]  # fmt: skip
+    return subprocess.Popen(
+        [str(c) for c in command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+def test_ray_local_starts_its_own_instance_when_ray_address_is_set(job):
+    root, whole = job
+    store = root / "address" / "s.h5"
+    process = _featx_on_ray(root, store, {"RAY_ADDRESS": "127.0.0.1:9"})  # nothing listens
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err
+    assert err == ""  # --quiet: nothing of Ray's own reaches featx's output
+    with FeatureStore(store) as merged:
+        assert merged.n_rows == 24
+    assert not list(store.parent.glob(".*.ray.log"))
+
+
+def test_sigterm_stops_a_ray_driver_with_one_line(job):
+    root, _ = job
+    store = root / "term" / "s.h5"
+    process = _featx_on_ray(root, store)
+    deadline = time.monotonic() + 600
+    while not _shard_workers() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, process.communicate()
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 130, err
+    assert err.splitlines() == ["featx: interrupted."], err

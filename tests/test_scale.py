@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,3 +148,15 @@ def test_manifest_shards_hold_their_own_files_and_merge_to_the_whole(manifest, t
         for column in ("paths", "labels", "sources", "views", "split_of_rows"):
             np.testing.assert_array_equal(getattr(a, column)(), getattr(b, column)())
         np.testing.assert_allclose(b.read("avgpool"), a.read("avgpool"), rtol=1e-5, atol=1e-6)
+
+
+def test_mount_points_are_matched_by_path_components():
+    from featx.extraction.distributed import mount_type
+
+    mounts = ("/dev/vda / ext4 rw 0 0\nserver:/x /data nfs4 rw 0 0\n"
+              "/dev/vdb /data2 ext4 rw 0 0\n/dev/vdc /mnt/my\\040disk xfs rw 0 0\n")  # fmt: skip
+    assert mount_type(Path("/data2/stores"), mounts) == "ext4"  # not inside /data
+    assert mount_type(Path("/data/stores"), mounts) == "nfs4"
+    assert mount_type(Path("/data"), mounts) == "nfs4"
+    assert mount_type(Path("/mnt/my disk/s"), mounts) == "xfs"
+    assert mount_type(Path("/srv"), mounts) == "ext4"

@@ -11,13 +11,17 @@ storage every node can reach.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import re
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +29,17 @@ from tqdm import tqdm
 
 from featx.errors import UsageError, first_line
 from featx.extraction.naming import default_store_path
-from featx.extraction.plan import AUGMENTED_SPLITS
+from featx.extraction.plan import views_per_file
 from featx.extraction.run import ExtractResult, extract
 from featx.extraction.settings import ExtractSettings, extract_settings
 from featx.extraction.shard import shard_files, shard_store_path
 from featx.inference.images import open_images
 from featx.inference.network import stderr_log
+from featx.runtime import disk_errors
 from featx.store.feature_store import FeatureStore, layer_key
 from featx.store.merge import merge
 
-__all__ = ["extract_on_ray"]
+__all__ = ["extract_on_ray", "mount_type"]
 
 NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb", "smbfs", "lustre", "gpfs", "beegfs", "ceph")
 POLL_SECONDS = 0.5
@@ -89,21 +94,17 @@ def extract_on_ray(
 
     if shards is not None and shards < 1:
         raise UsageError("--shards must be at least 1.")
-    started = not ray.is_initialized()
-    if started:
-        try:
-            ray.init(
-                address=address,
-                num_cpus=None if address else os.cpu_count(),
-                include_dashboard=False,
-                logging_level=logging.ERROR,
-                log_to_driver=False,
-            )
-        except (ConnectionError, RuntimeError, ValueError) as error:
-            where = f"the Ray cluster at {address}" if address else "a local Ray instance"
-            reason = first_line(error).rstrip(".")
-            raise UsageError(f"could not start or join {where} ({reason}).") from None
-    try:
+    shard_settings = dataclasses.replace(
+        s,
+        store=store.resolve(),
+        workers=s.workers or 0,  # by default, decode in the task's process
+        command=s.command or " ".join(sys.argv),
+    )
+    with contextlib.ExitStack() as stack:
+        if not ray.is_initialized():
+            stack.enter_context(_native_output_aside(store))
+            _init(ray, address)
+            stack.callback(ray.shutdown)
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
         if gpus_per_shard is None:
@@ -114,22 +115,11 @@ def extract_on_ray(
             cpus_per_shard = 1 if gpus else max(1, int(resources.get("CPU", 1) // shards))
         if len([n for n in ray.nodes() if n["Alive"]]) > 1 and not _shared(store.parent):
             log(f"Warning: {store.parent} looks node-local, but the cluster has several nodes.")
-        per_file = [1 + (s.augment if f.split in AUGMENTED_SPLITS else 0) for f in folder.files]
-        paths = [shard_store_path(store, (i, shards)) for i in range(shards)]
-        sizes = [
-            sum(per_file[j] for j in shard_files(len(per_file), (i, shards))) for i in range(shards)
-        ]
         task = ray.remote(_run_shard).options(
             num_cpus=cpus_per_shard,
             num_gpus=gpus_per_shard,
             max_retries=max_retries,
             retry_exceptions=False,
-        )
-        shard_settings = dataclasses.replace(
-            s,
-            store=store.resolve(),
-            workers=s.workers or 0,  # by default, decode in the task's process
-            command=s.command or " ".join(sys.argv),
         )
         threads = max(1, int(cpus_per_shard))
         # a finished shard's task returns at once (its store has the layers), a started one
@@ -138,16 +128,73 @@ def extract_on_ray(
         running = {
             task.remote((i, shards), threads, where, shard_settings): i for i in range(shards)
         }
-        _wait(ray, running, paths, sizes, s.quiet)
-    finally:
-        if started:
-            ray.shutdown()
+        paths = [shard_store_path(store, (i, shards)) for i in range(shards)]
+        _wait(ray, running, paths, _shard_sizes(folder, s.augment, shards), s.quiet)
     merged = merge(store, paths, command=s.command)
     for path in paths:
         path.unlink()
     log(f"Merged {shards} shards into {merged}.")
     with FeatureStore(merged) as done:
         return ExtractResult(merged, computed=keys, n_rows=done.n_rows, skipped=done.skipped)
+
+
+def _init(ray, address: str | None) -> None:
+    """Join the cluster at `address`, or start a local instance (even when RAY_ADDRESS names
+    a cluster); featx's SIGTERM handling is kept (Ray's own would exit with status 15)."""
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        ray.init(
+            address=address or "local",
+            num_cpus=None if address else os.cpu_count(),
+            include_dashboard=False,
+            logging_level=logging.ERROR,
+            log_to_driver=False,
+        )
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+        reason = first_line(error).rstrip(".")
+        raise UsageError(f"could not start or join {where} ({reason}).") from None
+    finally:
+        if threading.current_thread() is threading.main_thread() and sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
+
+
+@contextlib.contextmanager
+def _native_output_aside(store: Path) -> Iterator[None]:
+    """Within the block, what Ray's native code and the processes it starts write to the
+    standard error file descriptor (state dumps when a node dies, stack traces at exit) goes
+    to `.STORE.ray.log`, removed when the block ends without an error; featx's own lines and
+    progress bar still reach the terminal."""
+    log_path = store.with_name(f".{store.name}.ray.log")
+    with disk_errors(store.parent):
+        store.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    with open(log_path, "ab") as log:
+        os.dup2(log.fileno(), 2)
+    python_stderr = sys.stderr
+    sys.stderr = open(  # noqa: SIM115 - closed when the block ends
+        terminal, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False
+    )
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        sys.stderr.flush()
+        sys.stderr.close()
+        sys.stderr = python_stderr
+        os.dup2(terminal, 2)
+        os.close(terminal)
+        if not failed:
+            log_path.unlink(missing_ok=True)
+
+
+def _shard_sizes(folder, augment: int, shards: int) -> list[int]:
+    """The work items of each shard: its files, with their augmented views."""
+    per_file = views_per_file(folder, augment)
+    bounds = [shard_files(len(per_file), (i, shards)) for i in range(shards)]
+    return [int(per_file[b.start : b.stop].sum()) for b in bounds]
 
 
 def _wait(ray, running: dict, paths: list[Path], sizes: list[int], quiet: bool) -> None:
@@ -203,15 +250,31 @@ def _has_layers(path: Path, keys: list[str]) -> bool:
 
 
 def _shared(folder: Path) -> bool:
-    """Whether `folder` is on a network filesystem (by the longest mount point above it)."""
-    folder = folder.resolve()
-    best, kind = "", ""
+    """Whether `folder` is on a network filesystem, by /proc/mounts (True when unknown)."""
     try:
         with open("/proc/mounts") as mounts:
-            for line in mounts:
-                _, point, fs = line.split()[:3]
-                if folder.as_posix().startswith(point) and len(point) > len(best):
-                    best, kind = point, fs
+            kind = mount_type(folder.resolve(), mounts.read())
     except OSError:
         return True  # unknown: do not warn
     return kind.split(".")[0] in NETWORK_FILESYSTEMS or kind.startswith("fuse")
+
+
+def mount_type(folder: Path, mounts: str) -> str:
+    """The filesystem type of the deepest mount point above `folder` in a /proc/mounts text,
+    comparing paths by components (/data2 is not below /data); "" when none is."""
+    best, kind = None, ""
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = Path(_unescaped(fields[1]))
+        if (point == folder or point in folder.parents) and (
+            best is None or len(point.parts) > len(best.parts)
+        ):
+            best, kind = point, fields[2]
+    return kind
+
+
+def _unescaped(field: str) -> str:
+    """A /proc/mounts field with its octal escapes (\\040 for a space) decoded."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
