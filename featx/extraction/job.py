@@ -97,6 +97,7 @@ def run_network(job: Job, start: int, why: str, log) -> None:
     modules = [i.module for i in job.todo]
     settings, size, n_items = job.settings, job.preprocessing.input_size, len(job.work.items)
     tap = prepare_tap(job.loaded.model, modules, settings.pool, job.device, size)
+    threads = torch.get_num_threads()  # auto may run torch on fewer: restored at the end
     loader = image_loader(
         job.work.images(job.folder, job.preprocessing, job.views),
         Batches(start, n_items, job.batch_size, job.chunk_items),
@@ -136,6 +137,7 @@ def run_network(job: Job, start: int, why: str, log) -> None:
                     arrays, filled, index, bad = job.new_chunk(), 0, [], []
                     chunk += 1
     except KeyboardInterrupt:
+        torch.set_num_threads(threads)
         bar.close()
         with contextlib.suppress(BaseException):
             writer.finish()
@@ -143,6 +145,7 @@ def run_network(job: Job, start: int, why: str, log) -> None:
             f"interrupted after {job.partial.done() * job.chunk_items} of {n_items} "
             "images were saved; run the same command again to resume."
         ) from None
+    torch.set_num_threads(threads)
     bar.close()
     writer.finish()
     job.engine_text, job.engine_choice = engine.describe(), engine.choice

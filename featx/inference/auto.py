@@ -97,7 +97,7 @@ class Decision:
         if self.skipped:
             text += "; not used: " + ", ".join(f"{k} ({v})" for k, v in self.skipped.items())
         if self.unaffordable:
-            text += "; not measured, as its set-up would not be won back on this run: " + (
+            text += "; not measured (set-up not won back on the run that measured): " + (
                 ", ".join(f"{k} (~{v:.0f}s)" for k, v in self.unaffordable.items())
             )
         return text + "."

@@ -24,8 +24,17 @@ Log = Callable[[str], None]
 
 
 def stderr_log(quiet: bool) -> Log:
-    """Print a line on stderr, or nothing when `quiet`."""
-    return (lambda *_: None) if quiet else (lambda text: print(text, file=sys.stderr))
+    """Print a line on stderr, or nothing when `quiet`; a progress bar being drawn (`auto`
+    says its choice during the run) is moved below the line."""
+    if quiet:
+        return lambda *_: None
+
+    def log(text: str) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(text, file=sys.stderr)
+
+    return log
 
 
 def network_flops(traced: Iterable[LayerInfo], modules: Iterable[str]) -> int:

@@ -1,0 +1,138 @@
+"""`--engine auto` measures on the machine where it runs: the first run of a network measures
+the candidate engines on its own batches and caches the decision, later runs reuse it until
+the signature changes, the store says which engine computed which rows, and a short run never
+pays an expensive set-up. `featx engines` prints the table measured here.
+
+The runs that may load OpenVINO are featx subprocesses (its thread pool crashes a process that
+later forks DataLoader workers, see test_engines.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_folder, run_featx
+
+from featx.store import FeatureStore
+
+needs_openvino = pytest.mark.skipif(
+    importlib.util.find_spec("openvino") is None, reason="openvino is not installed"
+)
+TODAY = re.compile(r"measured here \d{4}-\d{2}-\d{2}, 3 batches each")
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("auto") / "photos"
+    make_folder(root, {"cat": 10, "dog": 10})
+    return root
+
+
+def extract(photos: Path, store: Path, cache: Path, *extra: object):
+    args = ["extract", photos, "--backbone", "resnet18", "--layer", "layer2", "--layer",
+            "avgpool", "--weights", "none", "--image-size", "64", "--workers", "0",
+            "--store", store, "--overwrite", *extra]  # fmt: skip
+    done = run_featx(*args, cwd=store.parent, env={**ONE_THREAD, "FEATX_CACHE": str(cache)})
+    assert done.returncode == 0, done.stderr
+    return done.stderr
+
+
+def choice_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.startswith("Engine ")]
+    return lines[-1]
+
+
+@pytest.mark.slow
+def test_auto_measures_once_then_reuses_the_cached_choice_until_the_signature_changes(
+    photos, tmp_path
+):
+    cache = tmp_path / "cache"
+    first = extract(photos, tmp_path / "a.h5", cache, "--batch-size", "1")
+    assert "Engine auto: measuring on this run's first batches" in first
+    line = choice_line(first)
+    assert TODAY.search(line) and "cached" not in line, line
+    decisions = [p for p in (cache / "engines").glob("*.json") if len(p.stem) == 32]
+    assert len(decisions) == 1
+    recorded = json.loads(decisions[0].read_text())
+    assert recorded["signature"]["batch_size"] == 1 and recorded["signature"]["cpu"]
+    assert recorded["trials"][0]["engine"] == "eager"
+
+    second = extract(photos, tmp_path / "b.h5", cache, "--batch-size", "1")
+    assert "measuring" not in second
+    line = choice_line(second)
+    assert "cached decision" in line and TODAY.search(line), line
+    with FeatureStore(tmp_path / "b.h5") as store:
+        assert store.meta["history"][-1]["engine_choice"] == line
+
+    for changed in (["--batch-size", "2"], ["--batch-size", "1", "--image-size", "48"]):
+        again = extract(photos, tmp_path / "c.h5", cache, *changed[:2], *changed[2:])
+        assert "Engine auto: measuring on this run's first batches" in again, changed
+    assert len([p for p in (cache / "engines").glob("*.json") if len(p.stem) == 32]) == 3
+
+
+@needs_openvino
+@pytest.mark.slow
+def test_the_store_records_which_engine_computed_which_rows_and_they_are_eagers(photos, tmp_path):
+    cache = tmp_path / "cache"
+    (cache / "engines").mkdir(parents=True)
+    # this machine was seen to set openvino up in no time: a short run can afford measuring it
+    (cache / "engines" / "setups.json").write_text(json.dumps({"openvino": 0.0}))
+    stderr = extract(photos, tmp_path / "auto.h5", cache, "--batch-size", "1")
+    line = choice_line(stderr)
+    # compile keeps its unmeasured guess (tens of seconds): 20 small images never afford it
+    assert "not won back" in line and "compile" in line.split("not won back")[1], line
+    extract(photos, tmp_path / "eager.h5", cache, "--batch-size", "1", "--engine", "eager")
+    with FeatureStore(tmp_path / "auto.h5") as got, FeatureStore(tmp_path / "eager.h5") as want:
+        for key in want.layers:
+            attrs = got.layer(key).attrs
+            ranges = json.loads(attrs["engine_rows"])
+            assert ranges[0][:2] == ["eager", 0] and ranges[-1][2] == got.n_rows
+            assert all(a[2] == b[1] for a, b in zip(ranges, ranges[1:], strict=False))
+            names = {name for name, _, _ in ranges}
+            assert names <= {"eager", "openvino"} and "openvino" in names, ranges
+            assert attrs["engine"] == ", ".join(dict.fromkeys(n for n, _, _ in ranges))
+            a, b = got.read(key), want.read(key)
+            assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+        assert got.meta["history"][-1]["engine_choice"] == line
+
+
+def test_a_short_run_measures_no_engine_with_a_set_up(small_photos, tmp_path):
+    import featx
+
+    cache = tmp_path / "cache"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("FEATX_CACHE", str(cache))
+        featx.extract(
+            small_photos, "resnet18", ["layer2"], store=tmp_path / "s.h5", weights="none",
+            image_size=32, workers=0, batch_size=1, quiet=True,
+        )  # fmt: skip
+    with FeatureStore(tmp_path / "s.h5") as store:
+        ranges = json.loads(store.layer("layer2").attrs["engine_rows"])
+        choice = store.meta["history"][-1]["engine_choice"]
+    assert [name for name, _, _ in ranges] == ["eager"] and ranges[0][2] == 10
+    assert "openvino" in choice and "compile" in choice and "not won back" in choice, choice
+
+
+@pytest.mark.slow
+def test_featx_engines_prints_a_row_per_candidate_with_agreement(tmp_path):
+    args = ["engines", "--backbone", "resnet18", "--layer", "layer1", "--image-size", "32",
+            "--weights", "none", "--batch-size", "2"]  # fmt: skip
+    env = {**ONE_THREAD, "FEATX_CACHE": str(tmp_path / "cache")}
+    done = run_featx(*args, cwd=tmp_path, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr
+    rows = {tuple(line.split()[:2]): line.split() for line in done.stdout.splitlines()[2:]}
+    from featx.inference.auto import candidates
+    from featx.runtime import resolve_device
+
+    for name in candidates(resolve_device("cpu"), "fp32"):
+        row = rows[name, "fp32"]
+        if row[2] != "not":  # available here: the largest difference to eager fp32
+            assert float(row[-2]) <= 1e-4, done.stdout
+    assert "measuring" in done.stderr
+    again = run_featx(*args, cwd=tmp_path, env=env)
+    assert "measuring" not in again.stderr and again.stdout == done.stdout
