@@ -160,3 +160,83 @@ def test_mount_points_are_matched_by_path_components():
     assert mount_type(Path("/data"), mounts) == "nfs4"
     assert mount_type(Path("/mnt/my disk/s"), mounts) == "xfs"
     assert mount_type(Path("/srv"), mounts) == "ext4"
+
+
+@pytest.fixture(scope="module")
+def feature_store(tmp_path_factory):
+    from clfdata import synthetic_store
+
+    return synthetic_store(tmp_path_factory.mktemp("export") / "s.h5", 700, 24, block_rows=128)
+
+
+def test_export_npy_parts_hold_the_rows_and_their_metadata(feature_store, tmp_path):
+    import pyarrow.parquet as pq
+
+    from featx.store.export import export
+
+    result = export(feature_store, tmp_path / "out", "feat", "npy", rows_per_file=300)
+    assert [f.name for f in result.files] == [f"img_emb_000{i}.npy" for i in range(3)]
+    emb = np.concatenate([np.load(f) for f in result.files])
+    metas = sorted((tmp_path / "out" / "metadata").glob("metadata_*.parquet"))
+    assert [m.name for m in metas] == [f"metadata_000{i}.parquet" for i in range(3)]
+    assert [pq.read_metadata(m).num_rows for m in metas] == [300, 300, 100]
+    meta = {k: sum((pq.read_table(m).column(k).to_pylist() for m in metas), []) for k in
+            ("path", "label", "split")}  # fmt: skip
+    with FeatureStore(feature_store) as store:
+        np.testing.assert_array_equal(emb, store.read("feat"))
+        assert meta["path"] == store.paths().tolist()
+        assert meta["label"] == [store.class_names[i] for i in store.labels()]
+        assert meta["split"] == store.split_of_rows().tolist()
+    assert result.n_rows == 700 and result.dim == 24
+
+
+def test_export_parquet_has_an_embedding_column_and_takes_one_split(feature_store, tmp_path):
+    import pyarrow.parquet as pq
+
+    from featx.store.export import export
+
+    result = export(feature_store, tmp_path / "out", "feat", "parquet", split="validation")
+    table = pq.read_table(result.files[0])
+    with FeatureStore(feature_store) as store:
+        wanted = store.read("feat", split="validation")
+        assert table.column("path").to_pylist() == store.paths("validation").tolist()
+    np.testing.assert_array_equal(np.array(table.column("embedding").to_pylist()), wanted)
+    assert set(table.column("split").to_pylist()) == {"validation"}
+
+
+def test_export_refuses_a_folder_that_holds_files(feature_store, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    args = ("export", feature_store, out, "--layer", "feat")
+    refused = run_featx(*args, cwd=tmp_path)
+    assert "--overwrite" in assert_one_sentence_error(refused)
+    assert (out / "keep.txt").read_text() == "mine"
+    done = run_featx(*args, "--overwrite", "--format", "parquet", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["emb", "featx_export.json"]
+    assert not list(tmp_path.glob(".out.*"))
+
+
+def test_embedding_reader_reads_the_export(feature_store, tmp_path):
+    reader = pytest.importorskip("embedding_reader")
+    from featx.store.export import export
+
+    export(feature_store, tmp_path / "npy", "feat", "npy", rows_per_file=300)
+    export(feature_store, tmp_path / "pq", "feat", "parquet", rows_per_file=300)
+    with FeatureStore(feature_store) as store:
+        features, paths = store.read("feat"), store.paths().tolist()
+    metadata = tmp_path / "npy" / "metadata"
+    for folder, options in (
+        ("npy", {"file_format": "parquet_npy", "metadata_folder": str(metadata),
+                 "meta_columns": ["path"]}),
+        ("pq", {"file_format": "parquet", "embedding_column": "embedding",
+                "meta_columns": ["path"]}),
+    ):  # fmt: skip
+        read = reader.EmbeddingReader(str(tmp_path / folder / "emb"), **options)
+        got, got_paths = [], []
+        for emb, meta in read(batch_size=256, start=0, end=read.count, show_progress=False):
+            got.append(emb)
+            got_paths.extend(meta["path"].tolist())
+        np.testing.assert_allclose(np.concatenate(got), features, rtol=1e-6)
+        assert got_paths == paths

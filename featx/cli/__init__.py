@@ -2,6 +2,7 @@
 
 from featx.cli.app import app  # noqa: I001 (the import order is the order of `featx --help`)
 from featx.cli.extract import extract, merge
+from featx.cli.export import export  # noqa: F401 (registers `featx export`)
 from featx.cli.classify import evaluate, fit, predict
 from featx.cli.probe import probe
 from featx.cli.engines import engines  # noqa: F401 (registers `featx engines`)
