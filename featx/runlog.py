@@ -22,7 +22,8 @@ Conventional keys: settings has "layer", "classifier" and "params" (a dict); sco
 
 A `probe` run is one layer of a `featx probe` call: its classifier is `probe-<protocol>`, its
 params the chosen C or k, and settings["probe"] holds the protocol, the layer's depth, every
-probed layer in network order, the call's start time and whether this layer was the best.
+probed layer in network order, the call's start time and id, and whether this layer was the
+best.
 Logs written before the `probe` kind existed hold these records as kind `fit`; they are read
 back as `probe` runs.
 """

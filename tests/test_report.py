@@ -9,6 +9,7 @@ import re
 import sqlite3
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -348,3 +349,87 @@ def test_report_outputs_that_cannot_be_written_are_one_sentence(logged: dict, mo
         assert words in _one_sentence(done), (out, done.stderr)
     assert sorted(p.name for p in full.iterdir()) == ["filler"]  # no temporary file left
     assert sorted(p.name for p in (tmp / "folder").iterdir()) == []
+
+
+# ---- probes and the ladder -------------------------------------------------------------------
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def _probe_charts(page: str) -> list[ET.Element]:
+    found = re.findall(r'<div class="chart probe">(<svg.*?</svg>)\s*</div>', page, flags=re.S)
+    return [ET.fromstring(svg) for svg in found]
+
+
+def _marker_xs(svg: ET.Element, split: str) -> list[float]:
+    """The x of every marker of the chart's `split` line."""
+    line = next(g for g in svg.iter(f"{SVG}g") if g.get("id") == f"probe-{split}")
+    return [float(u.get("x")) for u in line.iter(f"{SVG}use")]
+
+
+@pytest.fixture
+def probed(tmp_path: Path, one_torch_thread) -> dict:
+    """A digits store with two real probe calls started in the same second, a real fit of a
+    logistic regression on its cache and a fine-tune logged as `featx finetune` logs it."""
+    from test_probe import digits_store
+
+    from featx.classify.fit import fit
+    from featx.classify.probe import probe
+
+    (tmp_path / "stores").mkdir()
+    store = digits_store(
+        tmp_path / "stores" / "digits.h5", splits=("train", "validation", "test"), per_class=15
+    )
+    results = [probe(store, tol=1e-3), probe(store, tol=1e-3, layers=["noisy", "pixels"])]
+    fit(store, "pixels", "logreg", refit="train")
+    record_run(
+        store, "finetune",
+        settings={"layer": "pixels", "classifier": "finetune", "params": {"lr": 1e-3}},
+        scores={"validation": {"accuracy": 0.97, "macro_f1": 0.96},
+                "test": {"accuracy": 0.95, "macro_f1": 0.94}},
+    )  # fmt: skip
+    return {"store": store, "results": results, "tmp": tmp_path}
+
+
+def test_a_probe_is_a_curve_against_depth_and_one_leaderboard_row(probed: dict) -> None:
+    runs = read_runs([probed["store"]])
+    assert [r.kind for r in runs] == ["probe"] * 5 + ["fit", "finetune"]
+    page = write_report(probed["tmp"] / "report.html", runs).read_text(encoding="utf-8")
+    charts = _probe_charts(page)
+    assert len(charts) == 2  # one per probe call, not one per layer
+    charts.sort(key=lambda svg: len(_marker_xs(svg, "validation")), reverse=True)
+    for svg, result in zip(charts, probed["results"], strict=True):  # 3 layers, then 2
+        for split in ("validation", "test"):
+            xs = _marker_xs(svg, split)
+            assert len(xs) == len(result.layers) and xs == sorted(xs) and len(set(xs)) == len(xs)
+        texts = [t.text for t in svg.iter(f"{SVG}text") if t.text]
+        names = [r.layer for r in result.layers]
+        assert [t for t in texts if t in names] == names  # the axis, in network order
+        for layer in result.layers:
+            assert f"C={layer.chosen['C']:.3g}" in texts
+    board = page.split('class="leaderboard"')[1].split("</table>")[0]
+    rows = re.findall(r'<tr data-run="([^"]+)"', board)
+    best = [r.key for r in runs if r.kind == "probe" and r.settings["probe"]["best"]]
+    assert sorted(rows) == sorted([*best, runs[-2].key, runs[-1].key])
+    assert "best of 3 layers" in board and "best of 2 layers" in board
+
+
+def test_the_ladder_compares_best_probe_head_and_fine_tune(probed: dict) -> None:
+    runs = read_runs([probed["store"]])
+    page = write_report(probed["tmp"] / "report.html", runs).read_text(encoding="utf-8")
+    table = page.split('<table class="ladder">')[1].split("</table>")[0]
+    steps = re.findall(r'<th scope="row">([^<]+)</th><td><a href="#run-([^"]+)"', table)
+    best = max(r.metric("validation", "accuracy") for r in runs if r.kind == "probe")
+    probes = [r for r in runs if r.kind == "probe"]
+    tops = {r.key: r for r in probes if r.metric("validation", "accuracy") == best}
+    assert [s for s, _ in steps] == ["best probe", "head on the cache", "fine-tuned"]
+    assert steps[0][1] in tops and [k for _, k in steps[1:]] == [runs[-2].key, runs[-1].key]
+    top = tops[steps[0][1]]
+    # the fit has no test score: the steps are compared on validation, in points
+    assert "vs best probe (validation, points)" in table
+    gain = 100 * (0.97 - top.metric("validation", "accuracy"))
+    assert f"{gain:+.1f}</td>" in table
+    assert f"{top.metric('test', 'accuracy'):.4f}" in table
+
+
+def test_no_ladder_without_a_probe_and_a_head_or_fine_tune(logged: dict) -> None:
+    assert 'class="ladder"' not in _page(logged)

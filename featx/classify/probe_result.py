@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,12 +132,14 @@ class ProbeResult:
 
     def record(self, model_path: str | os.PathLike | None = None) -> list[int | None]:
         """One `probe` run per layer in the store's run log, its settings holding the protocol,
-        the chosen C or k, the layer's depth and every probed layer in network order (so that
-        a report can draw accuracy against depth), its scores the validation and test
-        summaries, its details the validation path, confusion matrices and few-shot runs."""
+        the chosen C or k, the layer's depth, every probed layer in network order and an id
+        shared by this call's records (so that a report can draw accuracy against depth), its
+        scores the validation and test summaries, its details the validation path, confusion
+        matrices and few-shot runs."""
         from featx.runlog import record_run
 
         order = [r.layer for r in self.layers]
+        call = uuid.uuid4().hex  # tells this call's records from another's started that second
         ids = []
         for r in self.layers:
             scores = {"validation": _small(r.validation)}
@@ -147,7 +150,8 @@ class ProbeResult:
                 "classifier": f"probe-{self.protocol}",
                 "params": dict(r.chosen),
                 "probe": {"protocol": self.protocol, "depth": r.depth, "layers": order,
-                          "created": self.created, "best": r.layer == self.best.layer},
+                          "created": self.created, "call": call,
+                          "best": r.layer == self.best.layer},
                 "refit": r.refit,
                 "scored_on": self.selection,
                 "metric": self.metric,

@@ -49,8 +49,11 @@ def _depth(run: Run) -> float:
 
 
 def _key(run: Run) -> tuple[Any, ...]:
-    """What the records of one probe call share: their log, process and start time."""
+    """What the records of one probe call share: their log and the call's id, or for records
+    written without one, their process, start time, protocol and layers."""
     probe = _probe(run)
+    if isinstance(probe.get("call"), str):
+        return (str(run.log), probe["call"])
     return (str(run.log), run.host, run.pid, str(probe.get("created")),
             str(probe.get("protocol")), tuple(_order(run)))  # fmt: skip
 
