@@ -84,10 +84,36 @@ def _add_hostile_runs(logged: dict) -> None:  # noqa: F811
         )  # fmt: skip
 
 
+def _add_probe(store: Path) -> None:
+    """A linear probe of six layers, logged as `ProbeResult.record` logs it (one layer named
+    with markup, long chosen C values), and a head fitted on the cache: with the fine-tunes,
+    the store's ladder."""
+    order = ["stem", "blocks.1", "blocks.2", f"blocks.3{HOSTILE}", "blocks.4", "head.avgpool"]
+    for depth, layer in enumerate(order):
+        accuracy = 0.5 + 0.08 * depth - 0.1 * (depth == 5)
+        record_run(
+            store, "probe",
+            settings={"layer": layer, "classifier": "probe-linear",
+                      "params": {"C": 10 ** (-5 + depth) * 3.1622776},
+                      "probe": {"protocol": "linear", "depth": depth, "layers": order,
+                                "created": "2026-11-01T10:00:00+0000", "call": "c0ffee",
+                                "best": depth == 4},
+                      "refit": "train+validation", "metric": "accuracy"},
+            scores={"validation": {"accuracy": accuracy}, "test": {"accuracy": accuracy - 0.03}},
+            details={"path": []},
+        )  # fmt: skip
+    record_run(
+        store, "fit",
+        settings={"layer": "blocks.4", "classifier": "mlp", "params": {"hidden": 256}},
+        scores={"validation": {"accuracy": 0.83}, "test": {"accuracy": 0.8}},
+    )  # fmt: skip
+
+
 def test_report_layout_at_1280_and_800_px(logged: dict) -> None:  # noqa: F811
     from playwright.sync_api import sync_playwright
 
     _add_hostile_runs(logged)
+    _add_probe(next((logged["tmp"] / "stores").glob("flowers*.h5")))
     stores = [logged["a"], logged["b"], *sorted((logged["tmp"] / "stores").glob("flowers*.h5"))]
     out = write_report(logged["tmp"] / "report.html", read_runs(stores), best=2)
     errors: list[str] = []
@@ -111,6 +137,8 @@ def test_report_layout_at_1280_and_800_px(logged: dict) -> None:  # noqa: F811
                 page.evaluate("document.querySelectorAll('details').forEach(d => d.open = true)")
                 assert page.evaluate(OVERFLOWING_BOARDS) == [], width
                 assert page.locator(".chart svg").count() >= 6
+                assert page.locator(".chart.probe svg").count() == 1
+                assert page.locator("table.ladder tr").count() == 4
                 assert page.evaluate(LABELS_OUTSIDE) == [], width
                 # run ids stay on one line
                 heights = page.eval_on_selector_all(
