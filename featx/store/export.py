@@ -28,8 +28,9 @@ from typing import Any
 import h5py
 import numpy as np
 
+from featx import __version__
 from featx.errors import UsageError, check_choice
-from featx.runtime import deferred_interrupts, disk_errors, library_versions, now
+from featx.runtime import deferred_interrupts, disk_errors, now
 from featx.store.feature_store import FeatureStore
 
 __all__ = ["EXPORT_FORMATS", "ExportResult", "export"]
@@ -217,7 +218,7 @@ def _record(
         "backbone": source.meta.get("backbone"),
         "dataset_fingerprint": source.meta["dataset"]["fingerprint"],
         "time": now(),
-        "versions": library_versions(),
+        "featx": __version__,  # not every library: that would import torch
     }
     (folder / "featx_export.json").write_text(json.dumps(record, indent=1) + "\n")
 
