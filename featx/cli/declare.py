@@ -40,6 +40,7 @@ from featx.settings import (
 )
 
 __all__ = [
+    "DATA_HELP",
     "from_settings",
     "in_range",
     "option_group",
@@ -49,6 +50,12 @@ __all__ = [
     "Shared",
     "settings_parameters",
 ]
+
+DATA_HELP = (
+    "Image folder (DATA/CLASS/*.jpg or DATA/{train,validation,test}/CLASS/*.jpg) or a "
+    "manifest (.csv, .tsv, .parquet with columns path, label[, split])."
+)
+"""The help of a DATA argument: what every image-taking command accepts."""
 
 
 def in_range(

@@ -9,18 +9,13 @@ from typing import Annotated
 import typer
 
 from featx.cli.app import app, command_line, report_skipped, reported
-from featx.cli.declare import from_settings, in_range
+from featx.cli.declare import DATA_HELP, from_settings, in_range
 from featx.cli.options import AugmentFlags, with_augmentation
 from featx.errors import UsageError
 from featx.extraction.settings import ExtractSettings
 from featx.settings import SCALE_OUT
 
 __all__ = ["extract", "merge"]
-
-DATA_HELP = (
-    "Image folder (DATA/CLASS/*.jpg or DATA/{train,validation,test}/CLASS/*.jpg) or a "
-    "manifest (.csv, .tsv, .parquet with columns path, label[, split])."
-)
 
 
 def _ray_resources(ray: str | None, gpus_per_shard: float | None) -> None:

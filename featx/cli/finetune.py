@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from featx.cli.app import app, command_line, report_skipped, reported
-from featx.cli.declare import POSITIVE, SEED, Shared, from_settings, in_range
+from featx.cli.declare import DATA_HELP, POSITIVE, SEED, Shared, from_settings, in_range
 from featx.cli.options import (
     AugmentFlags,
     with_augmentation,
@@ -38,9 +38,7 @@ def _finetune_config(network: dict[str, Any], augmentation: AugmentFlags, **trai
 @with_network
 @from_settings(Shared, None, only=("trust_pickle", "quiet"))
 def finetune(
-    data_dir: Annotated[
-        Path, typer.Argument(help="Image folder: DATA/CLASS/ or DATA/{train,validation}/CLASS/.")
-    ],
+    data_dir: Annotated[Path, typer.Argument(help=DATA_HELP, metavar="DATA")],
     network: dict,
     augmentation: AugmentFlags,
     trust_pickle: bool,
@@ -98,7 +96,7 @@ def finetune(
         ),
     ] = None,
 ) -> None:
-    """Fine-tune BACKBONE on DATA_DIR: train a new head on the frozen base (on a store's
+    """Fine-tune BACKBONE on DATA: train a new head on the frozen base (on a store's
     cached features with --store), then unfreeze the later blocks at small, layer-dependent
     learning rates, with augmentation. The model is the best checkpoint by validation loss
     over both stages; a test split is scored at the end.
@@ -150,9 +148,7 @@ def finetune(
 @with_network
 @from_settings(Shared, None, only=("quiet",))
 def lr_find(
-    data_dir: Annotated[
-        Path, typer.Argument(help="Image folder: DATA/CLASS/ or DATA/{train,validation}/CLASS/.")
-    ],
+    data_dir: Annotated[Path, typer.Argument(help=DATA_HELP, metavar="DATA")],
     network: dict,
     augmentation: AugmentFlags,
     quiet: bool,
