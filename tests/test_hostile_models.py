@@ -61,8 +61,8 @@ def members(path: Path) -> dict[str, bytes]:
         return {name: zf.read(name) for name in zf.namelist()}
 
 
-def write_zip(path: Path, content: dict[str, bytes]) -> Path:
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+def write_zip(path, content: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED):
+    with zipfile.ZipFile(path, "w", compression) as zf:
         for name, data in content.items():
             zf.writestr(name, data)
     return path
@@ -113,7 +113,7 @@ def edit_pipeline(
         node["__id__"] = 1  # skops shares a value among nodes of one id: give it its own
         inner["schema.json"] = json.dumps(schema).encode()
     buffer = io.BytesIO()
-    write_zip(buffer, inner)
+    write_zip(buffer, inner, zipfile.ZIP_STORED)  # as skops writes it
     return write_zip(out, {**outer, "pipeline.skops": buffer.getvalue()})
 
 
@@ -307,3 +307,16 @@ def test_a_nan_dropout_in_a_head_is_refused(world, tmp_path):
     )
     done = invoke_featx("predict", "--model", crafted, world["data"], "--quiet", "--workers", "0")
     assert "dropout outside [0, 1)" in assert_one_sentence_error(done, 2)
+
+
+def test_a_compressed_member_inside_the_pipeline_is_refused(world, tmp_path):
+    """skops stores its members uncompressed; a deflated one could inflate past any bound
+    while skops reads it, so featx refuses it before skops opens the pipeline."""
+    outer = members(world["logreg"])
+    with zipfile.ZipFile(io.BytesIO(outer["pipeline.skops"])) as zf:
+        inner = {n: zf.read(n) for n in zf.namelist()}
+    buffer = io.BytesIO()
+    write_zip(buffer, inner, zipfile.ZIP_DEFLATED)
+    crafted = write_zip(tmp_path / "c.featx", {**outer, "pipeline.skops": buffer.getvalue()})
+    message = assert_one_sentence_error(invoke_featx("info", crafted), 2)
+    assert "compressed member pipeline.skops/" in message
