@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import make_folder, run_featx
 
 from featx.store import FeatureStore
@@ -136,3 +137,33 @@ def test_featx_engines_prints_a_row_per_candidate_with_agreement(tmp_path):
     assert "measuring" in done.stderr
     again = run_featx(*args, cwd=tmp_path, env=env)
     assert "measuring" not in again.stderr and again.stdout == done.stdout
+
+
+@pytest.mark.slow
+def test_predict_chooses_by_the_same_measurements(photos, tmp_path):
+    cache = tmp_path / "cache"
+    extract(photos, tmp_path / "s.h5", cache, "--batch-size", "1", "--pool", "avg")
+    env = {**ONE_THREAD, "FEATX_CACHE": str(cache)}
+    fit = run_featx("fit", "--store", tmp_path / "s.h5", "--layer", "avgpool@avg", "--clf",
+                    "logreg", "--model", tmp_path / "m.featx", cwd=tmp_path, env=env)  # fmt: skip
+    assert fit.returncode == 0, fit.stderr
+    args = ["predict", "--model", tmp_path / "m.featx", photos, "--batch-size", "1",
+            "--workers", "0", "--out", tmp_path / "p.csv"]  # fmt: skip
+    first = run_featx(*args, cwd=tmp_path, env=env)
+    assert first.returncode == 0, first.stderr
+    assert "Engine auto: measuring on this run's first batches" in first.stderr
+    assert TODAY.search(choice_line(first.stderr))
+    second = run_featx(*args, cwd=tmp_path, env=env)
+    assert "cached decision" in choice_line(second.stderr), second.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_auto_on_cuda_measures_eager_and_compile(photos, tmp_path, precision):
+    stderr = extract(photos, tmp_path / "g.h5", tmp_path / "cache", "--device", "cuda",
+                     "--precision", precision, "--batch-size", "1")  # fmt: skip
+    assert "candidates: eager, compile" in stderr
+    with FeatureStore(tmp_path / "g.h5") as store:
+        names = {n for n, _, _ in json.loads(store.layer("avgpool").attrs["engine_rows"])}
+        assert names <= {"eager", "compile"} and "eager" in names

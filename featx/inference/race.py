@@ -205,6 +205,11 @@ def start_auto(
         ]
         if not affordable:
             return _from_decision(decision, build, key, n_images, log)
+    if n_batches < BATCHES_EACH + 1:
+        engine = build("eager")
+        engine.choice = f"Engine eager: {n_batches} batch(es) are too few to measure engines on."
+        log(engine.choice)
+        return engine
     log(f"Engine auto: measuring on this run's first batches (candidates: {', '.join(names)}).")
     fresh = Decision(sig, auto.today())
     return AutoEngine(
