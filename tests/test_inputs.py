@@ -400,3 +400,30 @@ def test_a_store_of_tar_shards_is_named_after_their_folder(tmp_path):
 
     for spec in ("shards/*.tar", "shards/train-{000000..000009}.tar", "shards/a.tar"):
         assert default_store_path(tmp_path / spec, "resnet18").name.startswith("shards-resnet18")
+
+
+@pytest.mark.slow
+def test_predict_on_tar_shards_equals_predict_on_the_folder(folder, folder_store, tmp_path):
+    """Each shard given to predict is read row by row, its sample without an image reported
+    as skipped; every image gets the class and scores it gets as a file of the folder."""
+    from featx import fit, predict
+
+    model = tmp_path / "m.joblib"
+    fit(folder_store, "layer3", "logreg", model=model, log=False)
+    write_shards(folder, tmp_path / "shards")
+    with tarfile.open(tmp_path / "shards" / "test-000000.tar", "a") as tar:
+        add_member(tar, "lonely.cls", b"0")
+    shards = sorted((tmp_path / "shards").glob("*.tar"))
+    on_tars = predict(model, shards, **FAST, engine="eager")
+    on_folder = predict(model, [folder.root], **FAST, engine="eager")
+    assert len(on_tars.paths) == len(on_folder.paths) == len(folder.files)
+    assert on_folder.skipped == []
+    assert [(Path(where).name, why) for where, why in on_tars.skipped] == [
+        ("lonely", "no image member in the sample")
+    ]
+    by_name = {Path(p).name: i for i, p in enumerate(on_folder.paths)}
+    for i, path in enumerate(on_tars.paths):
+        assert Path(path).parent.name.endswith(".tar"), path
+        j = by_name[Path(path).name]
+        assert on_tars.predicted[i] == on_folder.predicted[j], path
+        np.testing.assert_allclose(on_tars.scores[i], on_folder.scores[j], rtol=1e-5, atol=1e-6)

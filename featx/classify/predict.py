@@ -45,15 +45,29 @@ __all__ = [
 
 def collect_images(
     paths: list[str | os.PathLike],
-) -> tuple[list[Path], list[tuple[str, str]]]:
+) -> tuple[list[os.PathLike], list[tuple[str, str]]]:
     """Image files named in `paths` or found below folders in it (sorted, hidden ones left
-    out); paths that do not exist, folders that cannot be read and entries that are not image
-    files (broken links, FIFOs, link loops) are returned as skipped."""
-    files: list[Path] = []
+    out), and every row of the datasets in it that `featx.data.manifest.open_dataset` opens
+    (tar shards, Parquet files of image bytes, saved Hugging Face datasets, manifests), in the
+    dataset's order. Paths that do not exist, folders that cannot be read, entries that are
+    not image files (broken links, FIFOs, link loops) and a dataset's unusable rows are
+    returned as skipped."""
+    from featx.data.manifest import MANIFEST_SUFFIXES, open_dataset
+    from featx.data.sources import SOURCE_SUFFIXES, open_source
+
+    files: list[os.PathLike] = []
     skipped: list[tuple[str, str]] = []
     for given in paths:
         path = Path(given)
+        dataset = None
         if path.is_dir():
+            dataset = open_source(path)  # a saved Hugging Face dataset, else None
+        elif path.is_file() and path.suffix.lower() in (*MANIFEST_SUFFIXES, *SOURCE_SUFFIXES):
+            dataset = open_dataset(path)
+        if dataset is not None:
+            files.extend(dataset.root / f.path for f in dataset.files)
+            skipped.extend((printable(dataset.root / where), why) for where, why in dataset.skipped)
+        elif path.is_dir():
             listing = list_images(path)
             files.extend(sorted(p for p, _ in listing.files))
             for where, reason in [*listing.folders, *listing.skipped]:
@@ -246,7 +260,7 @@ def _rows(outputs: dict, layers: list[dict]) -> np.ndarray:
 
 def features_for_images(
     model: FeatxModel,
-    files: list[Path],
+    files: list[os.PathLike],
     settings: PredictSettings | None = None,
     *,
     desc: str = "predict",
@@ -296,7 +310,7 @@ def features_for_images(
     )
     transform = None
     if s.tta:
-        names = [f.name for f in files]
+        names = [os.path.basename(f) for f in files]
         transform = TTAViews(net.preprocessing, names, _tta_augmentation(model.provenance), s.tta)
     images = Images(files, net.preprocessing, transform=transform)
     loader = image_loader(images, Batches(0, len(files), batch_size), s.workers)
