@@ -464,9 +464,6 @@ def nearest_centroid():
     del CLASSIFIERS[spec.name]
 
 
-@pytest.mark.xfail(
-    strict=False, reason="the model file's loader does not read featx.models.trusted yet"
-)
 def test_a_registered_classifier_fits_saves_loads_and_is_listed(nearest_centroid, tmp_path):
     from featx.classify.registry import classifier_help, classifier_table
 

@@ -26,8 +26,9 @@ import featx
 from featx.classify.pipeline import LayerFeatures
 from featx.classify.registry import CLASSIFIERS
 from featx.errors import UsageError
-from featx.models.file import FeatxModel, _trusted_types, load_model
+from featx.models.file import FeatxModel, load_model
 from featx.models.heads import TorchHead, load_fitted_head, make_head
+from featx.models.trusted import trusted_types
 from featx.store.feature_store import FeatureStore
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -98,7 +99,7 @@ def test_every_classifier_survives_save_and_load(world, clf, tmp_path, audited_l
 
     _no_pickle(monkeypatch)
     loaded = load_model(path)
-    assert audited_loads and set(audited_loads[-1]) <= set(_trusted_types())
+    assert audited_loads and set(audited_loads[-1]) <= trusted_types()
     X = _rows(world["store"])
     for got, wanted in zip(loaded.scores(X), sweep.best.model.scores(X), strict=True):
         np.testing.assert_array_equal(got, wanted)
@@ -121,7 +122,7 @@ def test_a_fine_tuned_head_survives_save_and_load(world, tmp_path, audited_loads
 
     _no_pickle(monkeypatch)
     loaded = load_model(path)
-    assert audited_loads and set(audited_loads[-1]) <= set(_trusted_types())
+    assert audited_loads and set(audited_loads[-1]) <= trusted_types()
     X = _rows(world["store"])
     for got, wanted in zip(loaded.scores(X), model.scores(X), strict=True):
         np.testing.assert_array_equal(got, wanted)

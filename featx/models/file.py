@@ -9,7 +9,7 @@ A model file (format version 2) is a zip archive whose loading runs no code:
                          pipeline config, selection, metrics, versions, created, command}
     pipeline.skops      the fitted scikit-learn Pipeline (input: rows of the layer as stored),
                         written by `skops.io`; loaded only if every type in it is one that
-                        featx builds (`TRUSTED_TYPES`)
+                        featx builds (`featx.models.trusted`)
     heads.json          torch heads (of `mlp` and fine-tuned models): sizes, dropout, classes
     heads.safetensors   their tensors, "head0/0.weight" ...
 
@@ -52,6 +52,7 @@ from featx.models.provenance import (
     store_provenance,
 )
 from featx.models.references import HeadTensors, head_tensors
+from featx.models.trusted import trust_types, trusted_types
 from featx.runtime import atomic_write, human_size, to_json
 from featx.store.feature_store import LAYER_JOIN, FeatureStore
 
@@ -77,56 +78,7 @@ MODEL_FORMAT_VERSION = 2
 LEGACY_FORMAT_VERSION = 1  # a joblib pickle
 
 
-def _trusted_types() -> list[str]:
-    """The types featx itself puts in a pipeline: what a model file may contain."""
-    from sklearn.decomposition import PCA, IncrementalPCA
-    from sklearn.ensemble import RandomForestClassifier
-    from sklearn.linear_model import LogisticRegression, RidgeClassifier, SGDClassifier
-    from sklearn.metrics import DistanceMetric
-    from sklearn.neighbors import BallTree, KDTree, KNeighborsClassifier
-    from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import LabelBinarizer, Normalizer, StandardScaler
-    from sklearn.svm import SVC, LinearSVC
-    from sklearn.tree import DecisionTreeClassifier
-    from sklearn.tree._tree import Tree
-
-    types = (
-        Pipeline,
-        StandardScaler,
-        PCA,
-        IncrementalPCA,
-        Normalizer,
-        LogisticRegression,
-        LinearSVC,
-        SVC,
-        KNeighborsClassifier,
-        RandomForestClassifier,
-        DecisionTreeClassifier,  # the trees of a random forest
-        Tree,
-        KDTree,  # the search structures and metrics of knn
-        BallTree,
-        RidgeClassifier,
-        LabelBinarizer,  # inside RidgeClassifier
-        SGDClassifier,
-        *(loss for loss, *_ in SGDClassifier.loss_functions.values()),
-    )
-    metrics = [
-        type(DistanceMetric.get_metric(name, **kwargs))
-        for name, kwargs in (
-            ("euclidean", {}),
-            ("manhattan", {}),
-            ("chebyshev", {}),
-            ("minkowski", {"p": 3}),
-        )
-    ]
-    # featx's own classifier-stage types, by name: this stage comes before classify
-    own = (
-        "featx.classify.pipeline.LayerFeatures",
-        "featx.classify.pipeline.ConcatLayers",
-        "featx.classify.mlp.MLPClassifier",
-        "featx.models.heads.TorchHead",
-    )
-    return sorted({f"{t.__module__}.{t.__qualname__}" for t in (*types, *metrics)} | set(own))
+trust_types("featx.models.heads:TorchHead")
 
 
 @dataclass
@@ -441,7 +393,7 @@ def _load_zip(path: Path) -> FeatxModel:
         raise UsageError(f"model file {path} has a damaged {PIPELINE} ({reason(error)}).") from None
     # skops trusts many types by default (any scikit-learn estimator, for one); featx loads
     # only the ones it builds itself, and plain data.
-    allowed = {*_trusted_types(), *_PLAIN_TYPES}
+    allowed = {*trusted_types(), *_PLAIN_TYPES}
     refused = sorted((named | set(untrusted)) - allowed)
     if refused:
         raise UsageError(
