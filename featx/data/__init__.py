@@ -1,4 +1,5 @@
-"""Data in: image folders and manifests, decoding, seeded augmentation and its preview."""
+"""Data in: image folders, manifests and packed datasets, decoding and preprocessing, seeded
+augmentation and its preview."""
 
 from featx._lazy import lazy_exports
 
@@ -12,7 +13,8 @@ _EXPORTS = {
     "printable": "folders",
     "open_dataset": "manifest",
     "read_manifest": "manifest",
-    "AugmentConfig": "augment",
+    "Preprocessing": "preprocessing",
+    "AugmentConfig": "augment_config",
     "Augmenter": "augment",
     "augment_preview": "preview",
 }
