@@ -1,4 +1,4 @@
-"""Issue 10, classifier side: `fit --refit`, `+`-joined layers, evaluate on an image folder,
+"""Classifier results: `fit --refit`, `+`-joined layers, evaluate on an image folder,
 fit and evaluate appended to the run log, `featx runs` / `featx report`, `featx --version`."""
 
 from __future__ import annotations

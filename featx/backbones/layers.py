@@ -237,7 +237,7 @@ def _peak_outputs(infos: list[LayerInfo]) -> int:
     return max((a + b for a, b in zip(sizes, sizes[1:], strict=False)), default=sum(sizes))
 
 
-MAX_BATCH = 32  # on a GPU (and everywhere before featx chose the batch)
+MAX_BATCH = 32  # the batch off the CPU, and the memory check's batch when none is given
 MAX_CPU_BATCH = 16
 MIN_CPU_BATCH = 4
 CPU_BATCH_BYTES = 256 * 2**20  # the activations of one CPU batch stay under this

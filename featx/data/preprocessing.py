@@ -17,7 +17,8 @@ if TYPE_CHECKING:  # torch and PIL load only when an image is preprocessed
 __all__ = ["DECODE_POLICIES", "DRAFT_FACTOR", "IMAGENET_MEAN", "IMAGENET_STD", "Preprocessing"]
 
 # Reduced-size decoding keeps a JPEG at least this many times the resize target a side: at 2x
-# EfficientNet-Lite0's features keep cosine >= 0.999 to full decoding (README, "Decoding").
+# EfficientNet-Lite0's features keep cosine >= 0.999 to full decoding (see the performance page
+# of the documentation, "Decoding").
 DRAFT_FACTOR = 2
 DECODE_POLICIES = ("full", "reduced")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
