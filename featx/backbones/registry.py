@@ -35,6 +35,7 @@ __all__ = [
     "Weights",
     "available_backbones",
     "available_sources",
+    "backbone_help",
     "get_backbone",
     "register_backbone",
 ]
@@ -238,6 +239,15 @@ def available_backbones() -> list[str]:
 def available_sources() -> list[str]:
     """The sources, each naming its models as `SOURCE:NAME` (`timm`, `torchvision`)."""
     return sorted(name.removesuffix(":") for name in _BUILDERS if name.endswith(":"))
+
+
+def backbone_help() -> str:
+    """The help of a backbone option: a built-in name, or `SOURCE:NAME` naming the sources."""
+    sources = ", ".join(available_sources())
+    return (
+        f"Backbone name (see `featx backbones`), or SOURCE:NAME for any model of a source "
+        f"({sources})."
+    )
 
 
 def get_backbone(name: str) -> Backbone:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from featx.backbones.registry import POOLS
+from featx.backbones.registry import POOLS, backbone_help
 from featx.data.preprocessing import DECODE_POLICIES
 from featx.errors import UsageError
 from featx.inference.engines import EngineChoice, engine_help
@@ -62,9 +62,7 @@ def _engine_option() -> Any:
 class ExtractSettings:
     """How one extraction computes and stores features (see `featx.extract`)."""
 
-    backbone: str | None = option(
-        None, "Backbone name (see `featx backbones`), or timm:NAME.", common=True, metavar="NAME"
-    )
+    backbone: str | None = option(None, backbone_help(), common=True, metavar="NAME")
     layers: list[str] = option(
         [],
         "Layer to store; repeat for several (one pass). See `featx layers BACKBONE`.",
