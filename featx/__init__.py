@@ -40,7 +40,7 @@ _EXPORTS = {
     "finetune": "finetuning.run",
     "FinetuneConfig": "finetuning.config",
     "FinetuneResult": "finetuning.config",
-    "AugmentConfig": "data.augment",
+    "AugmentConfig": "data.augment_config",
 }
 __all__ = ["__version__", *_EXPORTS]
 _exported, _dir = lazy_exports(__name__, _EXPORTS)

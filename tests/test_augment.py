@@ -12,7 +12,8 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw, ImageOps
 
-from featx.data.augment import AugmentConfig, Augmenter, preview_grid, view_seed
+from featx.data.augment import Augmenter, preview_grid, view_seed
+from featx.data.augment_config import AugmentConfig
 from featx.errors import UsageError
 
 W, H = 128, 96  # non-square to catch mixed-up axes

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from featx.cli import app
 from featx.cli.options import AUGMENT_DEFAULTS, AugmentFlags
-from featx.data.augment import AugmentConfig
+from featx.data.augment_config import AugmentConfig
 from featx.data.preview import read_preview_settings
 from featx.errors import UsageError
 

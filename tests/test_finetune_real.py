@@ -17,7 +17,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from featx.data.augment import AugmentConfig
+from featx.data.augment_config import AugmentConfig
 from featx.extraction.run import extract
 from featx.finetuning.config import FinetuneConfig
 from featx.finetuning.run import finetune

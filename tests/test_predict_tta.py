@@ -18,7 +18,7 @@ import featx
 from featx.backbones.registry import get_backbone
 from featx.backbones.tap import LayerTap
 from featx.classify.predict import collect_images, tta_inputs
-from featx.data.augment import AugmentConfig
+from featx.data.augment_config import AugmentConfig
 from featx.data.folders import load_image
 from featx.data.preprocessing import Preprocessing
 from featx.errors import UsageError

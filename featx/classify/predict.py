@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from featx.data.augment import AugmentConfig
+    from featx.data.augment_config import AugmentConfig
     from featx.data.preprocessing import Preprocessing
 
 __all__ = [
@@ -173,7 +173,7 @@ def tta_inputs(
 def _tta_augmentation(provenance: dict):
     """The augmentation a model was trained with (fine-tuning, or an augmented store), else the
     default settings."""
-    from featx.data.augment import AugmentConfig
+    from featx.data.augment_config import AugmentConfig
 
     if provenance.get("augment"):
         return AugmentConfig.from_dict(provenance["augment"])

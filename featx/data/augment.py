@@ -6,173 +6,21 @@ only on the image, the config and the seed: never on global RNG state, worker pr
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import json
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageOps
 
+from featx.data.augment_config import AugmentConfig
 from featx.errors import UsageError
 
-__all__ = ["AugmentConfig", "AugmentParams", "Augmenter", "preview_grid", "view_seed"]
+__all__ = ["AugmentParams", "Augmenter", "preview_grid", "view_seed"]
 
-FILL_MODES = ("nearest", "constant", "reflect")
 _PADDING_MODES = {"nearest": "border", "constant": "zeros", "reflect": "reflection"}
-
-# name -> (lowest, highest, highest allowed, unit) for the range-valued fields.
-_RANGES: dict[str, tuple[float, float, bool, str]] = {
-    "rotation": (0.0, 180.0, True, " degrees"),
-    "shift": (0.0, 1.0, True, ""),
-    "shear": (0.0, 1.0, True, ""),
-    "zoom": (0.0, 1.0, False, ""),
-    "crop": (0.0, 0.5, False, ""),
-    "contrast": (0.0, 1.0, True, ""),
-    "brightness": (0.0, 1.0, True, ""),
-    "noise": (0.0, 1.0, True, ""),
-    "downsample": (0.0, 7.0, True, ""),
-}
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Ranges of the random transforms; defaults follow the classic Keras ImageDataGenerator recipe.
-
-    - rotation: angle in degrees, uniform in [-rotation, rotation]; positive is counter-clockwise.
-    - shift: translation as a fraction of width (x) and height (y), each uniform in [-shift, shift].
-    - shear: horizontal shear factor k uniform in [-shear, shear] (x' = x + k*y), i.e. a shear
-      angle of atan(k); 0.2 is about 11 degrees.
-    - zoom: scale s uniform in [1 - zoom, 1 + zoom], same on both axes; s > 1 zooms in (objects
-      grow by s, their area by s**2), s < 1 zooms out. (Keras uses the inverse convention.)
-    - hflip, vflip: mirror left-right / top-bottom with probability 1/2.
-    - crop: cut a random fraction in [0, crop] off each side, then resize back to the input size.
-    - downsample: shrink by a random factor in [1, 1 + downsample], then resize back up.
-    - brightness: multiply each channel by its own factor in [1 - brightness, 1 + brightness].
-    - contrast: scale the distance to the mean grey level by a factor in [1 - contrast,
-      1 + contrast].
-    - noise: standard deviation of additive Gaussian noise, on the [0, 1] intensity scale.
-    - fill: how geometric transforms fill pixels from outside the image: "nearest" (repeat the
-      edge), "constant" (fill_value, 0-255, on every channel) or "reflect" (mirror at the edge).
-    """
-
-    rotation: float = 40.0
-    shift: float = 0.2
-    shear: float = 0.2
-    zoom: float = 0.2
-    hflip: bool = True
-    vflip: bool = False
-    crop: float = 0.0
-    contrast: float = 0.0
-    brightness: float = 0.0
-    noise: float = 0.0
-    downsample: float = 0.0
-    fill: str = "nearest"
-    fill_value: int = 0
-
-    def __post_init__(self) -> None:
-        for name, (low, high, high_ok, unit) in _RANGES.items():
-            value = getattr(self, name)
-            in_range = (
-                _is_number(value) and low <= value and (value <= high if high_ok else value < high)
-            )
-            if not in_range:
-                upper = f"{high:g}" if high_ok else f"just below {high:g}"
-                raise UsageError(
-                    f"Augmentation {name} must be a number from {low:g} to {upper}{unit}, "
-                    f"got {value!r}."
-                )
-            object.__setattr__(self, name, float(value))
-        for name in ("hflip", "vflip"):
-            if not isinstance(getattr(self, name), bool):
-                raise UsageError(
-                    f"Augmentation {name} must be true or false, got {getattr(self, name)!r}."
-                )
-        if self.fill not in FILL_MODES:
-            raise UsageError(
-                f"Augmentation fill must be one of {', '.join(FILL_MODES)}, got {self.fill!r}."
-            )
-        if not (
-            isinstance(self.fill_value, int)
-            and not isinstance(self.fill_value, bool)
-            and 0 <= self.fill_value <= 255
-        ):
-            raise UsageError(
-                f"Augmentation fill_value must be a whole number from 0 to 255, "
-                f"got {self.fill_value!r}."
-            )
-
-    @classmethod
-    def none(cls) -> AugmentConfig:
-        """The identity config: every transform off, images come back unchanged."""
-        return cls(rotation=0.0, shift=0.0, shear=0.0, zoom=0.0, hflip=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        """All fields as plain JSON/TOML-compatible values."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> AugmentConfig:
-        """Build a config from a mapping; missing fields keep their defaults."""
-        valid = [field.name for field in dataclasses.fields(cls)]
-        unknown = sorted(map(str, set(data) - set(valid)))
-        if unknown:
-            raise UsageError(
-                f"Unknown augmentation setting(s) {', '.join(unknown)}; "
-                f"valid keys are {', '.join(valid)}."
-            )
-        return cls(**data)
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> AugmentConfig:
-        """Read a config from a .toml, .json, .yaml or .yml file of top-level keys."""
-        path = Path(path)
-        suffix = path.suffix.lower()
-        if suffix not in (".toml", ".json", ".yaml", ".yml"):
-            raise UsageError(
-                f"Augmentation config {path} must be a .toml, .json, .yaml or .yml file."
-            )
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise UsageError(f"Cannot read augmentation config {path}: {exc.strerror}.") from exc
-        try:
-            data = _parse(text, suffix)
-        except UsageError:
-            raise
-        except Exception as exc:  # each parser raises its own error type
-            raise UsageError(f"Augmentation config {path} is not valid: {exc}") from exc
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise UsageError(f"Augmentation config {path} must hold a table of settings.")
-        return cls.from_dict(data)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _parse(text: str, suffix: str) -> Any:
-    if suffix == ".json":
-        return json.loads(text)
-    if suffix == ".toml":
-        try:
-            import tomllib
-        except ImportError as exc:
-            raise UsageError("Reading TOML needs Python 3.11 or newer; use JSON.") from exc
-        return tomllib.loads(text)
-    try:
-        import yaml
-    except ImportError as exc:
-        raise UsageError("Reading YAML needs pyyaml installed; use TOML or JSON.") from exc
-    return yaml.safe_load(text)
 
 
 @dataclass(frozen=True)

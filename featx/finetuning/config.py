@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from featx.backbones.registry import POOLS
-from featx.data.augment import AugmentConfig
+from featx.data.augment_config import AugmentConfig
 from featx.data.preprocessing import DECODE_POLICIES
 from featx.errors import UsageError
 from featx.runtime import PRECISIONS
