@@ -10,6 +10,7 @@ that are missing or cannot be decoded are skipped at extraction, not refused her
 from __future__ import annotations
 
 import csv
+import gc
 import hashlib
 import os
 from collections.abc import Sequence
@@ -89,18 +90,30 @@ def _read_columns(path: Path) -> list[tuple[str, list]]:
     except (OSError, UnicodeDecodeError, csv.Error, ValueError) as error:
         raise UsageError(f"manifest {path} cannot be read ({error}).") from None
     header = [name.strip() for name in header]
-    for number, row in enumerate(body, start=2):
-        if len(row) != len(header) and any(cell.strip() for cell in row):
-            raise UsageError(
-                f"manifest {path} line {number} has {len(row)} fields, not {len(header)}."
-            )
-    body = [row for row in body if len(row) == len(header)]
-    return [(name, [row[i] for row in body]) for i, name in enumerate(header)]
+    width = len(header)
+    if not all(len(row) == width for row in body):
+        for number, row in enumerate(body, start=2):
+            if len(row) != width and any(cell.strip() for cell in row):
+                raise UsageError(
+                    f"manifest {path} line {number} has {len(row)} fields, not {width}."
+                )
+        body = [row for row in body if len(row) == width]
+    columns = list(zip(*body, strict=True)) if body else [() for _ in header]
+    return [(name, list(values)) for name, values in zip(header, columns, strict=True)]
 
 
 def read_manifest(path: str | os.PathLike) -> ImageFolder:
     """List the images of a manifest; UsageError if it is missing, empty or malformed."""
-    path = Path(path)
+    enabled = gc.isenabled()
+    gc.disable()  # millions of short-lived rows: collections would find nothing to free
+    try:
+        return _read_manifest(Path(path))
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _read_manifest(path: Path) -> ImageFolder:
     if not path.is_file():
         raise UsageError(f"manifest {path} does not exist or is not a file.")
     columns = clean_columns(path, _read_columns(path))
@@ -118,7 +131,7 @@ def read_manifest(path: str | os.PathLike) -> ImageFolder:
     check_cells(path, columns["path"], columns["label"])
     root = path.parent
     base = str(root.resolve())
-    paths = [_relative(str(p).strip(), base, path) for p in columns["path"]]
+    paths = _relative_paths(columns["path"], base, path)
     labels = [str(v).strip() for v in columns["label"]]
     if "" in labels:
         raise UsageError(
@@ -126,8 +139,10 @@ def read_manifest(path: str | os.PathLike) -> ImageFolder:
         )
     if "split" in columns:
         splits = []
-        for value, image in zip(columns["split"], paths, strict=True):
-            split = SPLIT_DIRS.get(str(value).strip().lower())
+        texts = [str(v) for v in columns["split"]]
+        named = {t: SPLIT_DIRS.get(t.strip().lower()) for t in set(texts)}
+        for value, text, image in zip(columns["split"], texts, paths, strict=True):
+            split = named[text]
             if split is None:
                 raise UsageError(
                     f"manifest {path} gives {shown(image)} the unknown split {value!r}; use train, "
@@ -136,7 +151,8 @@ def read_manifest(path: str | os.PathLike) -> ImageFolder:
             splits.append(split)
     else:
         splits = [UNSPLIT] * n
-    check_duplicates(path, base, paths)
+    if _may_repeat(paths, base):
+        check_duplicates(path, base, paths)
 
     class_names = sorted(set(labels))
     label_of = {name: i for i, name in enumerate(class_names)}
@@ -232,6 +248,18 @@ class ManifestFolder(ImageFolder):
         return self.digest
 
 
+def _relative_paths(values: list, root: str, manifest: Path) -> list[str]:
+    """The manifest's paths as stored (see `_relative`). When every path is already a
+    relative, normalised path (the common case), one pass over the joined text shows it."""
+    paths = [str(v).strip() for v in values]
+    joined = "\0" + "\0".join(paths) + "\0"  # check_cells refused NUL bytes in paths
+    if os.sep == "/" and not any(
+        mark in joined for mark in ("\0\0", "\0/", "\0.", "//", "/.", "/\0", "://")
+    ):
+        return paths
+    return [_relative(p, root, manifest) for p in paths]
+
+
 def _relative(image: str, root: str, manifest: Path) -> str:
     """A manifest path as stored: relative to the manifest's folder when below it.
     (String functions, not pathlib: this runs once per image of possibly millions.)"""
@@ -239,11 +267,28 @@ def _relative(image: str, root: str, manifest: Path) -> str:
         raise UsageError(f"manifest {manifest} has a row with an empty path.")
     if "://" in image:  # a URL, read through fsspec (featx.data.sources.urls)
         return image
+    if os.sep == "/" and not (  # already as normpath gives it
+        "//" in image or "/." in image or image[0] == "." or image[-1] == "/"
+    ):
+        if image[0] != "/":
+            return image
+        if image.startswith(root + "/"):
+            return image[len(root) + 1 :]
     image = os.path.normpath(image)
     if os.path.isabs(image):
         inside = os.path.relpath(image, root)
         return image if inside.startswith("..") else inside
     return image
+
+
+def _may_repeat(paths: list[str], base: str) -> bool:
+    """False when no two rows can name one file: no path is listed twice and no two of their
+    folders, as spelled, are one folder on disk (one realpath per folder, not per row)."""
+    if len(set(paths)) != len(paths):
+        return True
+    folders = {image.rpartition("/")[0] for image in paths}
+    real = {os.path.realpath(os.path.join(base, folder)) for folder in folders}
+    return len(real) != len(folders)
 
 
 def _stat(file: str) -> tuple[int, int]:
