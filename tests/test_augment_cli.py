@@ -10,7 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from featx.cli import app
-from featx.cli.options import AUGMENT_DEFAULTS, AugmentFlags
+from featx.cli.options import AugmentFlags
 from featx.data.augment_config import AugmentConfig
 from featx.data.preview import read_preview_settings
 from featx.errors import UsageError
@@ -24,10 +24,6 @@ def shapes(tmp_path_factory) -> Path:
 def invoke(*args) -> tuple[int, str, str]:
     result = CliRunner().invoke(app, [str(a) for a in args])
     return result.exit_code, result.stdout, result.stderr
-
-
-def test_help_defaults_are_the_configs_defaults():
-    assert AUGMENT_DEFAULTS == AugmentConfig().to_dict()
 
 
 def test_flags_override_the_settings_file(tmp_path):
@@ -72,8 +68,9 @@ def test_preview_of_one_image_is_reproducible(shapes, tmp_path):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (["--zoom", "1"], "featx: Augmentation zoom must be a number from 0 to just below 1"),
-        (["--fill-value", "300"], "featx: Augmentation fill_value must be a whole number"),
+        (["--zoom", "1"], "featx: --zoom must be at least 0 and below 1, not 1."),
+        (["--fill-value", "300"], "featx: --fill-value must be at least 0 and at most 255"),
+        (["--fill", "wrap"], "featx: Invalid value for '--fill'"),
         (["--out", "preview.jpg"], "featx: --out must be a .png file"),
     ],
 )

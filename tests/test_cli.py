@@ -91,15 +91,27 @@ def test_a_newline_in_a_path_stays_on_one_line(tmp_path):
     assert "a\\nb.h5" in err
 
 
-def test_help_shows_the_real_augmentation_defaults():
-    from featx.cli.options import AUGMENT_DEFAULTS, FINETUNE_AUGMENT_DEFAULTS
-    from featx.data.augment import AugmentConfig
-    from featx.finetuning.config import FINETUNE_AUGMENT
+@pytest.mark.parametrize("command", ["augment-preview", "finetune", "lr-find"])
+def test_help_shows_the_augmentation_defaults_a_run_uses(command):
+    """Each augmentation flag comes from its AugmentConfig field; left out, it keeps the
+    settings' value, which --help names: the classic recipe, or fine-tuning's lighter one."""
+    import dataclasses
 
-    assert AUGMENT_DEFAULTS == AugmentConfig().to_dict()
-    assert FINETUNE_AUGMENT_DEFAULTS == FINETUNE_AUGMENT.to_dict()
-    text = featx("finetune", "--help").stdout
-    assert f"Default: {FINETUNE_AUGMENT.rotation:g}." in " ".join(text.split())
+    from featx.data.augment_config import AugmentConfig
+    from featx.finetuning.config import FINETUNE_AUGMENT
+    from featx.settings import flag_of
+
+    base = AugmentConfig() if command == "augment-preview" else FINETUNE_AUGMENT
+    entries = _help_entries(command)
+    for field in dataclasses.fields(AugmentConfig):
+        value = getattr(base, field.name)
+        shown = _shown_default(entries[f"--{flag_of(field)}"])
+        if isinstance(value, bool):
+            assert shown == ("on" if value else "off"), field.name
+        elif isinstance(value, float):
+            assert float(shown) == pytest.approx(value), field.name
+        else:
+            assert shown == str(value), field.name
 
 
 def test_help_is_literal_and_has_no_type_placeholders():

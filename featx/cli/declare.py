@@ -28,7 +28,6 @@ from featx.errors import FeatxError, UsageError, check_range
 from featx.settings import (
     OUTPUT,
     Device,
-    batch_size_option,
     check_settings,
     device_option,
     flag_of,
@@ -164,17 +163,21 @@ class Shared:
 
     device: Device = device_option()
     workers: int | None = workers_option()
-    batch_size: int | None = batch_size_option()
     trust_pickle: bool = trust_pickle_option()
     quiet: bool = option(False, "No progress bars or messages.", panel=OUTPUT)
 
 
 # ---- options derived from a settings dataclass ---------------------------------------------
 def _typer_option(
-    field: dataclasses.Field, kind: Any, default: Any, parse: Callable[[str], Any] | None = None
+    field: dataclasses.Field,
+    kind: Any,
+    default: Any,
+    parse: Callable[[str], Any] | None = None,
+    shown: Any = None,
 ) -> Any:
     """Annotated[kind, typer.Option(...)] for one `featx.settings.option` field; with `parse`,
-    the option reads text and `parse` turns it into the field's value."""
+    the option reads text and `parse` turns it into the field's value; `shown` is the default
+    --help names for an option whose own default is None (not given)."""
     spec = option_spec(field)
     flag = flag_of(field)
     base, optional = _without_none(kind)
@@ -192,6 +195,8 @@ def _typer_option(
     help = spec.help
     if spec.default_text is not None and default is None:
         help = f"{help} Default: {spec.default_text}."
+    elif shown is not None and default is None:
+        help = f"{help} Default: {_shown(shown)}."
     if isinstance(default, list) and default and "Default:" not in help:
         help = f"{help} Default: {', '.join(map(str, default))}."
     if (base is bool and not negatable) or default is None or isinstance(default, list):
@@ -200,6 +205,14 @@ def _typer_option(
     option = typer.Option(*decls, help=help, rich_help_panel=panel, metavar=spec.metavar,
                           **extra)  # fmt: skip
     return Annotated[kind, option]
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, enum.Enum):
+        return str(value.value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _parsed(parse: Callable[[str], Any]) -> Callable:
@@ -235,11 +248,13 @@ def settings_parameters(
     defaults: dict[str, Any] | None = None,
     required: Iterable[str] = (),
     parse: dict[str, Callable[[str], Any]] | None = None,
+    shown: dict[str, Any] | None = None,
 ) -> list[inspect.Parameter]:
     """The typer options of a settings dataclass's `option` fields (those named in `only`,
     less `exclude`); `defaults` replaces a field's default for one command, and a `required`
     field has none there; `parse` maps a field to the function reading its command-line text
-    (e.g. a size such as 4GB)."""
+    (e.g. a size such as 4GB); `shown` maps a field whose default here is None (a flag that
+    may be left out) to the value --help names as its default."""
     hints = typing.get_type_hints(cls)
     chosen = None if only is None else list(only)
     fields = {f.name: f for f in dataclasses.fields(cls) if option_spec(f) is not None}
@@ -255,7 +270,9 @@ def settings_parameters(
             default = field.default
         if default is dataclasses.MISSING or name in required:
             default = inspect.Parameter.empty
-        annotation = _typer_option(field, hints[name], default, (parse or {}).get(name))
+        annotation = _typer_option(
+            field, hints[name], default, (parse or {}).get(name), (shown or {}).get(name)
+        )
         params.append(
             inspect.Parameter(
                 name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation

@@ -2,97 +2,74 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from featx.cli.app import app, command_line, report_skipped, reported
 from featx.cli.declare import DATA_HELP, POSITIVE, SEED, Shared, from_settings, in_range
-from featx.cli.options import (
-    AugmentFlags,
-    with_augmentation,
-    with_finetune_augmentation,
-    with_network,
-)
+from featx.cli.options import AugmentFlags, with_augmentation, with_finetune_augmentation
 from featx.errors import UsageError
+from featx.finetuning.config import FinetuneConfig
+from featx.settings import DATA, OUTPUT, TRAINING
 
 __all__ = ["augment_preview", "finetune", "lr_find"]
 
+LR_FIND_LEAVES_OUT = ("epochs_head", "epochs", "lr", "lr_head", "schedule", "patience")
 
-def _finetune_config(network: dict[str, Any], augmentation: AugmentFlags, **training):
-    """A FinetuneConfig from the shared options; returns it with (workers, device)."""
-    from featx.finetuning.config import FINETUNE_AUGMENT, FinetuneConfig
+AUGMENT = typer.Option(
+    "--augment/--no-augment",
+    help="Augment training images (settings below).",
+    rich_help_panel=TRAINING,
+)
 
-    network = dict(network)
-    workers, device, augment = network.pop("workers"), network.pop("device"), network.pop("augment")
+
+def _with_augmentation(
+    config: FinetuneConfig, augment: bool, augmentation: AugmentFlags
+) -> FinetuneConfig:
+    """`config` with the augmentation settings given, or none with --no-augment."""
     if not augment and augmentation.given:
         raise UsageError("augmentation settings were given together with --no-augment.")
-    settings = augmentation.config(default=True, base=FINETUNE_AUGMENT) if augment else None
-    config = FinetuneConfig(**network, **training, augment=settings)
-    return config, workers, device
+    settings = augmentation.config(default=True, base=config.augment) if augment else None
+    return dataclasses.replace(config, augment=settings)
 
 
 @app.command()
 @with_finetune_augmentation
-@with_network
-@from_settings(Shared, None, only=("trust_pickle", "quiet"))
+@from_settings(FinetuneConfig, "config")
+@from_settings(Shared, None, only=("workers", "device", "trust_pickle", "quiet"))
 def finetune(
     data_dir: Annotated[Path, typer.Argument(help=DATA_HELP, metavar="DATA")],
-    network: dict,
+    config: FinetuneConfig,
     augmentation: AugmentFlags,
+    workers: int | None,
+    device: str,
     trust_pickle: bool,
     quiet: bool,
-    epochs_head: Annotated[
-        int | None,
-        typer.Option(
-            help="Epochs of stage 1, base frozen (default 5; 1 with --head MODEL; with "
-            "--store up to 100 on the cached rows, 0 with --head MODEL).",
-            callback=in_range(0, 100_000),
-        ),
-    ] = None,
-    epochs: Annotated[
-        int,
-        typer.Option(
-            help="Epochs of stage 2, unfrozen from --unfreeze-from.", callback=in_range(0, 100_000)
-        ),
-    ] = 15,
-    lr: Annotated[
-        float,
-        typer.Option(help="Learning rate of the head (peak, with onecycle).", callback=POSITIVE),
-    ] = 1e-4,
-    lr_head: Annotated[
-        float | None,
-        typer.Option(
-            help="Learning rate of the head in stage 1 (default --lr).", callback=POSITIVE
-        ),
-    ] = None,
-    schedule: Annotated[
-        str, typer.Option(help="onecycle, cosine-restarts or constant.")
-    ] = "onecycle",
-    patience: Annotated[
-        int,
-        typer.Option(
-            help="Stop a stage after N epochs without a better validation loss (0: never; "
-            "the best checkpoint is kept either way).",
-            callback=in_range(0, 100_000),
-        ),
-    ] = 0,
+    augment: Annotated[bool, AUGMENT] = True,
     out: Annotated[
-        Path | None, typer.Option(help="Run folder (default runs/<data>-<backbone>).")
+        Path | None,
+        typer.Option(help="Run folder (default runs/<data>-<backbone>).", rich_help_panel=OUTPUT),
     ] = None,
     resume: Annotated[
-        bool, typer.Option(help="Continue the run in --out from its last checkpoint.")
+        bool,
+        typer.Option(
+            help="Continue the run in --out from its last checkpoint.", rich_help_panel=OUTPUT
+        ),
     ] = False,
     overwrite: Annotated[
-        bool, typer.Option(help="Replace a finished or stopped run in --out.")
+        bool,
+        typer.Option(help="Replace a finished or stopped run in --out.", rich_help_panel=OUTPUT),
     ] = False,
     store: Annotated[
         Path | None,
         typer.Option(
             help="Train the head (stage 1) on this store's cached rows of the feature layer "
             "(with --head MODEL, the fitted head is stage 1 as it is); the run is logged in the "
-            "store's experiment log."
+            "store's experiment log.",
+            rich_help_panel=DATA,
         ),
     ] = None,
 ) -> None:
@@ -116,19 +93,9 @@ def finetune(
     from featx.finetuning.run import finetune as run
 
     with reported():
-        config, workers, device = _finetune_config(
-            network,
-            augmentation,
-            epochs_head=epochs_head,
-            epochs=epochs,
-            lr=lr,
-            lr_head=lr_head,
-            schedule=schedule,
-            patience=patience,
-        )
         result = run(
             data_dir,
-            config,
+            _with_augmentation(config, augment, augmentation),
             out=out,
             resume=resume,
             overwrite=overwrite,
@@ -145,13 +112,16 @@ def finetune(
 
 @app.command("lr-find")
 @with_finetune_augmentation
-@with_network
-@from_settings(Shared, None, only=("quiet",))
+@from_settings(FinetuneConfig, "config", exclude=LR_FIND_LEAVES_OUT)
+@from_settings(Shared, None, only=("workers", "device", "quiet"))
 def lr_find(
     data_dir: Annotated[Path, typer.Argument(help=DATA_HELP, metavar="DATA")],
-    network: dict,
+    config: FinetuneConfig,
     augmentation: AugmentFlags,
+    workers: int | None,
+    device: str,
     quiet: bool,
+    augment: Annotated[bool, AUGMENT] = True,
     stage: Annotated[
         str, typer.Option(help="head (base frozen) or full (unfrozen from --unfreeze-from).")
     ] = "head",
@@ -179,10 +149,9 @@ def lr_find(
     from featx.finetuning.lr_find import find_lr
 
     with reported():
-        config, workers, device = _finetune_config(network, augmentation)
         result = find_lr(
             data_dir,
-            config,
+            _with_augmentation(config, augment, augmentation),
             stage=stage,
             checkpoint=checkpoint,
             start_lr=start_lr,
