@@ -484,12 +484,12 @@ def test_blocks_follow_the_architecture(backbone, blocks, default):
     [
         (["--unfreeze-from", "block5_conv9"],
          "vgg16 has no layer 'block5_conv9'; closest: block5_conv3, block5_conv2, block5_conv1"),
-        (["--rotation", "200"], "Augmentation rotation must be a number from 0 to 180 degrees"),
-        (["--shift", "1.5"], "Augmentation shift must be a number from 0 to 1"),
-        (["--fill", "wrap"], "Augmentation fill must be one of nearest, constant, reflect"),
+        (["--rotation", "200"], "--rotation must be at least 0 and at most 180, not 200"),
+        (["--shift", "1.5"], "--shift must be at least 0 and at most 1, not 1.5"),
+        (["--fill", "wrap"], "Invalid value for '--fill'"),
         (["--no-augment", "--zoom", "0.1"], "augmentation settings were given together with"),
         (["--lr-mult", "3"], "--lr-mult must be above 0 and at most 1, not 3"),
-        (["--schedule", "step"], "--schedule must be one of onecycle, cosine-restarts, constant"),
+        (["--schedule", "step"], "Invalid value for '--schedule'"),
         (["--precision", "fp16", "--device", "cpu"], "--precision fp16 needs a CUDA or MPS"),
     ],
 )  # fmt: skip
