@@ -108,7 +108,7 @@ def synthetic_store(path: Path, megabytes: int, n_features: int = 2048) -> Path:
 # VmHWM (peak RSS of this process image); ru_maxrss can carry the parent's peak over a fork
 CHILD = """
 import json, resource, sys, time
-from featx.classify.fit import fit
+from featx.classify.fitting import fit
 
 def peak():
     try:

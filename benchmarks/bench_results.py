@@ -75,7 +75,7 @@ def make_data(data: Path, train: int, test: int) -> None:
 
 
 def test_accuracy(model: Path, store: Path) -> float:
-    from featx.classify.evaluate import evaluate
+    from featx.classify.evaluation import evaluate
 
     return float(evaluate(model, store, "test", log=False).metrics["accuracy"])
 

@@ -26,7 +26,7 @@ from ftdata import base_state, changed, head_state, shapes_folder
 from typer.testing import CliRunner
 
 from featx.backbones.registry import get_backbone
-from featx.classify.predict import tta_inputs
+from featx.classify.prediction import tta_inputs
 from featx.cli import app
 from featx.errors import UsageError
 from featx.finetuning.config import FinetuneConfig
@@ -397,7 +397,7 @@ def test_a_run_writes_its_files(finished):
 
 @pytest.mark.slow  # a fine-tuning run end to end (the module fixture)
 def test_the_model_file_works_with_predict(finished, shapes_split):
-    from featx.classify.predict import predict
+    from featx.classify.prediction import predict
 
     c, result = finished
     s = session(shapes_split, c)
@@ -411,7 +411,7 @@ def test_the_model_file_works_with_predict(finished, shapes_split):
 
 @pytest.mark.slow  # a fine-tuning run end to end (the module fixture)
 def test_the_model_file_evaluates_a_store_of_the_fine_tuned_weights(finished, shapes_split):
-    from featx.classify.evaluate import evaluate
+    from featx.classify.evaluation import evaluate
     from featx.extraction.run import extract
 
     c, result = finished
@@ -427,7 +427,7 @@ def test_the_model_file_evaluates_a_store_of_the_fine_tuned_weights(finished, sh
 
 @pytest.mark.slow
 def test_a_fitted_mlp_starts_the_head_with_its_pipeline_folded_in(shapes, tmp_path):
-    from featx.classify.fit import fit
+    from featx.classify.fitting import fit
     from featx.extraction.run import extract
     from featx.models.file import load_model
     from featx.store.feature_store import FeatureStore

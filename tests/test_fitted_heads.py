@@ -12,7 +12,7 @@ import pytest
 import torch
 from ftdata import shapes_folder
 
-from featx.classify.fit import fit
+from featx.classify.fitting import fit
 from featx.errors import UsageError
 from featx.extraction.run import extract
 from featx.models.file import load_model

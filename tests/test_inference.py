@@ -17,7 +17,7 @@ from clfdata import colour_folder
 from conftest import make_folder
 
 import featx
-from featx.classify.predict import Predictions
+from featx.classify.prediction import Predictions
 from featx.errors import UsageError
 from featx.extraction.naming import default_store_path
 from featx.inference.images import Batches, open_images

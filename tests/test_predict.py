@@ -13,7 +13,7 @@ import pytest
 from clfdata import colour_folder
 
 import featx
-from featx.classify.predict import collect_images
+from featx.classify.prediction import collect_images
 from featx.errors import UsageError
 from featx.models.file import FeatxModel, load_model
 

@@ -17,7 +17,7 @@ from conftest import assert_one_sentence_error, invoke_featx, run_featx
 import featx
 from featx.backbones.registry import get_backbone
 from featx.backbones.tap import LayerTap
-from featx.classify.predict import collect_images, tta_inputs
+from featx.classify.prediction import collect_images, tta_inputs
 from featx.data.augment_config import AugmentConfig
 from featx.data.folders import load_image
 from featx.data.preprocessing import Preprocessing

@@ -14,9 +14,9 @@ from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from featx.classify.probe import few_shot_rows, probe
 from featx.classify.probe_knn import knn_logits
 from featx.classify.probe_solver import LinearModel, objective, solve_path, standardiser
+from featx.classify.probing import few_shot_rows, probe
 from featx.data.preprocessing import Preprocessing
 from featx.store.feature_store import FeatureStore, add_layer, write_store
 

@@ -372,8 +372,8 @@ def probed(tmp_path: Path, one_torch_thread) -> dict:
     logistic regression on its cache and a fine-tune logged as `featx finetune` logs it."""
     from test_probe import digits_store
 
-    from featx.classify.fit import fit
-    from featx.classify.probe import probe
+    from featx.classify.fitting import fit
+    from featx.classify.probing import probe
 
     (tmp_path / "stores").mkdir()
     store = digits_store(

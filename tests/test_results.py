@@ -9,9 +9,9 @@ from clfdata import colour_folder
 from conftest import assert_one_sentence_error, invoke_featx, run_featx
 
 import featx
-from featx.classify.evaluate import evaluate, evaluate_images
-from featx.classify.fit import fit
-from featx.classify.predict import predict
+from featx.classify.evaluation import evaluate, evaluate_images
+from featx.classify.fitting import fit
+from featx.classify.prediction import predict
 from featx.errors import UsageError
 from featx.models.file import load_model
 from featx.runlog import read_runs

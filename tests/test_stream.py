@@ -17,7 +17,7 @@ from clfdata import synthetic_store
 CHILD = """
 import json, resource, sys
 import sklearn.linear_model, torch, torchvision  # featx imports them lazily: count them before
-from featx.classify.fit import fit
+from featx.classify.fitting import fit
 
 def peak():
     try:

@@ -1,6 +1,6 @@
 """What `featx fit` is asked to do (`FitSettings`), each option declared once as a field:
 default, help, range, panel, choices. The command line derives its options from it, and
-`featx.classify.fit.fit` takes it. Importing this module imports neither scikit-learn nor
+`featx.classify.fitting.fit` takes it. Importing this module imports neither scikit-learn nor
 torch, so that `featx --help` stays fast."""
 
 from __future__ import annotations

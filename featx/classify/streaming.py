@@ -13,7 +13,7 @@ from sklearn.base import BaseEstimator
 from sklearn.metrics import log_loss
 from sklearn.pipeline import Pipeline
 
-from featx.classify.evaluate import predict_in_chunks
+from featx.classify.evaluation import predict_in_chunks
 from featx.classify.metrics import classification_metrics
 from featx.classify.selection import Selection
 from featx.store.rows import LayerRows

@@ -43,7 +43,7 @@ def fit(
     Example: featx fit --store stores/flowers.h5 --layer block4_pool --layer block5_pool
     --clf logreg --clf svm --param C=0.01,0.1,1 --model flowers.featx --report fit.json
     """
-    from featx.classify.fit import fit as run
+    from featx.classify.fitting import fit as run
     from featx.runtime import check_output_file
 
     model, report = settings.model, settings.report
@@ -108,8 +108,8 @@ def evaluate(
     Example: featx evaluate --model flowers.featx --store stores/flowers.h5 --split test,
     or featx evaluate --model flowers.featx data/flowers --split test
     """
-    from featx.classify.evaluate import evaluate as on_store
-    from featx.classify.evaluate import evaluate_images
+    from featx.classify.evaluation import evaluate as on_store
+    from featx.classify.evaluation import evaluate_images
     from featx.models.file import load_model
     from featx.runtime import check_output_file
 
@@ -159,7 +159,7 @@ def predict(
 
     Example: featx predict --model flowers.featx photos/ --out predictions.csv
     """
-    from featx.classify.predict import predict as run
+    from featx.classify.prediction import predict as run
     from featx.models.file import load_model
     from featx.runtime import check_output_file
 

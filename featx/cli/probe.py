@@ -92,7 +92,7 @@ def probe(
     Example: featx probe --store stores/fashion.h5 --shots 1,5,10 --report probe.json
     --save-best fashion.featx
     """
-    from featx.classify.probe import probe as run
+    from featx.classify.probing import probe as run
 
     with reported():
         result = run(

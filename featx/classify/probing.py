@@ -244,7 +244,7 @@ def _save_best(result: ProbeResult, settings: ProbeSettings) -> None:
     """The best layer's probe as an ordinary model file, fitted by `featx fit` on training +
     validation rows: logistic regression at the chosen C on standardised features, or knn
     (uniform votes) with the chosen k on L2-normalised features."""
-    from featx.classify.fit import fit
+    from featx.classify.fitting import fit
 
     best = result.best
     if result.protocol == "linear":

@@ -174,7 +174,7 @@ def evaluate_images(
     as split "unsplit", DATA/CLASS/, or a manifest), computing the features the model reads as
     `featx predict` does (`settings`: a `PredictSettings`, with `overrides`; its tta and top_k
     do not apply). Image files that cannot be decoded are left out and listed in `skipped`."""
-    from featx.classify.predict import features_for_images
+    from featx.classify.prediction import features_for_images
     from featx.inference.images import open_images
 
     s = settled(settings or PredictSettings(), overrides)
