@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BATCHES_EACH",
+    "CACHED_SETUP",
     "SETUP_SHARE",
     "Decision",
     "Trial",
@@ -41,6 +42,8 @@ BATCHES_EACH = 3  # timed batches per candidate, after one warm-up batch
 # An engine not measured here is tried when its expected set-up is at most this share of the
 # time the images left would take on eager: what measuring may cost a run.
 SETUP_SHARE = 0.25
+# Seconds an engine is expected to take to build from featx's cache before that is measured.
+CACHED_SETUP = 1.0
 
 
 @dataclass
@@ -54,7 +57,6 @@ class Trial:
     cached_setup: float | None = None  # seconds to build it from featx's cache, once seen
     batches: int = BATCHES_EACH
     agreement: float | None = None  # max relative difference to eager (fp32) or 1 - cosine
-
 
 
 @dataclass
@@ -73,7 +75,9 @@ class Decision:
         return self.trials[0]
 
     def expected_seconds(self, trial: Trial, n_images: int, cached: bool) -> float:
-        setup = trial.cached_setup if cached and trial.cached_setup is not None else trial.setup
+        setup = trial.setup
+        if cached:
+            setup = trial.cached_setup if trial.cached_setup is not None else CACHED_SETUP
         return (0.0 if trial.engine == "eager" else setup) + n_images / trial.rate
 
     def best(self, n_images: int, cached: frozenset[str] = frozenset()) -> Trial:
@@ -167,18 +171,21 @@ def _setups_path() -> Path:
     return cache_root() / "engines" / "setups.json"
 
 
-def setup_expected(engine: str) -> float:
+def setup_expected(engine: str, cached: bool = False) -> float:
     """Seconds `engine` is expected to take to build before it is measured for a network:
-    its last set-up on this machine, else its registered guess."""
+    its last set-up on this machine, else its registered guess; with `cached` (its
+    conversion for the network is in featx's cache), its last set-up from the cache, else
+    CACHED_SETUP."""
     try:
         seen = json.loads(_setups_path().read_text())
-        return float(seen[engine])
+        return float(seen[f"{engine} cached" if cached else engine])
     except (OSError, ValueError, KeyError, TypeError):
-        return ENGINES[engine].setup_guess
+        return CACHED_SETUP if cached else ENGINES[engine].setup_guess
 
 
-def record_setup(engine: str, seconds: float) -> None:
-    """Remember `engine`'s last set-up on this machine (see `setup_expected`)."""
+def record_setup(engine: str, seconds: float, cached: bool = False) -> None:
+    """Remember `engine`'s last set-up on this machine, from featx's cache when `cached`
+    (see `setup_expected`)."""
     path = _setups_path()
     try:
         with _lock(path):
@@ -186,7 +193,7 @@ def record_setup(engine: str, seconds: float) -> None:
                 seen = json.loads(path.read_text())
             except (OSError, ValueError):
                 seen = {}
-            seen[engine] = round(seconds, 3)
+            seen[f"{engine} cached" if cached else engine] = round(seconds, 3)
             atomic_write(path, (json.dumps(seen, indent=1) + "\n").encode())
     except Exception:  # noqa: BLE001
         pass

@@ -3,17 +3,20 @@ and timed, and the run continues on the fastest. Every batch computed while meas
 batch of the run; `AutoEngine.name` says which engine computed the last one, so a store can
 record which engine computed which rows.
 
-Each candidate gets one warm-up batch (compared with eager on the same batch: an engine whose
-features differ from eager's by more than `AGREEMENT` is dropped and that batch kept from eager)
-and `BATCHES_EACH` timed batches. Eager runs first, at torch's thread count and again with
-as many threads fewer as there are decoding processes (at least one fewer: on a busy machine
-torch's threads wait on each other); the faster count is kept for the torch engines. An
-engine not measured here is tried only when its expected set-up is at most `SETUP_SHARE` of
-what the batches left would take on eager.
+Eager runs first, one warm-up and `BATCHES_EACH` timed batches at torch's thread count and
+again with as many threads fewer as there are decoding processes (at least one fewer: on a busy
+machine torch's threads wait on each other); the faster count is kept for the torch engines.
+Each other candidate gets one warm-up batch (compared with eager on the same batch: an engine
+whose features differ from eager's by more than `AGREEMENT` is dropped and that batch kept from
+eager), then it and eager take turns for `ROUNDS` rounds of `ROUND_BATCHES` timed batches
+each, so that both see the same load from decoding; each engine's rate is its median batch.
+An engine not measured here is tried only when its expected set-up (from featx's cache when
+its conversion is there) is at most `SETUP_SHARE` of what the batches left would take on eager.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING
@@ -26,7 +29,9 @@ if TYPE_CHECKING:
 
     from featx.inference.engine import Engine
 
-__all__ = ["AGREEMENT", "AutoEngine", "agreement", "start_auto"]
+__all__ = ["AGREEMENT", "ROUNDS", "ROUND_BATCHES", "AutoEngine", "agreement", "start_auto"]
+
+ROUNDS, ROUND_BATCHES = 2, 2  # a candidate and eager alternate: rounds, timed batches per turn
 
 # fp32 engines must give eager's features within this relative difference; low precisions
 # within this distance from cosine 1.
@@ -68,10 +73,12 @@ class AutoEngine:
         decision: Decision,
         save: Callable[[Decision], None],
         log: Callable[[str], None],
+        cached: frozenset[str] = frozenset(),
     ):
         import torch
 
         self.build, self.names, self.precision = build, names, precision
+        self.cached = cached  # the engines whose conversion is in featx's cache
         self.batch_size = batch_size
         self.batches_left, self.workers = n_batches, workers
         self.decision, self.save, self.log = decision, save, log
@@ -98,17 +105,19 @@ class AutoEngine:
         eager = self.build("eager")
         self.device = eager.device
         trials: list[Trial] = []
-        batch = yield from self._measure(eager, trials, batch, None)
+        batch = yield from self._measure(eager, trials, batch)
         fewer = max(1, self.threads - max(1, self.workers))
-        if fewer != self.threads and self._room(0.0, trials):
+        if fewer != self.threads and self._room(0.0, trials, 1 + BATCHES_EACH):
             torch.set_num_threads(fewer)
-            batch = yield from self._measure(eager, trials, batch, None)
+            batch = yield from self._measure(eager, trials, batch)
             best = max(trials, key=lambda t: t.rate)
             torch.set_num_threads(best.threads)
         engines = {"eager": eager}
+        eager_rates: list[float] = []  # eager's batches in the rounds it took turns in
         for name in self.names[1:]:
-            expected = auto.setup_expected(name)
-            if not self._room(expected, trials):
+            cached = name in self.cached
+            expected = auto.setup_expected(name, cached)
+            if not self._room(expected, trials, 1 + 2 * ROUNDS * ROUND_BATCHES):
                 self.decision.unaffordable[name] = round(expected, 1)
                 continue
             start = time.perf_counter()
@@ -117,51 +126,78 @@ class AutoEngine:
             if engine.fallback_reason:
                 self.decision.skipped[name] = engine.fallback_reason
                 continue
-            auto.record_setup(name, setup)
+            auto.record_setup(name, setup, cached)
             engines[name] = engine
-            batch = yield from self._measure(engine, trials, batch, eager, setup)
-        self._finish(trials, engines)
+            trial = Trial(name, torch.get_num_threads(), 0.0, setup)
+            if cached:
+                trial.setup, trial.cached_setup = auto.setup_expected(name), setup
+            batch = yield from self._alternate(engine, eager, trial, trials, eager_rates, batch)
+        self._finish(trials, engines, eager_rates)
         while True:
             batch = yield self.chosen(batch)
 
-    def _room(self, setup: float, trials: list[Trial]) -> bool:
-        """Whether the batches left can afford measuring one more candidate: its warm-up and
-        timed batches, one batch after them, and its set-up within SETUP_SHARE of eager."""
-        left = self.batches_left - (BATCHES_EACH + 2)
+    def _room(self, setup: float, trials: list[Trial], batches: int) -> bool:
+        """Whether the batches left can afford measuring one more candidate on `batches`
+        batches, one batch after them, and its set-up within SETUP_SHARE of eager."""
+        left = self.batches_left - (batches + 1)
         rate = max((t.rate for t in trials), default=0.0)
         eager_seconds = left * self.batch_size / rate if rate else 0.0
         return left >= 0 and setup <= SETUP_SHARE * eager_seconds
 
-    def _measure(self, engine, trials, batch, eager, setup: float = 0.0):
-        """Run `engine` on one warm-up batch (checked against `eager` when given) and
-        BATCHES_EACH timed ones; append its Trial unless it disagrees with eager."""
+    def _timed(self, engine, batch) -> tuple[Outputs, float]:
+        """`engine`'s outputs for `batch` and its images/s on it."""
+        self.name = engine.name
+        start = time.perf_counter()
+        out = engine(batch)
+        return out, len(batch) / max(time.perf_counter() - start, 1e-9)
+
+    def _measure(self, eager, trials, batch):
+        """Run eager on one warm-up batch and BATCHES_EACH timed ones; append its Trial."""
         import torch
 
-        self.name = engine.name
-        out = engine(batch)
-        score = None
-        if eager is not None:
-            ref = eager(batch)
-            score = agreement(out, ref, self.precision)
-            if score > AGREEMENT.get(self.precision, 1e-2):
-                self.decision.skipped[engine.name] = f"differs from eager by {score:.1e}"
-                self.name = "eager"
-                return (yield ref)
-        batch = yield out
-        seconds, images = 0.0, 0
+        self.name = eager.name
+        batch = yield eager(batch)
+        rates = []
         for _ in range(BATCHES_EACH):
-            start = time.perf_counter()
-            out = engine(batch)
-            seconds += time.perf_counter() - start
-            images += len(batch)
+            out, rate = self._timed(eager, batch)
+            rates.append(rate)
             batch = yield out
-        rate = images / max(seconds, 1e-9)
-        trials.append(Trial(engine.name, torch.get_num_threads(), rate, setup, agreement=score))
+        trials.append(Trial("eager", torch.get_num_threads(), statistics.median(rates), 0.0))
         return batch
 
-    def _finish(self, trials: list[Trial], engines: dict[str, Engine]) -> None:
+    def _alternate(self, engine, eager, trial, trials, eager_rates, batch):
+        """Run `engine` on one warm-up batch checked against eager, then take turns with
+        eager for ROUNDS rounds of ROUND_BATCHES timed batches; append `trial` with its median
+        rate unless it disagrees with eager."""
+        self.name = engine.name
+        out = engine(batch)
+        ref = eager(batch)
+        trial.agreement = agreement(out, ref, self.precision)
+        if trial.agreement > AGREEMENT.get(self.precision, 1e-2):
+            self.decision.skipped[engine.name] = f"differs from eager by {trial.agreement:.1e}"
+            self.name = "eager"
+            return (yield ref)
+        batch = yield out
+        rates: list[float] = []
+        for _ in range(ROUNDS):
+            for runner, into in ((engine, rates), (eager, eager_rates)):
+                for _ in range(ROUND_BATCHES):
+                    out, rate = self._timed(runner, batch)
+                    into.append(rate)
+                    batch = yield out
+        trial.rate, trial.batches = statistics.median(rates), len(rates)
+        trials.append(trial)
+        return batch
+
+    def _finish(
+        self, trials: list[Trial], engines: dict[str, Engine], eager_rates: list[float]
+    ) -> None:
         import torch
 
+        if eager_rates:  # eager's rate from the same rounds as the candidates'
+            kept = torch.get_num_threads()
+            ref = next(t for t in trials if t.engine == "eager" and t.threads == kept)
+            ref.rate, ref.batches = statistics.median(eager_rates), len(eager_rates)
         self.decision.trials = trials
         self.decision.measured = auto.today()
         best = max(trials, key=lambda t: t.rate)
@@ -187,9 +223,11 @@ def start_auto(
     counting each engine's set-up against the `n_batches` left; or an `AutoEngine` that
     measures, when nothing is cached or this run can afford an engine the cached measurement
     could not."""
+    from featx.inference.engines import is_cached
     from featx.inference.machine import machine_identity
 
     names = auto.candidates(device, precision)
+    cached = frozenset(name for name in names if is_cached(name, key))
     sig = auto.signature(key, batch_size, machine_identity(device, workers))
     decision = auto.load_decision(sig)
     n_images = n_batches * batch_size
@@ -201,7 +239,7 @@ def start_auto(
             for name in names
             if name not in measured
             and n_batches >= 2 * (BATCHES_EACH + 2)
-            and auto.setup_expected(name) <= SETUP_SHARE * eager_left
+            and auto.setup_expected(name, name in cached) <= SETUP_SHARE * eager_left
         ]
         if not affordable:
             return _from_decision(decision, build, key, n_images, log)
@@ -214,7 +252,7 @@ def start_auto(
     fresh = Decision(sig, auto.today())
     return AutoEngine(
         build, names, precision=precision, batch_size=batch_size, n_batches=n_batches,
-        workers=workers, decision=fresh, save=auto.save_decision, log=log,
+        workers=workers, decision=fresh, save=auto.save_decision, log=log, cached=cached,
     )  # fmt: skip
 
 
