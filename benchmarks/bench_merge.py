@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from featx.store.feature_store import add_layer, write_store
-from featx.store.merge import merge
+from featx.store.merging import merge
 
 ROW_SHAPE = (512, 7, 7)
 TINY_ROW_SHAPE = (64,)

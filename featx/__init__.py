@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "FeatureStore": "store.feature_store",
-    "merge": "store.merge",
+    "merge": "store.merging",
     "available_backbones": "backbones.registry",
     "get_backbone": "backbones.registry",
     "extract": "extraction.run",

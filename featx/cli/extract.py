@@ -134,7 +134,7 @@ def merge(
 
     Example: featx merge stores/flowers.h5 stores/flowers.shard-*.h5
     """
-    from featx.store.merge import merge as run
+    from featx.store.merging import merge as run
 
     with reported():
         path = run(out, shards, virtual=virtual, command=command_line(), overwrite=overwrite)

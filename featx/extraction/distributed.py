@@ -37,7 +37,7 @@ from featx.inference.images import open_images
 from featx.inference.network import stderr_log
 from featx.runtime import disk_errors
 from featx.store.feature_store import FeatureStore, layer_key
-from featx.store.merge import merge
+from featx.store.merging import merge
 
 __all__ = ["extract_on_ray", "mount_type"]
 

@@ -7,7 +7,7 @@ _EXPORTS = {
     "LayerRows": "rows",
     "ConcatRows": "rows",
     "open_rows": "rows",
-    "merge": "merge",
+    "merge": "merging",
 }
 __all__ = list(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
