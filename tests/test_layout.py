@@ -6,8 +6,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 import featx
 
 ROOT = Path(featx.__file__).parent
@@ -237,9 +235,6 @@ def test_no_module_over_600_lines():
     assert not long, long
 
 
-@pytest.mark.xfail(
-    strict=False, reason="the large extraction, CLI and backbone modules are still being split"
-)
 def test_no_function_body_over_80_lines():
     long = {}
     for name, path in modules():

@@ -421,6 +421,21 @@ def _validated_meta(f: h5py.File, where: str, fail: Callable[[str], NoReturn]) -
     return meta
 
 
+def _check_layers(features: h5py.Group, n_rows: int, fail: Callable[[str], NoReturn]) -> None:
+    """Each layer of /features is a dataset of float16 or float32 rows, one per row of /rows."""
+    for key, obj in features.items():
+        if not isinstance(obj, h5py.Dataset):
+            fail(f"has a group where the dataset /features/{key} should be")
+        if obj.ndim < 2 or obj.dtype not in (np.float16, np.float32):
+            shape = "x".join(map(str, obj.shape)) or "scalar"
+            fail(
+                f"has a layer {key} of shape {shape} and type {obj.dtype}, not rows of float16 "
+                "or float32 features"
+            )
+        if obj.shape[0] != n_rows:
+            fail(f"has {obj.shape[0]} rows in layer {key} but {n_rows} in /rows")
+
+
 def validate_store(f: h5py.File, path: Path) -> tuple[dict[str, Any], list[str], np.ndarray]:
     """(meta, class names, split of every row) of an open store file, after checking its
     structure: format attributes, meta, groups and datasets of the right kind, dtype and rank,
@@ -484,18 +499,7 @@ def validate_store(f: h5py.File, path: Path) -> tuple[dict[str, Any], list[str],
             fail(f"has {counts[other]} entries in /{other} but {counts[first]} in /{first}")
     n_rows = lengths["rows/path"]
 
-    for key, obj in group("features").items():
-        if not isinstance(obj, h5py.Dataset):
-            fail(f"has a group where the dataset /features/{key} should be")
-        if obj.ndim < 2 or obj.dtype not in (np.float16, np.float32):
-            shape = "x".join(map(str, obj.shape)) or "scalar"
-            fail(
-                f"has a layer {key} of shape {shape} and type {obj.dtype}, not rows of float16 "
-                "or float32 features"
-            )
-        if obj.shape[0] != n_rows:
-            fail(f"has {obj.shape[0]} rows in layer {key} but {n_rows} in /rows")
-
+    _check_layers(group("features"), n_rows, fail)
     labels = f["rows/label"][()]
     if not class_names:
         fail("has no classes (/classes is empty)")
