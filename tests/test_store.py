@@ -58,7 +58,7 @@ def test_layout_readable_with_plain_h5py(built):
         assert avgpool.shape == (18, 512, 1, 1)
         assert dict(layer2.attrs) == {
             "layer": "layer2", "module": "layer2", "pool": "none", "precision": "fp32",
-            "engine": "eager", "batch_size": 4,
+            "engine": "eager", "batch_size": 4, "engine_rows": '[["eager", 0, 18]]',
         }  # fmt: skip
         train = np.array(splits) == "train"
         x_train = layer2[np.flatnonzero(train)]

@@ -79,9 +79,11 @@ class FeatxGroup(TyperGroup):
             if type(error).__name__ == "NoArgsIsHelpError":  # the help is already printed
                 sys.exit(EXIT_USAGE)
             message = error.format_message() if hasattr(error, "format_message") else str(error)
+            message = message.replace("Value error, ", "").rstrip(".") + "."
             ctx = getattr(error, "ctx", None)
             if ctx is not None:
-                message += f" (see `{ctx.command_path} --help`)"
+                command = " ".join(["featx", *ctx.command_path.split()[1:]])
+                message += f" See `{command} --help`."
             sys.exit(fail(message, getattr(error, "exit_code", EXIT_USAGE)).exit_code)
         except typer.Abort:
             if not standalone_mode:

@@ -8,9 +8,6 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
-from featx.inference.engine import INT8_COSINE
-from featx.inference.engines import build_engine, is_cached
-
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -77,6 +74,10 @@ def start_engine(
     `auto` is chosen from this machine's measurements for this signature, or measured on the
     loader's first batches (`featx.inference.race`); the engine returned then says in `name`
     which engine computed the last batch, and in `choice` how it was chosen."""
+    # engines import torch: a cached re-run and a usage error never reach this point
+    from featx.inference.engine import INT8_COSINE
+    from featx.inference.engines import build_engine, is_cached
+
     if engine != "auto":
         log(f"Engine: {engine}" + (f" ({why})." if why else "."))
     # The decoding processes fork here, before an engine starts its own thread pool
