@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pytest
 
+# The smoke runs take minutes on two cores: `pytest -m bench` runs them (the default run leaves
+# them out, see pyproject.toml).
+pytestmark = pytest.mark.bench
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 
