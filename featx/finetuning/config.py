@@ -33,7 +33,7 @@ DEFAULT_EPOCHS_HEAD = 5
 DEFAULT_EPOCHS_HEAD_FITTED = 1  # with --head MODEL the head is already trained
 ONECYCLE_WARMUP = 0.25  # share of a one-cycle stage spent warming up
 MAX_EPOCHS = 100_000
-# Defaults measured on the Fashion-MNIST example (README, "Choosing the fine-tuning defaults"):
+# Defaults measured on the Fashion-MNIST example (docs: design notes):
 # at 1e-3 the unfrozen run lost more validation loss than at 1e-4; unfreezing only the last
 # blocks never beat the stage-1 head within 3-10 epochs, while the whole base at lr-mult 0.7
 # did after 7-10 epochs (validation loss falls unevenly, so early stopping is off by default and

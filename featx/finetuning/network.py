@@ -201,7 +201,7 @@ class Network(nn.Module):
     def default_unfreeze_start(self) -> int:
         """The default `--unfreeze-from`: the whole base (its earliest block) trains in stage 2,
         each block at its layer-dependent rate; measured on the Fashion-MNIST example, unfreezing
-        only the last blocks never beat the head (README, "Choosing the fine-tuning defaults")."""
+        only the last blocks never beat the head (docs: design notes)."""
         return self._start[self.blocks[0].modules[0]] if self.blocks else 0
 
     def unfreeze_layer_name(self, backbone: Backbone, start: int) -> str:
