@@ -5,6 +5,7 @@ preprocessed images of the dataset (`Calibration`)."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -31,13 +32,51 @@ INT8_CALIBRATION_COSINE = 0.995
 _OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
 
 
+# A cache entry is NAME.xml and NAME.bin (the model), NAME.key (what it converts), NAME.json
+# (int8's calibration quality) and NAME.sha256, written last: the digests of the .xml and .bin,
+# checked before OpenVINO reads them, so a damaged entry is converted again, never read.
+_ENTRY = (".xml", ".bin", ".key", ".json", ".sha256")
+
+
 def _model_path(key: str) -> Path:
     return cache_root() / "openvino" / f"{digest(key)}.xml"
 
 
 def is_converted(key: str) -> bool:
     """Whether the converted model for `key` is in this machine's cache."""
-    return _model_path(key).exists()
+    path = _model_path(key)
+    return path.exists() and path.with_suffix(".sha256").exists()
+
+
+def _file_digests(path: Path) -> str:
+    lines = []
+    for part in (path, path.with_suffix(".bin")):
+        with part.open("rb") as fh:
+            lines.append(f"{hashlib.file_digest(fh, 'sha256').hexdigest()}  {part.name}\n")
+    return "".join(lines)
+
+
+def _entry_intact(path: Path) -> bool:
+    """Whether the cached model at `path` (its .xml) is the pair featx wrote."""
+    try:
+        return path.with_suffix(".sha256").read_text() == _file_digests(path)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _remove_entry(path: Path) -> None:
+    for suffix in _ENTRY:
+        with contextlib.suppress(OSError):
+            path.with_suffix(suffix).unlink()
+
+
+def _readable(error: RuntimeError) -> str:
+    """OpenVINO's message without the source locations it starts with (the first line of
+    "Exception from src/inference/src/cpp/core.cpp:84:\nUnable to read the model: ..." says
+    nothing); one line."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    useful = [line for line in lines if line and not line.startswith(("Exception from ", "Check "))]
+    return " ".join((useful or lines or [type(error).__name__])[:1])
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -100,17 +139,23 @@ def ov_model(
 ):
     """The converted OpenVINO model (quantized to int8 when `calibration` is given): read from
     the cache when `key` was converted before, otherwise converted (dynamic batch) and saved
-    atomically."""
+    atomically. A cache entry that is incomplete, damaged or unreadable is removed and
+    converted again."""
     import openvino as ov
 
     path = _model_path(key) if key else None
     if path is not None and path.exists():
-        quality = path.with_suffix(".json")
-        return (
-            ov.Core().read_model(str(path)),
-            True,
-            json.loads(quality.read_text()) if quality.exists() else None,
-        )
+        if _entry_intact(path):
+            quality = path.with_suffix(".json")
+            try:
+                return (
+                    ov.Core().read_model(str(path), str(path.with_suffix(".bin"))),
+                    True,
+                    json.loads(quality.read_text()) if quality.exists() else None,
+                )
+            except (RuntimeError, ValueError, OSError):
+                pass
+        _remove_entry(path)
     x = example[:1].float().contiguous()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace is deprecated
@@ -123,16 +168,26 @@ def ov_model(
         model, quality = quantize(model, calibration)
     CONVERSIONS["openvino"] += 1
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Weights first, then the .xml that a reader checks for: never a half-written pair.
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            ov.save_model(model, str(Path(tmp) / "model.xml"), compress_to_fp16=False)
-            os.replace(Path(tmp) / "model.bin", path.with_suffix(".bin"))
-            os.replace(Path(tmp) / "model.xml", path)
+        # A cache that cannot be written costs the next run a conversion, not this run.
+        with contextlib.suppress(OSError):
+            _save_entry(model, path, key, quality)
+    return model, False, quality
+
+
+def _save_entry(model, path: Path, key: str, quality: dict[str, float] | None) -> None:
+    import openvino as ov
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Weights first, then the .xml, then the digests that make the entry count.
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        ov.save_model(model, str(Path(tmp) / "model.xml"), compress_to_fp16=False)
+        os.replace(Path(tmp) / "model.bin", path.with_suffix(".bin"))
+        os.replace(Path(tmp) / "model.xml", path)
         (path.with_suffix(".key")).write_text(key + "\n")
         if quality is not None:
             path.with_suffix(".json").write_text(json.dumps(quality) + "\n")
-    return model, False, quality
+        (Path(tmp) / "digests").write_text(_file_digests(path))
+        os.replace(Path(tmp) / "digests", path.with_suffix(".sha256"))
 
 
 def _details(compiled, hint: str, precision: str, calibration, quality, cached: bool) -> str:
@@ -174,9 +229,12 @@ def openvino_engine(
     if precision not in ("fp32", "bf16", "int8"):
         raise ValueError("the openvino engine runs fp32, bf16 or int8")
     start = time.perf_counter()
-    model, cached, quality = ov_model(
-        tap, example, key, calibration if precision == "int8" else None
-    )
+    try:
+        model, cached, quality = ov_model(
+            tap, example, key, calibration if precision == "int8" else None
+        )
+    except RuntimeError as error:
+        raise RuntimeError(_readable(error)) from None
     core = ov.Core()
     if key:
         # OpenVINO's own cache of compiled blobs: skips re-optimising the graph next time.
@@ -187,7 +245,10 @@ def openvino_engine(
     }
     if streams is not None:
         config["NUM_STREAMS"] = streams
-    compiled = core.compile_model(model, "CPU", config)
+    try:
+        compiled = core.compile_model(model, "CPU", config)
+    except RuntimeError as error:
+        raise RuntimeError(_readable(error)) from None
     outputs = [(next(iter(o.get_names())), o) for o in compiled.outputs]
     n_requests = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
     request = compiled.create_infer_request()
