@@ -234,19 +234,21 @@ def disk_errors(path: str | os.PathLike) -> Iterator[None]:
 
 def check_output_file(flag: str, path: str | os.PathLike | None) -> None:
     """UsageError unless `path` can become a file: not a folder, and its nearest existing
-    folder writable. Run before any work, so a bad --model or --out costs nothing."""
+    folder writable. Run before any work, so a bad --model or --out costs nothing. `flag` names
+    the option in the message; an empty one names the path alone (a positional argument)."""
     if path is None:
         return
     path = Path(path)
+    named = f"--{flag} {path}" if flag else str(path)
     if path.is_dir():
-        raise UsageError(f"--{flag} {path} is a folder; give a file name.")
+        raise UsageError(f"{named} is a folder; give a file name.")
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        raise UsageError(f"--{flag} {path} is inside {parent}, which is not a folder.")
+        raise UsageError(f"{named} is inside {parent}, which is not a folder.")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"--{flag} {path} cannot be written: {parent} is read-only.")
+        raise UsageError(f"{named} cannot be written: {parent} is read-only.")
 
 
 def _pid_alive(pid: int) -> bool:

@@ -10,6 +10,7 @@ from featx.errors import UsageError
 from featx.report.page import DEFAULT_BEST, write_report
 from featx.report.table import format_runs
 from featx.runlog import LOG_SUFFIX, Run, find_logs, read_runs
+from featx.runtime import check_output_file
 
 __all__ = ["report_command", "runs_command", "runs_from_paths"]
 
@@ -38,19 +39,6 @@ def runs_command(
     return format_runs(runs_from_paths(stores), fmt, width)
 
 
-def _check_out(out: Path) -> None:
-    """One sentence, before any work, when `out` cannot become a file."""
-    if out.is_dir():
-        raise UsageError(f"{out} is a folder; give the report a file name.")
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UsageError(f"cannot write {out}: {parent} is not a folder.")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot write {out}: {parent} is read-only.")
-
-
 def report_command(
     out: str | os.PathLike[str],
     stores: Sequence[str | os.PathLike[str]],
@@ -59,7 +47,7 @@ def report_command(
     """`featx report FILE [--store STORE|LOG]...`: write the HTML report, with full sections
     for each store's `best` best runs; no runs is an error."""
     out = Path(out)
-    _check_out(out)
+    check_output_file("", out)
     runs = runs_from_paths(stores)
     if not runs:
         raise UsageError("No runs are logged for the given stores yet; nothing to report.")
