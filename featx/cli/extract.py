@@ -18,21 +18,6 @@ from featx.settings import SCALE_OUT
 __all__ = ["extract", "merge"]
 
 
-def _ray_resources(ray: str | None, gpus_per_shard: float | None) -> None:
-    """Refuse GPUs per shard on a local Ray instance of a machine with too few GPUs: Ray
-    would wait for them forever."""
-    if ray != "local" or not gpus_per_shard:
-        return
-    import torch
-
-    visible = torch.cuda.device_count()
-    if visible < gpus_per_shard:
-        raise UsageError(
-            f"--ray-gpus-per-shard {gpus_per_shard:g} asks for more GPUs than this machine "
-            f"shows ({visible}); Ray would wait for them forever."
-        )
-
-
 @app.command()
 @with_augmentation
 @from_settings(ExtractSettings, required=("backbone", "layers"))
@@ -43,9 +28,9 @@ def extract(
     ray: Annotated[
         str | None,
         typer.Option(
-            help="Run the shards as Ray tasks and merge them: `local` starts a Ray instance "
-            "on this machine, else the cluster's address (auto, ray://HOST:10001). Needs "
-            "featx[ray].",
+            help="Cut the rows into shards that a pool of Ray workers takes one at a time, then "
+            "merge them: `local` starts a Ray instance on this machine, else the cluster's "
+            "address (auto, ray://HOST:10001). Needs featx[ray].",
             metavar="ADDRESS",
             rich_help_panel=SCALE_OUT,
         ),
@@ -53,7 +38,8 @@ def extract(
     shards: Annotated[
         int | None,
         typer.Option(
-            help="With --ray: how many shards. Default: one per GPU, else per CPU.",
+            help="With --ray: how many shards (work units). Default: 4 per worker, of at "
+            "least 64 images each; a re-run keeps an interrupted job's count.",
             callback=in_range(1, 100_000),
             rich_help_panel=SCALE_OUT,
         ),
@@ -61,7 +47,7 @@ def extract(
     ray_cpus_per_shard: Annotated[
         float | None,
         typer.Option(
-            help="With --ray: CPUs per shard task.",
+            help="With --ray: CPUs per worker. Default: the cluster's CPUs shared by the workers.",
             callback=in_range(0, 4096, above=True),
             rich_help_panel=SCALE_OUT,
         ),
@@ -69,7 +55,8 @@ def extract(
     ray_gpus_per_shard: Annotated[
         float | None,
         typer.Option(
-            help="With --ray: GPUs per shard task.",
+            help="With --ray: GPUs per worker (one worker per GPU by default); refused when "
+            "no node of the cluster has that many.",
             callback=in_range(0, 64),
             rich_help_panel=SCALE_OUT,
         ),
@@ -91,7 +78,6 @@ def extract(
         if ray is not None:
             if settings.shard:
                 raise UsageError("--ray runs every shard itself; give --ray or --shard, not both.")
-            _ray_resources(ray, ray_gpus_per_shard)
             from featx.extraction.distributed import extract_on_ray
 
             result = extract_on_ray(

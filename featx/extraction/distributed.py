@@ -1,31 +1,28 @@
-"""Extraction on a Ray cluster: one Ray task per shard, each calling the ordinary
-`extract(..., shard=(i, n))` into `STORE.shard-IofN.h5`, then one merge.
+"""Extraction on a Ray cluster: the rows cut into work units (shards I/N, several per
+worker), extracted by a pool of Ray workers that each take the next unit when they finish
+one (`featx.extraction.units`), then one merge.
 
-Ray schedules the tasks (one per GPU when the cluster has GPUs, else sized by CPUs) and
-re-runs a task whose worker died (`max_retries`); a re-run shard resumes from its finished
-chunks, and the task of a shard already complete returns at once, so running the same
-command after a crash resumes at shard and at chunk level. Progress is the sum of the shards' saved
-chunks, polled from their `.partial/` folders, shown as one bar. The shard stores must be on
-storage every node can reach.
+Each unit is the ordinary `extract(..., shard=(i, n))` into `STORE.shard-IofN.h5`. A unit
+whose worker dies goes back to the queue and resumes from its finished chunks; a re-run of the
+same command skips the units whose stores are complete, so a crash of the driver loses at
+most one chunk per running unit. Progress is the sum of the units' saved chunks, shown as one
+bar. The shard stores must be on storage every node can reach.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
+import glob
 import logging
 import os
 import re
 import signal
 import sys
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
-
-from tqdm import tqdm
 
 from featx.errors import UsageError, first_line
 from featx.extraction.naming import default_store_path
@@ -33,6 +30,7 @@ from featx.extraction.plan import views_per_file
 from featx.extraction.run import ExtractResult, extract
 from featx.extraction.settings import ExtractSettings, extract_settings
 from featx.extraction.shard import shard_files, shard_store_path
+from featx.extraction.units import Progress, UnitWorker, run_units, unit_count
 from featx.inference.images import open_images
 from featx.inference.network import stderr_log
 from featx.runtime import disk_errors
@@ -42,7 +40,6 @@ from featx.store.merging import merge
 __all__ = ["extract_on_ray", "mount_type"]
 
 NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb", "smbfs", "lustre", "gpfs", "beegfs", "ceph")
-POLL_SECONDS = 0.5
 
 
 def _ray():
@@ -53,15 +50,6 @@ def _ray():
             "--ray needs Ray, which is not installed: pip install featx[ray]."
         ) from None
     return ray
-
-
-def _run_shard(shard: tuple[int, int], threads: int, data: str, settings: ExtractSettings) -> dict:
-    """The Ray task: one shard with the ordinary library call, in a Ray worker process."""
-    import torch
-
-    torch.set_num_threads(threads)
-    result = extract(data, settings, shard=f"{shard[0]}/{shard[1]}", quiet=True)
-    return {"n_rows": result.n_rows, "skipped": result.skipped}
 
 
 def extract_on_ray(
@@ -76,8 +64,10 @@ def extract_on_ray(
     max_retries: int = 3,
     **overrides: Any,
 ) -> ExtractResult:
-    """`featx.extract(data, settings, layers, **overrides)` split into `shards` Ray tasks on the
-    cluster at `address` (a local Ray instance when None), merged into the store at the end."""
+    """`featx.extract(data, settings, layers, **overrides)` cut into `shards` work units that
+    a pool of Ray workers on the cluster at `address` (a local Ray instance when None) takes
+    one at a time, merged into the store at the end. By default the units are sized to the
+    cluster (several per worker), and a re-run reuses the units of an interrupted one."""
     ray = _ray()
     s = extract_settings(settings, layers, overrides)
     store = Path(s.store or default_store_path(data, s.backbone, s.weights, s.image_size))
@@ -91,51 +81,111 @@ def extract_on_ray(
             f"store {store} exists without these layers or for other files; --ray writes new "
             "stores only: use --overwrite, another --store, or extract without --ray."
         )
-
     if shards is not None and shards < 1:
         raise UsageError("--shards must be at least 1.")
-    shard_settings = dataclasses.replace(
+    unit_settings = dataclasses.replace(
         s,
         store=store.resolve(),
-        workers=s.workers or 0,  # by default, decode in the task's process
+        workers=s.workers or 0,  # by default, decode in the worker's process
         command=s.command or " ".join(sys.argv),
     )
+    per_file = views_per_file(folder, s.augment)
     with contextlib.ExitStack() as stack:
         if not ray.is_initialized():
             stack.enter_context(_native_output_aside(store))
             _init(ray, address)
             stack.callback(ray.shutdown)
-        resources = ray.cluster_resources()
-        gpus = int(resources.get("GPU", 0))
-        if gpus_per_shard is None:
-            gpus_per_shard = 1 if gpus else 0
-        if shards is None:
-            shards = gpus or max(1, int(resources.get("CPU", 1) // (cpus_per_shard or 1)))
-        if cpus_per_shard is None:
-            cpus_per_shard = 1 if gpus else max(1, int(resources.get("CPU", 1) // shards))
-        if len([n for n in ray.nodes() if n["Alive"]]) > 1 and not _shared(store.parent):
+        nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+        pool = _Pool.sized(nodes, cpus_per_shard, gpus_per_shard)
+        n = shards or _previous_units(store) or unit_count(len(per_file), pool.workers)
+        if len(nodes) > 1 and not _shared(store.parent):
             log(f"Warning: {store.parent} looks node-local, but the cluster has several nodes.")
-        task = ray.remote(_run_shard).options(
-            num_cpus=cpus_per_shard,
-            num_gpus=gpus_per_shard,
-            max_retries=max_retries,
-            retry_exceptions=False,
-        )
-        threads = max(1, int(cpus_per_shard))
-        # a finished shard's task returns at once (its store has the layers), a started one
-        # resumes from its saved chunks: extract's own checks decide, so stale shards are refused
+        paths = [shard_store_path(store, (i, n)) for i in range(n)]
+        bounds = [shard_files(len(per_file), (i, n)) for i in range(n)]
+        progress = Progress(paths, [int(per_file[b.start : b.stop].sum()) for b in bounds], s.quiet)
+        stack.callback(progress.close)
         where = str(Path(data).resolve())
-        running = {
-            task.remote((i, shards), threads, where, shard_settings): i for i in range(shards)
-        }
-        paths = [shard_store_path(store, (i, shards)) for i in range(shards)]
-        _wait(ray, running, paths, _shard_sizes(folder, s.augment, shards), s.quiet)
+        done = {i for i in range(n) if _unit_done(where, unit_settings, paths[i], (i, n), keys)}
+        progress(done)
+        todo = [i for i in range(n) if i not in done]
+        if todo:
+            actors = pool.start(ray, where, unit_settings, len(todo))
+            stack.callback(lambda: [ray.kill(a) for a in actors])
+            run_units(ray, actors, todo, n, lambda d, r: progress(d | done, r), max_retries)
     merged = merge(store, paths, command=s.command)
     for path in paths:
         path.unlink()
-    log(f"Merged {shards} shards into {merged}.")
-    with FeatureStore(merged) as done:
-        return ExtractResult(merged, computed=keys, n_rows=done.n_rows, skipped=done.skipped)
+    log(f"Merged {n} shards into {merged}.")
+    with FeatureStore(merged) as result:
+        return ExtractResult(merged, computed=keys, n_rows=result.n_rows, skipped=result.skipped)
+
+
+@dataclasses.dataclass
+class _Pool:
+    """The Ray workers of a job: how many, and the CPUs and GPUs each asks for."""
+
+    nodes: list[dict]  # the live nodes' Ray resources
+    workers: int
+    cpus: float | None
+    gpus: float
+
+    @classmethod
+    def sized(cls, nodes: list[dict], cpus: float | None, gpus: float | None) -> _Pool:
+        """As many workers as the cluster holds: one per GPU when it has GPUs, else one per
+        CPU; UsageError when no node has what one worker asks for (Ray would wait for it
+        forever)."""
+        most = {
+            kind: max((node.get(kind, 0) for node in nodes), default=0) for kind in ("CPU", "GPU")
+        }
+        total = {kind: sum(node.get(kind, 0) for node in nodes) for kind in ("CPU", "GPU")}
+        gpus = (1 if total["GPU"] else 0) if gpus is None else gpus
+        for flag, asked, kind in (("gpus", gpus, "GPU"), ("cpus", cpus or 0, "CPU")):
+            if asked > most[kind]:
+                raise UsageError(
+                    f"--ray-{flag}-per-shard {asked:g} asks for more {kind}s than any node of "
+                    f"the Ray cluster has ({most[kind]:g}); Ray would wait for them forever."
+                )
+        workers = total["GPU"] // gpus if gpus else total["CPU"] // (cpus or 1)
+        return cls(nodes, max(1, int(workers)), cpus, gpus)
+
+    def start(self, ray, data: str, settings: ExtractSettings, units: int) -> list:
+        """The workers for `units` units, each restarted by Ray when its process or node dies
+        (its unit is then queued again by `run_units`, not retried by Ray). Without GPUs,
+        the cluster's CPUs are shared by the workers, within what a node has."""
+        workers = min(self.workers, units)
+        cpus = self.cpus
+        if cpus is None:
+            in_node = max(node.get("CPU", 1) for node in self.nodes)
+            total = sum(node.get("CPU", 1) for node in self.nodes)
+            cpus = 1 if self.gpus else max(1, min(total // workers, in_node))
+        actor = ray.remote(UnitWorker).options(
+            num_cpus=cpus, num_gpus=self.gpus, max_restarts=-1, max_task_retries=0
+        )
+        return [actor.remote(data, settings, max(1, int(cpus))) for _ in range(workers)]
+
+
+def _unit_done(
+    data: str, settings: ExtractSettings, path: Path, shard: tuple[int, int], keys: list[str]
+) -> bool:
+    """Whether the unit's shard store is complete, after extract's ordinary checks that it
+    holds this data and these settings (a store made differently is refused)."""
+    if not (path.exists() and _has_layers(path, keys)):
+        return False
+    extract(data, settings, shard=shard, quiet=True)
+    return True
+
+
+def _previous_units(store: Path) -> int | None:
+    """The unit count of an interrupted job on STORE: N of its `STORE.shard-IofN.h5` stores
+    or their `.partial/` folders, when they agree on one."""
+    suffix = re.escape(store.suffix or ".h5")
+    pattern = re.compile(re.escape(store.stem) + r"\.shard-\d+of(\d+)" + suffix + r"(\.partial)?$")
+    counts = {
+        int(m.group(1))
+        for path in store.parent.glob(f"{glob.escape(store.stem)}.shard-*")
+        if (m := pattern.match(path.name))
+    }
+    return counts.pop() if len(counts) == 1 else None
 
 
 def _init(ray, address: str | None) -> None:
@@ -188,53 +238,6 @@ def _native_output_aside(store: Path) -> Iterator[None]:
         os.close(terminal)
         if not failed:
             log_path.unlink(missing_ok=True)
-
-
-def _shard_sizes(folder, augment: int, shards: int) -> list[int]:
-    """The work items of each shard: its files, with their augmented views."""
-    per_file = views_per_file(folder, augment)
-    bounds = [shard_files(len(per_file), (i, shards)) for i in range(shards)]
-    return [int(per_file[b.start : b.stop].sum()) for b in bounds]
-
-
-def _wait(ray, running: dict, paths: list[Path], sizes: list[int], quiet: bool) -> None:
-    """Wait for the shard tasks, showing the job's progress; raise the first failure."""
-    finished: list[int] = []
-    bar = tqdm(total=sum(sizes), unit="img", desc="extract (ray)", disable=quiet, file=sys.stderr)
-    pending = list(running)
-    try:
-        while pending:
-            ready, pending = ray.wait(pending, timeout=POLL_SECONDS)
-            for ref in ready:
-                try:
-                    ray.get(ref)
-                except ray.exceptions.RayTaskError as error:
-                    cause = error.as_instanceof_cause()
-                    if isinstance(cause, UsageError):
-                        raise UsageError(str(cause.args[0] if cause.args else cause)) from None
-                    raise
-                finished.append(running[ref])
-            done = sum(sizes[i] for i in finished)
-            done += sum(_saved(paths[i], sizes[i]) for i in running.values() if i not in finished)
-            if done != bar.n:
-                bar.update(done - bar.n)
-            time.sleep(0 if ready else 0.05)
-    except KeyboardInterrupt:
-        for ref in pending:
-            ray.cancel(ref, force=True)
-        raise
-    finally:
-        bar.close()
-
-
-def _saved(shard_store: Path, size: int) -> int:
-    """Work items a running shard has saved, from its `.partial/` chunk files."""
-    partial = shard_store.with_name(shard_store.name + ".partial")
-    try:
-        chunk_items = json.loads((partial / "run.json").read_text())["chunk_items"]
-    except (OSError, ValueError, KeyError):
-        return 0
-    return min(size, chunk_items * len(list(partial.glob("chunk-*.npz"))))
 
 
 def _layer_keys(backbone: str, layers: Sequence[str], pool: str) -> list[str]:

@@ -25,6 +25,7 @@ from featx.data.preprocessing import Preprocessing
 from featx.errors import Interrupted, UsageError
 from featx.extraction.assemble import assemble
 from featx.extraction.job import Job, run_network
+from featx.extraction.kept import load_network
 from featx.extraction.naming import default_store_path
 from featx.extraction.partial import Partial, remove_finished_partial, write_lock
 from featx.extraction.plan import (
@@ -246,7 +247,7 @@ def _plan(
     if batch_size is None:
         batch_size, why_batch = choose_batch_size(traced, modules, size, device)
     del skeleton
-    loaded = record.load(s.weights, modules, size)
+    loaded = load_network(record, s.weights, modules, size)
     if existing is not None and existing.meta["weights_sha256"] != loaded.weights_sha256:
         raise UsageError(
             f"the {loaded.weights} weights now hash to {loaded.weights_sha256[:16]}, but store "
