@@ -151,9 +151,9 @@ def test_a_slurm_array_with_a_step_maps_each_task_to_its_shard(env, shard, monke
 
 def test_an_uneven_slurm_array_is_refused(tmp_path, monkeypatch):
     # --array=1,2,7: three tasks that no step spaces evenly
-    for name, value in {"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "3",
-                        "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "7"}.items():  # fmt: skip
-        monkeypatch.setenv(name, value)
+    uneven = {"ID": "2", "COUNT": "3", "MIN": "1", "MAX": "7"}
+    for name, value in uneven.items():
+        monkeypatch.setenv(f"SLURM_ARRAY_TASK_{name}", value)
     with pytest.raises(UsageError):
         parse_shard("slurm")
     monkeypatch.chdir(tmp_path)
