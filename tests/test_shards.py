@@ -142,6 +142,41 @@ def test_merged_layers_list_the_batch_sizes_and_engines_the_shards_ran(sharded, 
         assert merged["features"]["avgpool"].attrs["batch_size"] == 3
 
 
+@pytest.mark.parametrize("virtual", [False, True])
+def test_merged_engine_rows_say_which_engine_computed_which_merged_rows(sharded, tmp_path, virtual):
+    """Each shard's engine ranges move to where its rows land in the merged store: a merge of
+    shards that all ran eager records what the one-process store records, and a shard that
+    ran openvino is named for its own rows only."""
+    whole, shards, _ = sharded
+    with FeatureStore(whole) as store:
+        whole_ranges = json.loads(store.layer("layer3").attrs["engine_rows"])
+    merge(tmp_path / "same.h5", shards, virtual=virtual)
+    with FeatureStore(tmp_path / "same.h5") as store:
+        assert json.loads(store.layer("layer3").attrs["engine_rows"]) == whole_ranges
+        assert whole_ranges == [["eager", 0, store.n_rows]]
+    copies, sizes = {}, {}
+    for path in shards:
+        with FeatureStore(path) as store:
+            index = store.meta["shard"]["index"]
+            copies[index], sizes[index] = (
+                Path(shutil.copy(path, tmp_path / path.name)),
+                store.n_rows,
+            )
+    sizes = [sizes[i] for i in range(3)]
+    middle = sizes[1] // 2  # shard 1 ran openvino from its middle row on
+    with h5py.File(copies[1], "r+") as raw:
+        raw["features"]["layer3"].attrs["engine_rows"] = json.dumps(
+            [["eager", 0, middle], ["openvino", middle, sizes[1]]]
+        )
+    merge(tmp_path / "m.h5", list(copies.values()), virtual=virtual)
+    with FeatureStore(tmp_path / "m.h5") as store:
+        ranges = json.loads(store.layer("layer3").attrs["engine_rows"])
+        assert json.loads(store.layer("avgpool").attrs["engine_rows"]) == whole_ranges
+    start = sizes[0] + middle
+    end = sizes[0] + sizes[1]
+    assert ranges == [["eager", 0, start], ["openvino", start, end], ["eager", end, sum(sizes)]]
+
+
 @pytest.mark.slow
 def test_merge_refuses_mismatched_shards(dataset, sharded, tmp_path):
     whole, shards, out = sharded

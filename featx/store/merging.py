@@ -64,6 +64,7 @@ class _Shard:
     layers: dict[str, tuple]  # key -> (row shape, dtype, pool, precision)
     varying: dict[str, dict[str, str]]  # key -> the VARYING attributes of the layer
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    engine_rows: dict[str, list] = field(default_factory=dict)  # key -> its engine ranges
 
 
 def merge(
@@ -177,7 +178,22 @@ def _read_one(path: Path) -> tuple[_Shard, dict[str, Any], list[str]]:
             )
             varying[key] = {k: str(layer.attrs[k]) for k in VARYING if k in layer.attrs}
         shard = _Shard(store.path, info, store.n_rows, layers, varying, store.skipped)
+        shard.engine_rows = {key: _engine_ranges(store, key) for key in store.layers}
         return shard, store.meta, store.class_names
+
+
+def _engine_ranges(store: FeatureStore, key: str) -> list:
+    """[[engine, first row, row after the last], ...] of a shard's layer: its `engine_rows`,
+    else all its rows computed by its one `engine` ("unknown" when it names several)."""
+    attrs = store.layer(key).attrs
+    try:
+        ranges = json.loads(attrs["engine_rows"])
+        if all(isinstance(r, list) and len(r) == 3 for r in ranges):
+            return ranges
+    except (KeyError, TypeError, ValueError):
+        pass
+    engine = str(attrs.get("engine", "unknown"))
+    return [["unknown" if "," in engine else engine, 0, store.n_rows]] if store.n_rows else []
 
 
 def _read_shards(
@@ -375,13 +391,24 @@ def _write_tables(
 
 def _merged_attrs(key: str, shards: list[_Shard]) -> dict:
     """Layer `key`'s attributes in the first shard, with every value of VARYING that the
-    shards differ in listed ("eager, openvino")."""
+    shards differ in listed ("eager, openvino"), and `engine_rows` the shards' ranges moved
+    to where their rows are in the merged store."""
     with h5py.File(shards[0].path, "r") as h5:
         attrs = dict(h5["features"][key].attrs)
     for name in VARYING:
         values = sorted({s.varying[key][name] for s in shards if name in s.varying[key]})
         if len(values) > 1:
             attrs[name] = ", ".join(values)
+    ranges: list[list] = []
+    start = 0
+    for shard in shards:
+        for name, first, end in shard.engine_rows.get(key, []):
+            if ranges and ranges[-1][0] == name and ranges[-1][2] == start + first:
+                ranges[-1][2] = start + end
+            else:
+                ranges.append([name, start + first, start + end])
+        start += shard.n_rows
+    attrs["engine_rows"] = json.dumps(ranges)
     return attrs
 
 
