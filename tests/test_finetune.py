@@ -368,7 +368,9 @@ def test_test_time_views_are_seeded_augmentations_at_input_size():
 @pytest.fixture(scope="module")
 def finished(shapes_split, tmp_path_factory):
     out = tmp_path_factory.mktemp("finished") / "run"
-    c = config(backbone="resnet18", epochs_head=2, epochs=2, lr=3e-3, class_weights="balanced")
+    # refit train: the model file is best.pt (test_finetune_refit.py retrains on all images)
+    c = config(backbone="resnet18", epochs_head=2, epochs=2, lr=3e-3, class_weights="balanced",
+               refit="train")  # fmt: skip
     return c, finetune(shapes_split, c, out=out, workers=0, quiet=True)
 
 

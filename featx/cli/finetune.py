@@ -17,7 +17,7 @@ from featx.settings import DATA, OUTPUT, TRAINING
 
 __all__ = ["augment_preview", "finetune", "lr_find"]
 
-LR_FIND_LEAVES_OUT = ("epochs_head", "epochs", "lr", "lr_head", "schedule", "patience")
+LR_FIND_LEAVES_OUT = ("epochs_head", "epochs", "lr", "lr_head", "schedule", "patience", "refit")
 
 AUGMENT = typer.Option(
     "--augment/--no-augment",

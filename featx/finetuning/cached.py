@@ -147,27 +147,32 @@ def best_stored_layer(session: Session, store: str | os.PathLike, log) -> str:
 
 
 def train_head_on_rows(
-    session: Session, rows: CachedRows, epochs: int, log
+    session: Session, rows: CachedRows, epochs: int, log, *, keep_last: bool = False
 ) -> list[dict[str, Any]]:
     """Train the network's head on cached rows for up to `epochs` epochs (early stopping on
-    the validation rows); the head ends with the weights of the best epoch. Returns one
-    history entry per epoch."""
-    head, history = _fit_head_on_rows(session, rows, epochs)
+    the validation rows); the head ends with the weights of the best epoch, or with
+    `keep_last` after exactly `epochs` epochs. Returns one history entry per epoch."""
+    head, history = _fit_head_on_rows(session, rows, epochs, keep_last=keep_last)
     _copy_linears(head, session.net.head)
+    seconds = sum(h["seconds"] for h in history)
+    if keep_last:
+        log(f"Stage 1 on the cached rows of {rows.key}: {len(history)} epochs in {seconds:.1f} s.")
+        return history
     best = min(history, key=lambda h: h["val_loss"])
     log(
         f"Stage 1 on the cached rows of {rows.key} in {rows.store}: {len(history)} epochs in "
-        f"{sum(h['seconds'] for h in history):.1f} s, best epoch {best['epoch']} "
+        f"{seconds:.1f} s, best epoch {best['epoch']} "
         f"(validation loss {best['val_loss']:.4f}, accuracy {best['val_accuracy']:.4f})."
     )
     return history
 
 
 def _fit_head_on_rows(
-    session: Session, rows: CachedRows, epochs: int
+    session: Session, rows: CachedRows, epochs: int, *, keep_last: bool = False
 ) -> tuple[nn.Sequential, list[dict[str, Any]]]:
     """A head shaped like the network's, trained on `rows`: its best epoch by validation
-    loss, with the standardisation folded in, and one history entry per epoch."""
+    loss (with `keep_last`, its last of `epochs` epochs), with the standardisation folded in,
+    and one history entry per epoch."""
     from sklearn.preprocessing import StandardScaler
 
     from featx.classify.mlp import MLPClassifier
@@ -218,7 +223,7 @@ def _fit_head_on_rows(
                 "lr": {"head": config.stage_lr("head")},
             }
         )
-        if val_loss < best_loss:
+        if val_loss < best_loss or keep_last:
             best_loss, bad = val_loss, 0
             best_state = {k: v.clone() for k, v in head.state_dict().items()}
         else:

@@ -23,6 +23,7 @@ Schedule = Literal["onecycle", "cosine-restarts", "constant"]
 Optimizer = Literal["adam", "adamw", "sgd", "rmsprop"]
 BatchNorm = Literal["frozen", "train"]
 ClassWeights = Literal["none", "balanced"]
+Refit = Literal["all", "train"]
 Pool = Literal[POOLS]
 Precision = Literal[PRECISIONS]
 Decode = Literal[DECODE_POLICIES]
@@ -55,7 +56,9 @@ class FinetuneConfig:
     each earlier block gets `lr_mult` times the rate of the next later one. `head` is "mlp",
     "linear" or a model file written by `featx fit` whose last step is an MLP. `augment` is
     the augmentation applied to training images (None: none). `epochs_head` defaults to 5,
-    or 1 with a fitted head. `patience` 0 turns early stopping off.
+    or 1 with a fitted head. `patience` 0 turns early stopping off. `refit` "all" (default)
+    retrains on train + validation for the epochs validation chose, as a probe is refit on all
+    labelled rows; "train" keeps the network chosen on validation.
 
     Each field is one option of `featx finetune` (`featx.settings.option`: help, panel, range);
     every value is checked when the config is made.
@@ -164,6 +167,13 @@ class FinetuneConfig:
     class_weights: ClassWeights = option(
         "none", "none, or balanced (inverse class frequency).", panel=TRAINING
     )
+    refit: Refit = option(
+        "all",
+        "all: once validation has chosen the epochs of each stage, train again from the start "
+        "on train + validation for those epochs (the model file is that network); train: keep "
+        "the network chosen on validation, trained on the training images only.",
+        panel=TRAINING,
+    )
     patience: int = option(
         0,
         "Stop a stage after N epochs without a better validation loss (0: never; the best "
@@ -247,3 +257,6 @@ class FinetuneResult:
     model: Path
     resumed_from: int = 0  # epochs already done when the run started
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    # --refit all: the epochs retrained on train + validation, the images they trained on and
+    # the test score of the network validation chose; None when nothing was retrained
+    refit: dict[str, Any] | None = None

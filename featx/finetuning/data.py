@@ -180,7 +180,10 @@ class TrainingData:
         preprocessing: Preprocessing,
         workers: int,
         pin_memory: bool,
+        merge_validation: bool = False,
     ):
+        """`merge_validation`: the validation images train too (they stay the validation
+        images as well, for the record)."""
         self.folder = open_images(data_dir)
         self.class_names = list(self.folder.class_names)
         if len(self.class_names) < 2:
@@ -188,6 +191,11 @@ class TrainingData:
                 f"the dataset in {self.folder.root} has one class; fine-tuning needs at least two."
             )
         self.split = training_split(self.folder, config.val_fraction, config.seed)
+        if merge_validation:
+            split = self.split
+            train = tuple(sorted((*split.train, *split.validation)))
+            how = f"{split.how}; trained on train + validation"
+            self.split = Split(train, split.validation, how)
         self.batch_size, self.workers, self.pin_memory = config.batch_size, workers, pin_memory
         transform = ImageTransform(preprocessing, config.augment)
         root, files = self.folder.root, self.folder.files

@@ -18,11 +18,13 @@ def export_model(
     history: list[dict[str, Any]],
     best: dict[str, Any],
     command: str,
+    refit: dict[str, Any] | None = None,
 ) -> Path:
     """Write `out/base.safetensors` (the whole backbone with the fine-tuned weights, loadable
     as `--weights FILE`) and `out/model.featx`, a featx model file whose pipeline takes the
     feature layer's rows (as `featx extract --weights out/base.safetensors` stores them) and
-    whose classifier is the fine-tuned head."""
+    whose classifier is the fine-tuned head. `refit`: what `--refit all` retrained (the
+    session then trains on train + validation)."""
     from sklearn.pipeline import Pipeline
 
     from featx.backbones.layers import pooled_shape
@@ -44,7 +46,23 @@ def export_model(
     provenance = _provenance(
         session, out, weights_spec, sha256, row_shape, pipeline, metrics, history, best, command
     )
+    provenance["trained_on"] = _trained_on(session)
+    if refit:
+        provenance["selection"] += (
+            f", then trained again on train + validation for {refit['epochs']['head']} + "
+            f"{refit['epochs']['full']} epochs (--refit all; the test metrics are this network's)"
+        )
     return FeatxModel(pipeline, provenance).save(out / "model.featx")
+
+
+def _trained_on(session: Any) -> dict[str, Any]:
+    """Which images the network trained on, as `featx fit` records its rows."""
+    files = session.folder.files
+    return {
+        "n_rows": len(session.split.train),
+        "splits": sorted({files[i].split for i in session.split.train}),
+        "refit": session.config.refit,
+    }
 
 
 def _save_base(net: Any, path: Path) -> tuple[str, str]:

@@ -19,6 +19,8 @@ import dataclasses
 import math
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +43,7 @@ __all__ = ["default_run_dir", "finetune", "load_checkpoint"]
 
 CHECKPOINT_FORMAT = "featx-finetune-checkpoint"
 CHECKPOINT_VERSION = 1
-LAST, BEST = "last.pt", "best.pt"
+LAST, BEST, REFIT = "last.pt", "best.pt", "refit-history.json"
 
 
 # ---- checkpoints -------------------------------------------------------------------------
@@ -70,6 +72,7 @@ RUN_FILES = (
     "metrics.json",
     "model.featx",
     "base.safetensors",
+    REFIT,
 )
 
 
@@ -113,9 +116,15 @@ def finetune(
         load_fitted_head(config.head, trust_pickle=trust_pickle) if config.fitted_head else None
     )
     state, config = _start(out, config, resume, overwrite)
-    session = Session(
-        data_dir, config, workers=workers, device=device, quiet=quiet, fitted=fitted, store=store
-    )
+
+    def open_session(c: FinetuneConfig, merge: bool = False) -> Session:
+        head = fitted
+        if merge and c.fitted_head:  # training changed the head the first session was given
+            head = load_fitted_head(c.head, trust_pickle=trust_pickle)
+        return Session(data_dir, c, workers=workers, device=device, quiet=quiet, fitted=head,
+                       store=store, merge_validation=merge)  # fmt: skip
+
+    session = open_session(config)
     if store is not None and state is None and config.layer is None and fitted is None:
         from featx.finetuning.cached import best_stored_layer
 
@@ -123,9 +132,7 @@ def finetune(
         if layer != session.layer_info.name:
             session.close()
             config = dataclasses.replace(config, layer=layer)
-            session = Session(
-                data_dir, config, workers=workers, device=device, quiet=quiet, store=store
-            )
+            session = open_session(config)
         session.layer_from_store = True
     seen = _validation_seen(fitted, session) if fitted is not None else None
     if seen:
@@ -136,8 +143,9 @@ def finetune(
         )
     try:
         return _run(
-            session, out, state, log, command or " ".join(sys.argv), Path(store) if store else None
-        )
+            session, out, state, log, command or " ".join(sys.argv), Path(store) if store else None,
+            lambda: open_session(session.config, merge=True),
+        )  # fmt: skip
     except KeyboardInterrupt:
         raise Interrupted(
             "interrupted; add --resume to the same command to continue from the last "
@@ -202,8 +210,9 @@ def _validation_seen(fitted: FittedHead, session: Session) -> str | None:
 
 
 def _run(
-    session: Session, out: Path, state: dict | None, log, command: str, store: Path | None
-) -> FinetuneResult:
+    session: Session, out: Path, state: dict | None, log, command: str, store: Path | None,
+    open_merged: Callable[[], Session],
+) -> FinetuneResult:  # fmt: skip
     config, net = session.config, session.net
     plan = config.stage_epochs
     if store is not None and config.epochs_head is None:
@@ -280,7 +289,8 @@ def _run(
             if stop:
                 log(f"Early stopping: no better validation loss for {bad} epochs.")
                 break
-    return _finish(session, out, history, best, full_start, resumed_from, log, command, store)
+    ended = _Ended(history, best, full_start, resumed_from, dict(plan), open_merged)
+    return _finish(session, out, ended, log, command, store)
 
 
 def _save_last(session: Session, out: Path, history, best, full_start, **position: Any) -> None:
@@ -364,36 +374,91 @@ def _epoch_line(entry: dict[str, Any], stage_total: int) -> str:
     )
 
 
-def _finish(
-    session, out, history, best, full_start, resumed_from, log, command, store
-) -> FinetuneResult:
-    """Best weights back in; validation (and test) metrics with confusion matrices, the model
-    file, the history plot, and the record in the store's experiment log."""
-    from featx.classify.metrics import classification_metrics, plot_confusion_matrix
-    from featx.finetuning.export import export_model
-    from featx.finetuning.plots import plot_history
+@dataclass
+class _Ended:
+    """Where the stages ended: what `_finish` turns into the run's files."""
 
-    if (out / BEST).is_file():
-        session.net.load_state_dict(load_checkpoint(out / BEST)["network"])
+    history: list[dict[str, Any]]
+    best: dict[str, Any]
+    full_start: float | None
+    resumed_from: int
+    plan: dict[str, int]
+    open_merged: Callable[[], Session]  # a session training on train + validation
+
+
+def _scores(session: Session, splits: tuple[str, ...]) -> dict[str, Any]:
+    from featx.classify.metrics import classification_metrics
+
     classes = np.arange(len(session.class_names))
     metrics = {}
-    splits = ("validation", "test") if session.data.test_images is not None else ("validation",)
     for split in splits:
         p, y = session.predict(split)
         metrics[split] = classification_metrics(
             y, p.argmax(axis=1), session.class_names, p, classes
         )
-    write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def _finish(session, out, ended: _Ended, log, command, store) -> FinetuneResult:
+    """Best weights back in; validation (and test) metrics with confusion matrices; with
+    `--refit all` the retraining on train + validation, which the test split then scores; the
+    model file, the history plot, and the record in the store's experiment log."""
+    from featx.classify.metrics import plot_confusion_matrix
+    from featx.finetuning.export import export_model
+    from featx.finetuning.plots import plot_history
+
+    history, best = ended.history, ended.best
+    if (out / BEST).is_file():
+        session.net.load_state_dict(load_checkpoint(out / BEST)["network"])
+    splits = ("validation", "test") if session.data.test_images is not None else ("validation",)
+    metrics = _scores(session, splits)
+    final, refit = session, None
+    if session.config.refit == "all":
+        final, refit = _refit(session, out, ended, metrics, log, store)
+    write_json(out / "metrics.json", {**metrics, **({"refit": refit} if refit else {})})
     write_json(out / "history.json", history)
-    model = export_model(session, out, metrics, history, best, command)
+    model = export_model(final, out, metrics, history, best, command, refit)
     title = f"{session.config.backbone} fine-tuning"
     plot_history(history, out / "history.png", title=title)
     for split in splits:
         plot_confusion_matrix(metrics[split], out / f"confusion-{split}.png", f"{title}: {split}")
     if store is not None:
-        _record(session, store, out, metrics, history, model, command)
-    skipped = sorted(session.skipped.items())
-    kept = next((h for h in history if h["epoch"] == best["epoch"]), None)
+        _record(final, store, out, metrics, history, model, command, refit)
+    skipped = sorted({**session.skipped, **final.skipped}.items())
+    log(_summary(metrics, ended, refit, out))
+    return FinetuneResult(
+        out, history, best["epoch"], metrics, model, ended.resumed_from, skipped, refit
+    )
+
+
+def _refit(session: Session, out: Path, ended: _Ended, metrics, log, store):
+    """(the network the test split scores, what the retraining did or None)."""
+    from featx.finetuning.refit import refit_plan, retrain
+
+    plan = refit_plan(ended.history, ended.best, ended.plan)
+    if plan.empty:
+        log("--refit all: validation kept the fitted head as it came; nothing to retrain.")
+        return session, None
+    session.close()
+    final, history = retrain(ended.open_merged, plan, store, len(ended.history), log)
+    write_json(out / REFIT, history)
+    refit: dict[str, Any] = {
+        "epochs": plan.epochs,
+        "n_train": len(final.split.train),
+        "seconds": sum(h["seconds"] for h in history),
+    }
+    if "test" in metrics:
+        refit["validation_chosen"] = {
+            "test": {k: metrics["test"][k] for k in ("accuracy", "macro_f1")}
+        }
+        metrics["test"] = _scores(final, ("test",))["test"]
+    return final, refit
+
+
+def _summary(metrics, ended: _Ended, refit, out: Path) -> str:
+    """The run's last line: which checkpoint validation kept, and what the test split says."""
+    best, full_start = ended.best, ended.full_start
+    kept = next((h for h in ended.history if h["epoch"] == best["epoch"]), None)
     if best["epoch"] == 0:
         which = "the fitted head, untrained"
     elif kept is None:
@@ -405,16 +470,20 @@ def _finish(
         if full_start is not None
         else ""
     )
+    again = (
+        f"; retrained on train + validation ({refit['n_train']} images) for those epochs"
+        if refit
+        else ""
+    )
     test = f", test accuracy {metrics['test']['accuracy']:.4f}" if "test" in metrics else ""
-    log(
+    return (
         f"Kept the best checkpoint by validation loss over both stages: {which}, "
         f"validation loss {best['val_loss']:.4f}{since}; validation accuracy "
-        f"{metrics['validation']['accuracy']:.4f}{test}. Wrote {out}."
+        f"{metrics['validation']['accuracy']:.4f}{again}{test}. Wrote {out}."
     )
-    return FinetuneResult(out, history, best["epoch"], metrics, model, resumed_from, skipped)
 
 
-def _record(session, store, out, metrics, history, model, command) -> None:
+def _record(session, store, out, metrics, history, model, command, refit) -> None:
     from featx.runlog import record_run
 
     c = session.config
@@ -435,12 +504,13 @@ def _record(session, store, out, metrics, history, model, command) -> None:
                 "schedule": c.schedule,
                 "augment": c.augment.to_dict() if c.augment is not None else None,
                 "seed": c.seed,
+                "refit": c.refit,
             },
             "backbone": c.backbone,
             "run": str(out.resolve()),
         },
         scores=metrics,
-        details={"history": history},
+        details={"history": history, "refit": refit},
         model_path=str(model),
         command=command,
     )

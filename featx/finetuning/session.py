@@ -71,9 +71,11 @@ class Session:
         quiet: bool = False,
         fitted: FittedHead | None = None,
         store: str | os.PathLike | None = None,
+        merge_validation: bool = False,
     ):
         """`store`: the feature store the head trains on, whose decoding the run keeps unless
-        `config.decode` says otherwise (as it keeps a fitted head's)."""
+        `config.decode` says otherwise (as it keeps a fitted head's). `merge_validation`: the
+        validation images train too (the retraining of `--refit all`)."""
         self.config = config
         self.quiet = quiet
         self.layer_from_store = False  # set when a --store chose the feature layer
@@ -88,8 +90,9 @@ class Session:
         self.preprocessing = preprocessing.with_decode(_decode(config, fitted, store))
         self.workers = default_workers() if workers is None else workers
         self.data = TrainingData(
-            data_dir, config, self.preprocessing, self.workers, self.device.type == "cuda"
-        )
+            data_dir, config, self.preprocessing, self.workers, self.device.type == "cuda",
+            merge_validation,
+        )  # fmt: skip
         self.loaded: LoadedBackbone = self.record.load(config.weights)
         self._build_network(fitted)
         weights = self.data.class_weights() if config.class_weights == "balanced" else None
