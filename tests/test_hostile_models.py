@@ -320,3 +320,39 @@ def test_a_compressed_member_inside_the_pipeline_is_refused(world, tmp_path):
     crafted = write_zip(tmp_path / "c.featx", {**outer, "pipeline.skops": buffer.getvalue()})
     message = assert_one_sentence_error(invoke_featx("info", crafted), 2)
     assert "compressed member pipeline.skops/" in message
+
+
+def test_an_honest_member_past_what_featx_writes_is_refused_before_inflating(world, tmp_path):
+    """No lie in the directory: a 256 MB member of zeros packs to about 250 kB, far past what
+    featx writes in a file that small, and is refused from its stated size."""
+    bomb = tmp_path / "honest.featx"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("provenance.json", members(world["rf"])["provenance.json"])
+        with zf.open("pipeline.skops", "w") as fh:
+            for _ in range(256):
+                fh.write(bytes(1 << 20))
+    assert bomb.stat().st_size < 1 << 20
+    message = assert_one_sentence_error(invoke_featx("info", bomb), 2)
+    assert "pipeline.skops that unpacks to 268.4 MB" in message
+
+
+def test_predictions_never_start_a_csv_cell_with_a_formula(world, tmp_path):
+    """Class names and file names a spreadsheet would run (OWASP's CSV injection) are written
+    with a leading apostrophe."""
+    names = ['=HYPERLINK("http://example.com")', "@SUM(1)"]
+    crafted = _provenance(world["logreg"], tmp_path / "crafted.featx", "class_names", names)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("+cmd.jpg", "-x.jpg", "plain.jpg"):
+        (photos / name).write_bytes((world["data"] / "cat" / "img-000.jpg").read_bytes())
+    out = tmp_path / "p.csv"
+    done = invoke_featx("predict", "--model", crafted, photos, "--out", out, "--quiet",
+                        "--workers", "0")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    import csv
+
+    rows = list(csv.reader(out.read_text().splitlines()))[1:]
+    cells = [cell for row in rows for cell in row if cell and not cell[0].isdigit()]
+    assert len(rows) == 3 and cells
+    assert all(cell[0] not in "=+-@" for cell in cells), cells
+    assert {f"'{n}" for n in names} <= set(cells)
