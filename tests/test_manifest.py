@@ -14,6 +14,7 @@ from conftest import assert_one_sentence_error, invoke_featx, make_folder, run_f
 
 from featx import FeatureStore, extract
 from featx.data import open_dataset, scan_image_folder
+from featx.errors import UsageError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TINY = {"backbone": "resnet18", "weights": "none", "image_size": 32}
@@ -136,3 +137,81 @@ def test_unreadable_and_absent_manifest(tmp_path):
         if path == manifest and os.access(manifest, os.R_OK):  # running as root
             continue
         assert_one_sentence_error(result)
+
+
+MANIFEST_CASES = {
+    "plain": "path,label,split,w,src\na/x.jpg,cat,train,1,cam0\nb/y.jpg, dog ,val,2.5,cam1\n"
+    "./c/z.jpg,cat,test,3,cam_2\n",
+    "unicode": "path,label,split\nz.jpg,b,train\né.jpg,b,Train \n"
+    "Z.jpg,a,test\n"
+    "b/ä.jpg,\u3000a,val\n",
+    "spacing": "path,label,n,m\n\x1ca.jpg\x1c,cat, 5 ,1e3\nb/../c.jpg,dog,007,.5\n",
+    "quoted": 'path,label\n"a,1.jpg","ca""t"\n"b\nc.jpg",dog\n',
+    "blank rows": "path,label,\na.jpg,cat,\n,,\n\nb.jpg,dog,\n",
+    "text numbers": "path,label,big,under,hex\na.jpg,cat,99999999999999999999,1_000,0x10\n",
+    "nul": "path,label\na\x00b.jpg,cat\n",
+    "control label": "path,label\na.jpg,c\x01t\n",
+    "unknown split": "path,label,split\na.jpg,cat,train\nb.jpg,cat,bogus\n",
+    "twice": "path,label\na.jpg,cat\n./a.jpg,dog\n",
+    "twice spelled": "path,label\nd//b.jpg,cat\nd/b.jpg,dog\n",
+    "empty path": "path,label\n ,cat\n",
+}
+
+
+def _listing(folder):
+    if isinstance(folder, str):
+        return folder
+    meta = {k: [str(v) for v in values] for k, values in folder.meta.items()}
+    return (
+        folder.class_names,
+        list(folder.files.column("path")),
+        folder.files.column("label").tolist(),
+        list(folder.files.column("split")),
+        meta,
+        folder.notes,
+    )
+
+
+@pytest.mark.parametrize("name", sorted(MANIFEST_CASES))
+def test_the_columnar_reader_reads_as_python_csv_does(tmp_path, monkeypatch, name):
+    """pyarrow's reader (with its vectorised checks) and the row-by-row reader give the same
+    dataset, or refuse in the same sentence."""
+    pytest.importorskip("pyarrow")
+    from featx.data import manifest
+
+    path = tmp_path / "m.csv"
+    path.write_text(MANIFEST_CASES[name])
+
+    def read():
+        try:
+            return _listing(manifest.read_manifest(path))
+        except UsageError as error:
+            return str(error)
+
+    columnar = read()
+    monkeypatch.setattr(manifest, "parse_arrow", lambda *args: None)
+    assert read() == columnar
+
+
+def test_a_large_manifest_is_read_once_then_from_the_cache(tmp_path):
+    """A manifest of CACHE_ROWS rows or more is kept in featx's cache: the next reading of
+    the same bytes maps it, gives the same dataset, and a damaged entry is read again."""
+    pytest.importorskip("pyarrow")
+    from featx.data.manifest_cache import CACHE_ROWS
+    from featx.runtime import cache_root
+
+    n = CACHE_ROWS + 10
+    lines = [f"d{i % 7}/img{i:06d}.jpg,c{i % 13},{('train', 'val')[i % 2]},{i}" for i in range(n)]
+    path = tmp_path / "big.csv"
+    path.write_text("path,label,split,id\n" + "\n".join(lines) + "\n")
+    entries = cache_root() / "manifests"
+    before = set(entries.glob("*.arrow")) if entries.exists() else set()
+    first = open_dataset(path)
+    made = set(entries.glob("*.arrow")) - before
+    assert len(made) == 1
+    second = open_dataset(path)
+    assert _listing(second) == _listing(first)
+    assert second.fingerprint == first.fingerprint
+    assert second.files.stated() == 0  # no file stat()ed to list or identify it
+    made.pop().write_bytes(b"not arrow")
+    assert _listing(open_dataset(path)) == _listing(first)

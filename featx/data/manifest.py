@@ -12,27 +12,28 @@ from __future__ import annotations
 import csv
 import gc
 import hashlib
+import io
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from featx.data.folders import (
-    SPLIT_DIRS,
-    SPLIT_ORDER,
-    UNSPLIT,
-    ImageFile,
-    ImageFolder,
-    scan_image_folder,
-)
+from featx.data.folders import SPLIT_ORDER, UNSPLIT, ImageFile, ImageFolder, scan_image_folder
+from featx.data.manifest_arrow import parse_arrow
+from featx.data.manifest_cache import Parsed, load_parsed, save_parsed
 from featx.data.manifest_checks import (
+    REQUIRED,
+    bytes_note,
     check_cells,
     check_duplicates,
+    check_required,
     clean_columns,
     metadata_values,
+    relative_path,
     shown,
+    split_names,
 )
 from featx.data.sources import open_source, with_urls
 from featx.errors import UsageError
@@ -48,7 +49,6 @@ __all__ = [
 
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".parquet")
 UNSTATED = -2  # a file's size before it is stat()ed (-1: missing)
-REQUIRED = ("path", "label")
 
 
 def is_manifest(path: str | os.PathLike) -> bool:
@@ -65,24 +65,65 @@ def open_dataset(path: str | os.PathLike) -> ImageFolder:
     if not is_manifest(path):
         return scan_image_folder(path)
     listed = read_manifest(path)
-    urls = any("://" in p for p in listed.files.column("path"))
-    return with_urls(listed, path) if urls else listed  # without: no file stat()ed here
+    return with_urls(listed, path) if listed.urls else listed  # without: no file stat()ed here
 
 
-def _read_columns(path: Path) -> list[tuple[str, list]]:
+def read_manifest(path: str | os.PathLike) -> ImageFolder:
+    """List the images of a manifest; UsageError if it is missing, empty or malformed. A
+    manifest read before (by another shard) is mapped from featx's cache
+    (`featx.data.manifest_cache`); the check that no file is listed twice under two spellings
+    of its folder runs every time, as the filesystem may have changed."""
+    enabled = gc.isenabled()
+    gc.disable()  # millions of short-lived rows: collections would find nothing to free
+    try:
+        return _read_manifest(Path(path))
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _read_manifest(path: Path) -> ImageFolder:
+    if not path.is_file():
+        raise UsageError(f"manifest {path} does not exist or is not a file.")
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise UsageError(f"manifest {path} cannot be read ({error}).") from None
+    digest = hashlib.sha256(data).hexdigest()  # the dataset's identity, whatever its size
+    base = str(path.parent.resolve())
+    parsed = load_parsed(digest, base)
+    if parsed is None:
+        parsed = parse_arrow(path, data, base) or _parse_rows(path, data, base)
+        save_parsed(digest, base, parsed)
+    real = {os.path.realpath(os.path.join(base, folder)) for folder in parsed.folders}
+    if len(real) != len(parsed.folders):  # two folders, as spelled, are one on disk
+        check_duplicates(path, base, parsed.paths.tolist())
+    files = ManifestFiles(base, parsed.paths, parsed.labels, parsed.split_names())
+    return ManifestFolder(
+        path.parent,
+        parsed.class_names,
+        files,
+        meta=parsed.meta,
+        digest=digest,
+        notes=parsed.notes,
+        urls=parsed.urls,
+    )
+
+
+def _read_columns(path: Path, data: bytes) -> list[tuple[str, list]]:
     """The manifest's columns, (name, values) in header order (str for CSV/TSV, typed for
-    Parquet)."""
+    Parquet), read row by row."""
     try:
         if path.suffix.lower() == ".parquet":
             import pyarrow.parquet as pq
 
-            return list(pq.read_table(path).to_pydict().items())
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.reader(fh, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-            header = next(reader, None)
-            if header is None:
-                return []
-            body = list(reader)
+            return list(pq.read_table(io.BytesIO(data)).to_pydict().items())
+        text = io.StringIO(data.decode("utf-8-sig"), newline="")
+        reader = csv.reader(text, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+        header = next(reader, None)
+        if header is None:
+            return []
+        body = list(reader)
     except ImportError:
         raise UsageError(
             "reading a .parquet manifest needs pyarrow: pip install pyarrow."
@@ -102,93 +143,56 @@ def _read_columns(path: Path) -> list[tuple[str, list]]:
     return [(name, list(values)) for name, values in zip(header, columns, strict=True)]
 
 
-def read_manifest(path: str | os.PathLike) -> ImageFolder:
-    """List the images of a manifest; UsageError if it is missing, empty or malformed."""
-    enabled = gc.isenabled()
-    gc.disable()  # millions of short-lived rows: collections would find nothing to free
-    try:
-        return _read_manifest(Path(path))
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def _read_manifest(path: Path) -> ImageFolder:
-    if not path.is_file():
-        raise UsageError(f"manifest {path} does not exist or is not a file.")
-    columns = clean_columns(path, _read_columns(path))
-    if not columns:
-        raise UsageError(f"manifest {path} is empty: it lists no images.")
-    missing = [name for name in REQUIRED if name not in columns]
-    if missing:
-        raise UsageError(
-            f"manifest {path} has no {' or '.join(missing)} column; it needs path and label "
-            "(and optionally split)."
-        )
-    n = len(columns["path"])
-    if n == 0:
-        raise UsageError(f"manifest {path} lists no images.")
+def _parse_rows(path: Path, data: bytes, base: str) -> Parsed:
+    """The manifest read row by row (without pyarrow, or input its columnar reader leaves
+    to Python's csv module)."""
+    columns = clean_columns(path, _read_columns(path, data))
+    check_required(path, columns, len(columns.get("path", ())))
     check_cells(path, columns["path"], columns["label"])
-    root = path.parent
-    base = str(root.resolve())
     paths = _relative_paths(columns["path"], base, path)
     labels = [str(v).strip() for v in columns["label"]]
     if "" in labels:
         raise UsageError(
             f"manifest {path} has a row with an empty label ({shown(paths[labels.index('')])})."
         )
-    if "split" in columns:
-        splits = []
-        texts = [str(v) for v in columns["split"]]
-        named = {t: SPLIT_DIRS.get(t.strip().lower()) for t in set(texts)}
-        for value, text, image in zip(columns["split"], texts, paths, strict=True):
-            split = named[text]
-            if split is None:
-                raise UsageError(
-                    f"manifest {path} gives {shown(image)} the unknown split {value!r}; use train, "
-                    "validation (or val) or test."
-                )
-            splits.append(split)
-    else:
-        splits = [UNSPLIT] * n
-    if _may_repeat(paths, base):
+    n = len(paths)
+    splits = split_names(path, columns["split"], paths) if "split" in columns else [UNSPLIT] * n
+    if len(set(paths)) != n:
         check_duplicates(path, base, paths)
-
     class_names = sorted(set(labels))
     label_of = {name: i for i, name in enumerate(class_names)}
     codes = np.array([label_of[label] for label in labels], dtype=np.int32)
-    order = _store_order(paths, codes, splits, len(class_names))
-    files = ManifestFiles(
-        base,
+    split_codes = np.array([SPLIT_ORDER[s] for s in splits], dtype=np.int8)
+    order = _store_order(paths, codes, split_codes, len(class_names))
+    rows = order.tolist()
+    meta, notes = {}, []
+    for name, values in columns.items():
+        if name in (*REQUIRED, "split"):
+            continue
+        if any(isinstance(v, bytes | bytearray) for v in values):
+            notes.append(bytes_note(path, name))
+            continue
+        meta[name] = np.array(metadata_values([values[i] for i in rows]))
+        if meta[name].dtype.kind == "U":
+            meta[name] = meta[name].astype(object)
+    return Parsed(
+        tuple(class_names),
         np.array(paths, dtype=object)[order],
         codes[order],
-        np.array(splits, dtype=object)[order],
+        split_codes[order],
+        meta,
+        tuple({image.rpartition("/")[0] for image in paths}),
+        tuple(notes),
+        any("://" in image for image in paths),
     )
-    rows = order.tolist()
-    meta = {
-        name: metadata_values([values[i] for i in rows])
-        for name, values in columns.items()
-        if name not in (*REQUIRED, "split")
-    }
-    return ManifestFolder(root, tuple(class_names), files, meta=meta, digest=_digest(path))
 
 
-def _store_order(paths: list[str], codes: np.ndarray, splits: list[str], n_classes: int):
+def _store_order(paths: list[str], codes: np.ndarray, splits: np.ndarray, n_classes: int):
     """The rows' indices in split, class, path order (a sort by path, then a stable sort by
     split and class: no Python tuple per row)."""
     by_path = np.array(sorted(range(len(paths)), key=paths.__getitem__), dtype=np.int64)
-    split_codes = np.array([SPLIT_ORDER[s] for s in splits], dtype=np.int64)
-    group = (split_codes * n_classes + codes)[by_path]
+    group = (splits.astype(np.int64) * n_classes + codes)[by_path]
     return by_path[np.argsort(group, kind="stable")]
-
-
-def _digest(path: Path) -> str:
-    """sha256 of the manifest's bytes: the dataset's identity, whatever its size."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class ManifestFiles(Sequence):
@@ -242,6 +246,8 @@ class ManifestFolder(ImageFolder):
     is stat()ed for it); files changed in place are found by their recorded size and time."""
 
     digest: str = ""
+    notes: tuple[str, ...] = field(default=(), compare=False)  # what was left out, and why
+    urls: bool = False  # whether any row is a URL, read through fsspec
 
     @property
     def fingerprint(self) -> str:
@@ -249,7 +255,7 @@ class ManifestFolder(ImageFolder):
 
 
 def _relative_paths(values: list, root: str, manifest: Path) -> list[str]:
-    """The manifest's paths as stored (see `_relative`). When every path is already a
+    """The manifest's paths as stored (see `relative_path`). When every path is already a
     relative, normalised path (the common case), one pass over the joined text shows it."""
     paths = [str(v).strip() for v in values]
     joined = "\0" + "\0".join(paths) + "\0"  # check_cells refused NUL bytes in paths
@@ -257,38 +263,7 @@ def _relative_paths(values: list, root: str, manifest: Path) -> list[str]:
         mark in joined for mark in ("\0\0", "\0/", "\0.", "//", "/.", "/\0", "://")
     ):
         return paths
-    return [_relative(p, root, manifest) for p in paths]
-
-
-def _relative(image: str, root: str, manifest: Path) -> str:
-    """A manifest path as stored: relative to the manifest's folder when below it.
-    (String functions, not pathlib: this runs once per image of possibly millions.)"""
-    if not image:
-        raise UsageError(f"manifest {manifest} has a row with an empty path.")
-    if "://" in image:  # a URL, read through fsspec (featx.data.sources.urls)
-        return image
-    if os.sep == "/" and not (  # already as normpath gives it
-        "//" in image or "/." in image or image[0] == "." or image[-1] == "/"
-    ):
-        if image[0] != "/":
-            return image
-        if image.startswith(root + "/"):
-            return image[len(root) + 1 :]
-    image = os.path.normpath(image)
-    if os.path.isabs(image):
-        inside = os.path.relpath(image, root)
-        return image if inside.startswith("..") else inside
-    return image
-
-
-def _may_repeat(paths: list[str], base: str) -> bool:
-    """False when no two rows can name one file: no path is listed twice and no two of their
-    folders, as spelled, are one folder on disk (one realpath per folder, not per row)."""
-    if len(set(paths)) != len(paths):
-        return True
-    folders = {image.rpartition("/")[0] for image in paths}
-    real = {os.path.realpath(os.path.join(base, folder)) for folder in folders}
-    return len(real) != len(folders)
+    return [relative_path(p, root, manifest) for p in paths]
 
 
 def _stat(file: str) -> tuple[int, int]:

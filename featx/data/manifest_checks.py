@@ -10,9 +10,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from featx.data.folders import SPLIT_DIRS
 from featx.errors import UsageError
 
-__all__ = ["check_cells", "check_duplicates", "clean_columns", "metadata_values", "shown"]
+__all__ = [
+    "REQUIRED",
+    "bytes_note",
+    "check_cells",
+    "check_duplicates",
+    "check_required",
+    "clean_columns",
+    "metadata_values",
+    "relative_path",
+    "shown",
+    "split_names",
+]
+
+REQUIRED = ("path", "label")
 
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 
@@ -105,3 +119,60 @@ def check_duplicates(path: Path, base: str, paths: Sequence[str]) -> None:
             also = "" if first == image else f" (also as {shown(first)})"
             raise UsageError(f"manifest {path} lists {shown(image)} twice{also}.")
         seen[key] = image
+
+
+def check_required(path: Path, columns: dict[str, Any], n_rows: int) -> None:
+    """UsageError for a manifest without rows or without a path and a label column."""
+    if not columns:
+        raise UsageError(f"manifest {path} is empty: it lists no images.")
+    missing = [name for name in REQUIRED if name not in columns]
+    if missing:
+        raise UsageError(
+            f"manifest {path} has no {' or '.join(missing)} column; it needs path and label "
+            "(and optionally split)."
+        )
+    if n_rows == 0:
+        raise UsageError(f"manifest {path} lists no images.")
+
+
+def split_names(path: Path, values: Sequence[Any], paths: Sequence[str]) -> list[str]:
+    """Each row's split as featx names it; UsageError naming the first unknown one."""
+    texts = [str(v) for v in values]
+    named = {t: SPLIT_DIRS.get(t.strip().lower()) for t in set(texts)}
+    splits = []
+    for value, text, image in zip(values, texts, paths, strict=True):
+        split = named[text]
+        if split is None:
+            raise UsageError(
+                f"manifest {path} gives {shown(image)} the unknown split {value!r}; use train, "
+                "validation (or val) or test."
+            )
+        splits.append(split)
+    return splits
+
+
+def relative_path(image: str, root: str, manifest: Path) -> str:
+    """A manifest path as stored: relative to the manifest's folder when below it.
+    (String functions, not pathlib: this runs once per image of possibly millions.)"""
+    if not image:
+        raise UsageError(f"manifest {manifest} has a row with an empty path.")
+    if "://" in image:  # a URL, read through fsspec (featx.data.sources.urls)
+        return image
+    if os.sep == "/" and not (  # already as normpath gives it
+        "//" in image or "/." in image or image[0] == "." or image[-1] == "/"
+    ):
+        if image[0] != "/":
+            return image
+        if image.startswith(root + "/"):
+            return image[len(root) + 1 :]
+    image = os.path.normpath(image)
+    if os.path.isabs(image):
+        inside = os.path.relpath(image, root)
+        return image if inside.startswith("..") else inside
+    return image
+
+
+def bytes_note(path: Path, name: str) -> str:
+    """The note on a column of bytes, which a store does not keep as metadata (a column of
+    image bytes makes the file a dataset of images: see `featx.data.sources`)."""
+    return f"manifest {path}: column {shown(name)!r} holds bytes, which are not kept as metadata."

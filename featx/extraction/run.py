@@ -127,6 +127,8 @@ def extract(
         store.parent.mkdir(parents=True, exist_ok=True)
     given, store = store, Path(os.path.realpath(store))  # lock and write a link's target
     log = stderr_log(s.quiet)
+    for note in getattr(folder, "notes", ()):  # what a manifest's reading left out
+        log(note)
     with write_lock(store):
         existing = _open_existing(store, s.overwrite, log)
         try:
