@@ -4,7 +4,10 @@ from the shared modules, and no module imports another module's `_private` names
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
+
+import pytest
 
 import featx
 
@@ -23,7 +26,7 @@ def stage_of(module: str) -> str:
 def imports(path: Path) -> list[tuple[str, list[str]]]:
     """(module, imported names) of every `from featx... import ...` and `import featx...`."""
     found = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in nodes(path):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("featx"):
             found.append((node.module, [a.name for a in node.names]))
         elif isinstance(node, ast.Import):
@@ -31,12 +34,19 @@ def imports(path: Path) -> list[tuple[str, list[str]]]:
     return found
 
 
-def modules() -> list[tuple[str, Path]]:
+@functools.cache
+def nodes(path: Path) -> tuple[ast.AST, ...]:
+    """Every node of a module's syntax tree (parsed once for all the checks here)."""
+    return tuple(ast.walk(ast.parse(path.read_text())))
+
+
+@functools.cache
+def modules() -> tuple[tuple[str, Path], ...]:
     out = []
     for path in sorted(ROOT.rglob("*.py")):
         parts = path.relative_to(ROOT).with_suffix("").parts
         out.append(("featx." + ".".join(parts), path))
-    return out
+    return tuple(out)
 
 
 def test_no_stage_imports_a_later_stage():
@@ -126,15 +136,29 @@ print("\n".join(problems))
 """
 
 
-def test_every_exported_name_resolves_in_a_fresh_interpreter():
+@pytest.fixture(scope="module")
+def every_module_imported() -> dict[str, list[str]]:
+    """One fresh interpreter resolves every lazy export first, then imports every module and
+    looks for shadowed exports; each check's findings, by name (importing every module once
+    costs seconds, so both checks share it)."""
     import subprocess
     import sys
 
+    script = RESOLVE + 'print("\\n--- shadowed ---")\n' + SHADOWED
     done = subprocess.run(
-        [sys.executable, "-c", RESOLVE], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "", done.stdout
+    resolve, _, shadowed = done.stdout.partition("--- shadowed ---")
+    return {
+        "resolve": [line for line in resolve.splitlines() if line.strip()],
+        "shadowed": [line for line in shadowed.splitlines() if line.strip()],
+    }
+
+
+@pytest.mark.slow
+def test_every_exported_name_resolves_in_a_fresh_interpreter(every_module_imported):
+    assert every_module_imported["resolve"] == []
 
 
 def test_subpackages_are_attributes_of_featx_in_a_fresh_interpreter():
@@ -165,17 +189,11 @@ for package in packages:
 """
 
 
-def test_no_exported_name_is_shadowed_by_a_module_of_the_same_name():
+@pytest.mark.slow
+def test_no_exported_name_is_shadowed_by_a_module_of_the_same_name(every_module_imported):
     """A lazily exported function must stay itself once every module is imported: a module
     named like the export would be bound over it by the import system."""
-    import subprocess
-    import sys
-
-    done = subprocess.run(
-        [sys.executable, "-c", SHADOWED], capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "", done.stdout
+    assert every_module_imported["shadowed"] == []
 
 
 def module_imports(name: str, path: Path) -> set[str]:
@@ -184,7 +202,7 @@ def module_imports(name: str, path: Path) -> set[str]:
     known = {module for module, _ in modules()}
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in nodes(path):
         if isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
@@ -238,7 +256,7 @@ def test_no_module_over_600_lines():
 def test_no_function_body_over_80_lines():
     long = {}
     for name, path in modules():
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in nodes(path):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 lines = node.end_lineno - node.body[0].lineno + 1
                 if lines > MAX_FUNCTION_LINES:
