@@ -1,11 +1,12 @@
 """`--engine auto` against each engine named, end to end, on the same images.
 
 Each run is a fresh `featx extract` process over the same photo-sized JPEGs (ResNet-50
-avgpool at 224 px, random weights: the speed is the same as with trained ones). For each of
-auto, eager, compile and openvino: one run on an empty featx cache (what a first run costs:
-conversion, compilation, or auto's measuring), then two on the cache it left (median). Prints
-images/s and auto's ratio to the best named engine, with the CPU's model and flags and the load
-average before and after.
+avgpool at 224 px, random weights: the speed is the same as with trained ones), timed from
+start to exit. For each of auto, eager, compile and openvino, its own featx cache: one round
+with every cache empty (what a first run costs: conversion, compilation, or auto's measuring),
+then `--warm-runs` rounds on the caches they left (median); the engines take turns within
+each round, so a change of load hits them alike. Prints images/s, auto's choice line and its
+ratio to the best named engine, with the CPU's model and flags and the load average.
 
     python benchmarks/bench_auto.py                  # 320 images, fp32
     python benchmarks/bench_auto.py --precision bf16
@@ -82,24 +83,33 @@ def main() -> None:
         args.images, args.backbone, args.layer, args.image_size = 24, "resnet18", "layer2", 64
         args.engines, args.warm_runs, size = ["eager", "openvino"], 1, (80, 60)
     cpu = cpu_description()
-    units = " ".join(f for f in cpu["flags"] if f.startswith(("avx", "amx", "fma")))
+    units = " ".join(f for f in cpu["flags"] if f.startswith(("avx", "amx", "fma", "f16c")))
     print(f"# {cpu['model']}, {cpu['logical']} logical cores; flags: {units}")
-    print(f"# load average before: {os.getloadavg()[0]:.1f}")
+    print(f"# {args.images} JPEGs {size[0]}x{size[1]}, {args.backbone} {args.layer}, "
+          f"{args.precision}; load average before: {os.getloadavg()[0]:.1f}")  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix="bench-auto-"))
+    engines = ["auto", *args.engines]
     try:
         data = photos(work / "data", args.images, size)
-        rates: dict[str, dict[str, float]] = {}
-        for engine in ["auto", *args.engines]:
-            cache = work / f"cache-{engine}"
-            fresh, choice = run(data, engine, cache, work / "s.h5", args)
-            warm = [run(data, engine, cache, work / "s.h5", args) for _ in range(args.warm_runs)]
-            rates[engine] = {
-                "fresh": args.images / fresh,
-                "warm": args.images / statistics.median(s for s, _ in warm),
+        seconds: dict[str, list[float]] = {engine: [] for engine in engines}
+        for round_ in range(1 + args.warm_runs):
+            kind = "fresh" if round_ == 0 else f"warm {round_}"
+            for engine in engines:
+                took, choice = run(data, engine, work / f"cache-{engine}", work / "s.h5", args)
+                seconds[engine].append(took)
+                print(f"{kind:<7} {engine:<9} {args.images / took:6.2f} img/s  {choice}",
+                      flush=True)  # fmt: skip
+        rates = {
+            engine: {
+                "fresh": args.images / times[0],
+                "warm": args.images / statistics.median(times[1:]),
             }
-            r = rates[engine]
-            print(f"{engine:<9} fresh {r['fresh']:6.2f} img/s   warm {r['warm']:6.2f} img/s   "
-                  f"{warm[-1][1] or choice}", flush=True)  # fmt: skip
+            for engine, times in seconds.items()
+        }
+        print(f"# load average: {os.getloadavg()[0]:.1f}")
+        for engine, r in rates.items():
+            print(f"{engine:<9} fresh {r['fresh']:6.2f} img/s   warm {r['warm']:6.2f} img/s "
+                  f"(median of {args.warm_runs})")  # fmt: skip
         for kind in ("warm", "fresh"):
             best = max(args.engines, key=lambda e: rates[e][kind])
             ratio = rates["auto"][kind] / rates[best][kind]

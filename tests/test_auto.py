@@ -188,3 +188,62 @@ def test_auto_on_cuda_measures_eager_and_compile(photos, tmp_path, precision):
     with FeatureStore(tmp_path / "g.h5") as store:
         names = {n for n, _, _ in json.loads(store.layer("avgpool").attrs["engine_rows"])}
         assert names <= {"eager", "compile"} and "eager" in names
+
+
+def test_a_run_as_long_as_the_one_that_measured_starts_the_cached_choice():
+    from featx.inference.auto import Decision, Trial
+    from featx.inference.race import _worth_measuring_again
+
+    trials = [Trial("eager", 2, rate=10.0, setup=0.0), Trial("openvino", 2, rate=13.0, setup=3)]
+    # compile's expected set-up was too long for the 320 images that measured
+    decision = Decision({}, "2024-01-01", trials, unaffordable={"compile": 30.0}, images=320)
+    names = ["eager", "openvino", "compile"]
+    assert not _worth_measuring_again(decision, names, frozenset(), 320)
+    assert not _worth_measuring_again(decision, names, frozenset(), 160)
+    # a run long enough to win compile's set-up back measures again
+    assert _worth_measuring_again(decision, names, frozenset(), 3200)
+    decision.images = 0  # measured by a featx that did not record the run's length
+    assert not _worth_measuring_again(decision, names[:2], frozenset(), 320)
+
+
+def test_the_race_measures_the_fastest_engine_on_fewer_threads_beside_decoding():
+    """Two torch threads beside one decoding process: eager also runs on one thread, taking
+    turns with itself on two, and the choice line says the threads and processes."""
+    from featx.backbones import get_backbone
+    from featx.backbones.layers import prepare_tap
+    from featx.inference.auto import Decision
+    from featx.inference.engines import build_engine
+    from featx.inference.race import ROUND_BATCHES, ROUNDS, AutoEngine
+
+    cpu = torch.device("cpu")
+    loaded = get_backbone("resnet18").load("none")
+    tap = prepare_tap(loaded.model, ["layer1"], "avg", cpu, 32)
+    batch = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    saved, lines, built = [], [], []
+
+    def build(name, threads):
+        built.append((name, threads))
+        return build_engine(tap, name, cpu, "fp32", batch)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        engine = AutoEngine(build, ["eager"], precision="fp32", batch_size=2, n_batches=16,
+                            workers=1, decision=Decision({"workers": 1}, ""), save=saved.append,
+                            log=lines.append)  # fmt: skip
+        want = build_engine(tap, "eager", cpu, "fp32", batch)(batch)
+        for _ in range(16):
+            out = engine(batch)
+            assert torch.allclose(out["layer1"], want["layer1"], rtol=1e-4, atol=1e-5)
+        chosen = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
+    (decision,) = saved
+    assert [(t.engine, t.threads) for t in decision.trials] == [("eager", 2), ("eager", 1)]
+    assert decision.images == 32 and built == [("eager", None)]
+    assert decision.trials[1].batches == ROUNDS * ROUND_BATCHES
+    best = max(decision.trials, key=lambda t: t.rate)
+    assert chosen == best.threads
+    assert lines == [decision.line(best, cached=False)]
+    assert f"Engine eager on {best.threads} thread" in lines[0]
+    assert "beside 1 decoding process:" in lines[0] and "x eager on 2 threads" in lines[0]

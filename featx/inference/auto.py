@@ -69,6 +69,7 @@ class Decision:
     skipped: dict[str, str] = field(default_factory=dict)  # engine: why it cannot run here
     # engine: its expected set-up (s), too long for the run that measured
     unaffordable: dict[str, float] = field(default_factory=dict)
+    images: int = 0  # the length of the run that measured: a longer run may measure again
 
     def reference(self) -> Trial:
         """Eager at the process's own thread count: what speed-ups are relative to."""
@@ -88,15 +89,15 @@ class Decision:
         )
 
     def line(self, trial: Trial, cached: bool) -> str:
-        """The choice line: the engine, its speed-up and where the figure came from."""
-        ref = self.reference()
-        name, base = trial.engine, "eager"
-        if len({t.threads for t in self.trials}) > 1:
-            base = f"eager on {ref.threads} threads"
-            if trial.engine in TORCH_ENGINES:
-                name = f"{trial.engine} on {_threads(trial.threads)}"
+        """The choice line: the engine, its threads beside the decoding processes, its
+        speed-up and where the figure came from."""
+        ref, workers = self.reference(), int(self.signature.get("workers", 0))
+        where = f"on {_plural(trial.threads, 'thread')}"
+        if workers:
+            where += f" beside {_plural(workers, 'decoding process', 'es')}"
         source = f"measured here {self.measured}, {trial.batches} batches each"
-        text = f"Engine {name}: {trial.rate / ref.rate:.2f}x {base}"
+        text = f"Engine {trial.engine} {where}: {trial.rate / ref.rate:.2f}x eager"
+        text += f" on {_plural(ref.threads, 'thread')}"
         text += f" (cached decision, {source})" if cached else f", {source}"
         if self.skipped:
             text += "; not used: " + ", ".join(f"{k} ({v})" for k, v in self.skipped.items())
@@ -118,11 +119,12 @@ class Decision:
             trials,
             dict(data.get("skipped", {})),
             dict(data.get("unaffordable", {})),
+            int(data.get("images", 0)),
         )
 
 
-def _threads(n: int) -> str:
-    return f"{n} thread{'s' * (n != 1)}"
+def _plural(n: int, noun: str, suffix: str = "s") -> str:
+    return f"{n} {noun}{suffix * (n != 1)}"
 
 
 def signature(key: str, batch_size: int, identity: dict[str, Any]) -> dict[str, Any]:

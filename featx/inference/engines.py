@@ -170,7 +170,8 @@ def _openvino(tap, device, precision, example, key=None, calibration=None, **opt
     if device.type != "cpu":
         raise ValueError(f"the openvino engine runs on the CPU, not {device.type}")
     hint, streams = options.get("ov_hint", "THROUGHPUT"), options.get("ov_streams")
-    return openvino_engine(tap, precision, example, key, hint, streams, calibration)
+    threads = options.get("ov_threads")
+    return openvino_engine(tap, precision, example, key, hint, streams, calibration, threads)
 
 
 # ---- building ---------------------------------------------------------------------------------
@@ -188,7 +189,7 @@ def build_engine(
     """The requested engine for `tap`, or eager with `fallback_reason` set when that engine
     cannot take this model here. `example` is one full batch (its size fixes compile's batch);
     `key` (see `cache_key`) names the cached conversion, None disables the cache. `options` go
-    to the engine's builder (compile_mode; ov_hint, ov_streams).
+    to the engine's builder (compile_mode; ov_hint, ov_streams, ov_threads).
 
     int8 needs an engine that computes it and `calibration` (unless `key`'s int8 model is
     cached); it never falls back: a failure is a UsageError that says why."""

@@ -86,8 +86,9 @@ def start_engine(
     if engine == "auto":
         from featx.inference.race import start_auto
 
-        def build(name: str) -> Engine:
-            return build_engine(tap, name, device, precision, example, key=key)
+        def build(name: str, threads: int | None) -> Engine:
+            options = {} if threads is None else {"ov_threads": threads}
+            return build_engine(tap, name, device, precision, example, key=key, **options)
 
         chosen = start_auto(
             build, key=key, device=device, precision=precision, batch_size=len(example),

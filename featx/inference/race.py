@@ -3,16 +3,16 @@ and timed, and the run continues on the fastest. Every batch computed while meas
 batch of the run; `AutoEngine.name` says which engine computed the last one, so a store can
 record which engine computed which rows.
 
-Eager runs first, one warm-up and `BATCHES_EACH` timed batches at torch's thread count and
-again with as many threads fewer as there are decoding processes (at least one fewer: on a busy
-machine torch's threads wait on each other); the faster count is kept for the torch engines.
-Each other candidate gets one warm-up batch (compared with eager on the same batch: an engine
-whose features differ from eager's by more than `AGREEMENT` is dropped and that batch kept from
-eager), then it and eager take turns for `ROUNDS` rounds of `ROUND_BATCHES` timed batches
-each, so that both see the same load from decoding; each engine's rate is its median batch.
-An engine not measured here is tried only when its expected set-up (from featx's cache when
-its conversion is there) is at most `SETUP_SHARE` of what the batches left would take on eager.
-"""
+Eager runs first, one warm-up and `BATCHES_EACH` timed batches. Each other candidate gets one
+warm-up batch (compared with eager on the same batch: an engine whose features differ from
+eager's by more than `AGREEMENT` is dropped and that batch kept from eager), then it and eager
+take turns for `ROUNDS` rounds of `ROUND_BATCHES` timed batches each, so that both see the same
+load from decoding; each engine's rate is its median batch. Then threads: the fastest engine
+takes turns with itself on as many threads fewer as there are decoding processes (at least one
+fewer: on a busy machine the network's threads wait on each other and on decoding), and the
+faster count is part of the choice. An engine not measured here is tried only when its
+expected set-up (from featx's cache when its conversion is there) is at most `SETUP_SHARE` of
+what the batches left would take on the fastest engine so far."""
 
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ ROUNDS, ROUND_BATCHES = 2, 2  # a candidate and eager alternate: rounds, timed b
 AGREEMENT = {"fp32": 1e-4, "bf16": 1e-2, "fp16": 1e-2}
 
 Outputs = dict[str, "torch.Tensor"]
+Build = Callable[[str, "int | None"], "Engine"]
 
 
 def agreement(out: Outputs, ref: Outputs, precision: str) -> float:
@@ -59,11 +60,12 @@ def agreement(out: Outputs, ref: Outputs, precision: str) -> float:
 
 class AutoEngine:
     """Callable like an `Engine`; measures the candidates on the first batches, then runs the
-    fastest. `build(name)` builds an engine; `save(decision)` keeps the measurements."""
+    fastest. `build(name, threads)` builds an engine (OpenVINO on `threads` threads, None: its
+    own count); `save(decision)` keeps the measurements."""
 
     def __init__(
         self,
-        build: Callable[[str], Engine],
+        build: Build,
         names: list[str],
         *,
         precision: str,
@@ -81,6 +83,7 @@ class AutoEngine:
         self.cached = cached  # the engines whose conversion is in featx's cache
         self.batch_size = batch_size
         self.batches_left, self.workers = n_batches, workers
+        self.images = n_batches * batch_size
         self.decision, self.save, self.log = decision, save, log
         self.threads = torch.get_num_threads()
         self.name, self.chosen, self.choice = "eager", None, ""
@@ -99,20 +102,13 @@ class AutoEngine:
 
     # ---- the race ------------------------------------------------------------------------
     def _race(self) -> Generator[Outputs, torch.Tensor, None]:
-        import torch
 
         batch = yield {}  # primed
-        eager = self.build("eager")
+        eager = self.build("eager", None)
         self.device = eager.device
         trials: list[Trial] = []
         batch = yield from self._measure(eager, trials, batch)
-        fewer = max(1, self.threads - max(1, self.workers))
-        if fewer != self.threads and self._room(0.0, trials, 1 + BATCHES_EACH):
-            torch.set_num_threads(fewer)
-            batch = yield from self._measure(eager, trials, batch)
-            best = max(trials, key=lambda t: t.rate)
-            torch.set_num_threads(best.threads)
-        engines = {"eager": eager}
+        engines: dict[tuple[str, int], Engine] = {("eager", self.threads): eager}
         eager_rates: list[float] = []  # eager's batches in the rounds it took turns in
         for name in self.names[1:]:
             cached = name in self.cached
@@ -121,28 +117,75 @@ class AutoEngine:
                 self.decision.unaffordable[name] = round(expected, 1)
                 continue
             start = time.perf_counter()
-            engine = self.build(name)
+            engine = self.build(name, None)
             setup = time.perf_counter() - start
             if engine.fallback_reason:
                 self.decision.skipped[name] = engine.fallback_reason
                 continue
             auto.record_setup(name, setup, cached)
-            engines[name] = engine
-            trial = Trial(name, torch.get_num_threads(), 0.0, setup)
+            engines[name, self.threads] = engine
+            trial = Trial(name, self.threads, 0.0, setup)
             if cached:
                 trial.setup, trial.cached_setup = auto.setup_expected(name), setup
             batch = yield from self._alternate(engine, eager, trial, trials, eager_rates, batch)
-        self._finish(trials, engines, eager_rates)
+        if eager_rates:  # eager's rate from the same rounds as the candidates'
+            trials[0].rate = statistics.median(eager_rates)
+            trials[0].batches = len(eager_rates)
+        batch = yield from self._threads(trials, engines, batch)
+        self._finish(trials, engines)
         while True:
             batch = yield self.chosen(batch)
 
+    def _threads(self, trials: list[Trial], engines: dict, batch):
+        """The fastest engine so far on fewer threads, as many fewer as there are decoding
+        processes (at least one): it takes turns with itself on all threads for ROUNDS rounds,
+        and a Trial at the fewer count is added, its rate scaled by the ratio of the two
+        medians. OpenVINO is built again (from featx's cache) for its thread count."""
+        import torch
+
+        fewer = max(1, self.threads - max(1, self.workers))
+        best = max(trials, key=lambda t: t.rate)
+        torch_engine = best.engine in auto.TORCH_ENGINES
+        expected = 0.0 if torch_engine else auto.setup_expected(best.engine, cached=True)
+        needed = 2 * ROUNDS * ROUND_BATCHES + (0 if torch_engine else 1)
+        if fewer == self.threads or not self._room(expected, trials, needed):
+            return batch
+        full, few, setup = engines[best.engine, self.threads], None, None
+        if torch_engine:
+            few = full
+        else:
+            start = time.perf_counter()
+            few = self.build(best.engine, fewer)
+            setup = time.perf_counter() - start
+            if few.fallback_reason:
+                return batch
+            auto.record_setup(best.engine, setup, cached=True)
+            self.name = few.name
+            batch = yield few(batch)  # its warm-up
+        rates: dict[int, list[float]] = {fewer: [], self.threads: []}
+        for _ in range(ROUNDS):
+            for count, runner in ((fewer, few), (self.threads, full)):
+                torch.set_num_threads(count)
+                for _ in range(ROUND_BATCHES):
+                    out, rate = self._timed(runner, batch)
+                    rates[count].append(rate)
+                    batch = yield out
+        torch.set_num_threads(self.threads)
+        scale = statistics.median(rates[fewer]) / statistics.median(rates[self.threads])
+        trials.append(
+            Trial(best.engine, fewer, best.rate * scale, best.setup, setup,
+                  len(rates[fewer]), best.agreement)
+        )  # fmt: skip
+        engines[best.engine, fewer] = few
+        return batch
+
     def _room(self, setup: float, trials: list[Trial], batches: int) -> bool:
-        """Whether the batches left can afford measuring one more candidate on `batches`
-        batches, one batch after them, and its set-up within SETUP_SHARE of eager."""
-        left = self.batches_left - (batches + 1)
+        """Whether the batches left can afford measuring one more candidate: `batches` of
+        them and one after, and its set-up within SETUP_SHARE of what they would take on the
+        fastest engine so far (the batches it is measured on are the run's own work)."""
         rate = max((t.rate for t in trials), default=0.0)
-        eager_seconds = left * self.batch_size / rate if rate else 0.0
-        return left >= 0 and setup <= SETUP_SHARE * eager_seconds
+        seconds = self.batches_left * self.batch_size / rate if rate else 0.0
+        return self.batches_left >= batches + 1 and setup <= SETUP_SHARE * seconds
 
     def _timed(self, engine, batch) -> tuple[Outputs, float]:
         """`engine`'s outputs for `batch` and its images/s on it."""
@@ -189,27 +232,22 @@ class AutoEngine:
         trials.append(trial)
         return batch
 
-    def _finish(
-        self, trials: list[Trial], engines: dict[str, Engine], eager_rates: list[float]
-    ) -> None:
+    def _finish(self, trials: list[Trial], engines: dict) -> None:
         import torch
 
-        if eager_rates:  # eager's rate from the same rounds as the candidates'
-            kept = torch.get_num_threads()
-            ref = next(t for t in trials if t.engine == "eager" and t.threads == kept)
-            ref.rate, ref.batches = statistics.median(eager_rates), len(eager_rates)
         self.decision.trials = trials
         self.decision.measured = auto.today()
+        self.decision.images = self.images
         best = max(trials, key=lambda t: t.rate)
         torch.set_num_threads(best.threads)
-        self.chosen, self.name = engines[best.engine], best.engine
+        self.chosen, self.name = engines[best.engine, best.threads], best.engine
         self.choice = self.decision.line(best, cached=False)
         self.save(self.decision)
         self.log(self.choice)
 
 
 def start_auto(
-    build: Callable[[str], Engine],
+    build: Build,
     *,
     key: str,
     device: torch.device,
@@ -231,20 +269,10 @@ def start_auto(
     sig = auto.signature(key, batch_size, machine_identity(device, workers))
     decision = auto.load_decision(sig)
     n_images = n_batches * batch_size
-    if decision is not None:
-        eager_left = n_images / max(t.rate for t in decision.trials if t.engine == "eager")
-        measured = {t.engine for t in decision.trials} | set(decision.skipped)
-        affordable = [
-            name
-            for name in names
-            if name not in measured
-            and n_batches >= 2 * (BATCHES_EACH + 2)
-            and auto.setup_expected(name, name in cached) <= SETUP_SHARE * eager_left
-        ]
-        if not affordable:
-            return _from_decision(decision, build, key, n_images, log)
+    if decision is not None and not _worth_measuring_again(decision, names, cached, n_images):
+        return _from_decision(decision, build, key, n_images, log)
     if n_batches < BATCHES_EACH + 1:
-        engine = build("eager")
+        engine = build("eager", None)
         engine.choice = f"Engine eager: {n_batches} batch(es) are too few to measure engines on."
         log(engine.choice)
         return engine
@@ -256,6 +284,23 @@ def start_auto(
     )  # fmt: skip
 
 
+def _worth_measuring_again(
+    decision: Decision, names: list[str], cached: frozenset[str], n_images: int
+) -> bool:
+    """Whether this run measures again although `decision` is cached: only when it is longer
+    than the run that measured (a run as long decides the same, so a warm run just starts the
+    chosen engine) and an engine left unmeasured then could now be afforded."""
+    if n_images <= decision.images:
+        return False
+    eager_left = n_images / max(t.rate for t in decision.trials if t.engine == "eager")
+    measured = {t.engine for t in decision.trials} | set(decision.skipped)
+    return any(
+        auto.setup_expected(name, name in cached) <= SETUP_SHARE * eager_left
+        for name in names
+        if name not in measured
+    )
+
+
 def _from_decision(decision: Decision, build, key: str, n_images: int, log) -> Engine:
     import torch
 
@@ -263,9 +308,10 @@ def _from_decision(decision: Decision, build, key: str, n_images: int, log) -> E
 
     cached = frozenset(t.engine for t in decision.trials if is_cached(t.engine, key))
     best = decision.best(n_images, cached)
+    default = torch.get_num_threads()
     torch.set_num_threads(best.threads)
     start = time.perf_counter()
-    engine = build(best.engine)
+    engine = build(best.engine, best.threads if best.threads != default else None)
     if best.engine in cached and not engine.fallback_reason:
         best.cached_setup = round(time.perf_counter() - start, 3)
         auto.save_decision(decision)
