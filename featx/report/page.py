@@ -5,7 +5,8 @@ The page is self-contained (inline CSS, inline SVG charts, one inline script tha
 leaderboards and is the only script its Content-Security-Policy lets run). Runs are grouped in
 one section per store; the best runs of each store get a full section, the rest are collapsed.
 A probe call is one entry, its best layer, with its accuracy against depth and its other layers
-under it; a store with a probe and a head or fine-tune compares them in one ladder.
+under it; a store with a probe and a head or fine-tune compares them in one ladder, and stores
+of one experiment on other splits compare it across them (mean ± std over the splits).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from markupsafe import Markup
 
 from featx import __version__
 from featx.report.charts import history_chart, lr_chart, probe_chart
-from featx.report.probes import ProbeGroup, collapse, curve, ladder
+from featx.report.ladder import across_splits, ladder
+from featx.report.probes import ProbeGroup, collapse, curve
 from featx.runlog import Run, ranked
 from featx.runtime import atomic_write
 
@@ -201,8 +203,7 @@ def _probe_view(group: ProbeGroup) -> dict[str, Any]:
     }
 
 
-def _ladder_view(runs: Sequence[Run]) -> dict[str, Any] | None:
-    found = ladder(runs)
+def _ladder_view(found: dict[str, Any] | None) -> dict[str, Any] | None:
     if found is None:
         return None
     rows = [
@@ -275,15 +276,17 @@ def _provenance(store: Path, meta: dict[str, Any] | None) -> dict[str, Any] | No
     }
 
 
-def _store_views(runs: Sequence[Run], best: int) -> list[dict[str, Any]]:
-    """One view per store, the store with the best run first."""
-    by_store: dict[Path, list[Run]] = {}
-    for run in ranked(runs):
-        by_store.setdefault(run.store, []).append(run)
+def _meta(runs: Sequence[Run]) -> dict[str, Any] | None:
+    """The store's provenance as its latest run logged it."""
+    return next((r.meta for r in sorted(runs, key=lambda r: r.time, reverse=True) if r.meta),
+                None)  # fmt: skip
+
+
+def _store_views(by_store: dict[Path, list[Run]], ladders, best: int) -> list[dict[str, Any]]:
+    """One view per store, in the order of `by_store` (the store with the best run first)."""
     views = []
     for i, (store, mine) in enumerate(by_store.items()):
-        meta = next((r.meta for r in sorted(mine, key=lambda r: r.time, reverse=True) if r.meta),
-                    None)  # fmt: skip
+        meta = _meta(mine)
         shown = [_run_view(run, rank, group)
                  for rank, (run, group) in enumerate(collapse(mine), 1)]  # fmt: skip
         views.append(
@@ -296,24 +299,43 @@ def _store_views(runs: Sequence[Run], best: int) -> list[dict[str, Any]]:
                 "rest": shown[best:],
                 "top": shown[0]["val"] if shown[0]["val"] is not None else shown[0]["test"],
                 "provenance": _provenance(store, meta),
-                "ladder": _ladder_view(mine),
+                "ladder": _ladder_view(ladders[store]),
             }
         )
     return views
+
+
+def _across_views(by_store: dict[Path, list[Run]], ladders, anchors) -> list[dict[str, Any]]:
+    """The ladder across the stores of each experiment on several splits."""
+    found = across_splits([
+        (store, _meta(runs), ladders[store]) for store, runs in by_store.items() if ladders[store]
+    ])  # fmt: skip
+    for comparison in found:
+        for row in comparison["stores"]:
+            store = row.pop("store")
+            row["anchor"], row["name"] = anchors[store], store.name
+    return found
 
 
 def write_report(
     out: str | os.PathLike[str], runs: Sequence[Run], *, best: int = DEFAULT_BEST
 ) -> Path:
     """Write one self-contained HTML page about `runs` to `out` and return its path: a section
-    per store with its leaderboard, full sections for its `best` best runs and collapsed ones
-    for the rest, and the store's provenance."""
-    runs = list(runs)
+    per store with its leaderboard, its ladder, full sections for its `best` best runs and
+    collapsed ones for the rest, and the store's provenance; first, the ladder across the
+    stores of each experiment on several splits."""
+    by_store: dict[Path, list[Run]] = {}
+    for run in ranked(runs):
+        by_store.setdefault(run.store, []).append(run)
+    ladders = {store: ladder(mine) for store, mine in by_store.items()}
+    stores = _store_views(by_store, ladders, max(best, 0))
+    anchors = {Path(view["path"]): view["anchor"] for view in stores}
     script = _ENV.get_template("sort.js.j2").render()
     digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
     page = _ENV.get_template("report.html.j2").render(
-        stores=_store_views(runs, max(best, 0)),
-        n_runs=len(runs),
+        stores=stores,
+        across=_across_views(by_store, ladders, anchors),
+        n_runs=sum(map(len, by_store.values())),
         version=__version__,
         script=Markup(script),
         script_hash=f"sha256-{digest}",

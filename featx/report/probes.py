@@ -1,20 +1,19 @@
 """Probe runs in the report: the records of one `featx probe` call gathered in a group that its
-best layer stands for, the group's accuracy at each depth, and a store's ladder (best probe,
-head fitted on the cached features, fine-tuned network) as one comparison."""
+best layer stands for, and the group's accuracy at each depth (the ladder that compares a
+probe with heads and fine-tunes is `featx.report.ladder`)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from featx.runlog import Run, ranked
 
-__all__ = ["ProbeGroup", "collapse", "curve", "ladder"]
+__all__ = ["ProbeGroup", "collapse", "curve"]
 
 MAX_LAYERS = 1_000
-RUNGS = (("best probe", "probe"), ("head on the cache", "fit"), ("fine-tuned", "finetune"))
 
 
 @dataclass(frozen=True)
@@ -108,32 +107,3 @@ def curve(group: ProbeGroup) -> list[dict[str, Any]]:
             "best": run is group.best,
         })  # fmt: skip
     return points
-
-
-def ladder(runs: Sequence[Run]) -> dict[str, Any] | None:
-    """The store's best probe, best fit on the cached features and best fine-tune, compared on
-    the test split when each has a test score, else on validation; None without a probe or
-    with nothing to compare it with."""
-    rungs = []
-    for name, kind in RUNGS:
-        mine = ranked(r for r in runs if r.kind == kind)
-        if mine:
-            rungs.append((name, mine[0]))
-    if not rungs or rungs[0][0] != "best probe" or len(rungs) < 2:
-        return None
-    split = next(
-        (s for s in ("test", "validation") if all(r.metric(s, "accuracy") is not None
-                                                  for _, r in rungs)),
-        None,
-    )  # fmt: skip
-    base = rungs[0][1].metric(split, "accuracy") if split else None
-    rows = []
-    for name, run in rungs:
-        value = run.metric(split, "accuracy") if split else None
-        rows.append({
-            "step": name, "run": run, "val": run.metric("validation", "accuracy"),
-            "test": run.metric("test", "accuracy"),
-            "gain": None if value is None or base is None else 100 * (value - base),
-        })  # fmt: skip
-    missing = [name for name, _ in RUNGS if name not in {n for n, _ in rungs}]
-    return {"split": split, "rows": rows, "missing": missing}
