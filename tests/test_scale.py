@@ -240,3 +240,48 @@ def test_embedding_reader_reads_the_export(feature_store, tmp_path):
             got_paths.extend(meta["path"].tolist())
         np.testing.assert_allclose(np.concatenate(got), features, rtol=1e-6)
         assert got_paths == paths
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB tmpfs mounted at tmp_path/small (skipped where mounting is not permitted)."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)], capture_output=True
+    )
+    if mounted.returncode:
+        pytest.skip("mounting a tmpfs is not permitted here")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+@pytest.mark.slow
+def test_a_disk_filling_up_mid_merge_is_one_sentence_and_keeps_the_old_store(
+    tmp_path, small_disk
+):
+    """The shards' rows carry 2.4 MB of text metadata and their features a few KB: the
+    free-space check passes on a 2 MB disk, and the disk fills while the rows are written.
+    The merge, copied or virtual, ends in one line with the exit code of a full disk (2), the
+    old OUT as it was and no temporary file."""
+    data = tmp_path / "data"
+    make_folder(data, {"cat": 3, "dog": 3})
+    manifest = tmp_path / "m.csv"
+    lines = [f"{p.relative_to(tmp_path)},{p.parent.name},{'x' * 400_000}"
+             for p in sorted(data.rglob("*.jpg"))]  # fmt: skip
+    manifest.write_text("path,label,note\n" + "\n".join(lines) + "\n")
+    for i in range(2):
+        done = run_featx("extract", manifest, *TINY, "--layer", "avgpool", "--workers", 0,
+                         "--quiet", "--shard", f"{i}/2", "--store", tmp_path / "s.h5",
+                         cwd=tmp_path)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    out = small_disk / "merged.h5"
+    out.write_bytes(b"the previous store")
+    shards = [tmp_path / f"s.shard-{i}of2.h5" for i in range(2)]
+    for virtual in ([], ["--virtual"]):
+        result = run_featx("merge", out, *shards, "--overwrite", *virtual, cwd=tmp_path)
+        message = assert_one_sentence_error(result, code=2)
+        assert "disk full while writing" in message  # mid-write, not the space check's
+        assert result.stderr.strip() == message, result.stderr  # no HDF5 diagnostics
+        assert out.read_bytes() == b"the previous store"
+        assert [p.name for p in small_disk.iterdir()] == ["merged.h5"]
