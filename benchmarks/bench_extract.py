@@ -148,6 +148,10 @@ def model_only(
     return batch_size / statistics.median(times)
 
 
+def path_name(engine: str, precision: str, *decode: str) -> str:
+    return f"{engine} {precision}" + (" --decode reduced" if decode else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", default="resnet50")
@@ -157,6 +161,13 @@ def main() -> None:
     parser.add_argument("--eager-bf16", action="store_true", help="also time eager bf16")
     parser.add_argument("--photo-size", default="640x480", help="JPEG size, WIDTHxHEIGHT")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="PATH",
+        help='featx paths to run, named as in the table: "auto fp32" "auto fp32 --decode '
+        'reduced" (eager fp32 always runs: the reference features)',
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     photo_size = tuple(int(v) for v in args.photo_size.split("x"))
@@ -173,6 +184,9 @@ def main() -> None:
             if args.eager_bf16:  # very slow on CPUs without bf16 units (0.15x fp32 measured)
                 paths.append(("eager", "bf16"))
             paths.append(("auto", "fp32", "reduced"))
+        if args.only:
+            wanted = {"eager fp32", *args.only}
+            paths = [p for p in paths if path_name(*p) in wanted]
         rates: dict[str, list[float]] = {"plain": []}
         features: dict[str, np.ndarray] = {}
         used: dict[str, str] = {}  # the engine each row ran
@@ -181,7 +195,7 @@ def main() -> None:
                 plain_loop(args.backbone, files, args.batch_size, work / "plain.npy", device)
             )
             for engine, precision, *decode in paths:
-                name = f"{engine} {precision}" + (" --decode reduced" if decode else "")
+                name = path_name(engine, precision, *decode)
                 rate, feats, used[name] = featx_run(
                     work / "data",
                     work / f"{engine}-{precision}-{'-'.join(decode)}.h5",

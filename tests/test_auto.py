@@ -213,7 +213,7 @@ def test_the_race_measures_the_fastest_engine_on_fewer_threads_beside_decoding()
     from featx.backbones.layers import prepare_tap
     from featx.inference.auto import Decision
     from featx.inference.engines import build_engine
-    from featx.inference.race import ROUND_BATCHES, ROUNDS, AutoEngine
+    from featx.inference.race import THREAD_ROUNDS, AutoEngine
 
     cpu = torch.device("cpu")
     loaded = get_backbone("resnet18").load("none")
@@ -241,9 +241,11 @@ def test_the_race_measures_the_fastest_engine_on_fewer_threads_beside_decoding()
     (decision,) = saved
     assert [(t.engine, t.threads) for t in decision.trials] == [("eager", 2), ("eager", 1)]
     assert decision.images == 32 and built == [("eager", None)]
-    assert decision.trials[1].batches == ROUNDS * ROUND_BATCHES
+    assert decision.trials[1].batches == THREAD_ROUNDS
     best = max(decision.trials, key=lambda t: t.rate)
     assert chosen == best.threads
     assert lines == [decision.line(best, cached=False)]
     assert f"Engine eager on {best.threads} thread" in lines[0]
     assert "beside 1 decoding process:" in lines[0] and "x eager on 2 threads" in lines[0]
+    other = next(t for t in decision.trials if t is not best)
+    assert f"(on {other.threads} thread" in lines[0], lines[0]

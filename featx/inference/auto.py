@@ -98,6 +98,10 @@ class Decision:
         source = f"measured here {self.measured}, {trial.batches} batches each"
         text = f"Engine {trial.engine} {where}: {trial.rate / ref.rate:.2f}x eager"
         text += f" on {_plural(ref.threads, 'thread')}"
+        others = [t for t in self.trials if t.engine == trial.engine and t is not trial]
+        if others:
+            rates = (f"on {_plural(t.threads, 'thread')}: {t.rate / ref.rate:.2f}x" for t in others)
+            text += f" ({', '.join(rates)})"
         text += f" (cached decision, {source})" if cached else f", {source}"
         if self.skipped:
             text += "; not used: " + ", ".join(f"{k} ({v})" for k, v in self.skipped.items())

@@ -29,9 +29,18 @@ if TYPE_CHECKING:
 
     from featx.inference.engine import Engine
 
-__all__ = ["AGREEMENT", "ROUNDS", "ROUND_BATCHES", "AutoEngine", "agreement", "start_auto"]
+__all__ = [
+    "AGREEMENT",
+    "ROUNDS",
+    "ROUND_BATCHES",
+    "THREAD_ROUNDS",
+    "AutoEngine",
+    "agreement",
+    "start_auto",
+]
 
 ROUNDS, ROUND_BATCHES = 2, 2  # a candidate and eager alternate: rounds, timed batches per turn
+THREAD_ROUNDS = 2  # fewer threads and all of them alternate, one timed batch per turn
 
 # fp32 engines must give eager's features within this relative difference; low precisions
 # within this distance from cosine 1.
@@ -138,16 +147,17 @@ class AutoEngine:
 
     def _threads(self, trials: list[Trial], engines: dict, batch):
         """The fastest engine so far on fewer threads, as many fewer as there are decoding
-        processes (at least one): it takes turns with itself on all threads for ROUNDS rounds,
-        and a Trial at the fewer count is added, its rate scaled by the ratio of the two
-        medians. OpenVINO is built again (from featx's cache) for its thread count."""
+        processes (at least one): it takes turns with itself on all threads for THREAD_ROUNDS
+        rounds of one batch, and a Trial at the fewer count is added, its rate scaled by the
+        ratio of the two medians. OpenVINO is built again (from featx's cache) for its thread
+        count."""
         import torch
 
         fewer = max(1, self.threads - max(1, self.workers))
         best = max(trials, key=lambda t: t.rate)
         torch_engine = best.engine in auto.TORCH_ENGINES
         expected = 0.0 if torch_engine else auto.setup_expected(best.engine, cached=True)
-        needed = 2 * ROUNDS * ROUND_BATCHES + (0 if torch_engine else 1)
+        needed = 2 * THREAD_ROUNDS + (0 if torch_engine else 1)
         if fewer == self.threads or not self._room(expected, trials, needed):
             return batch
         full, few, setup = engines[best.engine, self.threads], None, None
@@ -163,13 +173,12 @@ class AutoEngine:
             self.name = few.name
             batch = yield few(batch)  # its warm-up
         rates: dict[int, list[float]] = {fewer: [], self.threads: []}
-        for _ in range(ROUNDS):
+        for _ in range(THREAD_ROUNDS):
             for count, runner in ((fewer, few), (self.threads, full)):
                 torch.set_num_threads(count)
-                for _ in range(ROUND_BATCHES):
-                    out, rate = self._timed(runner, batch)
-                    rates[count].append(rate)
-                    batch = yield out
+                out, rate = self._timed(runner, batch)
+                rates[count].append(rate)
+                batch = yield out
         torch.set_num_threads(self.threads)
         scale = statistics.median(rates[fewer]) / statistics.median(rates[self.threads])
         trials.append(
