@@ -6,6 +6,7 @@ re-run finds units already finished; a request for GPUs the cluster lacks is ref
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import signal
 import subprocess
@@ -17,9 +18,12 @@ import pytest
 from conftest import FEATX, make_folder
 
 from featx import FeatureStore, extract
+from featx.errors import UsageError
+from featx.extraction.units import unit_count
 
-pytest.importorskip("ray")
-pytestmark = pytest.mark.slow
+needs_ray = pytest.mark.skipif(
+    importlib.util.find_spec("ray") is None, reason="--ray needs ray (the ray extra)"
+)
 TINY = {"backbone": "resnet18", "weights": "none", "image_size": 32}
 LAYERS = ["layer3", "avgpool"]
 
@@ -56,6 +60,8 @@ def assert_same_store(a, b):
             np.testing.assert_array_equal(sb.read(key), sa.read(key))
 
 
+@pytest.mark.slow
+@needs_ray
 def test_units_on_a_two_node_cluster_equal_one_process(job, cluster):
     from featx.extraction.distributed import extract_on_ray
 
@@ -72,6 +78,8 @@ def test_units_on_a_two_node_cluster_equal_one_process(job, cluster):
         assert len(merged.meta["history"][-1]["shards"]) == 6
 
 
+@pytest.mark.slow
+@needs_ray
 def test_a_rerun_skips_finished_units_and_keeps_their_count(job, cluster):
     """A unit finished by an interrupted job (here with batch size 2) is merged as it is, and
     the re-run, given no --shards, cuts the rows into the interrupted job's 6 units."""
@@ -111,6 +119,8 @@ def _featx_extract(root, store, *options, env=None) -> subprocess.Popen:
     )  # fmt: skip
 
 
+@pytest.mark.slow
+@needs_ray
 def test_killed_worker_process_is_replaced_and_nothing_is_lost(job, cluster):
     root, whole = job
     store = root / "killed" / "s.h5"
@@ -130,6 +140,8 @@ def test_killed_worker_process_is_replaced_and_nothing_is_lost(job, cluster):
     assert_same_store(whole, store)
 
 
+@pytest.mark.slow
+@needs_ray
 def test_a_node_killed_mid_run_still_gives_the_one_process_store(job, cluster):
     """The worker node dies while both workers run units: the head's worker takes its unit
     and the rest; the job ends with the one-process store. The node is the last test's."""
@@ -144,9 +156,12 @@ def test_a_node_killed_mid_run_still_gives_the_one_process_store(job, cluster):
     nodes.remove_node(worker_node)
     out, err = process.communicate(timeout=600)
     assert process.returncode == 0, err
+    assert err == ""  # what Ray prints when a node dies stays out of featx's output
     assert_same_store(whole, store)
 
 
+@pytest.mark.slow
+@needs_ray
 def test_gpus_the_cluster_lacks_are_refused_in_one_line(job, cluster):
     root, _ = job
     store = root / "gpu" / "s.h5"
@@ -158,6 +173,8 @@ def test_gpus_the_cluster_lacks_are_refused_in_one_line(job, cluster):
     assert not store.exists()
 
 
+@pytest.mark.slow
+@needs_ray
 def test_ray_local_starts_its_own_instance_when_ray_address_is_set(job):
     root, whole = job
     store = root / "address" / "s.h5"
@@ -172,6 +189,8 @@ def test_ray_local_starts_its_own_instance_when_ray_address_is_set(job):
     assert not list(store.parent.glob(".*.ray.log"))
 
 
+@pytest.mark.slow
+@needs_ray
 def test_sigterm_stops_a_ray_driver_with_one_line(job):
     root, _ = job
     store = root / "term" / "s.h5"
@@ -184,3 +203,23 @@ def test_sigterm_stops_a_ray_driver_with_one_line(job):
     out, err = process.communicate(timeout=300)
     assert process.returncode == 130, err
     assert err.splitlines() == ["featx: interrupted."], err
+
+
+def test_units_are_several_per_worker_within_the_files():
+    assert unit_count(10_000, 8) == 32  # 4 per worker
+    assert unit_count(640, 8) == 10  # at least 64 files each
+    assert unit_count(100, 8) == 8  # never fewer than the workers
+    assert unit_count(5, 8) == 5  # nor more than the files
+
+
+def test_workers_are_sized_to_the_cluster_and_impossible_requests_refused():
+    from featx.extraction.distributed import _Pool
+
+    two_nodes = [{"CPU": 4.0}, {"CPU": 2.0, "GPU": 2.0}]
+    assert _Pool.sized(two_nodes, None, None).workers == 2  # one per GPU
+    assert _Pool.sized(two_nodes, None, 0).workers == 6  # one per CPU
+    assert _Pool.sized(two_nodes, 2, 0).workers == 3
+    with pytest.raises(UsageError, match="more GPUs than any node"):
+        _Pool.sized([{"CPU": 8.0}], None, 1)
+    with pytest.raises(UsageError, match="more CPUs than any node"):
+        _Pool.sized(two_nodes, 6, 0)

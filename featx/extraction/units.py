@@ -113,7 +113,7 @@ def run_units(
     queue = _Queue(collections.deque(units), max_retries)
     remaining = len(queue.todo)
     finished: set[int] = set()
-    calls: dict[Any, tuple[Any, int | None]] = {a.ready.remote(): (a, None) for a in actors}
+    calls: dict[Any, tuple[Any, int | None]] = {_ready(a): (a, None) for a in actors}
     idle: list = []
     while remaining:
         while idle and (unit := queue.next()) is not None:
@@ -128,12 +128,19 @@ def run_units(
                     finished.add(unit)
                     remaining -= 1
             elif unit is not None:  # the actor died: wait for Ray to restart it
-                calls[actor.ready.remote()] = (actor, None)
+                calls[_ready(actor)] = (actor, None)
         if not calls:
             if not idle:
                 raise RuntimeError("every Ray worker of the job died and none can be restarted.")
             time.sleep(POLL_SECONDS)  # only units waiting for a lock to go
         progress(finished, {unit for _, unit in calls.values() if unit is not None})
+
+
+def _ready(actor) -> Any:
+    """A call that returns once `actor` is up, waiting through its restarts (a call to an
+    actor that is restarting fails at once without `max_task_retries`); it fails only when
+    the actor is dead for good."""
+    return actor.ready.options(max_task_retries=-1).remote()
 
 
 def _finished(ray, ref, unit: int | None, n: int, queue: _Queue) -> bool:
