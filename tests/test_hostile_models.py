@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FEATX, assert_one_sentence_error, invoke_featx, make_folder
+from conftest import assert_one_sentence_error, invoke_featx, make_folder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -34,13 +34,14 @@ def world(tmp_path_factory) -> dict[str, Path]:
     done = invoke_featx("extract", data, *TINY, "--layer", "avgpool", "--store", store, "--quiet")
     assert done.returncode == 0, done.stderr
     models = {"data": data, "store": store, "root": root}
+    knn = ("--clf", "knn", "--param", "n_neighbors=1", "--param")
     for name, extra in {
-        "rf": ("--clf", "rf"),
+        "rf": ("--clf", "rf", "--param", "n_estimators=5"),  # the checks hold for each tree
         "logreg": ("--clf", "logreg"),
         "svm": ("--clf", "svm"),
-        "kd_tree": ("--clf", "knn", "--param", "n_neighbors=1", "--param", "algorithm=kd_tree"),
-        "ball_tree": ("--clf", "knn", "--param", "n_neighbors=1", "--param", "algorithm=ball_tree"),
-        "brute": ("--clf", "knn", "--param", "n_neighbors=1", "--param", "algorithm=brute"),
+        "kd_tree": (*knn, "algorithm=kd_tree"),
+        "ball_tree": (*knn, "algorithm=ball_tree"),
+        "brute": (*knn, "algorithm=brute"),
     }.items():
         model = root / f"{name}.featx"
         done = invoke_featx("fit", "--store", store, *FIT, *extra, "--model", model)
@@ -49,10 +50,59 @@ def world(tmp_path_factory) -> dict[str, Path]:
     return models
 
 
-def run(*args: object, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*FEATX, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300
-    )
+# Crafted arrays used to kill featx by a signal, so each case runs in a process of its own:
+# forked from one interpreter that imported featx's libraries once (a fresh interpreter per
+# case spends seconds importing them).
+FORKS = r"""
+import json, os, sys, tempfile, time
+import h5py, skops.io, sklearn.ensemble, sklearn.neighbors, sklearn.svm, torch
+from featx.cli import app
+
+cases, timeout = json.loads(sys.stdin.read())
+results = {}
+for name, args in cases.items():
+    err = tempfile.TemporaryFile()
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(err.fileno(), 2)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        sys.argv = ["featx", *args]
+        try:
+            app()
+            code = 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    deadline = time.monotonic() + timeout
+    while not (ended := os.wait4(pid, os.WNOHANG))[0]:
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+        time.sleep(0.01)
+    err.seek(0)
+    results[name] = {"returncode": os.waitstatus_to_exitcode(ended[1]),
+                     "stderr": err.read().decode(errors="replace"),
+                     "maxrss": ended[2].ru_maxrss * 1024}
+print(json.dumps(results))
+"""
+
+
+def run_forked(cases: dict[str, tuple], cwd: Path, timeout: float = 300) -> dict[str, dict]:
+    """{case: {returncode (minus the signal when killed by one), stderr, maxrss (peak bytes
+    resident)}} of `featx ARGS` for each case's ARGS, each in a forked process."""
+    plain = {name: [str(a) for a in args] for name, args in cases.items()}
+    done = subprocess.run([sys.executable, "-c", FORKS], input=json.dumps([plain, timeout]),
+                          cwd=cwd, capture_output=True, text=True, check=True)  # fmt: skip
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def as_done(result: dict) -> subprocess.CompletedProcess:
+    return subprocess.CompletedProcess([], result["returncode"], "", result["stderr"])
 
 
 # ---- rewriting a model file ---------------------------------------------------------------
@@ -168,23 +218,36 @@ def _assert_refused(done: subprocess.CompletedProcess, words: str) -> None:
     assert words in assert_one_sentence_error(done, 2)
 
 
+BY_INFO_AND_PREDICT = ["tree-child-far", "kd-index-far"]
+
+
+@pytest.fixture(scope="module")
+def crafted_runs(world) -> dict[str, dict]:
+    """Every crafted-array case run by `evaluate` (and two by `info` and `predict`), each in a
+    process of its own."""
+    folder = world["root"] / "arrays"
+    folder.mkdir()
+    runs = {}
+    for case, (model, cls, name, change, _) in ARRAY_CASES.items():
+        crafted = edit_pipeline(world[model], folder / f"{case}.featx", cls, name, change)
+        runs[f"evaluate {case}"] = ("evaluate", "--model", crafted, "--store", world["store"],
+                                    "--split", "unsplit")  # fmt: skip
+        if case in BY_INFO_AND_PREDICT:
+            runs[f"info {case}"] = ("info", crafted)
+            runs[f"predict {case}"] = ("predict", "--model", crafted, world["data"], "--quiet",
+                                       "--workers", "0")  # fmt: skip
+    return run_forked(runs, folder)
+
+
 @pytest.mark.parametrize("case", list(ARRAY_CASES))
-@pytest.mark.slow
-def test_crafted_arrays_are_refused(world, case, tmp_path):
-    model, cls, name, change, words = ARRAY_CASES[case]
-    crafted = edit_pipeline(world[model], tmp_path / "crafted.featx", cls, name, change)
-    done = run("evaluate", "--model", crafted, "--store", world["store"], "--split", "unsplit",
-               cwd=tmp_path)  # fmt: skip
-    _assert_refused(done, words)
+def test_crafted_arrays_are_refused(crafted_runs, case):
+    _assert_refused(as_done(crafted_runs[f"evaluate {case}"]), ARRAY_CASES[case][-1])
 
 
-@pytest.mark.parametrize("case", ["tree-child-far", "kd-index-far"])
-@pytest.mark.slow
-def test_crafted_arrays_are_refused_by_info_and_predict(world, case, tmp_path):
-    model, cls, name, change, words = ARRAY_CASES[case]
-    crafted = edit_pipeline(world[model], tmp_path / "crafted.featx", cls, name, change)
-    for args in (("info", crafted), ("predict", "--model", crafted, world["data"], "--quiet")):
-        _assert_refused(run(*args, cwd=tmp_path), words)
+@pytest.mark.parametrize("case", BY_INFO_AND_PREDICT)
+@pytest.mark.parametrize("command", ["info", "predict"])
+def test_crafted_arrays_are_refused_by_info_and_predict(crafted_runs, case, command):
+    _assert_refused(as_done(crafted_runs[f"{command} {case}"]), ARRAY_CASES[case][-1])
 
 
 def test_the_real_models_pass_the_checks(world):
@@ -212,31 +275,14 @@ def lying_bomb(good: Path, out: Path, inflated: int) -> Path:
     return out
 
 
-def peak_rss(*args: object, cwd: Path) -> tuple[subprocess.CompletedProcess, int]:
-    """`featx ARGS` run from a fresh parent process, and the peak resident memory (bytes) of
-    that run alone (RUSAGE_CHILDREN of a parent with no other child)."""
-    measure = (
-        "import resource, subprocess, sys\n"
-        "done = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
-        "sys.stderr.write(done.stderr)\n"
-        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
-        "sys.exit(done.returncode)\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", measure, *FEATX, *map(str, args)],
-        cwd=cwd, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    return done, int(done.stdout.split()[-1]) * 1024
-
-
 @pytest.mark.slow
 def test_a_lying_zip_bomb_is_refused_with_bounded_memory(world, tmp_path):
     inflated = 1 << 30
     bomb = lying_bomb(world["rf"], tmp_path / "bomb.featx", inflated)
     assert bomb.stat().st_size < 2 << 20
-    _, baseline = peak_rss("info", world["rf"], cwd=tmp_path)
-    done, peak = peak_rss("info", bomb, cwd=tmp_path)
-    assert "pipeline.skops that unpacks to" in assert_one_sentence_error(done, 2)
+    runs = run_forked({"good": ("info", world["rf"]), "bomb": ("info", bomb)}, tmp_path)
+    baseline, peak = runs["good"]["maxrss"], runs["bomb"]["maxrss"]
+    assert "pipeline.skops that unpacks to" in assert_one_sentence_error(as_done(runs["bomb"]))
     assert peak < baseline + inflated // 8, (peak >> 20, baseline >> 20)
 
 
