@@ -101,8 +101,15 @@ class AutoEngine:
         next(self._steps)
 
     def __call__(self, batch: torch.Tensor) -> Outputs:
-        out = self._steps.send(batch)
         self.batches_left -= 1
+        if self.chosen is not None:
+            return self.chosen(batch)
+        out = self._steps.send(batch)
+        if self.chosen is not None:
+            # The race's frame holds self: closed, the engines it built are freed when the
+            # run drops them, in this thread, not by a garbage collection that may happen
+            # to run on one of OpenVINO's threads and make it join itself.
+            self._steps.close()
         return out
 
     def describe(self) -> str:
