@@ -32,13 +32,13 @@ def _extract_args(data: Path) -> list[object]:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> tuple[Path, Path]:
-    """(data folder, store) made by the real command line."""
+    """(data folder, store) made by the command line, in this process."""
     root = tmp_path_factory.mktemp("validation")
     data = root / "pets"
     make_folder(data, {"cat": 3, "dog": 3}, split="train")
     make_folder(data, {"cat": 2, "dog": 2}, split="validation", start=20)
     store = root / "good.h5"
-    result = run_featx(*_extract_args(data), "--store", store, cwd=root)
+    result = invoke_featx(*_extract_args(data), "--store", store)
     assert result.returncode == 0, result.stderr
     return data, store
 
