@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import assert_one_sentence_error, invoke_featx, make_folder
+from conftest import assert_one_sentence_error, invoke_featx, make_folder, run_featx
 
 from featx import FeatureStore, extract
 from featx.data import open_dataset, scan_image_folder
@@ -427,3 +427,85 @@ def test_predict_on_tar_shards_equals_predict_on_the_folder(folder, folder_store
         j = by_name[Path(path).name]
         assert on_tars.predicted[i] == on_folder.predicted[j], path
         np.testing.assert_allclose(on_tars.scores[i], on_folder.scores[j], rtol=1e-5, atol=1e-6)
+
+
+def write_one_tar(folder: ImageFolder, out: Path, labelled: bool = True) -> Path:
+    """Every image of `folder` in one tar, as CLASS/NAME.jpg members with a .cls each (none
+    without `labelled`)."""
+    with tarfile.open(out, "w") as tar:
+        for f in folder.files:
+            stem = f"{folder.class_names[f.label]}/{Path(f.path).stem}-{f.split}"
+            add_member(tar, f"{stem}.jpg", image_bytes(folder, f))
+            if labelled:
+                add_member(tar, f"{stem}.cls", str(f.label).encode())
+    return out
+
+
+def test_one_tar_names_its_rows_by_member_alone(folder, tmp_path):
+    tar = write_one_tar(folder, tmp_path / "all.tar")
+    listed = open_dataset(tar)
+    assert listed.files[0].path == "cat/img-000-train.jpg"
+    assert str(listed.root / listed.files[0].path) == f"{tar.resolve()}/cat/img-000-train.jpg"
+    for packed in listed.files:  # each row reads its own member
+        plain = next(
+            f for f in folder.files if packed.path.endswith(f"{Path(f.path).stem}-{f.split}.jpg")
+        )
+        a = np.asarray(load_image(listed.root / packed.path))
+        np.testing.assert_array_equal(a, np.asarray(load_image(folder.root / plain.path)))
+
+
+@pytest.mark.slow
+def test_unlabelled_tars_are_predicted_and_refused_for_extraction(folder, folder_store, tmp_path):
+    """Samples without a label are classified as the folder's files are; extracting them for
+    training says the labels are missing, as a folder without class folders is refused."""
+    from featx import fit, predict
+
+    tar = write_one_tar(folder, tmp_path / "unlabelled.tar", labelled=False)
+    model = tmp_path / "m.joblib"
+    fit(folder_store, "layer3", "logreg", model=model, log=False)
+    on_tar = predict(model, [tar], **FAST, engine="eager")
+    on_folder = predict(model, [folder.root], **FAST, engine="eager")
+    assert on_tar.skipped == [] and len(on_tar.paths) == len(folder.files)
+    by_name = {(Path(p).parent.parent.name, Path(p).stem): i for i, p in enumerate(on_folder.paths)}
+    for i, path in enumerate(on_tar.paths):
+        name, split = Path(path).stem.rsplit("-", 1)
+        j = by_name[({"validation": "val"}.get(split, split), name)]
+        assert on_tar.predicted[i] == on_folder.predicted[j], path
+    result = invoke_featx(
+        "extract", tar, "--backbone", "resnet18", "--weights", "none", "--layer", "avgpool",
+        "--store", tmp_path / "s.h5",
+    )  # fmt: skip
+    assert "has no label" in assert_one_sentence_error(result)
+
+
+def test_a_manifest_whose_urls_all_fail_is_refused(folder, server, tmp_path):
+    manifest = tmp_path / "urls.csv"
+    manifest.write_text(
+        f"path,label\n{server.url}/missing/a.jpg,cat\n{server.url}/missing/b.jpg,dog\n"
+    )
+    result = run_featx(
+        "extract", manifest, "--backbone", "resnet18", "--weights", "none", "--image-size", 32,
+        "--layer", "avgpool", "--workers", 0, "--quiet", "--store", tmp_path / "s.h5",
+        cwd=tmp_path,
+    )  # fmt: skip
+    message = assert_one_sentence_error(result, code=3)
+    assert "none of the 2 images" in message and "not found" in message, message
+    assert f"{server.url}/missing/a.jpg" in message
+    assert not (tmp_path / "s.h5").exists()
+    assert not (tmp_path / "s.h5.partial").exists()
+
+
+def test_bytes_in_a_parquet_manifest_are_not_kept_as_text(folder, tmp_path):
+    paths = [str(folder.root / f.path) for f in folder.files]
+    table = pa.table(
+        {
+            "path": paths,
+            "label": [folder.class_names[f.label] for f in folder.files],
+            "thumbnail": [image_bytes(folder, f) for f in folder.files],
+            "id": list(range(len(paths))),
+        }
+    )
+    pq.write_table(table, tmp_path / "m.parquet")
+    listed = open_dataset(tmp_path / "m.parquet")
+    assert set(listed.meta) == {"id"}
+    assert len(listed.notes) == 1 and "'thumbnail' holds bytes" in listed.notes[0]

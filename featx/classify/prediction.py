@@ -61,9 +61,9 @@ def collect_images(
         path = Path(given)
         dataset = None
         if path.is_dir():
-            dataset = open_source(path)  # a saved Hugging Face dataset, else None
+            dataset = open_source(path, labelled=False)  # a saved Hugging Face dataset, or None
         elif path.is_file() and path.suffix.lower() in (*MANIFEST_SUFFIXES, *SOURCE_SUFFIXES):
-            dataset = open_dataset(path)
+            dataset = open_dataset(path, labelled=False)  # labels are not needed to predict
         if dataset is not None:
             files.extend(dataset.root / f.path for f in dataset.files)
             skipped.extend((printable(dataset.root / where), why) for where, why in dataset.skipped)

@@ -55,11 +55,12 @@ def is_manifest(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in MANIFEST_SUFFIXES
 
 
-def open_dataset(path: str | os.PathLike) -> ImageFolder:
+def open_dataset(path: str | os.PathLike, labelled: bool = True) -> ImageFolder:
     """The dataset at `path`: tar shards, Parquet files of image bytes or a saved Hugging Face
     dataset (`featx.data.sources`), a manifest (.csv, .tsv, .parquet; URLs read through
-    fsspec) or an image folder."""
-    packed = open_source(path)
+    fsspec) or an image folder. Without `labelled` (images to classify), tar samples need no
+    label."""
+    packed = open_source(path, labelled)
     if packed is not None:
         return packed
     if not is_manifest(path):

@@ -11,18 +11,27 @@ from typing import Any
 import numpy as np
 
 from featx.data.folders import ImageFolder
-from featx.errors import UsageError
+from featx.errors import EXIT_SKIPPED, FeatxError, UsageError
 from featx.extraction.job import Job
 from featx.runtime import disk_errors, library_versions, now
 from featx.store.feature_store import add_layer, write_store
 
-__all__ = ["assemble"]
+__all__ = ["NothingRead", "assemble"]
+
+
+class NothingRead(FeatxError):
+    """No URL of a manifest of URLs could be read (a wrong host, no network, no credentials):
+    no store is written. (A folder whose every file is broken gives an empty store.)"""
+
+    exit_code = EXIT_SKIPPED
 
 
 def assemble(job: Job, n_chunks: int) -> tuple[int, list[tuple[str, str]]]:
     """Write the complete store to a temporary file and rename it over STORE. Returns the
     number of rows and the skipped files."""
     sources, views, skipped = _decoded_rows(job, n_chunks)
+    if not len(sources) and skipped and job.existing is None and job.work.shard is None:
+        _check_some_url_read(job, skipped)
     files, rows = _columns(job.folder, sources, views, job.work.shard)
     tmp = job.store.with_name(f".{job.store.name}.{os.getpid()}.tmp")
     for stale in job.store.parent.glob(f".{glob.escape(job.store.name)}.*.tmp"):
@@ -52,6 +61,17 @@ def assemble(job: Job, n_chunks: int) -> tuple[int, list[tuple[str, str]]]:
         tmp.unlink(missing_ok=True)
         raise
     return len(sources), skipped
+
+
+def _check_some_url_read(job: Job, skipped: list[tuple[str, str]]) -> None:
+    """NothingRead when every row is a URL and none could be read."""
+    if all("://" in where for where, _ in skipped):
+        job.partial.remove()  # a re-run reads every URL again
+        where, reason = skipped[0]
+        raise NothingRead(
+            f"none of the {len(skipped)} images of {job.folder.root} could be read "
+            f"(the first, {where}: {reason}); no store was written."
+        )
 
 
 def _engine_ranges(job: Job, n_chunks: int) -> list[list]:

@@ -17,17 +17,18 @@ __all__ = ["SOURCE_SUFFIXES", "open_source", "with_urls"]
 SOURCE_SUFFIXES = (".tar", ".parquet")
 
 
-def open_source(spec: str | os.PathLike | Sequence) -> ImageFolder | None:
+def open_source(spec: str | os.PathLike | Sequence, labelled: bool = True) -> ImageFolder | None:
     """The dataset `spec` names when it is tar shards (a path, list, glob or brace notation),
     Parquet files holding image bytes, or a `save_to_disk` folder; None for anything else (an
-    image folder or a manifest)."""
+    image folder or a manifest). Without `labelled`, tar samples need no label (see
+    `read_shards`)."""
     from featx.data.sources.hf_disk import is_saved_dataset, read_saved_dataset
     from featx.data.sources.parquet_images import read_parquet_images
     from featx.data.sources.webdataset import read_shards
 
     if isinstance(spec, (str, os.PathLike)) and Path(spec).is_dir():
         return read_saved_dataset(spec) if is_saved_dataset(spec) else None
-    return read_shards(spec) or read_parquet_images(spec)
+    return read_shards(spec, labelled) or read_parquet_images(spec)
 
 
 def with_urls(folder: ImageFolder, manifest: str | os.PathLike) -> ImageFolder:

@@ -8,7 +8,8 @@ class name) or `.json` (`{"label": name or index}`). Class indices name the line
 shard named `train-*.tar`, `val*`, `validation*` or `test*` gives its split.
 
 One pass over each shard's headers (`tarfile`) lists the samples; the rows are named
-`SHARD.tar/MEMBER` and identified by their member names, sizes and times, not by stat'ing.
+`SHARD.tar/MEMBER` (`MEMBER` when one tar file is given: the dataset's root names it) and
+identified by their member names, sizes and times, not by stat'ing.
 """
 
 from __future__ import annotations
@@ -41,13 +42,13 @@ _LABEL_EXTENSIONS = ("cls", "txt", "json")
 class TarReader:
     """Reads members of tar shards by (offset, size) from an index of one header pass."""
 
-    shards: dict[str, str]  # shard name in row paths -> its file
+    shards: dict[str, str]  # shard name in row paths -> its file (one: not in row paths)
     index: dict[str, tuple[int, int]] = field(default_factory=dict)  # row -> (offset, size)
     _files: dict = field(default_factory=dict, repr=False, compare=False)
     _pid: int = field(default=0, repr=False, compare=False)
 
     def read(self, name: str) -> bytes:
-        shard = name.split("/", 1)[0]
+        shard = name.split("/", 1)[0] if len(self.shards) > 1 else next(iter(self.shards))
         offset, size = self.index[name]
         if self._pid != os.getpid():  # a forked decoding process opens its own files
             self._files, self._pid = {}, os.getpid()
@@ -118,7 +119,7 @@ def _label_value(ext: str, data: bytes, where: str) -> tuple[object, object]:
     return value.get("label"), value.get("split")
 
 
-def _samples(shard: Path, name: str) -> tuple[dict[str, _Sample], dict[str, tuple[int, int]]]:
+def _samples(shard: Path, prefix: str) -> tuple[dict[str, _Sample], dict[str, tuple[int, int]]]:
     samples: dict[str, _Sample] = {}
     index: dict[str, tuple[int, int]] = {}
     try:
@@ -131,7 +132,7 @@ def _samples(shard: Path, name: str) -> tuple[dict[str, _Sample], dict[str, tupl
                 sample = samples.setdefault(key, _Sample())
                 if f".{ext}" in IMAGE_EXTENSIONS and sample.image is None:
                     sample.image = member
-                    index[f"{name}/{member.name}"] = (member.offset_data, member.size)
+                    index[f"{prefix}{member.name}"] = (member.offset_data, member.size)
                 elif ext in _LABEL_EXTENSIONS:
                     data = tar.extractfile(member).read()
                     label, split = _label_value(ext, data, f"{shard}: {member.name}")
@@ -158,33 +159,35 @@ def _class_name(label: object, classes: list[str] | None, where: str) -> str:
     )
 
 
-def read_shards(spec) -> ImageFolder | None:
+def read_shards(spec, labelled: bool = True) -> ImageFolder | None:
     """The dataset of the tar shards `spec` names (a path, list, glob or brace notation), or
-    None when it names no .tar files."""
+    None when it names no .tar files. Without `labelled` (to classify the images, as `featx
+    predict` does), samples need no label and every row's class is ""."""
     shards = expand_paths(spec, SUFFIXES)
     if not shards:
         return None
     names = [printable(s.name) for s in shards]
     if len(set(names)) != len(names):
         raise UsageError("tar shards in different folders share a file name; rename one.")
-    classes = _classes_txt(shards[0])
+    classes = _classes_txt(shards[0]) if labelled else None
     reader = TarReader({n: str(s) for n, s in zip(names, shards, strict=True)})
     rows: list[Row] = []
     skipped: list[tuple[str, str]] = []
     for shard, name in zip(shards, names, strict=True):
-        samples, index = _samples(shard, name)
+        prefix = f"{name}/" if len(shards) > 1 else ""
+        samples, index = _samples(shard, prefix)
         reader.index.update(index)
         for key, sample in samples.items():
             if sample.image is None:
-                skipped.append((f"{name}/{key}", "no image member in the sample"))
+                skipped.append((f"{prefix}{key}", "no image member in the sample"))
                 continue
             where = f"{shard}: {key}"
-            label = _class_name(sample.label, classes, where)
+            label = _class_name(sample.label, classes, where) if labelled else ""
             split = split_of(sample.split, where) if sample.split else _shard_split(shard)
             member = sample.image
             rows.append(
                 Row(
-                    f"{name}/{member.name}",
+                    f"{prefix}{member.name}",
                     label,
                     split,
                     member.size,
