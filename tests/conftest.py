@@ -78,14 +78,20 @@ def run_featx(
     )
 
 
-def invoke_featx(*args: object) -> subprocess.CompletedProcess:
+def invoke_featx(*args: object, argv: bool = False) -> subprocess.CompletedProcess:
     """Run the `featx` command line in this process (typer's runner), for quick error checks
-    that need no fresh interpreter; same result shape as `run_featx`."""
+    that need no fresh interpreter; same result shape as `run_featx`. With `argv`, sys.argv
+    reads `featx ARGS...` meanwhile, so that the command recorded in a store or run log is
+    the one a shell would have run."""
     from typer.testing import CliRunner
 
     from featx.cli import app
 
-    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    words = [str(a) for a in args]
+    with pytest.MonkeyPatch.context() as patch:
+        if argv:
+            patch.setattr(sys, "argv", ["featx", *words])
+        result = CliRunner().invoke(app, words, catch_exceptions=False)
     return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
 
 

@@ -14,7 +14,7 @@ import pytest
 import timm
 import torch
 import torchvision
-from conftest import assert_one_sentence_error, invoke_featx, make_folder, run_featx
+from conftest import assert_one_sentence_error, invoke_featx, make_folder
 
 import featx
 from featx import FeatureStore, extract
@@ -30,14 +30,15 @@ ARGS = (
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """A split dataset with one unreadable file, extracted by the CLI; (dir, data, result)."""
+    """A split dataset with one unreadable file, extracted by the CLI in this process;
+    (dir, data, result)."""
     tmp = tmp_path_factory.mktemp("store")
     data, start = tmp / "birds", 0
     for split, counts in SPLITS.items():
         make_folder(data, dict(zip(CLASSES, counts, strict=True)), split=split, start=start)
         start += sum(counts)
     (data / "test" / "cat" / "broken.jpg").write_text("not a jpeg")
-    result = run_featx("extract", data, *ARGS, "--store", "birds.h5", cwd=tmp)
+    result = invoke_featx("extract", data, *ARGS, "--store", tmp / "birds.h5", argv=True)
     assert result.returncode == 3, result.stderr
     return tmp, data, result
 
