@@ -72,9 +72,8 @@ def digits_store(
 
 
 # ---- the solver against scikit-learn ---------------------------------------------------------
-@pytest.mark.parametrize("class_weight", [None, "balanced"])
-def test_linear_path_matches_sklearn_objective(class_weight):
-    """At several C the path's solution has sklearn's lbfgs objective within 1e-4 relative."""
+def _digits_path(class_weight, Cs, **tol):
+    """(steps of a path over `Cs` on 600 digits, the data, their standardised features)."""
     X, y = load_digits(return_X_y=True)
     keep = np.flatnonzero((y != 3) | (np.arange(len(y)) % 3 == 0))[:600]  # class 3 is rare
     X, y = X[keep], y[keep]
@@ -85,16 +84,42 @@ def test_linear_path_matches_sklearn_objective(class_weight):
     blocks = lambda: [(Xt, yt, w)]  # noqa: E731
     mean, scale = standardiser(blocks, torch.float64)
     total = float(per_class[y].sum())
-    steps = list(solve_path(blocks, [1e-3, 0.1, 3.0], 10, mean, scale, total, tol=1e-7))
-    Xs = StandardScaler().fit_transform(X)
+    steps = list(solve_path(blocks, Cs, 10, mean, scale, total, **tol))
+    return steps, (blocks, total, mean, scale, Xt, y), StandardScaler().fit_transform(X)
+
+
+def _sklearn_loss(clf, data, C):
+    blocks, total, mean, scale, _, _ = data
+    theirs = LinearModel(torch.tensor(clf.coef_.T), torch.tensor(clf.intercept_), mean, scale)
+    return objective(blocks, theirs, C, total, grad=False)[0]
+
+
+@pytest.mark.parametrize("class_weight", [None, "balanced"])
+def test_linear_path_matches_sklearn_objective(class_weight):
+    """At several C the path's solution has sklearn's lbfgs objective within 1e-4 relative."""
+    steps, data, Xs = _digits_path(class_weight, [1e-3, 0.1, 3.0], tol=1e-7)
+    Xt, y = data[4], data[5]
     for step in steps:
         clf = LogisticRegression(C=step.C, class_weight=class_weight, max_iter=5000, tol=1e-8)
         clf.fit(Xs, y)
-        theirs = LinearModel(torch.tensor(clf.coef_.T), torch.tensor(clf.intercept_), mean, scale)
-        f_sklearn, _, _ = objective(blocks, theirs, step.C, total, grad=False)
+        f_sklearn = _sklearn_loss(clf, data, step.C)
         assert abs(step.loss - f_sklearn) <= 1e-4 * f_sklearn, (step.C, step.loss, f_sklearn)
         agree = (step.model.logits(Xt).argmax(1).numpy() == clf.predict(Xs)).mean()
         assert agree >= 0.99, (step.C, agree)
+
+
+@pytest.mark.parametrize("class_weight", [None, "balanced"])
+def test_default_tolerance_reaches_sklearn_default_loss(class_weight):
+    """With both at their default tolerance (the same stopping rule), the warm-started path's
+    loss at every C of the grid is at most scikit-learn's (cold-started) plus 1e-4 relative."""
+    from featx.classify.probe_protocols import C_GRID
+
+    Cs = C_GRID[::4]
+    steps, data, Xs = _digits_path(class_weight, Cs)
+    for step in steps:
+        clf = LogisticRegression(C=step.C, class_weight=class_weight, max_iter=1000)
+        f_sklearn = _sklearn_loss(clf.fit(Xs, data[5]), data, step.C)
+        assert step.loss <= f_sklearn * (1 + 1e-4), (step.C, step.loss, f_sklearn)
 
 
 def test_gradient_matches_autograd():

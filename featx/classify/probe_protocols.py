@@ -26,6 +26,7 @@ from featx.classify.probe_data import LayerSource
 from featx.classify.probe_knn import KNN_KS, knn_logits, ncm_logits
 from featx.classify.probe_scores import fit_temperature, score_logits
 from featx.classify.probe_solver import (
+    TOL,
     LinearModel,
     balanced_weights,
     solve,
@@ -61,7 +62,7 @@ def run_protocol(
     subset: np.ndarray | None = None,
     Cs: tuple[float, ...] = C_GRID,
     max_iter: int = 1000,
-    tol: float = 1e-6,
+    tol: float = TOL,
 ) -> dict[str, Any]:
     """One protocol on one layer: {"chosen", "path", "validation", "test" (None without a test
     split), "refit", "temperature", "seconds"}; `subset`: positions of the training rows a

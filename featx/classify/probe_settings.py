@@ -67,7 +67,7 @@ class ProbeSettings:
         1000, "L-BFGS iterations per C at most.", minimum=1, maximum=1_000_000, panel=TRAINING
     )
     tol: float = option(
-        1e-6, "Stop at C when the largest gradient entry is below this.",
+        1e-5, "Stop at C when the largest gradient entry is below this (as scikit-learn's tol).",
         minimum=0, maximum=1, above=True, panel=TRAINING,
     )  # fmt: skip
     device: Device = device_option()
