@@ -14,10 +14,12 @@ from conftest import assert_one_sentence_error, invoke_featx, run_featx, seeded
 from torch import nn
 
 from featx.backbones.layers import trace_layers
-from featx.backbones.registry import get_backbone
+from featx.backbones.registry import available_backbones, get_backbone
 from featx.backbones.tap import LayerTap
 from featx.backbones.weights import state_dict_sha256
 from featx.errors import UsageError
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 KERAS_VGG16 = [
     *(f"block1_conv{i}" for i in (1, 2)), "block1_pool",
@@ -329,33 +331,42 @@ def test_named_weights_that_do_not_exist():
         get_backbone("resnet18").weights_identity("IMAGENET1K_V9")
 
 
-def test_builtin_default_weights_and_preprocessing_match_the_libraries():
+# Building the larger architectures (even on the meta device) costs up to a second each.
+QUICK_TO_BUILD = {
+    "efficientnet_b0", "efficientnet_lite0", "inception_v3", "mobilenet_v2",
+    "mobilenet_v3_large", "mobilenet_v3_small", "resnet18", "resnet34", "resnet50",
+    "vgg16", "vgg19",
+}  # fmt: skip
+
+
+def _builtin(name: str):
+    return name if name in QUICK_TO_BUILD else pytest.param(name, marks=pytest.mark.slow)
+
+
+@pytest.mark.parametrize("name", [_builtin(name) for name in available_backbones()])
+def test_builtin_default_weights_and_preprocessing_match_the_libraries(name):
     """The registry knows each built-in's default weights and preprocessing without importing
     torch (fast start-up); they must be exactly what torchvision and timm say, and the
     architecture they fill the one the library builds for them."""
     import dataclasses
 
-    import timm
-
-    from featx.backbones.registry import available_backbones
     from featx.backbones.sources.timm import PACKAGED_LITE0_DIST
 
     def shapes(build) -> dict[str, tuple[int, ...]]:
         with torch.device("meta"):
             return {k: tuple(v.shape) for k, v in build().state_dict().items()}
 
-    for name in available_backbones():
-        record = get_backbone(name)
-        computed = dataclasses.replace(record, default=None)
-        assert record.default_preprocessing() == computed.default_preprocessing(), name
-        assert record.default_preprocessing("none") == computed.default_preprocessing("none")
-        known, library = record.weights(), computed.weights()
-        assert shapes(known.architecture) == shapes(library.architecture), name
-        if not known.identity.startswith(PACKAGED_LITE0_DIST):
-            assert known.identity == library.identity, name
-        else:
-            tag = timm.models.get_pretrained_cfg(record.architecture).tag
-            assert library.identity == f"timm:{record.architecture}.{tag}"
+    record = get_backbone(name)
+    computed = dataclasses.replace(record, default=None)
+    assert record.default_preprocessing() == computed.default_preprocessing(), name
+    assert record.default_preprocessing("none") == computed.default_preprocessing("none")
+    known, library = record.weights(), computed.weights()
+    assert shapes(known.architecture) == shapes(library.architecture), name
+    if not known.identity.startswith(PACKAGED_LITE0_DIST):
+        assert known.identity == library.identity, name
+    else:
+        tag = timm.models.get_pretrained_cfg(record.architecture).tag
+        assert library.identity == f"timm:{record.architecture}.{tag}"
 
 
 @pytest.mark.slow
