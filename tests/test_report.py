@@ -366,15 +366,17 @@ def _marker_xs(svg: ET.Element, split: str) -> list[float]:
     return [float(u.get("x")) for u in line.iter(f"{SVG}use")]
 
 
-@pytest.fixture
-def probed(tmp_path: Path, one_torch_thread) -> dict:
+@pytest.fixture(scope="module")
+def probed(tmp_path_factory: pytest.TempPathFactory, one_torch_thread) -> dict:
     """A digits store with two real probe calls started in the same second, a real fit of a
-    logistic regression on its cache and a fine-tune logged as `featx finetune` logs it."""
+    logistic regression on its cache and a fine-tune logged as `featx finetune` logs it
+    (made once: the tests only read its log)."""
     from test_probe import digits_store
 
     from featx.classify.fitting import fit
     from featx.classify.probing import probe
 
+    tmp_path = tmp_path_factory.mktemp("probed")
     (tmp_path / "stores").mkdir()
     store = digits_store(
         tmp_path / "stores" / "digits.h5", splits=("train", "validation", "test"), per_class=15
@@ -390,6 +392,7 @@ def probed(tmp_path: Path, one_torch_thread) -> dict:
     return {"store": store, "results": results, "tmp": tmp_path}
 
 
+@pytest.mark.slow
 def test_a_probe_is_a_curve_against_depth_and_one_leaderboard_row(probed: dict) -> None:
     runs = read_runs([probed["store"]])
     assert [r.kind for r in runs] == ["probe"] * 5 + ["fit", "finetune"]
@@ -413,6 +416,7 @@ def test_a_probe_is_a_curve_against_depth_and_one_leaderboard_row(probed: dict) 
     assert "best of 3 layers" in board and "best of 2 layers" in board
 
 
+@pytest.mark.slow
 def test_the_ladder_compares_best_probe_head_and_fine_tune(probed: dict) -> None:
     runs = read_runs([probed["store"]])
     page = write_report(probed["tmp"] / "report.html", runs).read_text(encoding="utf-8")
