@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import test_runlog
 from conftest import assert_one_sentence_error, invoke_featx, make_folder
 from PIL import Image
 from test_runlog import BAD_ROWS, LOCKER, _crafted_log, make_store
@@ -45,25 +46,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "data": data, "store": store, "weights": weights}
 
 
-@pytest.fixture
-def mount(tmp_path: Path):
-    """mount(options) -> a fresh tmpfs folder, unmounted afterwards (skips where mounting is
-    not allowed)."""
-    mounted: list[Path] = []
-
-    def make(options: str) -> Path:
-        path = tmp_path / f"mnt{len(mounted)}"
-        path.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
-                              capture_output=True, text=True)  # fmt: skip
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-        mounted.append(path)
-        return path
-
-    yield make
-    for path in mounted:
-        subprocess.run(["umount", "-l", str(path)], check=False)
+mount = test_runlog.mount  # a fresh tmpfs folder: mount(options)
 
 
 def _read_only(mount, fill=None) -> Path:
