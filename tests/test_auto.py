@@ -158,6 +158,11 @@ def test_featx_engines_prints_a_row_per_candidate_with_agreement(tmp_path):
     assert "measuring" in done.stderr
     again = run_featx(*args, cwd=tmp_path, env=env)
     assert "measuring" not in again.stderr and again.stdout == done.stdout
+    fresh = run_featx(*args, "--remeasure", "--quiet", cwd=tmp_path, env=env, timeout=900)
+    assert fresh.returncode == 0, fresh.stderr
+    assert {line.split()[0] for line in fresh.stdout.splitlines()[2:]} == {r[0] for r in rows}
+    # the refreshed table is the one cached now
+    assert run_featx(*args, cwd=tmp_path, env=env).stdout == fresh.stdout
 
 
 @pytest.mark.slow
