@@ -22,7 +22,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from featx.errors import FeatxError, StoreLocked, UsageError
+from featx.errors import FeatxError, StoreLocked
 from featx.extraction.settings import ExtractSettings
 
 __all__: list[str] = []
@@ -31,6 +31,13 @@ UNITS_PER_WORKER = 4  # enough for a slow worker to fall behind by less than a u
 MIN_UNIT_FILES = 64  # below this, a unit's set-up (planning, store, merge) outweighs its work
 POLL_SECONDS = 0.5
 LOCK_PATIENCE = 120.0  # seconds a unit waits for the lock of a dead worker's process to go
+RESUME = "finished units are kept: run the same command again to resume."
+
+
+class WorkersLost(FeatxError):
+    """The job's Ray workers died more often than it retries; finished work is kept."""
+
+    exit_code = 3  # a runtime failure
 
 
 class UnitWorker:
@@ -86,8 +93,9 @@ class _Queue:
     def died(self, unit: int, n: int) -> None:
         self.failures[unit] += 1
         if self.failures[unit] > self.max_retries:
-            raise RuntimeError(
-                f"the Ray worker running shard {unit}/{n} died {self.failures[unit]} times."
+            raise WorkersLost(
+                f"the Ray worker running shard {unit}/{n} died {self.failures[unit]} times; "
+                + RESUME
             )
         self.todo.appendleft(unit)
 
@@ -131,7 +139,7 @@ def run_units(
                 calls[_ready(actor)] = (actor, None)
         if not calls:
             if not idle:
-                raise RuntimeError("every Ray worker of the job died and none can be restarted.")
+                raise WorkersLost(f"every Ray worker of the job died for good; {RESUME}")
             time.sleep(POLL_SECONDS)  # only units waiting for a lock to go
         progress(finished, {unit for _, unit in calls.values() if unit is not None})
 
@@ -159,9 +167,9 @@ def _finished(ray, ref, unit: int | None, n: int, queue: _Queue) -> bool:
         if isinstance(cause, StoreLocked) and unit is not None:
             queue.locked(unit, cause)
             return True
-        for kind in (StoreLocked, UsageError, FeatxError):
-            if isinstance(cause, kind):
-                raise kind(str(cause.args[0] if cause.args else cause)) from None
+        if isinstance(cause, FeatxError):  # as featx's own class, for its exit code
+            kind = next(k for k in type(cause).__mro__ if k.__module__.startswith("featx."))
+            raise kind(str(cause.args[0] if cause.args else cause)) from None
         raise
 
 
