@@ -25,7 +25,7 @@ from tqdm import tqdm
 from featx.errors import FeatxError, StoreLocked
 from featx.extraction.settings import ExtractSettings
 
-__all__: list[str] = []
+__all__ = ["Progress", "UnitWorker", "WorkersLost", "run_units", "unit_count"]
 
 UNITS_PER_WORKER = 4  # enough for a slow worker to fall behind by less than a unit's share
 MIN_UNIT_FILES = 64  # below this, a unit's set-up (planning, store, merge) outweighs its work
