@@ -37,8 +37,6 @@ RESUME = "finished units are kept: run the same command again to resume."
 class WorkersLost(FeatxError):
     """The job's Ray workers died more often than it retries; finished work is kept."""
 
-    exit_code = 3  # a runtime failure
-
 
 class UnitWorker:
     """The Ray actor: extracts one unit at a time into its shard store, keeping the network
