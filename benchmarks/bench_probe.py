@@ -23,6 +23,7 @@ hand with scikit-learn, in one run; and the time of one C path on a large synthe
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import subprocess
 import sys
@@ -36,7 +37,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = ["blocks.2", "blocks.3", "blocks.4", "blocks.5", "forward_features"]
 IMAGENET_ROWS = 1_281_167
-GPU_FLOPS = 20e12  # sustained fp32 matmul rate assumed for one data-centre GPU (A100 class)
+GPU_NAME = "NVIDIA A100, 19.5 TFLOP/s fp32 published peak"
+GPU_FLOPS = 0.7 * 19.5e12  # assumed sustained: 70% of the published peak in these matmuls
 
 
 def build_store(work: Path, tiny: bool) -> tuple[Path, list[str]]:
@@ -94,6 +96,10 @@ def compare(work: Path, tiny: bool) -> None:
     from featx.classify.probe_protocols import C_GRID
 
     store, keys = build_store(work, tiny)
+    import sklearn.linear_model  # noqa: F401
+
+    import featx.classify.probing  # noqa: F401  (imports are not part of either protocol)
+
     start = time.perf_counter()
     result = featx.probe(store, layers=keys, log=False)
     ours = time.perf_counter() - start
@@ -101,11 +107,12 @@ def compare(work: Path, tiny: bool) -> None:
     theirs = sklearn_protocol(store, keys, list(C_GRID))
     hand = time.perf_counter() - start
     print(result.table(), "\n")
-    print("| layer | featx C | featx test acc | scikit-learn test acc |")
-    print("|---|---:|---:|---:|")
+    print("| layer | featx C | featx test acc | scikit-learn test acc | path evaluations |")
+    print("|---|---:|---:|---:|---:|")
     for r in result.layers:
+        evaluations = sum(p["evaluations"] for p in r.path)
         print(f"| {r.layer} | {r.chosen['C']:.3g} | {r.test['accuracy']:.4f} | "
-              f"{theirs[r.layer]:.4f} |")  # fmt: skip
+              f"{theirs[r.layer]:.4f} | {evaluations} |")  # fmt: skip
     best_ours = max(r.test["accuracy"] for r in result.layers)
     print(f"\nfeatx.probe: {ours:.1f} s; scikit-learn loop: {hand:.1f} s; "
           f"ratio {hand / ours:.1f}x")  # fmt: skip
@@ -114,7 +121,9 @@ def compare(work: Path, tiny: bool) -> None:
           f"{result.best.test['accuracy']:.4f}")  # fmt: skip
 
 
-def synthetic_store(path: Path, n_rows: int, n_features: int, n_classes: int) -> Path:
+def synthetic_store(
+    path: Path, n_rows: int, n_features: int, n_classes: int, progress: bool = False
+) -> Path:
     """One float32 layer `feat` of Gaussian classes: 80% train, 10% validation, 10% test."""
     from featx.data.preprocessing import Preprocessing
     from featx.store.feature_store import add_layer, write_store
@@ -138,10 +147,15 @@ def synthetic_store(path: Path, n_rows: int, n_features: int, n_classes: int) ->
             "view": zeros.astype(np.int32)}  # fmt: skip
     files = {"path": paths, "label": labels, "split": split, "size": zeros, "mtime_ns": zeros}
 
-    def blocks():
+    pool = rng.standard_normal((1 << 15, n_features), dtype=np.float32)
+
+    def blocks():  # a shuffled slice of a pool of noise per block: fast to make, never all held
         for start in range(0, n_rows, 8192):
             y = labels[start : start + 8192]
-            yield rng.standard_normal((len(y), n_features), dtype=np.float32) + means[y]
+            offset = int(rng.integers(0, len(pool) - 8192))
+            yield pool[offset + rng.permutation(len(y))] + means[y]
+            if progress and start // 8192 % 16 == 0:
+                print(f"  writing rows {start:,} / {n_rows:,}", flush=True)
 
     attrs = {"layer": "feat", "module": "feat", "pool": "none", "precision": "fp32"}
     with write_store(path, meta, [f"c{i}" for i in range(n_classes)], files, rows, []) as out:
@@ -184,6 +198,76 @@ def synthetic(work: Path, shape: str, n_classes: int, chunk_mb: int) -> None:
     print(f"validation accuracy at C={r.chosen['C']:.3g}: {r.validation['accuracy']:.4f}")
 
 
+def rss_mb() -> float:
+    """Resident memory of this process now, MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def scale(work: Path, n_features: int, n_classes: int, chunk_mb: int, evaluations: int) -> None:
+    """1,281,167 rows x `n_features` float32 in an HDF5 store, 80% of them training rows
+    streamed in chunks: the time of one read pass and of one loss + gradient on a sample of
+    chunks, both scaled to 1,281,167 rows, the memory held, and one 45-C path projected from
+    `evaluations` on this CPU and on one GPU."""
+    import torch
+
+    from featx.classify.probe_data import LayerSource
+    from featx.classify.probe_solver import LinearModel, objective
+    from featx.store.feature_store import FeatureStore
+
+    n_rows = IMAGENET_ROWS
+    path = work / f"scale-{n_features}-{n_classes}.h5"
+    start = time.perf_counter()
+    if not path.exists():
+        synthetic_store(path, n_rows, n_features, n_classes, progress=True)
+    print(f"store: {n_rows:,} rows x {n_features} float32 "
+          f"({path.stat().st_size / 1e9:.1f} GB), {time.perf_counter() - start:.0f} s")  # fmt: skip
+    with FeatureStore(path) as store:
+        train = np.flatnonzero(store.split_of_rows() == "train")
+        source = LayerSource.open(
+            store, "feat", {"train": train}, store.labels(), pool="avg", device=torch.device("cpu"),
+            budget=1 << 20, chunk_bytes=chunk_mb << 20, stream=True,
+        )  # fmt: skip
+        before, start, sample, peak = rss_mb(), time.perf_counter(), [], 0.0
+        for i, (X, y) in enumerate(source.chunks(("train",))):
+            if len(sample) < 4:
+                sample.append((X.clone(), y.clone(), None))
+            peak = max(peak, rss_mb())
+            if i % 20 == 0:
+                print(f"  read pass: chunk {i}, {time.perf_counter() - start:.0f} s", flush=True)
+        read = time.perf_counter() - start
+        source.close()
+    rows = sum(len(y) for _, y, _ in sample)
+    X_all = torch.cat([X for X, _, _ in sample])
+    mean, sd = X_all.mean(0), X_all.std(0)
+    model = LinearModel(torch.zeros(n_features, n_classes), torch.zeros(n_classes), mean, sd)
+    objective(lambda: sample[:1], model, 1.0, float(rows))  # warm-up
+    start = time.perf_counter()
+    objective(lambda: sample, model, 1.0, float(rows))
+    compute = (time.perf_counter() - start) * n_rows / rows
+    flops = 4.0 * n_rows * n_features * n_classes  # logits and gradient, per evaluation
+    per_eval = read * n_rows / len(train) + compute
+    print(f"read pass over the {len(train):,} training rows in {chunk_mb} MB chunks: {read:.0f} s "
+          f"({len(train) * n_features * 4 / read / 1e6:.0f} MB/s); resident memory at most "
+          f"{peak:.0f} MB during the pass ({before:.0f} MB before it)")  # fmt: skip
+    print(f"per evaluation at {n_rows:,} rows (both scaled by rows): read "
+          f"{read * n_rows / len(train):.0f} s + loss and gradient {compute:.0f} s")  # fmt: skip
+    print(
+        f"loss + gradient, {n_classes} classes, float32: timed on {rows:,} rows, "
+        f"{flops / compute / 1e9:.0f} GFLOP/s"
+    )
+    print(f"one 45-C path at {evaluations} evaluations (assumed): "
+          f"{per_eval * evaluations / 3600:.1f} h on this CPU, streamed")  # fmt: skip
+    gpu = flops / GPU_FLOPS * evaluations
+    print(
+        f"on one GPU ({GPU_NAME}, {GPU_FLOPS / 1e12:.1f} TFLOP/s fp32 sustained assumed; the "
+        f"{len(train) * n_features * 4 / 1e9:.1f} GB of features held in its memory): "
+        f"{gpu / 60:.1f} min, {compute / (flops / GPU_FLOPS):.0f}x this CPU's compute"
+    )
+
+
 def cpu() -> str:
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -200,18 +284,38 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="a smoke test")
     parser.add_argument("--synthetic", metavar="RxD", help="time one C path on RxD features")
-    parser.add_argument("--classes", type=int, default=100, help="synthetic classes")
+    parser.add_argument(
+        "--scale",
+        action="store_true",
+        help="one C path at 1,281,167 x --features, streamed, projected",
+    )
+    parser.add_argument("--features", type=int, default=2048, help="--scale features")
+    parser.add_argument(
+        "--evaluations",
+        type=int,
+        default=1000,
+        help="--scale: loss + gradient evaluations assumed for one 45-C path",
+    )
+    parser.add_argument(
+        "--classes",
+        type=int,
+        default=None,
+        help="synthetic classes (default 100; 1000 with --scale)",
+    )
     parser.add_argument("--chunk-mb", type=int, default=64)
     parser.add_argument("--work", type=Path, default=None, help="default: a temporary folder")
     args = parser.parse_args()
     import torch
 
-    print(f"CPU: {cpu()}; torch threads {torch.get_num_threads()}")
+    print(f"CPU: {cpu()}; torch threads {torch.get_num_threads()}; "
+          f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        if args.synthetic:
-            synthetic(work, args.synthetic, args.classes, args.chunk_mb)
+        if args.scale:
+            scale(work, args.features, args.classes or 1000, args.chunk_mb, args.evaluations)
+        elif args.synthetic:
+            synthetic(work, args.synthetic, args.classes or 100, args.chunk_mb)
         else:
             compare(work, args.tiny)
 
