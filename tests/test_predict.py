@@ -51,6 +51,13 @@ def _fit(store, clf="logreg", layer="layer4", **kwargs) -> FeatxModel:
     return load_model(path)
 
 
+@pytest.fixture(scope="module")
+def logreg(store32) -> FeatxModel:
+    """The default classifier on layer4 of the float32 store, fitted once for the tests that
+    only predict with it."""
+    return _fit(store32)
+
+
 def _by_relative_path(predictions, root):
     return {Path(p).relative_to(root).as_posix(): i for i, p in enumerate(predictions.paths)}
 
@@ -72,8 +79,8 @@ def _compare(model, store, data, split="test", atol=1e-6):
 
 
 @pytest.mark.slow
-def test_predict_gives_the_classes_evaluate_gives(store32, data):
-    model = _fit(store32)
+def test_predict_gives_the_classes_evaluate_gives(logreg, store32, data):
+    model = logreg
     evaluation, predictions = _compare(model, store32, data)
     assert evaluation.metrics["accuracy"] >= 0.8
     assert predictions.probabilities and not predictions.skipped
@@ -96,8 +103,8 @@ def test_predict_with_scores_when_the_classifier_has_no_probabilities(store32, d
     assert header == "path,predicted,top1,top1_score,top2,top2_score"
 
 
-def test_csv_lists_top_k_classes_best_first(store32, data, tmp_path):
-    model = _fit(store32)
+def test_csv_lists_top_k_classes_best_first(logreg, store32, data, tmp_path):
+    model = logreg
     out = tmp_path / "p.csv"
     predictions = featx.predict(model, [data / "test" / "red", data / "test" / "blue"], out=out)
     rows = list(csv.DictReader(out.open()))
@@ -117,8 +124,8 @@ def test_csv_lists_top_k_classes_best_first(store32, data, tmp_path):
 
 
 @pytest.mark.slow
-def test_bad_images_are_reported_and_skipped(store32, data, tmp_path):
-    model = _fit(store32)
+def test_bad_images_are_reported_and_skipped(logreg, store32, data, tmp_path):
+    model = logreg
     folder = tmp_path / "mixed"
     folder.mkdir()
     good = sorted((data / "test" / "green").iterdir())[:2]
@@ -151,8 +158,8 @@ def test_bad_images_are_reported_and_skipped(store32, data, tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_predict_writes_the_csv(store32, data, tmp_path):
-    model = _fit(store32)
+def test_cli_predict_writes_the_csv(logreg, store32, data, tmp_path):
+    model = logreg
     out = tmp_path / "predictions.csv"
     cli = subprocess.run(
         [sys.executable, "-m", "featx.cli", "predict", "--model", model.path, data / "test",
@@ -164,8 +171,8 @@ def test_cli_predict_writes_the_csv(store32, data, tmp_path):
     assert "15 predictions written to" in cli.stderr
 
 
-def test_predict_chooses_the_batch_as_extraction_does(store32, data, capsys):
-    model = _fit(store32)
+def test_predict_chooses_the_batch_as_extraction_does(logreg, store32, data, capsys):
+    model = logreg
     featx.predict(model, [data / "test"], tta=1, device="cpu", quiet=False)
     # resnet18 at 64 px: 16 views a pass, i.e. 8 images and their 8 augmented views
     assert "Batch size 8 (on the CPU, for " in capsys.readouterr().err
@@ -173,15 +180,15 @@ def test_predict_chooses_the_batch_as_extraction_does(store32, data, capsys):
     assert "Batch size" not in capsys.readouterr().err
 
 
-def test_predict_refuses_weights_that_changed(store32, data):
-    model = _fit(store32)
+def test_predict_refuses_weights_that_changed(logreg, store32, data):
+    model = logreg
     changed = FeatxModel(model.pipeline, {**model.provenance, "weights_sha256": "f" * 64})
     with pytest.raises(UsageError, match="now hash to"):
         featx.predict(changed, [data / "test"])
 
 
-def test_predict_usage_errors(store32, data, tmp_path):
-    model = _fit(store32)
+def test_predict_usage_errors(logreg, store32, data, tmp_path):
+    model = logreg
     with pytest.raises(UsageError, match="no image files found"):
         featx.predict(model, [tmp_path])
     with pytest.raises(UsageError, match="--top-k must be at least 1"):
