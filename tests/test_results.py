@@ -135,7 +135,7 @@ def test_joined_layers_refuse_streaming(store):
 
 
 def test_version_and_layer_modules(tmp_path):
-    result = run_featx("--version", cwd=tmp_path)
+    result = invoke_featx("--version")
     assert result.returncode == 0 and result.stdout.strip() == f"featx {featx.__version__}"
     from featx.backbones.layers import layer_table
 
