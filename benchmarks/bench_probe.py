@@ -74,6 +74,7 @@ def sklearn_protocol(store: Path, keys: list[str], Cs) -> dict[str, float]:
         warnings.simplefilter("ignore", ConvergenceWarning)
         y = {split: s.labels(split) for split in ("train", "validation", "test")}
         for key in keys:
+            start = time.perf_counter()
             X = {split: s.read(key, split).astype(np.float64) for split in y}
             scaler = StandardScaler().fit(X["train"])
             scores = []
@@ -88,6 +89,7 @@ def sklearn_protocol(store: Path, keys: list[str], Cs) -> dict[str, float]:
             scaler = StandardScaler().fit(X_all)
             clf = LogisticRegression(C=best, max_iter=1000).fit(scaler.transform(X_all), y_all)
             out[key] = clf.score(scaler.transform(X["test"]), y["test"])
+            print(f"scikit-learn {key}: {time.perf_counter() - start:.1f} s", flush=True)
     return out
 
 
@@ -101,7 +103,7 @@ def compare(work: Path, tiny: bool) -> None:
     import featx.classify.probing  # noqa: F401  (imports are not part of either protocol)
 
     start = time.perf_counter()
-    result = featx.probe(store, layers=keys, log=False)
+    result = featx.probe(store, layers=keys, log=False, progress=lambda t: print(t, flush=True))
     ours = time.perf_counter() - start
     start = time.perf_counter()
     theirs = sklearn_protocol(store, keys, list(C_GRID))
