@@ -25,6 +25,8 @@ from featx.extraction.run import extract
 from featx.store.feature_store import FeatureStore
 
 SETTINGS = AugmentConfig(rotation=25, shift=0.1, zoom=0.15, brightness=0.2)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 LAYER = dict(backbone="resnet18", layers=["layer3"], weights="none", image_size=48, pool="avg")
 
 
@@ -111,7 +113,7 @@ def test_augmentation_flags_and_file_are_recorded_in_the_store(photos, tmp_path)
     result = CliRunner().invoke(
         app,
         ["extract", str(photos), "--backbone", "resnet18", "--weights", "none",
-         "--layer", "layer3", "--pool", "avg", "--image-size", "48", "--workers", "0",
+         "--layer", "layer3", "--pool", "avg", "--image-size", "32", "--workers", "0",
          "--augment", "1", "--seed", "3", "--augment-config", str(settings),
          "--rotation", "15", "--no-hflip", "--store", str(store), "--quiet"],
     )  # fmt: skip

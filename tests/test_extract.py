@@ -6,7 +6,6 @@ weights and the same preprocessing, for several backbones, layers, pools and dty
 from __future__ import annotations
 
 import re
-import subprocess
 
 import numpy as np
 import pytest
@@ -14,7 +13,6 @@ import timm
 import torch
 import torchvision
 from conftest import (
-    FEATX,
     assert_one_sentence_error,
     invoke_featx,
     rows_as_images,
@@ -27,6 +25,8 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from featx import FeatureStore, extract
 from featx.backbones.registry import RANDOM_INIT_SEED
 from featx.errors import UsageError
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def weights_file(tmp_path, builder, name: str) -> tuple[torch.nn.Module, str]:
@@ -164,6 +164,7 @@ def test_pools_equal_the_reduced_reference(small_photos, mobilenet):
             assert_close(got, want)
 
 
+@pytest.mark.slow
 def test_float16_store_equals_the_float16_cast(small_photos, mobilenet):
     tmp, path, _, ref = mobilenet
     result = run(
@@ -250,7 +251,7 @@ def _commands() -> list[str]:
 
 
 def test_featx_help_has_an_example(tmp_path):
-    top = subprocess.run([*FEATX, "--help"], cwd=tmp_path, capture_output=True, text=True)
+    top = invoke_featx("--help")
     assert top.returncode == 0, top.stderr
     for command in ("extract", "layers", "info", "backbones"):
         assert re.search(rf"\b{command}\b", top.stdout), command
