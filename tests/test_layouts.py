@@ -12,6 +12,8 @@ from featx.backbones.registry import get_backbone
 from featx.errors import UsageError
 from featx.finetuning.network import build_network
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 VIT = "timm:vit_tiny_patch16_224"
 
 
