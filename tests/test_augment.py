@@ -16,6 +16,8 @@ from featx.data.augment import Augmenter, preview_grid, view_seed
 from featx.data.augment_config import AugmentConfig
 from featx.errors import UsageError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 W, H = 128, 96  # non-square to catch mixed-up axes
 WHITE = (255, 255, 255)
 SEEDS = range(40)

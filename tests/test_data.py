@@ -15,6 +15,8 @@ from featx import FeatureStore, extract
 from featx.data.folders import BadImage, load_image, scan_image_folder
 from featx.errors import UsageError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 EXTENSIONS = ("jpg", "jpeg", "png", "bmp", "gif", "webp", "tif")
 
 

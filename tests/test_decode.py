@@ -20,6 +20,8 @@ from featx.errors import UsageError
 from featx.extraction.partial import Partial
 from featx.extraction.plan import upgraded_run as _upgraded_run
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 PREP = Preprocessing(32, 0, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), square=True)
 REDUCED = PREP.with_decode("reduced")
 LARGE = (200, 160)  # shorter side >= 2 x DRAFT_FACTOR x 32: drafted by half, to 100x80

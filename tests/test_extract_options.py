@@ -23,6 +23,8 @@ from featx.backbones.weights import state_dict_sha256
 from featx.errors import UsageError
 from featx.extraction.run import CHUNK_BYTES
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def pets(tmp_path_factory) -> Path:

@@ -23,6 +23,8 @@ from conftest import (
 from featx import FeatureStore, extract
 from featx.errors import UsageError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def quick(data, store, layers=("layer1",), **options):
     options = {

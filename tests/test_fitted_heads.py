@@ -19,6 +19,8 @@ from featx.models.file import load_model
 from featx.models.heads import load_fitted_head
 from featx.store.feature_store import FeatureStore
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def tiny_store(folder: Path, store: Path) -> Path:
     return extract(

@@ -17,6 +17,8 @@ from featx.inference import Calibration, cache_key
 from featx.runtime import check_precision
 from featx.store import FeatureStore
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 needs_nncf = pytest.mark.skipif(
     importlib.util.find_spec("openvino") is None or importlib.util.find_spec("nncf") is None,
     reason="openvino or nncf is not installed",

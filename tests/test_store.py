@@ -20,6 +20,8 @@ import featx
 from featx import FeatureStore, extract
 from featx.errors import UsageError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CLASSES = ("bird", "cat", "dog")
 SPLITS = {"train": (4, 3, 3), "val": (2, 1, 1), "test": (1, 1, 2)}  # val/ is read as validation
 ARGS = (
