@@ -369,17 +369,21 @@ def test_a_compressed_member_inside_the_pipeline_is_refused(world, tmp_path):
 
 
 def test_an_honest_member_past_what_featx_writes_is_refused_before_inflating(world, tmp_path):
-    """No lie in the directory: a 256 MB member of zeros packs to about 250 kB, far past what
-    featx writes in a file that small, and is refused from its stated size."""
+    """No lie in the directory, and an ordinary-looking ratio (about 150): a member of about
+    100 MB in a file of about 700 kB is far past what featx writes in a file that small, and
+    is refused from its stated size."""
+    rng = np.random.default_rng(0)
     bomb = tmp_path / "honest.featx"
     with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("provenance.json", members(world["rf"])["provenance.json"])
         with zf.open("pipeline.skops", "w") as fh:
-            for _ in range(256):
-                fh.write(bytes(1 << 20))
-    assert bomb.stat().st_size < 1 << 20
+            for _ in range(96):
+                fh.write(rng.bytes(6 << 10) + bytes((1 << 20) - (6 << 10)))
+    with zipfile.ZipFile(bomb) as zf:
+        info = zf.getinfo("pipeline.skops")
+        assert 100 < info.file_size / info.compress_size < 200
     message = assert_one_sentence_error(invoke_featx("info", bomb), 2)
-    assert "pipeline.skops that unpacks to 268.4 MB" in message
+    assert "pipeline.skops that unpacks to 100.7 MB" in message
 
 
 def test_predictions_never_start_a_csv_cell_with_a_formula(world, tmp_path):
