@@ -1,6 +1,6 @@
 """The command line's own behaviour: usage errors and bad numbers as one `featx:` line with
 exit 2 before any work, and help that shows the real defaults. Each case runs the real CLI in
-a fresh process."""
+this process (typer's runner, as the `featx` script does); a few run it in a fresh process."""
 
 from __future__ import annotations
 
@@ -14,12 +14,25 @@ import pytest
 from featx.settings import machine_workers
 
 
-def featx(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "80"}
-    return subprocess.run(
-        [sys.executable, "-m", "featx.cli", *map(str, args)],
-        capture_output=True, text=True, timeout=300, cwd=cwd, env=env,
-    )  # fmt: skip
+def featx(
+    *args: object, cwd: Path | None = None, columns: int = 80, fresh: bool = False
+) -> subprocess.CompletedProcess:
+    """`featx ARGS...` at `columns` wide, in this process or, with `fresh`, in a new one."""
+    env = {"COLUMNS": str(columns)}
+    if fresh:
+        return subprocess.run(
+            [sys.executable, "-m", "featx.cli", *map(str, args)],
+            capture_output=True, text=True, timeout=300, cwd=cwd, env={**os.environ, **env},
+        )  # fmt: skip
+    from typer.testing import CliRunner
+
+    from featx.cli import app
+
+    with pytest.MonkeyPatch.context() as patch:
+        if cwd is not None:
+            patch.chdir(cwd)
+        result = CliRunner().invoke(app, [str(a) for a in args], env=env, prog_name="featx")
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
 
 
 def one_line(result: subprocess.CompletedProcess, start: str = "featx: ") -> str:
@@ -79,10 +92,22 @@ def test_bad_numbers_stop_before_any_work(args, says, tmp_path):
     assert says in one_line(featx(*args, cwd=tmp_path))
 
 
+@pytest.mark.parametrize(
+    "args",
+    [["extract", "--bogus"], [*BASE, "--batch-size", 10**20], ["nosuchcommand"]],
+    ids=lambda args: " ".join(map(str, args)),
+)
+def test_errors_are_one_featx_line_in_a_fresh_process(args, tmp_path):
+    one_line(featx(*args, cwd=tmp_path, fresh=True))
+
+
 def test_augment_config_on_a_fifo_is_refused(tmp_path):
+    """In a fresh process: reading the FIFO would block for ever."""
     fifo = tmp_path / "aug.toml"
     os.mkfifo(fifo)
-    err = one_line(featx("augment-preview", tmp_path, "--augment-config", fifo, cwd=tmp_path))
+    err = one_line(
+        featx("augment-preview", tmp_path, "--augment-config", fifo, cwd=tmp_path, fresh=True)
+    )
     assert "not a regular file" in err
 
 
@@ -212,10 +237,7 @@ def _settings_of(command: str) -> list[tuple[type, tuple[str, ...] | None, tuple
 
 def _help_entries(command: str) -> dict[str, str]:
     """--FLAG -> its help text as `featx COMMAND --help` shows it at 200 columns."""
-    result = subprocess.run(
-        [sys.executable, "-m", "featx.cli", command, "--help"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"},
-    )  # fmt: skip
+    result = featx(command, "--help", columns=200)
     assert result.returncode == 0, result.stderr
     entries: dict[str, str] = {}
     flag = None
