@@ -50,6 +50,7 @@ def test_sklearn_compatible(estimator, check):
     check(estimator)
 
 
+@pytest.mark.slow
 def test_learns_digits(digits):
     X_train, X_test, y_train, y_test = digits
     clf = MLPClassifier(epochs=30).fit(X_train, y_train)
