@@ -228,7 +228,7 @@ def _settings_of(command: str) -> list[tuple[type, tuple[str, ...] | None, tuple
             (
                 FinetuneConfig,
                 None,
-                ("epochs_head", "epochs", "lr", "lr_head", "schedule", "patience"),
+                ("epochs_head", "epochs", "lr", "lr_head", "schedule", "patience", "refit"),
             ),
             (Shared, ("workers", "device", "quiet"), ()),
         ],

@@ -13,8 +13,8 @@ import pytest
 from conftest import run_featx
 from ftdata import shapes_folder
 from test_finetune import config
+from test_fitted_heads import tiny_store
 
-from featx.extraction.run import extract
 from featx.finetuning.refit import refit_plan
 from featx.finetuning.run import finetune
 
@@ -60,10 +60,7 @@ def unsplit(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def store(unsplit, tmp_path_factory) -> Path:
-    return extract(
-        unsplit, "resnet18", ["layer4"], weights="none", image_size=32, pool="avg",
-        store=tmp_path_factory.mktemp("store") / "s.h5", workers=0, quiet=True,
-    ).store  # fmt: skip
+    return tiny_store(unsplit, tmp_path_factory.mktemp("store") / "s.h5")
 
 
 @pytest.fixture(scope="module")
@@ -86,9 +83,9 @@ def test_refit_all_trains_again_on_train_and_validation(both) -> None:
     retrained = json.loads((result.out / "refit-history.json").read_text())
     assert len(retrained) == sum(result.refit["epochs"].values()) > 0
     assert all(h["refit"] and "val_loss" not in h for h in retrained)
-    from featx.models.file import FeatxModel
+    from featx.models.file import load_model
 
-    seen = FeatxModel.load(result.model).provenance["trained_on"]
+    seen = load_model(result.model).provenance["trained_on"]
     assert seen == {"n_rows": 30, "splits": ["train"], "refit": "all"}
     assert json.loads((result.out / "metrics.json").read_text())["refit"] == result.refit
 

@@ -289,7 +289,9 @@ def _run(
             if stop:
                 log(f"Early stopping: no better validation loss for {bad} epochs.")
                 break
-    ended = _Ended(history, best, full_start, resumed_from, dict(plan), open_merged)
+    # a resumed run given no --store retrains a cached stage 1 on the store it started with
+    stored = store or (Path(state["store"]) if state and state.get("store") else None)
+    ended = _Ended(history, best, full_start, resumed_from, dict(plan), open_merged, stored)
     return _finish(session, out, ended, log, command, store)
 
 
@@ -301,6 +303,7 @@ def _save_last(session: Session, out: Path, history, best, full_start, **positio
             "version": CHECKPOINT_VERSION,
             "config": session.config.to_dict(),
             "layer_from_store": session.layer_from_store,
+            "store": str(Path(session.store).resolve()) if session.store else None,
             "dataset_fingerprint": session.folder.fingerprint,
             **position,
             "best": best,
@@ -384,6 +387,7 @@ class _Ended:
     resumed_from: int
     plan: dict[str, int]
     open_merged: Callable[[], Session]  # a session training on train + validation
+    store: Path | None  # the store of a cached stage 1
 
 
 def _scores(session: Session, splits: tuple[str, ...]) -> dict[str, Any]:
@@ -436,6 +440,13 @@ def _refit(session: Session, out: Path, ended: _Ended, metrics, log, store):
     from featx.finetuning.refit import refit_plan, retrain
 
     plan = refit_plan(ended.history, ended.best, ended.plan)
+    store = store or ended.store
+    if plan.cached and plan.epochs["head"] and (store is None or not Path(store).is_file()):
+        where = f"store {store}, which is gone" if store else "its store"
+        raise UsageError(
+            f"--refit all retrains stage 1 on the cached rows of {where}; resume with --store "
+            "naming the store the run started with."
+        )
     if plan.empty:
         log("--refit all: validation kept the fitted head as it came; nothing to retrain.")
         return session, None

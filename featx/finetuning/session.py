@@ -77,6 +77,7 @@ class Session:
         `config.decode` says otherwise (as it keeps a fitted head's). `merge_validation`: the
         validation images train too (the retraining of `--refit all`)."""
         self.config = config
+        self.store = store
         self.quiet = quiet
         self.layer_from_store = False  # set when a --store chose the feature layer
         self.device = resolve_device(device)
