@@ -10,8 +10,6 @@ import numpy as np
 import pytest
 from clfdata import synthetic_store
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 # Runs one fit in a fresh interpreter and reports its peak resident memory after the imports
 # and after the fit, so that the fit's own share can be told apart from the fixed cost of
 # importing torch. VmHWM belongs to the new process image; ru_maxrss can carry the parent's
