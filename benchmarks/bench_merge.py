@@ -16,6 +16,7 @@ open-file limit.
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import statistics
 import tempfile
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_export import cpu_model  # the benchmarks folder is the script's own
 
 from featx.store.feature_store import add_layer, write_store
 from featx.store.merging import merge
@@ -55,10 +57,11 @@ def write_shards(folder: Path, rows: int, count: int, row_shape: tuple[int, ...]
                       "n_rows_total": n_rows},
             "history": [],
         }  # fmt: skip
-        columns = {k: files[k][lo:hi] for k in ("path", "label", "split")}
+        own = {k: v[lo:hi] for k, v in files.items()}  # a shard holds its own files only
+        columns = {k: own[k] for k in ("path", "label", "split")}
         columns |= {"source": np.arange(lo, hi), "view": np.zeros(rows, np.int32)}
         path = folder / f"s.shard-{i}of{count}.h5"
-        with write_store(path, meta, ["c"], files, columns, []) as out:
+        with write_store(path, meta, ["c"], own, columns, []) as out:
             blocks = (
                 rng.standard_normal((min(500, hi - s), *row_shape), dtype=np.float32)
                 for s in range(lo, hi, 500)
@@ -99,6 +102,7 @@ def main() -> None:
     for virtual, label in ((False, "copy"), (True, "--virtual")):
         median = statistics.median(times[virtual])
         print(f"| {label} | {median:.2f} | {median / max(gb, 1e-9):.2f} |")
+    print(f"\nCPU: {cpu_model()}; load average {os.getloadavg()[0]:.1f}")
     print(f"\npeak resident memory {peak_mb:.0f} MB; open-file limit {limit}")
 
 

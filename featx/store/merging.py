@@ -362,15 +362,17 @@ def _concat(out: h5py.File, group: str, shards: list[_Shard], check: Callable[[]
                     "shards of one extraction must share them."
                 )
             lengths.append(len(h5[group]["path"]))
-    for name, dtype in types.items():
-        out.create_dataset(f"{group}/{name}", shape=(sum(lengths),), dtype=dtype)
+    targets = {
+        name: out.create_dataset(f"{group}/{name}", shape=(sum(lengths),), dtype=dtype)
+        for name, dtype in types.items()
+    }
     start = 0
     for shard, n in zip(shards, lengths, strict=True):
         with h5py.File(shard.path, "r") as h5:
             for name, dtype in types.items():
                 ds = h5[group][name]
                 values = ds.asstr()[()].astype(object) if dtype is STR else ds[()]
-                out[f"{group}/{name}"][start : start + n] = values
+                targets[name][start : start + n] = values
         start += n
         check()
 
