@@ -30,6 +30,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench_export import cpu_model  # the benchmarks folder is the script's own
+
 PLAN = """
 import gc, json, sys, time
 start = time.perf_counter()
@@ -120,6 +122,7 @@ def main() -> None:
         per_row = r["whole"] / rows
         print(f"| {rows} | {r['whole']:.2f} | {per_row * 1e6:.2f} | {per_row / base:.2f} | "
               f"{r['whole+stat']:.2f} | {r['shard']:.2f} | {r['cached']:.2f} |")  # fmt: skip
+    print(f"\nCPU: {cpu_model()}; load average {os.getloadavg()[0]:.1f}")
     largest = max(results)
     for what in ("shard", "cached"):
         extra = results[largest][what] - reference[what]

@@ -367,7 +367,7 @@ def test_interrupted_extraction_of_tars_resumes_at_its_first_unfinished_row(tmp_
     spec = str(tmp_path / "shards" / "*.tar")
     args = ["extract", spec, "--backbone", "resnet18", "--weights", "none", "--image-size",
             "192", "--layer", "conv1", "--layer", "avgpool", "--batch-size", str(batch),
-            "--device", "cpu", "--workers", "2"]  # fmt: skip
+            "--device", "cpu", "--workers", "2", "--engine", "eager"]  # fmt: skip
     reference = run_featx(*args, "--store", tmp_path / "reference.h5", cwd=tmp_path)
     assert reference.returncode == 0, reference.stderr
     store = tmp_path / "interrupted.h5"
