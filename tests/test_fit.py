@@ -268,13 +268,15 @@ def test_evaluate_accepts_another_store_with_the_same_features(model_path, tmp_p
     assert result.metrics["accuracy"] >= 0.75
 
 
-def test_evaluate_refuses_a_store_with_other_features(model_path, split_data, tmp_path):
-    other_size = _extract(split_data, tmp_path / "s48.h5", image_size=48)
+def test_evaluate_refuses_a_store_with_other_features(model_path, tmp_path):
+    # a store of one test image per class: the refusals depend on the features, not the rows
+    data = colour_folder(tmp_path / "few", {"test": 1}, seed=5)
+    other_size = _extract(data, tmp_path / "s48.h5", image_size=48)
     with pytest.raises(UsageError, match="the preprocessing is 'resize to 64x64.*48x48"):
         featx.evaluate(model_path, other_size, "test")
     other_backbone = tmp_path / "mobilenet.h5"
     featx.extract(
-        split_data, "mobilenet_v3_small", ["features.12"], store=other_backbone,
+        data, "mobilenet_v3_small", ["features.12"], store=other_backbone,
         weights="none", image_size=64, workers=0, quiet=True,
     )  # fmt: skip
     with pytest.raises(UsageError) as error:
