@@ -69,6 +69,17 @@ def _lr_find() -> dict:
 def logged(tmp_path: Path) -> dict:
     """Two stores with a fit, a fine-tune (history, lr-finder curve, preview PNG), an
     evaluation and a fit whose preview file is gone; returns paths and expected scores."""
+    return _logged(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def default_page(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The report of `logged`'s runs with the default options, written once for the tests
+    that only read it."""
+    return _page(_logged(tmp_path_factory.mktemp("logged")))
+
+
+def _logged(tmp_path: Path) -> dict:
     (tmp_path / "stores").mkdir()
     a = make_store(tmp_path / "stores" / "birds.h5")
     b = make_store(tmp_path / "stores" / "pets.h5", {**META, "backbone": "vgg16"})
@@ -123,8 +134,8 @@ def _page(logged: dict, **kwargs) -> str:
     return out.read_text(encoding="utf-8")
 
 
-def test_report_holds_every_run_escaped_and_self_contained(logged: dict) -> None:
-    page = _page(logged)
+def test_report_holds_every_run_escaped_and_self_contained(default_page: str) -> None:
+    page = default_page
     assert HOSTILE not in page and str(escape(HOSTILE)) in page
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
     assert "<link" not in page and "@import" not in page
@@ -435,5 +446,5 @@ def test_the_ladder_compares_best_probe_head_and_fine_tune(probed: dict) -> None
     assert f"{top.metric('test', 'accuracy'):.4f}" in table
 
 
-def test_no_ladder_without_a_probe_and_a_head_or_fine_tune(logged: dict) -> None:
-    assert 'class="ladder"' not in _page(logged)
+def test_no_ladder_without_a_probe_and_a_head_or_fine_tune(default_page: str) -> None:
+    assert 'class="ladder"' not in default_page
