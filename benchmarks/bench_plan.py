@@ -108,9 +108,10 @@ def main() -> None:
     args = parser.parse_args()
     args.reference = min(args.reference, *args.rows)  # tiny runs stay tiny
     reference = measure(args.reference, args.classes, args.repeats, 10)
-    results = {
-        rows: measure(rows, args.classes, args.repeats, min(1000, rows)) for rows in args.rows
-    }
+    results = {}
+    for rows in args.rows:  # each size printed when measured: removing a tree takes minutes
+        results[rows] = measure(rows, args.classes, args.repeats, min(1000, rows))
+        print(f"{rows} rows: {json.dumps(results[rows])}", flush=True)
     print(f"\nreference: 1/10 shard of {args.reference} rows plans in {reference['shard']:.2f} s "
           f"(first), {reference['cached']:.2f} s (cached)")  # fmt: skip
     print("\n| CSV manifest rows | whole s | us/row | linear | whole+stat s | 1/1000 shard s, "
