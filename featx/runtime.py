@@ -9,11 +9,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
 import re
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -130,20 +132,38 @@ def default_workers() -> int:
 # ---- provenance -----------------------------------------------------------------------------
 def library_versions() -> dict[str, str]:
     """Versions of featx, Python and the libraries that shape features and models."""
-    import torch
-    import torchvision
-
     from featx import __version__
 
     versions = {"featx": __version__, "python": platform.python_version()}
-    # the module versions carry the build tag (2.14.1+cu128) that the package metadata lacks
-    versions["torch"], versions["torchvision"] = torch.__version__, torchvision.__version__
+    for name in ("torch", "torchvision"):
+        versions[name] = _build_version(name)
     for name in ("timm", "h5py", "numpy", "scikit-learn", "pillow"):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "not installed"
+        versions[name] = _package_version(name)
     return versions
+
+
+def _package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _build_version(module: str) -> str:
+    """`module.__version__` with its build tag (2.14.1+cu128, which the package metadata lacks),
+    read from its version.py so that recording it does not import the library."""
+    if module in sys.modules:
+        return str(sys.modules[module].__version__)
+    spec = importlib.util.find_spec(module)
+    folder = spec.submodule_search_locations if spec is not None else None
+    if not folder:
+        return _package_version(module)
+    try:
+        text = (Path(next(iter(folder))) / "version.py").read_text(encoding="utf-8")
+    except OSError:
+        return _package_version(module)
+    found = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", text, re.MULTILINE)
+    return found.group(1) if found else _package_version(module)
 
 
 def now() -> str:
