@@ -29,6 +29,7 @@ from featx.classify.probe_solver import (
     TOL,
     LinearModel,
     balanced_weights,
+    eigenbasis,
     solve,
     solve_path,
     standardiser,
@@ -150,7 +151,8 @@ def _linear(source, n_classes, metric, class_weight, subset, Cs, max_iter, tol):
             source, ("train", "validation"), None, class_weight, n_classes
         )
         start = LinearModel(model.W.clone(), model.b.clone(), mean, scale)
-        model = solve(blocks, start, best.C, total, max_iter=max_iter, tol=tol).model
+        basis = eigenbasis(blocks, mean, scale)
+        model = solve(blocks, start, best.C, total, max_iter=max_iter, tol=tol, basis=basis).model
         refit = "train+validation"
     test_logits = model.logits(source.features("test")) if "test" in source.parts else None
     return {

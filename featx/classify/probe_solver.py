@@ -15,6 +15,19 @@ reaches a loss at or below scikit-learn's at the same C. A path solves C values 
 smallest to the largest, each warm-started at the previous solution. Rows arrive as blocks
 (`Blocks`): one block in memory, or row chunks read from the store on every evaluation of the
 objective (out-of-core), so memory holds one chunk.
+
+Preconditioning. At weak regularisation the Hessian of F in W, (X^T D X + I / C) / S, has the
+spread of the standardised features' squared singular values, and L-BFGS crawls. With
+G = X^T diag(s) X = V diag(s2) V^T (one pass over the rows, `eigenbasis`), the solver
+optimises P in W = V diag(1 / p) P with p = sqrt((s2 + 1 / C) / S): in P both the data part
+(the weighted covariance) and the penalty part of the Hessian are about 1 in every direction.
+This is an exact change of variables: F, the penalty on W, the unpenalised intercept and the
+stopping rule (checked on the gradient with respect to W and b) are unchanged, so the solutions
+are those without it. The basis costs d^2 per row once and an O(d^3) eigendecomposition, and
+each evaluation then pays two d x d x K products on top of the objective's rows x d x K: it is
+used for at most `PRECONDITION_MAX_FEATURES` features and at least `PRECONDITION_ROWS_PER_FEATURE`
+rows per feature, and skipped otherwise (where the rows are few, the penalty already dominates
+the Hessian's spread).
 """
 
 from __future__ import annotations
@@ -29,9 +42,12 @@ import torch
 __all__ = [
     "TOL",
     "Blocks",
+    "PRECONDITION_MAX_FEATURES",
+    "PRECONDITION_ROWS_PER_FEATURE",
     "LinearModel",
     "PathStep",
     "balanced_weights",
+    "eigenbasis",
     "objective",
     "solve",
     "solve_path",
@@ -43,6 +59,15 @@ TOL = 1e-5
 scales it) is below this: scikit-learn's stopping rule for lbfgs at a tenth of its default
 `tol`. Warm-started at a large C, the path starts where the gradient is already small, so
 scikit-learn's own 1e-4 would stop it at a loss above the one scikit-learn reaches from zero."""
+
+PRECONDITION_MAX_FEATURES = 4096
+"""Above this many features `eigenbasis` returns None and the solver runs on W directly: the
+d x d eigendecomposition (O(d^3)) and the d^2-per-row pass would cost more than they save."""
+
+PRECONDITION_ROWS_PER_FEATURE = 4
+"""Below this many rows per feature `eigenbasis` returns None: the change of variables' two
+d x d x K products per evaluation would cost about as much as the evaluation itself (measured
+on 1,600 rows: 3x faster at 40 features, 1.4x at 192, 3x slower at 1,280)."""
 
 Blocks = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]]
 """A zero-argument callable yielding (raw features, labels 0..K-1, sample weights or None)."""
@@ -94,6 +119,27 @@ def balanced_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
     weights = np.zeros(n_classes)
     weights[present] = len(y) / (present.sum() * counts[present])
     return weights
+
+
+def eigenbasis(
+    blocks: Blocks, mean: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(V, s2) with X^T diag(s) X = V diag(s2) V^T over the standardised rows of `blocks` (one
+    pass, in float64; V in `mean`'s dtype), or None above `PRECONDITION_MAX_FEATURES` features or
+    below `PRECONDITION_ROWS_PER_FEATURE` rows per feature."""
+    if len(mean) > PRECONDITION_MAX_FEATURES:
+        return None
+    mean64, scale64 = mean.to(torch.float64), scale.to(torch.float64)
+    G = torch.zeros((len(mean), len(mean)), dtype=torch.float64, device=mean.device)
+    rows = 0
+    for X, _, w in blocks():
+        Xs = (X.to(torch.float64) - mean64) / scale64
+        G += Xs.T @ (Xs if w is None else Xs * w.to(torch.float64)[:, None])
+        rows += len(X)
+    if rows < PRECONDITION_ROWS_PER_FEATURE * len(mean):
+        return None
+    s2, V = torch.linalg.eigh(G)
+    return V.to(mean.dtype), s2.clamp_min(0)
 
 
 def objective(
@@ -148,6 +194,10 @@ class _Counter:
     losses: list[float] = field(default_factory=list)
 
 
+class _Converged(Exception):
+    """Raised by the objective's closure at a point that meets the stopping rule."""
+
+
 def solve(
     blocks: Blocks,
     model: LinearModel,
@@ -156,34 +206,52 @@ def solve(
     *,
     max_iter: int = 1000,
     tol: float = TOL,
+    basis: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> PathStep:
-    """Minimise F at C with L-BFGS, starting from (and updating in place) `model`'s W and b.
-    Stops when the largest gradient entry is below `tol` or after `max_iter` iterations."""
+    """Minimise F at C with L-BFGS, starting from (and updating) `model`'s W and b; in the
+    variables P of `basis` (see `eigenbasis`) if given. Stops at the first evaluated point whose
+    largest gradient entry (with respect to W and b) is below `tol`, or after `max_iter`
+    iterations."""
     start = time.perf_counter()
-    W = model.W.requires_grad_(False)
+    if basis is None:
+        P = model.W.detach().clone()
+        to_W = to_P = lambda A: A  # noqa: E731
+    else:
+        V, s2 = basis
+        p = ((s2 + 1.0 / C) / total_weight).sqrt().to(model.W.dtype)[:, None]
+        P = p * (V.T @ model.W)
+        to_W = lambda A: V @ (A / p)  # noqa: E731
+        to_P = lambda A: (V.T @ A) / p  # noqa: E731  (the chain rule of W = V diag(1/p) P)
     b = model.b.requires_grad_(False)
     optimiser = torch.optim.LBFGS(
-        [W, b],
+        [P, b],
         lr=1.0,
         max_iter=max_iter,
         max_eval=max_iter * 5 // 4,
-        tolerance_grad=tol,
-        tolerance_change=1e-14 if W.dtype == torch.float64 else 1e-9,
+        tolerance_grad=0.0,  # the rule is on W's gradient, checked in the closure
+        tolerance_change=1e-14 if P.dtype == torch.float64 else 1e-9,
         history_size=10,
         line_search_fn="strong_wolfe",
     )
     counter = _Counter()
 
     def closure() -> torch.Tensor:
+        model.W = to_W(P)
         loss, gW, gb = objective(blocks, model, C, total_weight)
-        W.grad, b.grad = gW, gb
         counter.evaluations += 1
         counter.losses.append(loss)
-        return torch.tensor(loss, dtype=W.dtype)
+        if max(float(gW.abs().max()), float(gb.abs().max())) <= tol:
+            raise _Converged
+        P.grad, b.grad = to_P(gW), gb
+        return torch.tensor(loss, dtype=P.dtype)
 
-    optimiser.step(closure)
+    try:
+        optimiser.step(closure)
+    except _Converged:
+        pass  # P and b are at the point that met the rule
     iterations = optimiser.state[optimiser._params[0]].get("n_iter", 0)
-    W.grad = b.grad = None
+    P.grad = b.grad = None
+    model.W = to_W(P)
     loss, _, _ = objective(blocks, model, C, total_weight, grad=False)
     return PathStep(C, model, loss, iterations, counter.evaluations, time.perf_counter() - start)
 
@@ -199,9 +267,11 @@ def solve_path(
     max_iter: int = 1000,
     tol: float = TOL,
     init: LinearModel | None = None,
+    precondition: bool = True,
 ) -> Iterator[PathStep]:
     """Solve each C in increasing order, warm-starting at the previous solution (or `init`);
-    yields each step with a copy of its model."""
+    yields each step with a copy of its model. With `precondition`, in the variables of
+    `eigenbasis` (computed once for the path; skipped above `PRECONDITION_MAX_FEATURES`)."""
     dtype, device = mean.dtype, mean.device
     if init is None:
         W = torch.zeros((len(mean), n_classes), dtype=dtype, device=device)
@@ -209,7 +279,8 @@ def solve_path(
     else:
         W, b = init.W.clone(), init.b.clone()
     model = LinearModel(W, b, mean, scale)
+    basis = eigenbasis(blocks, mean, scale) if precondition else None
     for C in sorted(float(c) for c in Cs):
-        step = solve(blocks, model, C, total_weight, max_iter=max_iter, tol=tol)
+        step = solve(blocks, model, C, total_weight, max_iter=max_iter, tol=tol, basis=basis)
         step.model = LinearModel(model.W.clone(), model.b.clone(), mean, scale)
         yield step
