@@ -4,6 +4,7 @@ hand with scikit-learn, in one run; and the time of one C path on a large synthe
 
     python benchmarks/bench_probe.py                   # Fashion-MNIST, 2,000 images, 5 layers
     python benchmarks/bench_probe.py --tiny            # a smoke test (digits, 2 layers)
+    python benchmarks/bench_probe.py --preconditioning # featx with and without it, same store
     python benchmarks/bench_probe.py --synthetic 100000x2048 --classes 1000
 
 1. Writes an image folder with examples/make_dataset.py (Fashion-MNIST from
@@ -14,7 +15,9 @@ hand with scikit-learn, in one run; and the time of one C path on a large synthe
    the training rows, 45 LogisticRegression(lbfgs, max_iter=1000) fits scored on validation,
    the refit on training + validation at the best C, scored on test). Prints both times, their
    ratio and both best test accuracies.
-3. `--synthetic RxD`: a store of R rows x D float32 features (K Gaussian classes), probed with
+3. `--preconditioning`: instead of step 2, `featx.probe` on the same store with the solver's
+   eigenbasis change of variables and without it (in turns, twice each), per layer.
+4. `--synthetic RxD`: a store of R rows x D float32 features (K Gaussian classes), probed with
    the linear protocol streamed from disk in row chunks (memory budget below the layer); prints
    the path's time, L-BFGS evaluations, and the time per evaluation projected to 1.28M rows
    (and 1,000 classes) on this CPU, and on one GPU from the path's floating-point operations.
@@ -121,6 +124,25 @@ def compare(work: Path, tiny: bool) -> None:
     print(f"best test accuracy: featx {best_ours:.4f}, scikit-learn {max(theirs.values()):.4f}")
     print(f"featx's pick by validation: {result.best.layer}, test "
           f"{result.best.test['accuracy']:.4f}")  # fmt: skip
+
+
+def preconditioning(work: Path, tiny: bool) -> None:
+    """featx.probe's per-layer seconds and evaluations with the preconditioner (its default
+    rule) and without it, alternating, two runs each."""
+    import featx
+    import featx.classify.probe_solver as solver
+
+    store, keys = build_store(work, tiny)
+    default = solver.PRECONDITION_MAX_FEATURES
+    for run, limit in enumerate([default, 0, default, 0]):
+        solver.PRECONDITION_MAX_FEATURES = limit  # 0: every layer runs without it
+        start = time.perf_counter()
+        result = featx.probe(store, layers=keys, log=False)
+        label = "with" if limit else "without"
+        print(f"run {run + 1} {label:7s} {time.perf_counter() - start:6.1f} s  " + "  ".join(
+            f"{r.layer} {r.seconds:.1f} s/{sum(p['evaluations'] for p in r.path)} ev/"
+            f"test {r.test['accuracy']:.4f}" for r in result.layers), flush=True)  # fmt: skip
+    solver.PRECONDITION_MAX_FEATURES = default
 
 
 def synthetic_store(
@@ -285,6 +307,8 @@ def cpu() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="a smoke test")
+    parser.add_argument("--preconditioning", action="store_true",
+                        help="featx with and without the solver's preconditioner")  # fmt: skip
     parser.add_argument("--synthetic", metavar="RxD", help="time one C path on RxD features")
     parser.add_argument(
         "--scale",
@@ -316,6 +340,8 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         if args.scale:
             scale(work, args.features, args.classes or 1000, args.chunk_mb, args.evaluations)
+        elif args.preconditioning:
+            preconditioning(work, args.tiny)
         elif args.synthetic:
             synthetic(work, args.synthetic, args.classes or 100, args.chunk_mb)
         else:
