@@ -66,8 +66,8 @@ d x d eigendecomposition (O(d^3)) and the d^2-per-row pass would cost more than 
 
 PRECONDITION_ROWS_PER_FEATURE = 4
 """Below this many rows per feature `eigenbasis` returns None: the change of variables' two
-d x d x K products per evaluation would cost about as much as the evaluation itself (measured
-on 1,600 rows: 3x faster at 40 features, 1.4x at 192, 3x slower at 1,280)."""
+d x d x K products per evaluation would cost about as much as the evaluation itself, and with
+few rows per feature the penalty already evens out the curvature (docs/probe.md)."""
 
 Blocks = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]]
 """A zero-argument callable yielding (raw features, labels 0..K-1, sample weights or None)."""
