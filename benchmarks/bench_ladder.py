@@ -149,7 +149,9 @@ def summary(splits: list[dict[str, object]]) -> None:
 
 
 def s_layers(splits: list[dict[str, object]], key: str) -> str:
-    return ", ".join(str(s.get(key, "")) for s in splits)
+    """Each split's layer for `key`, or nothing when no split recorded one."""
+    layers = [str(s[key]) for s in splits if s.get(key)]
+    return ", ".join(layers) if len(layers) == len(splits) else ""
 
 
 def machine() -> str:
