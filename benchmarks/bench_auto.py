@@ -5,8 +5,9 @@ avgpool at 224 px, random weights: the speed is the same as with trained ones), 
 start to exit. For each of auto, eager, compile and openvino, its own featx cache: one round
 with every cache empty (what a first run costs: conversion, compilation, or auto's measuring),
 then `--warm-runs` rounds on the caches they left (median); the engines take turns within
-each round, so a change of load hits them alike. Prints images/s, auto's choice line and its
-ratio to the best named engine, with the CPU's model and flags and the load average.
+each round, in the reverse order every other round, so a change of load hits them alike.
+Prints images/s, auto's choice line and its ratio to the best named engine, with the CPU's
+model and flags and the load average.
 
     python benchmarks/bench_auto.py                  # 320 images, fp32
     python benchmarks/bench_auto.py --precision bf16
@@ -94,7 +95,8 @@ def main() -> None:
         seconds: dict[str, list[float]] = {engine: [] for engine in engines}
         for round_ in range(1 + args.warm_runs):
             kind = "fresh" if round_ == 0 else f"warm {round_}"
-            for engine in engines:
+            # warm rounds alternate the order, so no engine always runs first
+            for engine in engines if round_ % 2 == 0 else engines[::-1]:
                 took, choice = run(data, engine, work / f"cache-{engine}", work / "s.h5", args)
                 seconds[engine].append(took)
                 print(f"{kind:<7} {engine:<9} {args.images / took:6.2f} img/s  {choice}",
