@@ -244,9 +244,7 @@ def _reason(error: BaseException, path: Path) -> str:
         return str(error).rstrip(".")
     if "locked" in text or "busy" in text:
         return f"{path} is locked by another process (waited {BUSY_TIMEOUT_S:g} s)"
-    writable = os.access(path.parent, os.W_OK) and (
-        not path.exists() or os.access(path, os.W_OK)
-    )
+    writable = os.access(path.parent, os.W_OK) and (not path.exists() or os.access(path, os.W_OK))
     if "readonly" in text or "read-only" in text or not writable:
         return f"{path} is read-only"
     if "disk is full" in text or "no space" in text:

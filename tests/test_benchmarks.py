@@ -45,6 +45,7 @@ def merge_takes_rows() -> bool:
 FAST = [
     ("bench_plan", ["--files", "20", "--classes", "2", "--repeats", "1"], "CSV manifest"),
 ]
+# fmt: off
 SLOW = [
     ("bench_batch", ["--networks", "resnet18:layer1:32", "--engines", "eager", "openvino",
                      "--batches", "4", "--images", "4", "--rounds", "1"], "img/s"),
@@ -70,6 +71,7 @@ SLOW = [
     ("bench_startup", ["--repeats", "1"], "featx --help"),
     ("bench_winograd", ["--size", "32", "--batch", "2", "--repeats", "1"], "NNPACK"),
 ]
+# fmt: on
 
 
 def run_case(name: str, args: list[str], marker: str, tmp_path: Path) -> None:

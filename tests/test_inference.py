@@ -79,9 +79,7 @@ def test_a_manifest_store_is_named_after_the_manifests_folder(tmp_path):
     manifest = tmp_path / "photos" / "labels.csv"
     manifest.parent.mkdir()
     manifest.write_text("path,label\n")
-    assert default_store_path(manifest, "resnet18") == Path(
-        "stores/photos-resnet18-default-std.h5"
-    )
+    assert default_store_path(manifest, "resnet18") == Path("stores/photos-resnet18-default-std.h5")
     assert default_store_path(tmp_path / "photos", "resnet18", "none", 96) == Path(
         "stores/photos-resnet18-none-s96.h5"
     )

@@ -257,9 +257,7 @@ def small_disk(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_disk_filling_up_mid_merge_is_one_sentence_and_keeps_the_old_store(
-    tmp_path, small_disk
-):
+def test_a_disk_filling_up_mid_merge_is_one_sentence_and_keeps_the_old_store(tmp_path, small_disk):
     """The shards' rows carry 2.4 MB of text metadata and their features a few KB: the
     free-space check passes on a 2 MB disk, and the disk fills while the rows are written.
     The merge, copied or virtual, ends in one line with the exit code of a full disk (2), the
