@@ -169,3 +169,24 @@ def engine_cache(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("engine-cache")
     os.environ["FEATX_CACHE"] = str(path)
     return path
+
+
+@pytest.fixture
+def mount(tmp_path: Path):
+    """mount(options) -> a fresh tmpfs folder, unmounted afterwards (skips where mounting is
+    not allowed)."""
+    mounted = []
+
+    def make(options: str) -> Path:
+        path = tmp_path / f"mnt{len(mounted)}"
+        path.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                              capture_output=True, text=True)  # fmt: skip
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(path)
+        return path
+
+    yield make
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], check=False)

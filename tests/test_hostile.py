@@ -475,16 +475,8 @@ def test_leftover_partial_after_rename_is_removed(good, tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+def small_disk(mount):
+    return mount("size=3m")
 
 
 def test_disk_full_while_adding_a_layer(good, tmp_path, small_disk):

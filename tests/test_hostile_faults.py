@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import test_runlog
 from conftest import assert_one_sentence_error, invoke_featx, make_folder
 from PIL import Image
 from test_runlog import BAD_ROWS, LOCKER, _crafted_log, make_store
@@ -44,9 +43,6 @@ def world(tmp_path_factory) -> dict[str, Path]:
     weights = root / "r18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), weights)
     return {"root": root, "data": data, "store": store, "weights": weights}
-
-
-mount = test_runlog.mount  # a fresh tmpfs folder: mount(options)
 
 
 def _read_only(mount, fill=None) -> Path:

@@ -288,24 +288,9 @@ def test_merge_outputs_that_cannot_be_written(built, tmp_path):
     assert (tmp_path / "afile").read_text() == "x"
 
 
-def _mount_tmpfs(folder: Path, options: str) -> bool:
-    folder.mkdir()
-    return (
-        os.geteuid() == 0
-        and subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True
-        ).returncode
-        == 0
-    )
-
-
 @pytest.fixture
-def small_disk(tmp_path):
-    folder = tmp_path / "disk"
-    if not _mount_tmpfs(folder, "size=512k"):
-        pytest.skip("mounting a tmpfs needs root")
-    yield folder
-    subprocess.run(["umount", str(folder)], check=True)
+def small_disk(mount):
+    return mount("size=512k")
 
 
 def test_merge_onto_a_full_disk_is_one_sentence_and_leaves_nothing(tmp_path, small_disk):
@@ -345,15 +330,10 @@ def test_an_immutable_store_at_the_final_rename_is_one_sentence(built, tmp_path)
     assert not list(tmp_path.glob(".out.h5.*"))
 
 
-def test_a_read_only_folder_is_one_sentence(built, tmp_path):
-    folder = tmp_path / "ro"
-    if not _mount_tmpfs(folder, "ro,size=64k"):
-        pytest.skip("a read-only folder needs a read-only mount when running as root")
-    try:
-        result = invoke_featx("merge", folder / "out.h5", *built["shards"])
-        assert "cannot write" in assert_one_sentence_error(result)
-    finally:
-        subprocess.run(["umount", str(folder)], check=True)
+def test_a_read_only_folder_is_one_sentence(built, mount):
+    folder = mount("ro,size=64k")
+    result = invoke_featx("merge", folder / "out.h5", *built["shards"])
+    assert "cannot write" in assert_one_sentence_error(result)
 
 
 def test_a_killed_writer_s_temporary_file_is_removed_by_the_next_write(built, tmp_path):

@@ -309,27 +309,6 @@ def test_a_crafted_log_embeds_no_file_outside_the_stores_folder(tmp_path: Path) 
     assert page.count("is missing, not a PNG, or outside the store's folder") == 4
 
 
-@pytest.fixture
-def mount(tmp_path: Path):
-    """mount(options) -> a fresh tmpfs folder, unmounted afterwards (skips where mounting is
-    not allowed)."""
-    mounted = []
-
-    def make(options: str) -> Path:
-        path = tmp_path / f"mnt{len(mounted)}"
-        path.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
-                              capture_output=True, text=True)  # fmt: skip
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-        mounted.append(path)
-        return path
-
-    yield make
-    for path in mounted:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
 def _one_sentence(done: subprocess.CompletedProcess) -> str:
     assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
     assert "Traceback" not in done.stderr, done.stderr

@@ -276,27 +276,6 @@ def test_a_killed_writer_loses_at_most_its_record_in_flight(store: Path) -> None
     assert len(read_runs([store])) == len(victim) + 2
 
 
-@pytest.fixture
-def mount(tmp_path: Path):
-    """mount(options) -> a fresh tmpfs folder, unmounted afterwards (skips where mounting is
-    not allowed)."""
-    mounted = []
-
-    def make(options: str) -> Path:
-        path = tmp_path / f"mnt{len(mounted)}"
-        path.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
-                              capture_output=True, text=True)  # fmt: skip
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-        mounted.append(path)
-        return path
-
-    yield make
-    for path in mounted:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
 def _snapshot(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
 

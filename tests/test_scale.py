@@ -243,17 +243,9 @@ def test_embedding_reader_reads_the_export(feature_store, tmp_path):
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    """A 2 MB tmpfs mounted at tmp_path/small (skipped where mounting is not permitted)."""
-    folder = tmp_path / "small"
-    folder.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)], capture_output=True
-    )
-    if mounted.returncode:
-        pytest.skip("mounting a tmpfs is not permitted here")
-    yield folder
-    subprocess.run(["umount", "-l", str(folder)], check=True)
+def small_disk(mount):
+    """A 2 MB tmpfs (skipped where mounting is not permitted)."""
+    return mount("size=2m")
 
 
 @pytest.mark.slow
