@@ -15,7 +15,13 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from featx.classify.probe_knn import knn_logits
-from featx.classify.probe_solver import LinearModel, objective, solve_path, standardiser
+from featx.classify.probe_solver import (
+    Design,
+    LinearModel,
+    objective,
+    solve_path,
+    standardiser,
+)
 from featx.classify.probing import few_shot_rows, probe
 from featx.data.preprocessing import Preprocessing
 from featx.store.feature_store import FeatureStore, add_layer, write_store
@@ -72,7 +78,7 @@ def digits_store(
 
 
 # ---- the solver against scikit-learn ---------------------------------------------------------
-def _digits_path(class_weight, Cs, **tol):
+def _digits_path(class_weight, Cs, hold=True, group=None, **tol):
     """(steps of a path over `Cs` on 600 digits, the data, their standardised features)."""
     X, y = load_digits(return_X_y=True)
     keep = np.flatnonzero((y != 3) | (np.arange(len(y)) % 3 == 0))[:600]  # class 3 is rare
@@ -84,7 +90,8 @@ def _digits_path(class_weight, Cs, **tol):
     blocks = lambda: [(Xt, yt, w)]  # noqa: E731
     mean, scale = standardiser(blocks, torch.float64)
     total = float(per_class[y].sum())
-    steps = list(solve_path(blocks, Cs, 10, mean, scale, total, **tol))
+    design = Design.build(blocks, mean, scale, total, hold=hold)
+    steps = list(solve_path(design, Cs, 10, group=group, **tol))
     return steps, (blocks, total, mean, scale, Xt, y), StandardScaler().fit_transform(X)
 
 
@@ -129,10 +136,24 @@ def test_preconditioned_path_reaches_the_unpreconditioned_loss(class_weight):
     Cs = [1e-3, 0.1, 1.0]
     steps, data, _ = _digits_path(class_weight, Cs, tol=1e-7, max_iter=5000)
     blocks, total, mean, scale, _, _ = data
-    plain = list(solve_path(blocks, Cs, 10, mean, scale, total, tol=1e-7, max_iter=5000,
-                            precondition=False))  # fmt: skip
+    design = Design.build(blocks, mean, scale, total, precondition=False, hold=True)
+    plain = list(solve_path(design, Cs, 10, tol=1e-7, max_iter=5000))
     for ours, theirs in zip(steps, plain, strict=True):
         assert abs(ours.loss - theirs.loss) <= 1e-6 * theirs.loss, (ours.C, ours.loss, theirs.loss)
+
+
+@pytest.mark.parametrize("class_weight", [None, "balanced"])
+def test_batches_and_streamed_rows_reach_the_same_minimum(class_weight):
+    """Solving C values one at a time (warm-started), as one batch, or on rows streamed raw
+    rather than held standardised: the same minimum at tight tolerance."""
+    Cs = [1e-3, 0.1, 1.0]
+    tight = {"tol": 1e-7, "max_iter": 5000}
+    one_by_one, _, _ = _digits_path(class_weight, Cs, group=1, **tight)
+    for kwargs in ({"group": 3}, {"hold": False, "group": 2}):
+        steps, _, _ = _digits_path(class_weight, Cs, **kwargs, **tight)
+        for ours, theirs in zip(steps, one_by_one, strict=True):
+            assert abs(ours.loss - theirs.loss) <= 1e-6 * theirs.loss, (kwargs, ours.C)
+            torch.testing.assert_close(ours.model.W, theirs.model.W, atol=2e-3, rtol=0)
 
 
 def test_gradient_matches_autograd():

@@ -27,10 +27,10 @@ from featx.classify.probe_knn import KNN_KS, knn_logits, ncm_logits
 from featx.classify.probe_scores import fit_temperature, score_logits
 from featx.classify.probe_solver import (
     TOL,
+    Design,
     LinearModel,
     balanced_weights,
-    eigenbasis,
-    solve,
+    solve_batch,
     solve_path,
     standardiser,
 )
@@ -104,8 +104,8 @@ def _weighted(source: LayerSource, names: tuple[str, ...], subset, weights: torc
     return blocks
 
 
-def _fit_design(source: LayerSource, names, subset, class_weight: str, n_classes: int):
-    """(blocks, mean, scale, total weight) of the rows a model is fitted on."""
+def _fit_design(source: LayerSource, names, subset, class_weight: str, n_classes: int) -> Design:
+    """The rows a model is fitted on, held in memory unless the layer is streamed."""
     y = torch.cat([y for _, y in _label_chunks(source, names, subset)]).cpu().numpy()
     weights = None
     total = float(len(y))
@@ -115,7 +115,7 @@ def _fit_design(source: LayerSource, names, subset, class_weight: str, n_classes
         total = float(per_class[y].sum())
     blocks = _weighted(source, names, subset, weights)
     mean, scale = standardiser(blocks, source.dtype)
-    return blocks, mean, scale, total
+    return Design.build(blocks, mean, scale, total, hold=not source.streamed)
 
 
 def _label_chunks(source: LayerSource, names, subset):
@@ -127,10 +127,10 @@ def _label_chunks(source: LayerSource, names, subset):
 
 
 def _linear(source, n_classes, metric, class_weight, subset, Cs, max_iter, tol):
-    blocks, mean, scale, total = _fit_design(source, ("train",), subset, class_weight, n_classes)
+    design = _fit_design(source, ("train",), subset, class_weight, n_classes)
     X_val, y_val = source.features("validation"), source.labels("validation")
     path, best, best_logits, best_score = [], None, None, -np.inf
-    for step in solve_path(blocks, Cs, n_classes, mean, scale, total, max_iter=max_iter, tol=tol):
+    for step in solve_path(design, Cs, n_classes, max_iter=max_iter, tol=tol):
         logits = step.model.logits(X_val)
         scores = _quick(logits, y_val, n_classes)
         path.append(
@@ -147,12 +147,9 @@ def _linear(source, n_classes, metric, class_weight, subset, Cs, max_iter, tol):
             best, best_logits, best_score = step, logits, scores[metric]
     model, refit = best.model, "train"
     if subset is None:
-        blocks, mean, scale, total = _fit_design(
-            source, ("train", "validation"), None, class_weight, n_classes
-        )
-        start = LinearModel(model.W.clone(), model.b.clone(), mean, scale)
-        basis = eigenbasis(blocks, mean, scale)
-        model = solve(blocks, start, best.C, total, max_iter=max_iter, tol=tol, basis=basis).model
+        design = _fit_design(source, ("train", "validation"), None, class_weight, n_classes)
+        start = LinearModel(model.W, model.b, design.mean, design.scale)
+        model = solve_batch(design, [best.C], start, max_iter=max_iter, tol=tol)[0].model
         refit = "train+validation"
     test_logits = model.logits(source.features("test")) if "test" in source.parts else None
     return {

@@ -34,22 +34,30 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from featx.classify.lbfgs import HISTORY, minimise
 
 __all__ = [
     "TOL",
     "Blocks",
     "PRECONDITION_MAX_FEATURES",
     "PRECONDITION_ROWS_PER_FEATURE",
+    "BATCH_BYTES",
+    "BATCH_FLOPS",
+    "Design",
     "LinearModel",
+    "PATH_GROUP",
     "PathStep",
     "balanced_weights",
+    "batch_size",
     "eigenbasis",
+    "evaluate",
     "objective",
-    "solve",
+    "solve_batch",
     "solve_path",
     "standardiser",
 ]
@@ -68,6 +76,19 @@ PRECONDITION_ROWS_PER_FEATURE = 4
 """Below this many rows per feature `eigenbasis` returns None: the change of variables' two
 d x d x K products per evaluation would cost about as much as the evaluation itself, and with
 few rows per feature the penalty already evens out the curvature (docs/probe.md)."""
+
+PATH_GROUP = 45
+"""At most this many consecutive C values of a path are solved as one batch."""
+
+BATCH_BYTES = 256 << 20
+"""The memory a batch of problems may hold (L-BFGS state and one evaluation's logits)."""
+
+BATCH_FLOPS = 6e8
+"""The floating-point operations of one batched evaluation (4 rows x d x K per problem) up to
+which a batch of held rows grows."""
+
+CHUNK_ROWS_GUESS = 65536
+"""Rows per block assumed for a streamed design when sizing a batch."""
 
 Blocks = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]]
 """A zero-argument callable yielding (raw features, labels 0..K-1, sample weights or None)."""
@@ -122,7 +143,9 @@ def balanced_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
 
 
 def eigenbasis(
-    blocks: Blocks, mean: torch.Tensor, scale: torch.Tensor
+    blocks: Blocks,
+    mean: torch.Tensor,
+    scale: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(V, s2) with X^T diag(s) X = V diag(s2) V^T over the standardised rows of `blocks` (one
     pass, in float64; V in `mean`'s dtype), or None above `PRECONDITION_MAX_FEATURES` features or
@@ -139,7 +162,103 @@ def eigenbasis(
     if rows < PRECONDITION_ROWS_PER_FEATURE * len(mean):
         return None
     s2, V = torch.linalg.eigh(G)
-    return V.to(mean.dtype), s2.clamp_min(0)
+    return V.to(mean.dtype), s2.clamp_min(0).to(mean.dtype)
+
+
+@dataclass
+class Design:
+    """The rows of one fit as the solver reads them, and the solver's variables on them.
+
+    The solver's weights Q act on standardised features rotated into their eigenbasis when `V`
+    is set (W = V Q), else on standardised features (W = Q). Held (`held`: one tensor in
+    memory), the rows are standardised and rotated once, and an evaluation is two products with
+    them; streamed, each block is read raw and the standardisation and rotation are folded into
+    the weights instead. Make with `Design.build`."""
+
+    blocks: Blocks
+    mean: torch.Tensor
+    scale: torch.Tensor
+    total_weight: float
+    V: torch.Tensor | None = None
+    s2: torch.Tensor | None = None  # the eigenvalues that go with V
+    held: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+
+    @classmethod
+    def build(
+        cls,
+        blocks: Blocks,
+        mean: torch.Tensor,
+        scale: torch.Tensor,
+        total_weight: float,
+        *,
+        precondition: bool = True,
+        hold: bool = False,
+    ) -> Design:
+        """With `precondition`, in the eigenbasis (when `eigenbasis` gives one); with `hold`,
+        the standardised rows kept in memory (a copy of the rows)."""
+        basis = eigenbasis(blocks, mean, scale) if precondition else None
+        V, s2 = basis if basis is not None else (None, None)
+        design = cls(blocks, mean, scale, total_weight, V, s2)
+        if hold:
+            parts = list(blocks())
+            X = torch.cat([X for X, _, _ in parts]).to(mean.dtype)
+            Z = (X - mean) / scale
+            y = torch.cat([y for _, y, _ in parts])
+            w = None if parts[0][2] is None else torch.cat([w for _, _, w in parts])
+            design.held = (Z if V is None else Z @ V, y, w)
+        return design
+
+    def weights(self, Q: torch.Tensor) -> torch.Tensor:
+        """W on standardised features from the solver's Q, for (d, K) or (B, d, K)."""
+        return Q if self.V is None else torch.matmul(self.V, Q)
+
+    def variables(self, W: torch.Tensor) -> torch.Tensor:
+        return W if self.V is None else torch.matmul(self.V.T, W)
+
+    def curvature(self) -> torch.Tensor:
+        """The data part of the Hessian's diagonal in Q (times S): the eigenvalues, or S for
+        standardised features without a basis."""
+        if self.s2 is not None:
+            return self.s2
+        return self.mean.new_full(self.mean.shape, self.total_weight)
+
+
+def evaluate(
+    design: Design, Q: torch.Tensor, b: torch.Tensor, inv_C: torch.Tensor, grad: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """F for B problems at once (Q (B, d, K), b (B, K), 1 / C (B,)) in one pass over the rows:
+    losses (B,) and, with `grad`, gradients with respect to Q and b."""
+    B, d, K = Q.shape
+    if design.held is not None:
+        W, c, rows = Q, b, [design.held]
+    else:  # fold the standardisation (and rotation) into raw weights
+        W = design.weights(Q) / design.scale[:, None]
+        c, rows = b - torch.einsum("d,bdk->bk", design.mean, W), design.blocks()
+    W, c = W.permute(1, 0, 2).reshape(d, B * K), c.reshape(B * K)
+    data_loss = Q.new_zeros(B)
+    gW, gc = (torch.zeros_like(W), torch.zeros_like(c)) if grad else (None, None)
+    for X, y, w in rows:
+        X = X.to(Q.dtype)
+        logp = torch.log_softmax(torch.addmm(c, X, W).view(-1, B, K), dim=2)
+        at = y.view(-1, 1, 1).expand(-1, B, 1)
+        picked = logp.gather(2, at).squeeze(2)
+        data_loss -= picked.sum(0) if w is None else w @ picked
+        if grad:
+            G = logp.exp_()
+            G.scatter_add_(2, at, G.new_full(at.shape, -1.0))
+            if w is not None:
+                G *= w[:, None, None]
+            G = G.view(-1, B * K)
+            gW.addmm_(X.T, G)
+            gc += G.sum(0)
+    S = design.total_weight
+    loss = (data_loss + (Q * Q).sum((1, 2)) * inv_C / 2) / S
+    if not grad:
+        return loss, None, None
+    gW, gc = gW.view(d, B, K).permute(1, 0, 2), gc.view(B, K)
+    if design.held is None:  # back from raw weights: W_raw = W / scale, c = b - mean W_raw
+        gW = design.variables((gW - design.mean[:, None] * gc[:, None, :]) / design.scale[:, None])
+    return loss, (gW + Q * inv_C[:, None, None]) / S, gc / S
 
 
 def objective(
@@ -149,36 +268,17 @@ def objective(
     total_weight: float,
     grad: bool = True,
 ) -> tuple[float, torch.Tensor | None, torch.Tensor | None]:
-    """F(W, b) and, with `grad`, its gradients with respect to W and b."""
-    W_raw, b_raw = model.raw()
-    loss = torch.zeros((), dtype=W_raw.dtype, device=W_raw.device)
-    gW = torch.zeros_like(W_raw) if grad else None
-    gb = torch.zeros_like(b_raw) if grad else None
-    for X, y, w in blocks():
-        X = X.to(W_raw.dtype)
-        logp = torch.log_softmax(torch.addmm(b_raw, X, W_raw), dim=1)
-        picked = logp.gather(1, y[:, None])[:, 0]
-        loss -= picked.sum() if w is None else (w * picked).sum()
-        if grad:
-            G = logp.exp_()
-            G.scatter_add_(1, y[:, None], G.new_full((len(y), 1), -1.0))
-            if w is not None:
-                G *= w[:, None]
-            gW += X.T @ G
-            gb += G.sum(0)
-    W = model.W
-    loss = (loss + (W * W).sum() / (2 * C)) / total_weight
-    if not grad:
-        return float(loss), None, None
-    # back from raw weights to the standardised ones: W_raw = W / scale, b_raw = b - mean W_raw
-    gW = (gW - model.mean[:, None] * gb[None, :]) / model.scale[:, None]
-    gW = (gW + W / C) / total_weight
-    return float(loss), gW, gb / total_weight
+    """F(W, b) of one model and, with `grad`, its gradients with respect to W and b."""
+    design = Design(blocks, model.mean, model.scale, total_weight)
+    inv_C = model.W.new_full((1,), 1 / C)
+    loss, gW, gb = evaluate(design, model.W[None], model.b[None], inv_C, grad)
+    return float(loss[0]), None if gW is None else gW[0], None if gb is None else gb[0]
 
 
 @dataclass
 class PathStep:
-    """One solved C: its model and the optimiser's effort."""
+    """One solved C: its model and the optimiser's effort (`seconds`: its share, by
+    evaluations, of the time of the batch it was solved in)."""
 
     C: float
     model: LinearModel
@@ -188,99 +288,133 @@ class PathStep:
     seconds: float
 
 
-@dataclass
-class _Counter:
-    evaluations: int = 0
-    losses: list[float] = field(default_factory=list)
+def _meets_rule(design: Design, gQ: torch.Tensor, gb: torch.Tensor, tol: float) -> torch.Tensor:
+    """The stopping rule on the gradient with respect to W = V Q and b: largest entry <= tol.
+    In a basis, |V g|_max <= |g|_2 and |V g|_max >= |g|_2 / sqrt(d K) settle most problems
+    without the product V g."""
+    ok = gb.abs().amax(1) <= tol
+    if design.V is None:
+        return ok & (gQ.abs().amax((1, 2)) <= tol)
+    norm = gQ.flatten(1).norm(dim=1)
+    sure = ok & (norm <= tol)
+    maybe = ok & ~sure & (norm <= tol * gQ[0].numel() ** 0.5)
+    if maybe.any():
+        sure[maybe] = design.weights(gQ[maybe]).abs().amax((1, 2)) <= tol
+    return sure
 
 
-class _Converged(Exception):
-    """Raised by the objective's closure at a point that meets the stopping rule."""
-
-
-def solve(
-    blocks: Blocks,
-    model: LinearModel,
-    C: float,
-    total_weight: float,
+def solve_batch(
+    design: Design,
+    Cs: list[float],
+    init: LinearModel | list[LinearModel],
     *,
     max_iter: int = 1000,
     tol: float = TOL,
-    basis: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> PathStep:
-    """Minimise F at C with L-BFGS, starting from (and updating) `model`'s W and b; in the
-    variables P of `basis` (see `eigenbasis`) if given. Stops at the first evaluated point whose
-    largest gradient entry (with respect to W and b) is below `tol`, or after `max_iter`
-    iterations."""
+) -> list[PathStep]:
+    """Minimise F at every C of `Cs` from `init`'s W and b (one model, or one per C) as one
+    batch (`lbfgs.minimise`), in scaled variables P = p Q, p = sqrt((curvature + 1 / C) / S):
+    in the eigenbasis the Hessian in P is about the identity (see the module's notes); without
+    one, p scales the penalty's curvature to the data's. Each stops at the first point whose
+    gradient with respect to W and b has no entry above `tol`, or after `max_iter` iterations.
+    """
     start = time.perf_counter()
-    if basis is None:
-        P = model.W.detach().clone()
-        to_W = to_P = lambda A: A  # noqa: E731
-    else:
-        V, s2 = basis
-        p = ((s2 + 1.0 / C) / total_weight).sqrt().to(model.W.dtype)[:, None]
-        P = p * (V.T @ model.W)
-        to_W = lambda A: V @ (A / p)  # noqa: E731
-        to_P = lambda A: (V.T @ A) / p  # noqa: E731  (the chain rule of W = V diag(1/p) P)
-    b = model.b.requires_grad_(False)
-    optimiser = torch.optim.LBFGS(
-        [P, b],
-        lr=1.0,
-        max_iter=max_iter,
-        max_eval=max_iter * 5 // 4,
-        tolerance_grad=0.0,  # the rule is on W's gradient, checked in the closure
-        tolerance_change=1e-14 if P.dtype == torch.float64 else 1e-9,
-        history_size=10,
-        line_search_fn="strong_wolfe",
-    )
-    counter = _Counter()
+    inits = init if isinstance(init, list) else [init] * len(Cs)
+    d, K = inits[0].W.shape
+    dtype = inits[0].W.dtype
+    inv_C = torch.tensor([1 / C for C in Cs], dtype=dtype, device=inits[0].W.device)
+    S = design.total_weight
+    p = ((design.curvature()[None, :] + inv_C[:, None]) / S).sqrt()[:, :, None]
+    Q0 = design.variables(torch.stack([m.W for m in inits]))
+    x0 = torch.cat([(p * Q0).flatten(1), torch.stack([m.b for m in inits])], dim=1)
 
-    def closure() -> torch.Tensor:
-        model.W = to_W(P)
-        loss, gW, gb = objective(blocks, model, C, total_weight)
-        counter.evaluations += 1
-        counter.losses.append(loss)
-        if max(float(gW.abs().max()), float(gb.abs().max())) <= tol:
-            raise _Converged
-        P.grad, b.grad = to_P(gW), gb
-        return torch.tensor(loss, dtype=P.dtype)
+    def objective_at(x: torch.Tensor, ids: torch.Tensor):
+        P, b = x[:, : d * K].view(-1, d, K), x[:, d * K :]
+        loss, gQ, gb = evaluate(design, P / p[ids], b, inv_C[ids])
+        met = _meets_rule(design, gQ, gb, tol)
+        return loss, torch.cat([(gQ / p[ids]).flatten(1), gb], dim=1), met
 
-    try:
-        optimiser.step(closure)
-    except _Converged:
-        pass  # P and b are at the point that met the rule
-    iterations = optimiser.state[optimiser._params[0]].get("n_iter", 0)
-    P.grad = b.grad = None
-    model.W = to_W(P)
-    loss, _, _ = objective(blocks, model, C, total_weight, grad=False)
-    return PathStep(C, model, loss, iterations, counter.evaluations, time.perf_counter() - start)
+    change = 1e-14 if dtype == torch.float64 else 1e-9
+    out = minimise(objective_at, x0, max_iter=max_iter, tolerance_change=change)
+    seconds = time.perf_counter() - start
+    share = out.evaluations.to(torch.float64) / out.evaluations.sum()
+    W = design.weights(out.x[:, : d * K].view(-1, d, K) / p)
+    return [
+        PathStep(
+            C,
+            LinearModel(W[i].clone(), out.x[i, d * K :].clone(), design.mean, design.scale),
+            float(out.loss[i]),
+            int(out.iterations[i]),
+            int(out.evaluations[i]),
+            seconds * float(share[i]),
+        )  # fmt: skip
+        for i, C in enumerate(Cs)
+    ]
+
+
+def batch_size(design: Design, n_classes: int, budget: int = BATCH_BYTES) -> int:
+    """How many consecutive C values of a path to solve as one batch: at most `PATH_GROUP`,
+    within `budget` bytes (L-BFGS keeps about 2 x history + 8 vectors of (d + 1) K values per
+    problem, an evaluation 3 of rows x K), and for held rows within `BATCH_FLOPS` per
+    evaluation. Below that size an evaluation costs about the same for one problem as for
+    several (its products are too thin to keep the cores busy), so a batch is nearly free;
+    above it, cost grows with the batch, and the cold starts of a batch's larger C values
+    cost more than batching saves."""
+    rows = len(design.held[0]) if design.held is not None else CHUNK_ROWS_GUESS
+    d = len(design.mean)
+    per_problem = ((2 * HISTORY + 8) * (d + 1) + 3 * rows) * n_classes
+    fits = budget // (per_problem * design.mean.element_size())
+    if design.held is not None:
+        fits = min(fits, int(BATCH_FLOPS // (4 * rows * d * n_classes)))
+    return int(min(max(fits, 1), PATH_GROUP))
+
+
+def _from_predecessors(
+    design: Design, steps: list[PathStep], before: LinearModel, max_iter: int, tol: float
+) -> list[PathStep]:
+    """The minimum of F falls as C grows, so a step whose loss is above that of the previous
+    C's solution (evaluated at its own C) stopped short: a gradient rule can hold far from the
+    minimum where F is flat (weak penalty, nearly separable classes). Such steps are solved
+    again from the previous solution, until none is left."""
+    for _ in range(len(steps)):
+        previous = [before] + [step.model for step in steps[:-1]]
+        inv_C = design.mean.new_tensor([1 / step.C for step in steps])
+        Q = design.variables(torch.stack([m.W for m in previous]))
+        at_previous, _, _ = evaluate(design, Q, torch.stack([m.b for m in previous]), inv_C, False)
+        short = [i for i, step in enumerate(steps) if float(at_previous[i]) < step.loss]
+        if not short:
+            break
+        again = solve_batch(design, [steps[i].C for i in short], [previous[i] for i in short],
+                            max_iter=max_iter, tol=tol)  # fmt: skip
+        for i, step in zip(short, again, strict=True):
+            step.iterations += steps[i].iterations
+            step.evaluations += steps[i].evaluations
+            step.seconds += steps[i].seconds
+            steps[i] = step
+    return steps
 
 
 def solve_path(
-    blocks: Blocks,
+    design: Design,
     Cs: Iterable[float],
     n_classes: int,
-    mean: torch.Tensor,
-    scale: torch.Tensor,
-    total_weight: float,
     *,
     max_iter: int = 1000,
     tol: float = TOL,
     init: LinearModel | None = None,
-    precondition: bool = True,
+    group: int | None = None,
 ) -> Iterator[PathStep]:
-    """Solve each C in increasing order, warm-starting at the previous solution (or `init`);
-    yields each step with a copy of its model. With `precondition`, in the variables of
-    `eigenbasis` (computed once for the path; skipped above `PRECONDITION_MAX_FEATURES`)."""
-    dtype, device = mean.dtype, mean.device
+    """Solve the C values in increasing order, in batches of `group` consecutive values (by
+    default `batch_size`), each batch started at the previous batch's largest-C solution (or
+    `init`, else zero), then steps that stopped short re-solved from their predecessor's
+    solution; yields every step."""
+    mean = design.mean
     if init is None:
-        W = torch.zeros((len(mean), n_classes), dtype=dtype, device=device)
-        b = torch.zeros(n_classes, dtype=dtype, device=device)
-    else:
-        W, b = init.W.clone(), init.b.clone()
-    model = LinearModel(W, b, mean, scale)
-    basis = eigenbasis(blocks, mean, scale) if precondition else None
-    for C in sorted(float(c) for c in Cs):
-        step = solve(blocks, model, C, total_weight, max_iter=max_iter, tol=tol, basis=basis)
-        step.model = LinearModel(model.W.clone(), model.b.clone(), mean, scale)
-        yield step
+        W = torch.zeros((len(mean), n_classes), dtype=mean.dtype, device=mean.device)
+        init = LinearModel(W, torch.zeros_like(W[0]), mean, design.scale)
+    Cs = sorted(float(c) for c in Cs)
+    group = group or batch_size(design, n_classes)
+    for first in range(0, len(Cs), group):
+        steps = solve_batch(design, Cs[first : first + group], init, max_iter=max_iter, tol=tol)
+        steps = _from_predecessors(design, steps, init, max_iter, tol)
+        init = steps[-1].model
+        yield from steps
