@@ -29,12 +29,14 @@ MAX_BACKTRACKS = 30
 
 @dataclass
 class Batch:
-    """The result, per problem: final point, loss, iterations and evaluations."""
+    """The result, per problem: final point, loss, iterations, evaluations, and whether the
+    point meets the stopping rule."""
 
     x: torch.Tensor
     loss: torch.Tensor
     iterations: torch.Tensor
     evaluations: torch.Tensor
+    converged: torch.Tensor
 
 
 class _History:
@@ -123,19 +125,21 @@ def minimise(
 ) -> Batch:
     """Minimise B problems from the rows of `x0` (B, N) together."""
     B = len(x0)
-    out = Batch(x0.clone(), x0.new_zeros(B), x0.new_zeros(B, dtype=torch.long),
-                x0.new_zeros(B, dtype=torch.long))  # fmt: skip
+    counts = x0.new_zeros(B, dtype=torch.long)
+    out = Batch(x0.clone(), x0.new_zeros(B), counts, counts.clone(), counts.bool())
     ids = torch.arange(B, device=x0.device)
     x = x0.clone()
     f, g, met = evaluate(x, ids)
+    stalled = torch.zeros_like(met)
     out.evaluations += 1
     memory = _History(history, tuple(x.shape), x)
     while len(ids):
-        stop = met | (out.iterations[ids] >= max_iter)
+        stop = met | stalled | (out.iterations[ids] >= max_iter)
         if stop.any():
             out.x[ids[stop]], out.loss[ids[stop]] = x[stop], f[stop]
+            out.converged[ids[stop]] = met[stop]
             keep = ~stop
-            ids, x, f, g = ids[keep], x[keep], f[keep], g[keep]
+            ids, x, f, g, met = ids[keep], x[keep], f[keep], g[keep], met[keep]
             memory.keep(keep)
             if not len(ids):
                 break
@@ -152,5 +156,4 @@ def minimise(
         stalled = (new_f - f).abs() <= tolerance_change
         stalled |= ((new_x - x).abs().amax(1) <= tolerance_change) | failed
         x, f, g = torch.where(failed[:, None], x, new_x), torch.where(failed, f, new_f), new_g
-        met = met | stalled
     return out

@@ -39,7 +39,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from featx.classify.lbfgs import HISTORY, minimise
+from featx.classify.lbfgs import HISTORY, Batch, minimise
+from featx.classify.probe_newton import newton
 
 __all__ = [
     "TOL",
@@ -79,6 +80,10 @@ few rows per feature the penalty already evens out the curvature (docs/probe.md)
 
 PATH_GROUP = 45
 """At most this many consecutive C values of a path are solved as one batch."""
+
+NEWTON_MAX_UNKNOWNS = 512
+"""Problems with more unknowns ((d + 1) K) never switch to Newton's method: its Hessian grows
+as their square and its factorisation as their cube."""
 
 BATCH_BYTES = 256 << 20
 """The memory a batch of problems may hold (L-BFGS state and one evaluation's logits)."""
@@ -234,28 +239,30 @@ def evaluate(
     else:  # fold the standardisation (and rotation) into raw weights
         W = design.weights(Q) / design.scale[:, None]
         c, rows = b - torch.einsum("d,bdk->bk", design.mean, W), design.blocks()
-    W, c = W.permute(1, 0, 2).reshape(d, B * K), c.reshape(B * K)
+    # class-major rows (K x B, d): the softmax then runs over the outermost axis, which is
+    # several times faster than over a last axis of K values
+    W, c = W.permute(2, 0, 1).reshape(K * B, d), c.T.reshape(K * B, 1)
     data_loss = Q.new_zeros(B)
     gW, gc = (torch.zeros_like(W), torch.zeros_like(c)) if grad else (None, None)
     for X, y, w in rows:
         X = X.to(Q.dtype)
-        logp = torch.log_softmax(torch.addmm(c, X, W).view(-1, B, K), dim=2)
-        at = y.view(-1, 1, 1).expand(-1, B, 1)
-        picked = logp.gather(2, at).squeeze(2)
-        data_loss -= picked.sum(0) if w is None else w @ picked
+        logp = torch.log_softmax(torch.addmm(c, W, X.T).view(K, B, -1), dim=0)
+        at = y.view(1, 1, -1).expand(1, B, -1)
+        picked = logp.gather(0, at).squeeze(0)
+        data_loss -= picked.sum(1) if w is None else picked @ w
         if grad:
             G = logp.exp_()
-            G.scatter_add_(2, at, G.new_full(at.shape, -1.0))
+            G.scatter_add_(0, at, G.new_full(at.shape, -1.0))
             if w is not None:
-                G *= w[:, None, None]
-            G = G.view(-1, B * K)
-            gW.addmm_(X.T, G)
-            gc += G.sum(0)
+                G *= w
+            G = G.view(K * B, -1)
+            gW.addmm_(G, X)
+            gc += G.sum(1, keepdim=True)
     S = design.total_weight
     loss = (data_loss + (Q * Q).sum((1, 2)) * inv_C / 2) / S
     if not grad:
         return loss, None, None
-    gW, gc = gW.view(d, B, K).permute(1, 0, 2), gc.view(B, K)
+    gW, gc = gW.view(K, B, d).permute(1, 2, 0), gc.view(K, B).T
     if design.held is None:  # back from raw weights: W_raw = W / scale, c = b - mean W_raw
         gW = design.variables((gW - design.mean[:, None] * gc[:, None, :]) / design.scale[:, None])
     return loss, (gW + Q * inv_C[:, None, None]) / S, gc / S
@@ -334,10 +341,14 @@ def solve_batch(
         return loss, torch.cat([(gQ / p[ids]).flatten(1), gb], dim=1), met
 
     change = 1e-14 if dtype == torch.float64 else 1e-9
-    out = minimise(objective_at, x0, max_iter=max_iter, tolerance_change=change)
+    switch = min(max_iter, newton_after(design, K))
+    out = minimise(objective_at, x0, max_iter=switch, tolerance_change=change)
+    Q = out.x[:, : d * K].view(-1, d, K) / p
+    for i in torch.nonzero(~out.converged & (out.iterations == switch)).flatten().tolist():
+        _finish_with_newton(design, out, i, Q, Cs[i], max_iter, tol)
     seconds = time.perf_counter() - start
     share = out.evaluations.to(torch.float64) / out.evaluations.sum()
-    W = design.weights(out.x[:, : d * K].view(-1, d, K) / p)
+    W = design.weights(Q)
     return [
         PathStep(
             C,
@@ -349,6 +360,32 @@ def solve_batch(
         )  # fmt: skip
         for i, C in enumerate(Cs)
     ]
+
+
+def _finish_with_newton(
+    design: Design, out: Batch, i: int, Q: torch.Tensor, C: float, max_iter: int, tol: float
+) -> None:
+    """Problem `i` of a batch, stopped by L-BFGS at `newton_after` iterations, finished with
+    Newton's method: updates `out` and `Q` in place."""
+    d = Q.shape[1]
+    b = out.x[i, d * Q.shape[2] :]
+    Q[i], b[:], out.loss[i], steps, evaluations = newton(
+        design.held, design.total_weight, C, Q[i], b.clone(),
+        max_iter=max_iter - int(out.iterations[i]),
+        rule=lambda gQ, gb: bool(_meets_rule(design, gQ[None], gb[None], tol)[0]),
+    )  # fmt: skip
+    out.iterations[i] += steps
+    out.evaluations[i] += evaluations
+
+
+def newton_after(design: Design, n_classes: int) -> int:
+    """The L-BFGS iterations after which a problem still running finishes with Newton's method
+    (`probe_newton`): about the evaluations one Newton step costs, ((d + 1) K) / 4; never for
+    streamed rows or more than `NEWTON_MAX_UNKNOWNS` unknowns."""
+    unknowns = (len(design.mean) + 1) * n_classes
+    if design.held is None or unknowns > NEWTON_MAX_UNKNOWNS:
+        return 1 << 62
+    return max(1, unknowns // 4)
 
 
 def batch_size(design: Design, n_classes: int, budget: int = BATCH_BYTES) -> int:
