@@ -88,7 +88,7 @@ as their square and its factorisation as their cube."""
 BATCH_BYTES = 256 << 20
 """The memory a batch of problems may hold (L-BFGS state and one evaluation's logits)."""
 
-BATCH_FLOPS = 6e8
+BATCH_FLOPS = 2e8
 """The floating-point operations of one batched evaluation (4 rows x d x K per problem) up to
 which a batch of held rows grows."""
 
@@ -241,9 +241,10 @@ def evaluate(
         c, rows = b - torch.einsum("d,bdk->bk", design.mean, W), design.blocks()
     # class-major rows (K x B, d): the softmax then runs over the outermost axis, which is
     # several times faster than over a last axis of K values
-    W, c = W.permute(2, 0, 1).reshape(K * B, d), c.T.reshape(K * B, 1)
+    W, c = W.permute(2, 0, 1).reshape(K * B, d).contiguous(), c.T.reshape(K * B, 1)
     data_loss = Q.new_zeros(B)
-    gW, gc = (torch.zeros_like(W), torch.zeros_like(c)) if grad else (None, None)
+    # contiguous, unlike zeros_like of a permuted W: products into strided outputs are slow
+    gW, gc = (W.new_zeros(W.shape), c.new_zeros(c.shape)) if grad else (None, None)
     for X, y, w in rows:
         X = X.to(Q.dtype)
         logp = torch.log_softmax(torch.addmm(c, W, X.T).view(K, B, -1), dim=0)

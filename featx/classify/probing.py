@@ -16,7 +16,6 @@ took.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import re
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from featx.classify.plan import default_memory_budget
-from featx.classify.probe_data import SMALL_FLOAT64, LayerSource
+from featx.classify.probe_data import LayerSource
 from featx.classify.probe_protocols import C_GRID, run_protocol
 from featx.classify.probe_result import LayerProbe, ProbeResult
 from featx.classify.probe_settings import ClassWeight, ProbeSettings, Protocol, SpatialPool
@@ -79,7 +78,7 @@ def probe(
         metric = _metric(store, labels[index["train"]])
         layers = []
         for depth, key in enumerate(keys):
-            with torch.no_grad(), _threads_for(store, key, index, device):
+            with torch.no_grad():
                 layers.append(_probe_layer(store, key, depth, index, labels, settings, device))
             r = layers[-1]
             say(f"{key}: {metric} {r.score(metric):.4f} on validation ({r.seconds:.1f} s)")
@@ -104,23 +103,6 @@ def probe(
     if settings.log:
         result.record(settings.save_best)
     return result
-
-
-@contextlib.contextmanager
-def _threads_for(store: FeatureStore, key: str, index: dict[str, np.ndarray], device):
-    """One torch thread on the CPU for a small layer: its many small matrix products gain
-    nothing from intra-op threads, which stall when the cores are busy."""
-    import torch
-
-    n_rows = sum(len(rows) for rows in index.values())
-    small = n_rows * int(np.prod(store.layer(key).shape)) <= SMALL_FLOAT64
-    threads = torch.get_num_threads()
-    if small and device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _layers(store: FeatureStore, asked: list[str]) -> list[str]:
