@@ -272,8 +272,8 @@ def test_streamed_layer_matches_in_memory(tmp_path):
     assert b.memory_bytes < a.memory_bytes * 2
     losses_a = np.array([p["loss"] for p in a.path])
     losses_b = np.array([p["loss"] for p in b.path])
-    # float32 streamed against float64 in memory: equal losses up to C = 10 ** 1.5
-    np.testing.assert_allclose(losses_b[:31], losses_a[:31], rtol=1e-3)
+    # float32 streamed against float64 in memory: losses within 1e-4 up to C = 10 ** 1.5
+    np.testing.assert_allclose(losses_b[:31], losses_a[:31], rtol=1e-3, atol=1e-4)
     assert abs(a.test["accuracy"] - b.test["accuracy"]) <= 0.01
 
 
