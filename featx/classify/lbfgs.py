@@ -40,43 +40,52 @@ class Batch:
 
 
 class _History:
-    """The last `m` curvature pairs of every running problem (a ring, shared positions)."""
+    """The last `m` curvature pairs of every running problem (a ring, shared positions), and
+    the L-BFGS inverse Hessian in compact form (Byrd, Nocedal and Schnabel 1994): a few
+    batched products whatever `m`, where the two-loop recursion takes 4 m small operations."""
 
     def __init__(self, m: int, shape: tuple[int, int], like: torch.Tensor) -> None:
-        self.s = like.new_zeros((m, *shape))
-        self.y = like.new_zeros((m, *shape))
-        self.rho = like.new_zeros((m, shape[0]))
-        self.gamma = like.new_ones(shape[0])
+        B, N = shape
+        self.s = like.new_zeros((B, m, N))
+        self.y = like.new_zeros((B, m, N))
+        self.gamma = like.new_ones(B)
         self.count = 0
 
     def push(self, s: torch.Tensor, y: torch.Tensor) -> None:
+        """Store (s, y); a pair without positive curvature is stored as zeros, which the
+        compact form then ignores."""
         sy, yy = (s * y).sum(1), (y * y).sum(1)
         valid = sy > 1e-10 * yy.clamp_min(torch.finfo(s.dtype).tiny)
-        slot = self.count % len(self.s)
-        self.s[slot] = torch.where(valid[:, None], s, 0)
-        self.y[slot] = torch.where(valid[:, None], y, 0)
-        self.rho[slot] = torch.where(valid, 1 / torch.where(valid, sy, 1), 0)
+        slot = self.count % self.s.shape[1]
+        self.s[:, slot] = torch.where(valid[:, None], s, 0)
+        self.y[:, slot] = torch.where(valid[:, None], y, 0)
         self.gamma = torch.where(valid, sy / torch.where(valid, yy, 1), self.gamma)
         self.count += 1
 
     def keep(self, rows: torch.Tensor) -> None:
-        self.s, self.y = self.s[:, rows], self.y[:, rows]
-        self.rho, self.gamma = self.rho[:, rows], self.gamma[rows]
+        self.s, self.y, self.gamma = self.s[rows], self.y[rows], self.gamma[rows]
 
     def direction(self, g: torch.Tensor) -> torch.Tensor:
-        """-H g by the two-loop recursion, H the L-BFGS inverse Hessian of each problem."""
-        m = len(self.s)
-        slots = [(self.count - 1 - i) % m for i in range(min(self.count, m))]
-        q, alphas = g.clone(), []
-        for j in slots:
-            alpha = self.rho[j] * (self.s[j] * q).sum(1)
-            q.addcmul_(self.y[j], alpha[:, None], value=-1)
-            alphas.append(alpha)
-        q *= self.gamma[:, None]
-        for j, alpha in zip(reversed(slots), reversed(alphas), strict=True):
-            beta = self.rho[j] * (self.y[j] * q).sum(1)
-            q.addcmul_(self.s[j], (alpha - beta)[:, None])
-        return q.neg_()
+        """-H g, with H = gamma I + [S gamma Y] M [S gamma Y]^T the compact L-BFGS matrix."""
+        m = self.s.shape[1]
+        k = min(self.count, m)
+        gamma = self.gamma[:, None]
+        if k == 0:
+            return -gamma * g
+        order = [(self.count - k + i) % m for i in range(k)]  # oldest first
+        S, Y = (
+            (self.s, self.y) if k == m and order[0] == 0 else (self.s[:, order], self.y[:, order])
+        )
+        SY = S @ Y.transpose(1, 2)
+        R = SY.triu()
+        D = SY.diagonal(dim1=1, dim2=2)
+        R.diagonal(dim1=1, dim2=2).copy_(torch.where(D == 0, 1, D))  # zero pairs: inert
+        a, b = S @ g[:, :, None], Y @ g[:, :, None]
+        u = torch.linalg.solve_triangular(R, a, upper=True)
+        v = D[:, :, None] * u + gamma[:, :, None] * (Y @ (Y.transpose(1, 2) @ u) - b)
+        p = torch.linalg.solve_triangular(R.transpose(1, 2), v, upper=False)
+        Hg = gamma * g + (S.transpose(1, 2) @ p)[:, :, 0] - gamma * (Y.transpose(1, 2) @ u)[:, :, 0]
+        return Hg.neg_()
 
 
 def _line_search(
