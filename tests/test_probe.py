@@ -277,6 +277,22 @@ def test_streamed_layer_matches_in_memory(tmp_path):
     assert abs(a.test["accuracy"] - b.test["accuracy"]) <= 0.01
 
 
+@pytest.mark.slow
+def test_layer_without_room_for_a_copy_matches_held(tmp_path):
+    """A layer held in memory whose standardised copy would not fit the budget is solved on
+    its rows as they are (the standardisation folded into the weights): the same path."""
+    path = digits_store(tmp_path / "s.h5", splits=("train", "validation", "test"))
+    common = {"layers": ["pixels"], "log": False, "tol": 1e-6}
+    with FeatureStore(path) as store:
+        float32_bytes = len(store.labels()) * 64 * 4
+    tight = probe(path, memory_budget=float32_bytes, **common).layers[0]
+    roomy = probe(path, **common).layers[0]
+    assert not tight.streamed
+    losses = [np.array([p["loss"] for p in r.path]) for r in (tight, roomy)]
+    np.testing.assert_allclose(losses[0][:31], losses[1][:31], rtol=1e-6, atol=1e-7)
+    assert tight.test["accuracy"] == roomy.test["accuracy"]
+
+
 # ---- the command line ----------------------------------------------------------------------
 @pytest.mark.slow
 def test_cli_probe_writes_report_and_a_model_evaluate_reads(tmp_path):

@@ -48,6 +48,7 @@ class LayerSource:
     streamed: bool
     chunk_bytes: int
     memory_bytes: int  # what the rows held in memory take
+    budget: int  # the memory the probe may use for this layer
     X: torch.Tensor | None = None  # in memory: every part, one after the other
     held: dict[str, torch.Tensor] = field(default_factory=dict)  # streamed: validation, test
     rows: LayerRows | None = None
@@ -86,6 +87,7 @@ class LayerSource:
             streamed=streamed,
             chunk_bytes=chunk_bytes,
             memory_bytes=0,
+            budget=budget,
             rows=rows,
         )
         start = 0
@@ -119,6 +121,12 @@ class LayerSource:
         for positions, chunk in self.rows.iter(rows):
             out[positions] = self._pooled(chunk)
         return torch.from_numpy(out).to(self.device, self.dtype)
+
+    def can_copy(self, n_rows: int) -> bool:
+        """Whether a copy of `n_rows` rows (the solver's standardised training rows) fits the
+        budget beside the rows held."""
+        copy = n_rows * self.n_features * torch.finfo(self.dtype).bits // 8
+        return not self.streamed and self.memory_bytes + copy <= self.budget
 
     # ---- access --------------------------------------------------------------------------
     def labels(self, *names: str) -> torch.Tensor:

@@ -105,7 +105,7 @@ def _weighted(source: LayerSource, names: tuple[str, ...], subset, weights: torc
 
 
 def _fit_design(source: LayerSource, names, subset, class_weight: str, n_classes: int) -> Design:
-    """The rows a model is fitted on, held in memory unless the layer is streamed."""
+    """The rows a model is fitted on, a standardised copy held when the budget allows."""
     y = torch.cat([y for _, y in _label_chunks(source, names, subset)]).cpu().numpy()
     weights = None
     total = float(len(y))
@@ -115,7 +115,7 @@ def _fit_design(source: LayerSource, names, subset, class_weight: str, n_classes
         total = float(per_class[y].sum())
     blocks = _weighted(source, names, subset, weights)
     mean, scale = standardiser(blocks, source.dtype)
-    return Design.build(blocks, mean, scale, total, hold=not source.streamed)
+    return Design.build(blocks, mean, scale, total, hold=source.can_copy(len(y)))
 
 
 def _label_chunks(source: LayerSource, names, subset):
