@@ -414,21 +414,22 @@ def batch_size(design: Design, n_classes: int, budget: int = BATCH_BYTES) -> int
 
 
 def _from_predecessors(
-    design: Design, steps: list[PathStep], before: LinearModel, max_iter: int, tol: float
+    design: Design, steps: list[PathStep], max_iter: int, tol: float
 ) -> list[PathStep]:
     """The minimum of F falls as C grows, so a step whose loss is above that of the previous
     C's solution (evaluated at its own C) stopped short: a gradient rule can hold far from the
     minimum where F is flat (weak penalty, nearly separable classes). Such steps are solved
-    again from the previous solution, until none is left."""
-    for _ in range(len(steps)):
-        previous = [before] + [step.model for step in steps[:-1]]
-        inv_C = design.mean.new_tensor([1 / step.C for step in steps])
+    again from the previous solution, until none is left. (A batch's first step started at
+    its predecessor and L-BFGS only descends, so it never stopped short.)"""
+    for _ in range(len(steps) - 1):
+        previous = [step.model for step in steps[:-1]]
+        inv_C = design.mean.new_tensor([1 / step.C for step in steps[1:]])
         Q = design.variables(torch.stack([m.W for m in previous]))
         at_previous, _, _ = evaluate(design, Q, torch.stack([m.b for m in previous]), inv_C, False)
-        short = [i for i, step in enumerate(steps) if float(at_previous[i]) < step.loss]
+        short = [i for i in range(1, len(steps)) if float(at_previous[i - 1]) < steps[i].loss]
         if not short:
             break
-        again = solve_batch(design, [steps[i].C for i in short], [previous[i] for i in short],
+        again = solve_batch(design, [steps[i].C for i in short], [previous[i - 1] for i in short],
                             max_iter=max_iter, tol=tol)  # fmt: skip
         for i, step in zip(short, again, strict=True):
             step.iterations += steps[i].iterations
@@ -460,6 +461,6 @@ def solve_path(
     group = group or batch_size(design, n_classes)
     for first in range(0, len(Cs), group):
         steps = solve_batch(design, Cs[first : first + group], init, max_iter=max_iter, tol=tol)
-        steps = _from_predecessors(design, steps, init, max_iter, tol)
+        steps = _from_predecessors(design, steps, max_iter, tol)
         init = steps[-1].model
         yield from steps
