@@ -16,6 +16,18 @@ import pytest
 from PIL import Image
 
 FEATX = [sys.executable, "-m", "featx.cli"]
+
+
+def as_from_a_terminal() -> None:
+    """`preexec_fn` for a featx process a test stops with Ctrl-C (SIGINT to its group): the
+    default SIGINT disposition, as a shell gives a foreground command. An ignored SIGINT is
+    inherited, and Python keeps it ignored, so a test runner's worker in that state would
+    start a featx that Ctrl-C cannot stop."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 
 

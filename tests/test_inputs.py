@@ -354,7 +354,7 @@ def test_interrupted_extraction_of_tars_resumes_at_its_first_unfinished_row(tmp_
     import subprocess
     import time
 
-    from conftest import FEATX, run_featx
+    from conftest import FEATX, as_from_a_terminal, run_featx
 
     from featx.extraction.run import CHUNK_BYTES
 
@@ -375,7 +375,12 @@ def test_interrupted_extraction_of_tars_resumes_at_its_first_unfinished_row(tmp_
     with open(tmp_path / "err.txt", "w") as err:
         command = [*FEATX, *args, "--store", str(store)]
         proc = subprocess.Popen(
-            command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True
+            command,
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,
+            preexec_fn=as_from_a_terminal,
         )
     try:
         while not any(partial.glob("chunk-*.npz")) and proc.poll() is None:

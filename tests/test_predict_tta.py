@@ -138,7 +138,8 @@ def test_tta_views_of_an_image_do_not_depend_on_the_other_files(logreg, data):
     files, _ = collect_images([data / "test"])
     together = featx.predict(logreg, [data / "test"], tta=2)
     alone = featx.predict(logreg, [files[-1]], tta=2)
-    np.testing.assert_array_equal(alone.scores[0], together.scores[-1])
+    # batches of other sizes may round differently; other views would differ by far more
+    np.testing.assert_allclose(alone.scores[0], together.scores[-1], rtol=1e-6, atol=1e-7)
 
 
 def test_tta_with_decision_scores_predicts_their_argmax(store, data):

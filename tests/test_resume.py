@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 import psutil
 import pytest
-from conftest import FEATX, file_digest, make_folder, run_featx
+from conftest import FEATX, as_from_a_terminal, file_digest, make_folder, run_featx
 
 from featx import FeatureStore, extract
 from featx.errors import StoreLocked
@@ -68,6 +68,7 @@ def start(tmp: Path, data: Path, store: Path, workers: int) -> subprocess.Popen:
             stdout=out,
             stderr=err,
             start_new_session=True,
+            preexec_fn=as_from_a_terminal,
         )
 
 

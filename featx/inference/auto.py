@@ -207,16 +207,13 @@ def record_setup(engine: str, seconds: float, cached: bool = False) -> None:
 
 def candidates(device: torch.device, precision: str) -> list[str]:
     """The engines `auto` may measure: installed, running on `device` in `precision`; eager
-    first, the others by expected set-up."""
+    first (where it computes `precision`: not int8), the others by expected set-up."""
     names = [
         name
         for name, entry in ENGINES.items()
-        if name != "eager"
-        and device.type in entry.devices
-        and precision in entry.precisions
-        and entry.available()
+        if device.type in entry.devices and precision in entry.precisions and entry.available()
     ]
-    return ["eager", *sorted(names, key=setup_expected)]
+    return sorted(names, key=lambda name: (name != "eager", setup_expected(name)))
 
 
 def today() -> str:
